@@ -1,0 +1,261 @@
+"""The per-GPU worker: read units, prepare images in a thread pool, bucket, feed the engine.
+
+``process_unit`` is called concurrently for the units the driver keeps in flight on this actor
+(a threaded Ray actor). All their rows meet in one bucketer, so batches form across the window;
+one engine thread runs batches while the prepare pool decodes the next rows (overlap).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from .bucketing import Bucketer
+from .config import Config
+from .engines.base import Engine, Request, Result, make_engine
+from .images import ImageError, prepare_image
+from .manifest import WorkUnit
+from .reader import RowInput, fetch_uri, read_unit_table, unit_rows
+from .schema import ROW_RESULT
+
+log = logging.getLogger(__name__)
+
+# Prepared images waiting for the engine, per actor. Each holds a resized RGB image (up to
+# image.max_pixels * 3 bytes: ~3 MB at the Qwen default, ~0.6 MB at 448x448), so this bounds
+# actor memory while leaving several batches of choice to the bucketer.
+MAX_PREPARED_ROWS_PER_BATCH = 4
+
+
+@dataclass
+class _UnitCollector:
+    """Results of one unit's rows as they come back, in input order."""
+
+    results: list[Result | None]
+    meta: list[dict | None]
+    remaining: int
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, index: int, result: Result) -> None:
+        if self.results[index] is not None:
+            raise RuntimeError(f"row {index} answered twice")
+        self.results[index] = result
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
+
+
+class UnitWorker:
+    """One engine, one prepare pool, one bucketer. Wrapped with ``ray.remote`` by the driver."""
+
+    def __init__(self, cfg: Config, incarnation: int = 0):
+        self.cfg = cfg
+        self.engine: Engine = make_engine(cfg, incarnation)
+        threads = cfg.batching.prepare_threads or max(1, round(cfg.cluster.cpus_per_actor))
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
+        b = cfg.batching
+        self._max_prepared = MAX_PREPARED_ROWS_PER_BATCH * b.max_batch_size
+        self._slots = threading.Semaphore(self._max_prepared)
+        self._cond = threading.Condition()
+        self._bucketer = Bucketer(b.max_batch_size, b.max_tokens_per_batch, b.max_wait_s)
+        self._in_prep = 0
+        self._units: dict[str, _UnitCollector] = {}
+        self._fatal: BaseException | None = None
+        self._closed = False
+        self.timings = {"read_s": 0.0, "prepare_s": 0.0, "engine_s": 0.0, "engine_idle_s": 0.0}
+        self._engine_thread = threading.Thread(target=self._engine_loop, daemon=True)
+        self._engine_thread.start()
+
+    def ready(self) -> dict:
+        """Identity of this worker, once the engine is loaded."""
+        return {
+            "pid": os.getpid(),
+            "engine": self.engine.name,
+            "engine_version": self.engine.version,
+            "prepare_threads": self._pool._max_workers,
+        }
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"padding": self._bucketer.stats.as_dict(), "timings": dict(self.timings)}
+
+    def process_unit(self, unit: WorkUnit) -> pa.Table:
+        """Run every row of ``unit``; returns one ROW_RESULT row per input row, in order."""
+        t0 = time.perf_counter()
+        table = read_unit_table(unit, self.cfg)
+        rows = unit_rows(unit, table, self.cfg)
+        self.timings["read_s"] += time.perf_counter() - t0
+        collector = _UnitCollector([None] * len(rows), [None] * len(rows), len(rows))
+        if not rows:
+            collector.done.set()
+        with self._cond:
+            self._units[unit.unit_id] = collector
+        try:
+            for row in rows:
+                if row.error:
+                    code, message = row.error
+                    key = (unit.unit_id, row.index)
+                    with self._cond:
+                        collector.put(
+                            row.index, Result(key, error_code=code, error_message=message)
+                        )
+                    continue
+                self._slots.acquire()
+                with self._cond:
+                    self._in_prep += 1
+                self._pool.submit(self._prepare, unit.unit_id, row)
+            while not collector.done.wait(0.5):
+                if self._fatal is not None:
+                    raise RuntimeError(f"engine thread died: {self._fatal!r}")
+        finally:
+            with self._cond:
+                self._units.pop(unit.unit_id, None)
+        return self._result_table(unit, rows, collector, table)
+
+    def _prepare(self, unit_id: str, row: RowInput) -> None:
+        t0 = time.perf_counter()
+        key = (unit_id, row.index)
+        try:
+            data = row.image
+            if isinstance(data, str):
+                data = fetch_uri(data, self.cfg.input.storage_options)
+            img = prepare_image(data, self.cfg.image)
+            text_tokens = self.engine.count_text_tokens(row.prompt, self.cfg.prompt.system)
+        except ImageError as exc:
+            self._finish_early(key, Result(key, error_code=exc.code, error_message=exc.message))
+            return
+        except Exception as exc:  # a bug or an unexpected library error: still only this row
+            msg = f"{type(exc).__name__}: {exc}"
+            self._finish_early(key, Result(key, error_code="PREPARE_ERROR", error_message=msg))
+            return
+        finally:
+            self.timings["prepare_s"] += time.perf_counter() - t0
+        request = Request(
+            key=key,
+            row_id=row.row_id,
+            prompt=row.prompt,
+            system=self.cfg.prompt.system,
+            image=img.image,
+            image_sha256=img.sha256,
+            vision_tokens=img.vision_tokens,
+            text_tokens=text_tokens,
+        )
+        seq_len = img.vision_tokens + text_tokens
+        budget = seq_len + self.cfg.sampling.max_tokens
+        meta = {
+            "image_width": img.original_size[0],
+            "image_height": img.original_size[1],
+            "resized_width": img.resized_size[0],
+            "resized_height": img.resized_size[1],
+            "image_sha256": img.sha256,
+        }
+        with self._cond:
+            collector = self._units.get(unit_id)
+            if collector is not None:
+                collector.meta[row.index] = meta
+            self._bucketer.add(request, img.resized_size, budget, seq_len)
+            self._in_prep -= 1
+            self._cond.notify_all()
+
+    def _finish_early(self, key: tuple[str, int], result: Result) -> None:
+        """A row that failed before the engine: free its slot and record its error."""
+        self._slots.release()
+        with self._cond:
+            self._in_prep -= 1
+            collector = self._units.get(key[0])
+            if collector is not None:
+                collector.put(key[1], result)
+            self._cond.notify_all()
+
+    def _next_batch(self) -> list[Request] | None:
+        with self._cond:
+            idle_since = time.perf_counter()
+            while not self._closed:
+                # Nothing more is being prepared (or the window is full): flush partial buckets
+                # now instead of waiting out max_wait_s.
+                force = self._in_prep == 0 or self._bucketer.pending >= self._max_prepared
+                batch = self._bucketer.next_batch(force=force)
+                if batch:
+                    self.timings["engine_idle_s"] += time.perf_counter() - idle_since
+                    return batch
+                due = self._bucketer.seconds_until_due()
+                self._cond.wait(0.5 if due is None else min(0.5, max(due, 0.001)))
+            return None
+
+    def _engine_loop(self) -> None:
+        try:
+            while (batch := self._next_batch()) is not None:
+                t0 = time.perf_counter()
+                results = self._generate_isolating(batch)
+                self.timings["engine_s"] += time.perf_counter() - t0
+                self._slots.release(len(batch))
+                with self._cond:
+                    for result in results:
+                        collector = self._units.get(result.key[0])
+                        if collector is not None:
+                            collector.put(result.key[1], result)
+        except BaseException as exc:  # surface to every waiting process_unit call
+            log.exception("engine thread died")
+            self._fatal = exc
+
+    def _generate_isolating(self, batch: list[Request]) -> list[Result]:
+        """Run a batch; if the engine raises, split it to isolate the failing rows.
+
+        Each row is tried at most log2(batch size) + 1 times; a single row that still fails
+        becomes an ENGINE_ERROR row, so one poison row never blocks its batch.
+        """
+        try:
+            results = self.engine.generate(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                msg = f"{type(exc).__name__}: {exc}"
+                return [Result(batch[0].key, error_code="ENGINE_ERROR", error_message=msg)]
+            mid = len(batch) // 2
+            return self._generate_isolating(batch[:mid]) + self._generate_isolating(batch[mid:])
+        by_key = {r.key: r for r in results}
+        out = []
+        for req in batch:
+            result = by_key.get(req.key)
+            if result is None:
+                result = Result(req.key, error_code="ENGINE_ERROR", error_message="no result")
+            out.append(result)
+        return out
+
+    def _result_table(
+        self, unit: WorkUnit, rows: list[RowInput], collector: _UnitCollector, table: pa.Table
+    ) -> pa.Table:
+        cols: dict[str, list] = {name: [] for name in ROW_RESULT.names}
+        for row, result, meta in zip(rows, collector.results, collector.meta):
+            assert result is not None
+            meta = meta or {}
+            ok = result.error_code is None
+            cols["source_row"].append(unit.row_start + row.index)
+            cols["id"].append(row.row_id)
+            cols["ok"].append(ok)
+            cols["text"].append(result.text)
+            cols["finish_reason"].append(result.finish_reason)
+            cols["prompt_tokens"].append(result.prompt_tokens if ok else None)
+            cols["vision_tokens"].append(result.vision_tokens if ok else None)
+            cols["output_tokens"].append(result.output_tokens if ok else None)
+            for name in ("image_width", "image_height", "resized_width", "resized_height"):
+                cols[name].append(meta.get(name))
+            cols["image_sha256"].append(meta.get("image_sha256"))
+            cols["error_code"].append(result.error_code)
+            cols["error_message"].append(result.error_message)
+        out = pa.table(cols, schema=ROW_RESULT)
+        for name in self.cfg.input.passthrough_columns:
+            out = out.append_column(table.schema.field(name), table.column(name))
+        return out
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._engine_thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()

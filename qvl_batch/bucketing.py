@@ -1,0 +1,160 @@
+"""Size bucketing: batch rows whose images resize to the same grid, under size and token caps.
+
+Rows with the same resized size have the same number of vision tokens, so a batch of them has
+(almost) no padding. A bucket is emitted when it is full (``max_batch_size`` rows or
+``max_tokens`` tokens); a partial bucket is emitted once its oldest row has waited ``max_wait_s``
+or when the caller says nothing more is coming soon (``force``), so no row waits forever.
+
+The bucketer also keeps the padding it avoids: for the same rows in arrival order, cut into
+batches of the same cap, it counts what padding would have been.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class PaddingStats:
+    """Token counts of emitted batches vs. the same rows batched in arrival order."""
+
+    batches: int = 0
+    rows: int = 0
+    tokens: int = 0  # real tokens (sum of row sequence lengths)
+    padded_tokens: int = 0  # pad tokens in emitted batches
+    fifo_padded_tokens: int = 0  # pad tokens had the rows been batched in arrival order
+    batch_size_counts: dict[int, int] = field(default_factory=dict)  # size -> batches
+
+    @property
+    def padding_fraction(self) -> float:
+        total = self.tokens + self.padded_tokens
+        return self.padded_tokens / total if total else 0.0
+
+    @property
+    def fifo_padding_fraction(self) -> float:
+        total = self.tokens + self.fifo_padded_tokens
+        return self.fifo_padded_tokens / total if total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "padded_tokens": self.padded_tokens,
+            "padding_fraction": round(self.padding_fraction, 4),
+            "fifo_padded_tokens": self.fifo_padded_tokens,
+            "fifo_padding_fraction": round(self.fifo_padding_fraction, 4),
+            "mean_batch_size": round(self.rows / self.batches, 2) if self.batches else 0.0,
+            "batch_size_counts": dict(sorted(self.batch_size_counts.items())),
+        }
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add another actor's ``as_dict()`` into this one (the driver sums actors)."""
+        self.batches += other["batches"]
+        self.rows += other["rows"]
+        self.tokens += other["tokens"]
+        self.padded_tokens += other["padded_tokens"]
+        self.fifo_padded_tokens += other["fifo_padded_tokens"]
+        for size, n in other["batch_size_counts"].items():
+            self.batch_size_counts[int(size)] = self.batch_size_counts.get(int(size), 0) + n
+
+
+def _pad(lengths: list[int]) -> int:
+    return len(lengths) * max(lengths) - sum(lengths) if lengths else 0
+
+
+class Bucketer:
+    """Not thread-safe: the owner serialises calls (the actor holds a lock around it)."""
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_tokens: int,
+        max_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.max_batch_size = max_batch_size
+        self.max_tokens = max_tokens
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        # key -> deque of (item, tokens, seq_len, arrival time); insertion order = age order
+        self._buckets: OrderedDict[Hashable, deque] = OrderedDict()
+        self._bucket_tokens: dict[Hashable, int] = {}
+        self._fifo: list[int] = []  # arrival-order sequence lengths for the counterfactual
+        self.stats = PaddingStats()
+        self.pending = 0
+
+    def add(self, item: Any, key: Hashable, tokens: int, seq_len: int) -> None:
+        """Queue one row; ``tokens`` counts against the batch budget, ``seq_len`` for padding."""
+        if key not in self._buckets:
+            self._buckets[key] = deque()
+            self._bucket_tokens[key] = 0
+        self._buckets[key].append((item, tokens, seq_len, self.clock()))
+        self._bucket_tokens[key] += tokens
+        self.pending += 1
+        self._fifo.append(seq_len)
+        if len(self._fifo) == self.max_batch_size:
+            self.stats.fifo_padded_tokens += _pad(self._fifo)
+            self._fifo = []
+
+    def _full(self, key: Hashable) -> bool:
+        return (
+            len(self._buckets[key]) >= self.max_batch_size
+            or self._bucket_tokens[key] >= self.max_tokens
+        )
+
+    def next_batch(self, force: bool = False) -> list[Any] | None:
+        """The next batch to run, or None if every bucket should keep waiting."""
+        if not self._buckets:
+            if force and self._fifo:
+                self.stats.fifo_padded_tokens += _pad(self._fifo)
+                self._fifo = []
+            return None
+        now = self.clock()
+        chosen = next((k for k in self._buckets if self._full(k)), None)
+        if chosen is None:
+            # Oldest first: the bucket whose head row arrived earliest.
+            oldest = min(self._buckets, key=lambda k: self._buckets[k][0][3])
+            if force or now - self._buckets[oldest][0][3] >= self.max_wait_s:
+                chosen = oldest
+        if chosen is None:
+            return None
+        return self._take(chosen)
+
+    def _take(self, key: Hashable) -> list[Any]:
+        queue = self._buckets[key]
+        items, lengths, budget = [], [], 0
+        while queue and len(items) < self.max_batch_size:
+            item, tokens, seq_len, _ = queue[0]
+            if items and budget + tokens > self.max_tokens:
+                break
+            queue.popleft()
+            items.append(item)
+            lengths.append(seq_len)
+            budget += tokens
+            self._bucket_tokens[key] -= tokens
+        if not queue:
+            del self._buckets[key]
+            del self._bucket_tokens[key]
+        self.pending -= len(items)
+        self.stats.batches += 1
+        self.stats.rows += len(items)
+        self.stats.tokens += sum(lengths)
+        self.stats.padded_tokens += _pad(lengths)
+        counts = self.stats.batch_size_counts
+        counts[len(items)] = counts.get(len(items), 0) + 1
+        if self.pending == 0 and self._fifo:
+            self.stats.fifo_padded_tokens += _pad(self._fifo)
+            self._fifo = []
+        return items
+
+    def seconds_until_due(self) -> float | None:
+        """How long until the oldest partial bucket is due, for the consumer's wait timeout."""
+        if not self._buckets:
+            return None
+        oldest = min(q[0][3] for q in self._buckets.values())
+        return max(0.0, oldest + self.max_wait_s - self.clock())

@@ -1,0 +1,92 @@
+"""``qvl-batch``: run a job, make the demo, benchmark. Exit codes are documented in the README."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .cluster import ClusterError
+from .config import ConfigError, load_config
+from .driver import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_REFUSED, run_job
+from .manifest import InputError
+from .state import ResumeRefused
+from .storage import StorageError
+
+log = logging.getLogger("qvl_batch")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.fresh:
+        overrides.append("output.mode=overwrite")
+    cfg = load_config(args.job, overrides)
+    summary = run_job(cfg, progress_bar=None if not args.no_progress else False)
+    for line in summary.lines():
+        print(line)
+    return summary.exit_code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.data, args.output, args.rows, args.shards, list(args.overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qvl-batch", description="Offline batch inference for Qwen2.5-VL over Parquet."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run or resume a job")
+    run.add_argument("job", help="job YAML file (see jobs/)")
+    run.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    run.add_argument("--fresh", action="store_true", help="discard earlier results in the output")
+    run.add_argument("--no-progress", action="store_true", help="plain progress lines, no bar")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="make a synthetic dataset and run the demo job on it")
+    demo.add_argument("--data", default="demo-data", help="where the synthetic shards go")
+    demo.add_argument("--output", default="demo-output", help="where results go")
+    demo.add_argument("--rows", type=int, default=3000)
+    demo.add_argument("--shards", type=int, default=6)
+    demo.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    demo.set_defaults(func=cmd_demo)
+
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ConfigError, InputError, StorageError, ClusterError) as exc:
+        print(f"qvl-batch: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ResumeRefused as exc:
+        print(f"qvl-batch: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print(
+            "qvl-batch: interrupted; committed units are kept, run again to resume", file=sys.stderr
+        )
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Ray: join or start a cluster, size the actor pool, start/replace actors, classify failures."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    RayActorError,
+    RayTaskError,
+)
+
+from .actor import UnitWorker
+from .bucketing import PaddingStats
+from .config import Config
+
+log = logging.getLogger("qvl_batch")
+
+ACTOR_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
+STATS_TIMEOUT_S = 10
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run this job (no room for an actor, engine failed to load)."""
+
+
+@dataclass
+class Outcome:
+    table: Any = None
+    error: str | None = None
+    actor_died: bool = False
+
+
+def connect(cfg: Config) -> bool:
+    """Join ``cluster.address`` or start a local Ray; returns True if this call started it."""
+    if ray.is_initialized():
+        return False
+    common = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, **common)
+    else:
+        ray.init(num_cpus=cfg.cluster.local_num_cpus or None, **common)
+    return True
+
+
+def actor_layout(cfg: Config, resources: dict[str, float]) -> tuple[int, dict[str, Any]]:
+    """(number of actors, ray options per actor): one per GPU, else by CPUs."""
+    c = cfg.cluster
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if gpus > 0 and c.num_gpus_per_actor > 0:
+        capacity = int(gpus // c.num_gpus_per_actor)
+        options = {"num_gpus": c.num_gpus_per_actor, "num_cpus": c.cpus_per_actor}
+        what = f"{gpus:g} GPUs at {c.num_gpus_per_actor:g} per actor"
+    else:
+        capacity = int(cpus // c.cpus_per_actor)
+        options = {"num_cpus": c.cpus_per_actor}
+        what = f"{cpus:g} CPUs at {c.cpus_per_actor:g} per actor (no GPUs)"
+    if capacity < 1:
+        raise ClusterError(f"the cluster has room for no actor: {what}")
+    n = c.num_actors or capacity
+    if n > capacity:
+        log.warning("cluster.num_actors=%d but the cluster fits %d (%s)", n, capacity, what)
+        n = capacity
+    # process_unit calls for the window, plus room for ready()/stats() calls.
+    options["max_concurrency"] = cfg.batching.units_in_flight_per_actor + 2
+    options["max_restarts"] = 0  # the driver replaces dead actors and re-queues their units
+    return n, options
+
+
+class ActorPool:
+    """The job's actors. Starts Ray if needed; shuts down what it started."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._started_ray = connect(cfg)
+        self.size, self.options = actor_layout(cfg, ray.cluster_resources())
+        self._remote = ray.remote(UnitWorker).options(**self.options)
+        self.incarnations = 0
+        self.actors = [self._new_actor() for _ in range(self.size)]
+        try:
+            infos = ray.get([a.ready.remote() for a in self.actors])
+        except (RayTaskError, *ACTOR_DEATH) as exc:
+            self.shutdown()
+            raise ClusterError(f"engine failed to start: {_first_line(exc)}") from None
+        self.engine_name = infos[0]["engine"]
+        self.engine_version = infos[0]["engine_version"]
+        log.info(
+            "%d actors ready (%s %s, %s)",
+            self.size,
+            self.engine_name,
+            self.engine_version,
+            ", ".join(f"{k}={v}" for k, v in self.options.items()),
+        )
+        self._stats: dict[int, dict] = {}
+
+    def _new_actor(self):
+        actor = self._remote.remote(self.cfg, self.incarnations)
+        self.incarnations += 1
+        return actor
+
+    def replace(self, index: int):
+        """Kill actor ``index`` (if still alive) and start a fresh one in its place."""
+        try:
+            ray.kill(self.actors[index], no_restart=True)
+        except Exception:
+            pass
+        log.warning("actor %d died; starting a replacement", index)
+        self.actors[index] = self._new_actor()
+        return self.actors[index]
+
+    @staticmethod
+    def wait(refs: list, timeout: float) -> tuple[list, list]:
+        return ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=True)
+
+    @staticmethod
+    def get(ref) -> Outcome:
+        try:
+            return Outcome(table=ray.get(ref))
+        except ACTOR_DEATH as exc:
+            return Outcome(error=_first_line(exc), actor_died=True)
+        except RayTaskError as exc:
+            return Outcome(error=_first_line(exc))
+
+    def collect_stats(self) -> tuple[PaddingStats, dict[str, float]]:
+        """Padding and stage timings summed over the live actors."""
+        padding, timings = PaddingStats(), {}
+        refs = [a.stats.remote() for a in self.actors]
+        for ref in refs:
+            try:
+                stats = ray.get(ref, timeout=STATS_TIMEOUT_S)
+            except (GetTimeoutError, RayTaskError, *ACTOR_DEATH):
+                continue
+            padding.merge(stats["padding"])
+            for k, v in stats["timings"].items():
+                timings[k] = round(timings.get(k, 0.0) + v, 3)
+        return padding, timings
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        if self._started_ray:
+            ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    tail = [ln for ln in text if ln.strip()][-1:] if text else []
+    return f"{type(exc).__name__}: {tail[0] if tail else ''}"

@@ -1,0 +1,366 @@
+"""Structured job configuration: dataclass schemas, loading, validation, fingerprint, redaction.
+
+Merge order (later wins): schema defaults -> conf/defaults.yaml -> conf groups named in the job
+file's ``defaults:`` list -> the job file -> ``key=value`` overrides from the command line.
+Unknown keys and bad values raise :class:`ConfigError` naming the key and what is allowed, before
+any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .prompts import template_fields
+
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session", "sas", "auth")
+REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A bad job configuration: raised before any work, with a message that says what to fix."""
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class JobConfig:
+    """Who the job is: its name shows in logs, the report and every output row's lineage."""
+
+    name: str = "qvl-batch-job"
+
+
+@dataclass
+class InputConfig:
+    """Where rows come from and which columns mean what."""
+
+    paths: list[str] = field(default_factory=list)  # fsspec URLs or globs of Parquet shards
+    manifest: str | None = None  # a text file (one URL/glob per line) or a JSON list
+    id_column: str | None = "id"  # None: ids are derived as "<shard-name>:<row>"
+    image_column: str = "image"  # binary bytes, {bytes, path} struct, or a URI string
+    prompt_column: str | None = None  # per-row prompt; else prompt.template is used
+    passthrough_columns: list[str] = field(default_factory=list)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.image_column), "input.image_column", "must name a column")
+
+    def check_required(self) -> None:
+        """Checked on the resolved config only (the schema's own defaults have no input)."""
+        _check(
+            bool(self.paths) or bool(self.manifest),
+            "input.paths",
+            "no input: set input.paths (Parquet URLs or globs) or input.manifest",
+        )
+
+
+@dataclass
+class PromptConfig:
+    """The user prompt: a fixed text, or a template with ``{column}`` fields filled per row."""
+
+    template: str = "Describe this image."
+    system: str | None = None
+
+
+@dataclass
+class ImageConfig:
+    """Decoding and resizing to the Qwen2.5-VL grid (sides multiples of 28)."""
+
+    min_pixels: int = 56 * 56  # Qwen2.5-VL processor default (3136)
+    max_pixels: int = 28 * 28 * 1280  # Qwen2.5-VL processor default (1003520)
+    max_image_pixels: int = 100_000_000  # decompression-bomb guard on the *source* image
+    min_side: int = 8  # smaller sources are refused (IMAGE_TOO_SMALL)
+    draft: bool = True  # JPEG DCT-domain downscale when the target is <= half the source
+
+    def __post_init__(self) -> None:
+        _check(self.min_pixels >= 28 * 28, "image.min_pixels", "must be >= 784 (one 28x28 tile)")
+        _check(
+            self.max_pixels >= self.min_pixels,
+            "image.max_pixels",
+            f"must be >= image.min_pixels ({self.min_pixels})",
+        )
+        _check(self.max_image_pixels > 0, "image.max_image_pixels", "must be > 0")
+        _check(self.min_side >= 1, "image.min_side", "must be >= 1")
+
+
+@dataclass
+class BatchingConfig:
+    """How rows become engine batches inside an actor."""
+
+    max_batch_size: int = 32
+    # vision + text (+ max output) tokens per batch; bounds activation / KV memory per batch.
+    max_tokens_per_batch: int = 65536
+    # A bucket that is not full is flushed once its oldest row waited this long, so no row
+    # waits forever behind a size that is rare in the data.
+    max_wait_s: float = 2.0
+    # Units an actor holds at once: its bucketing window. Two keeps the engine fed while the
+    # next unit is read; more widens bucketing but holds more decoded images in memory.
+    units_in_flight_per_actor: int = 2
+    unit_rows: int = 512  # target rows per work unit (row groups are grouped up to this)
+    prepare_threads: int = 0  # image decode threads per actor; 0 = the actor's CPU count
+
+    def __post_init__(self) -> None:
+        _check(self.max_batch_size >= 1, "batching.max_batch_size", "must be >= 1")
+        _check(self.max_tokens_per_batch >= 1, "batching.max_tokens_per_batch", "must be >= 1")
+        _check(self.max_wait_s >= 0, "batching.max_wait_s", "must be >= 0")
+        _check(
+            self.units_in_flight_per_actor >= 1,
+            "batching.units_in_flight_per_actor",
+            "must be >= 1",
+        )
+        _check(self.unit_rows >= 1, "batching.unit_rows", "must be >= 1")
+        _check(self.prepare_threads >= 0, "batching.prepare_threads", "must be >= 0")
+
+
+@dataclass
+class FakeEngineConfig:
+    """The deterministic engine's latency model and fault injection (tests and benchmarks)."""
+
+    batch_latency_s: float = 0.0
+    row_latency_s: float = 0.0
+    token_latency_s: float = 0.0  # per decode step (per output token of the longest row)
+    fail_ids: list[str] = field(default_factory=list)  # rows that get ENGINE_ERROR
+    raise_after_rows: int = 0  # raise once from generate() after this many rows (0 = never)
+    exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
+    exit_incarnations: int = 1  # ...only in actors whose incarnation is below this
+
+
+ENGINES = ("fake", "hf", "trtllm")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class EngineConfig:
+    """Which engine runs the model; engine-specific knobs pass through ``options``."""
+
+    name: str = "fake"
+    model: str = "fake://qwen2.5-vl"  # a model directory (local or fsspec URL) for hf/trtllm
+    dtype: str = "auto"
+    device: str = "auto"  # hf: auto | cpu | cuda
+    options: dict[str, Any] = field(default_factory=dict)
+    fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.name in ENGINES, "engine.name", f"{self.name!r} is not one of {ENGINES}")
+        _check(self.dtype in DTYPES, "engine.dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        _check(bool(self.model), "engine.model", "must name a model")
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens >= 1, "sampling.max_tokens", "must be >= 1")
+        _check(self.temperature >= 0, "sampling.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+        _check(self.top_k >= 0, "sampling.top_k", "must be >= 0 (0 = off)")
+
+
+OUTPUT_MODES = ("resume", "overwrite")
+
+
+@dataclass
+class OutputConfig:
+    """Where results go. ``resume`` continues a matching earlier run; ``overwrite`` starts over."""
+
+    path: str = MISSING
+    mode: str = "resume"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    compression: str = "zstd"
+
+    def __post_init__(self) -> None:
+        _check(self.mode in OUTPUT_MODES, "output.mode", f"{self.mode!r} not in {OUTPUT_MODES}")
+
+
+@dataclass
+class ClusterConfig:
+    """Ray: join ``address`` or start a local cluster; how many actors and what each reserves."""
+
+    address: str | None = None  # None starts a local Ray; "auto" or "ray://..." joins one
+    num_actors: int = 0  # 0 = one per GPU, or (no GPUs) CPUs // cpus_per_actor
+    num_gpus_per_actor: float = 1.0  # used only when the cluster has GPUs
+    cpus_per_actor: float = 1.0
+    local_num_cpus: int = 0  # CPUs a local Ray may use; 0 = all
+
+    def __post_init__(self) -> None:
+        _check(self.num_actors >= 0, "cluster.num_actors", "must be >= 0 (0 = auto)")
+        _check(self.cpus_per_actor > 0, "cluster.cpus_per_actor", "must be > 0")
+
+
+@dataclass
+class LimitsConfig:
+    """When to give up: per-unit retries and the error fraction that fails a job."""
+
+    max_unit_attempts: int = 3
+    max_error_fraction: float = 0.1
+    # Errors are judged only after this many rows, so a few early bad rows do not fail a job.
+    min_rows_for_error_check: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(self.max_unit_attempts >= 1, "limits.max_unit_attempts", "must be >= 1")
+        _check(
+            0 <= self.max_error_fraction <= 1,
+            "limits.max_error_fraction",
+            "must be in [0, 1]",
+        )
+
+
+@dataclass
+class Config:
+    """A whole job."""
+
+    job: JobConfig = field(default_factory=JobConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+def conf_dir() -> Path:
+    """The defaults folder: inside an installed wheel, or the repo's top-level conf/."""
+    packaged = Path(__file__).parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "conf"
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
+    if "not in struct" in str(exc) or ("Key '" in str(exc) and "not in" in str(exc)):
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = _allowed_keys(section)
+        return ConfigError(f"{source}: unknown key '{key}'. Allowed here: {', '.join(allowed)}")
+    return ConfigError(f"{source}: bad value for '{key}': {msg}")
+
+
+def _allowed_keys(section: str) -> list[str]:
+    node: Any = Config
+    for part in filter(None, section.split(".")):
+        types = {f.name: f.type for f in dataclasses.fields(node)}
+        default = {f.name: f.default_factory for f in dataclasses.fields(node)}  # type: ignore
+        if part not in types:
+            return []
+        node = type(default[part]())  # type: ignore[misc]
+    return sorted(f.name for f in dataclasses.fields(node))
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry line numbers
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: must be a mapping of sections (job, input, engine, ...)")
+    return loaded
+
+
+def load_config(job_file: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Resolve a job: defaults, conf groups, the job file and CLI overrides, then validate."""
+    schema = OmegaConf.structured(Config)
+    merged = _merge(schema, _load_yaml(conf_dir() / "defaults.yaml"), "conf/defaults.yaml")
+    if job_file is not None:
+        job = _load_yaml(Path(job_file))
+        groups = job.pop("defaults", [])
+        for group in groups or []:
+            group_path = conf_dir() / f"{group}.yaml"
+            if not group_path.is_file():
+                known = sorted(
+                    str(p.relative_to(conf_dir()).with_suffix(""))
+                    for p in conf_dir().rglob("*.yaml")
+                    if p.name != "defaults.yaml"
+                )
+                raise ConfigError(
+                    f"{job_file}: defaults entry '{group}' not found; known groups: {known}"
+                )
+            merged = _merge(merged, _load_yaml(group_path), f"conf/{group}.yaml")
+        merged = _merge(merged, job, str(job_file))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        try:
+            dotlist = OmegaConf.from_dotlist([item])
+        except Exception as exc:
+            raise ConfigError(f"override '{item}': {exc}") from None
+        merged = _merge(merged, dotlist, f"override '{item}'")
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"required keys not set: {', '.join(missing)}")
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]  # runs __post_init__
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+        raise (ConfigError(str(cause)) if cause else _explain(exc, "config")) from None
+    cfg.input.check_required()
+    try:
+        template_fields(cfg.prompt.template)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def redact(value: Any, parent_key: str = "") -> Any:
+    """Copy with secret-looking values replaced (storage credentials, tokens)."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, parent_key) for v in value]
+    if value is not None and any(w in parent_key.lower() for w in SECRET_WORDS):
+        return REDACTED
+    return value
+
+
+def fingerprint_fields(cfg: Config, input_fingerprint: str) -> dict[str, Any]:
+    """What decides the outputs. Batching, cluster, limits and output location do not."""
+    return {
+        "engine": {"name": cfg.engine.name, "model": cfg.engine.model, "dtype": cfg.engine.dtype},
+        "prompt": dataclasses.asdict(cfg.prompt),
+        "sampling": dataclasses.asdict(cfg.sampling),
+        "image": dataclasses.asdict(cfg.image),
+        "columns": {
+            "id": cfg.input.id_column,
+            "image": cfg.input.image_column,
+            "prompt": cfg.input.prompt_column,
+            "passthrough": list(cfg.input.passthrough_columns),
+        },
+        "input": input_fingerprint,
+    }
+
+
+def fingerprint(fields: dict[str, Any]) -> str:
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,286 @@
+"""The driver: plan, check the output ledger, start actors, hand out units, commit results.
+
+Only unit descriptors go to actors and only small per-row results come back; image bytes never
+pass through the driver. Memory is bounded by the units in flight (actors x window).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .config import Config, fingerprint, fingerprint_fields, redact, to_dict
+from .manifest import Plan, WorkUnit, plan_job
+from .progress import Progress
+from .report import summarize_output, versions
+from .state import METRICS_FILE, SUCCESS_FILE, OutputState
+from .storage import StorageError
+from .writer import UnitIncomplete, commit_unit
+
+log = logging.getLogger("qvl_batch")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2  # bad config, input or output path: nothing ran
+EXIT_REFUSED = 3  # output holds a job with another fingerprint
+EXIT_FAILED = 4  # retries exhausted or error fraction over the limit; committed units kept
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class JobSummary:
+    status: str  # succeeded | already_complete | failed
+    exit_code: int
+    output: str
+    job_id: str
+    rows_total: int = 0
+    rows_this_run: int = 0
+    errors_this_run: int = 0
+    data_rows: int = 0
+    error_rows: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
+    units_total: int = 0
+    units_this_run: int = 0
+    unit_retries: int = 0
+    actor_restarts: int = 0
+    elapsed_s: float = 0.0
+    rows_per_s: float = 0.0
+    message: str = ""
+
+    def lines(self) -> list[str]:
+        out = [
+            f"job {self.job_id}: {self.status.upper()}  ({self.output})",
+            f"  rows: {self.rows_total:,} total; {self.data_rows:,} in data/, "
+            f"{self.error_rows:,} in errors/",
+            f"  this run: {self.rows_this_run:,} rows in {self.units_this_run:,} units, "
+            f"{self.elapsed_s:,.1f}s, {self.rows_per_s:,.1f} rows/s",
+            f"  retries: {self.unit_retries} unit retries, {self.actor_restarts} actor restarts",
+        ]
+        if self.error_codes:
+            codes = ", ".join(f"{k}={v}" for k, v in sorted(self.error_codes.items()))
+            out.append(f"  errors by code: {codes}")
+        if self.message:
+            out.append(f"  {self.message}")
+        return out
+
+
+@dataclass
+class _Slot:
+    index: int
+    actor: object
+    generation: int = 0
+    inflight: set = field(default_factory=set)
+
+
+@dataclass
+class _Retry:
+    unit: WorkUnit
+    attempt: int
+    not_before: float
+
+
+class Driver:
+    """Runs one job to completion (or to a clean failure)."""
+
+    def __init__(self, cfg: Config, progress_bar: bool | None = None):
+        self.cfg = cfg
+        self.progress_bar = progress_bar
+        self.state = OutputState(cfg.output.path, cfg.output.storage_options)
+
+    # ---- before any work -------------------------------------------------------------
+    def prepare(self) -> tuple[Plan, dict, set[str]]:
+        """Plan the input and open the output ledger; raises before any work on problems."""
+        plan = plan_job(self.cfg)
+        fields = fingerprint_fields(self.cfg, plan.fingerprint)
+        fp = fingerprint(fields)
+        if self.cfg.output.mode == "overwrite":
+            self.state.wipe()
+            job = None
+        else:
+            job = self.state.check_resume(fp, fields)
+        if job is None:
+            job = {
+                "job_id": f"{self.cfg.job.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+                f"-{uuid.uuid4().hex[:6]}",
+                "fingerprint": fp,
+                "fingerprint_fields": fields,
+                "config": redact(to_dict(self.cfg)),
+                "versions": versions(),
+                "input": {"shards": len(plan.shards), "rows": plan.total_rows},
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            }
+            try:
+                self.state.write_json("_job.json", job)
+            except OSError as exc:
+                raise StorageError(f"output.path {self.state.url}: cannot write: {exc}") from None
+            return plan, job, set()
+        committed = self.state.committed_units()
+        if not self.state.success():
+            removed = self.state.clean_orphans(committed)
+            if removed:
+                log.info("removed %d uncommitted part files of an interrupted run", len(removed))
+        return plan, job, committed
+
+    # ---- the run -------------------------------------------------------------------
+    def run(self) -> JobSummary:
+        t0 = time.monotonic()
+        plan, job, committed = self.prepare()
+        summary = JobSummary("running", EXIT_OK, self.state.url, job["job_id"])
+        summary.rows_total = plan.total_rows
+        if self.state.success():
+            summary.status = "already_complete"
+            summary.message = "output already complete (_SUCCESS present): nothing to do"
+            self._fill_totals(summary)
+            return summary
+        done_before = sum(u.num_rows for u in plan.units() if u.unit_id in committed)
+        todo: Iterator[WorkUnit] = (u for u in plan.units() if u.unit_id not in committed)
+        progress = Progress(plan.total_rows, done_before, bar=self.progress_bar)
+        try:
+            padding, timings, failure = self._schedule(todo, job, summary, progress)
+        finally:
+            progress.close()
+        summary.elapsed_s = time.monotonic() - t0
+        summary.rows_per_s = summary.rows_this_run / summary.elapsed_s if summary.elapsed_s else 0
+        self._fill_totals(summary)
+        err_frac = summary.error_rows / summary.rows_total if summary.rows_total else 0.0
+        if failure is None and err_frac > self.cfg.limits.max_error_fraction:
+            failure = (
+                f"error fraction {err_frac:.3f} is over limits.max_error_fraction "
+                f"{self.cfg.limits.max_error_fraction}"
+            )
+        metrics = {
+            "job_id": job["job_id"],
+            "summary": summary.__dict__,
+            "padding": padding.as_dict(),
+            "actor_timings_s": timings,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
+        if failure:
+            summary.status, summary.exit_code, summary.message = "failed", EXIT_FAILED, failure
+            metrics["summary"] = summary.__dict__
+            self.state.write_json(METRICS_FILE, metrics)
+            return summary
+        summary.status = "succeeded"
+        metrics["summary"] = summary.__dict__
+        self.state.write_json(METRICS_FILE, metrics)
+        self.state.write_json(SUCCESS_FILE, {"job_id": job["job_id"], **metrics["summary"]})
+        return summary
+
+    def _fill_totals(self, summary: JobSummary) -> None:
+        totals = summarize_output(self.state)
+        summary.data_rows = totals["data_rows"]
+        summary.error_rows = totals["error_rows"]
+        summary.error_codes = totals["error_codes"]
+        summary.units_total = totals["units"]
+
+    def _schedule(self, todo, job, summary, progress):
+        """Hand units to actors, commit results; returns (padding, timings, failure or None)."""
+        from .cluster import ActorPool
+
+        cfg = self.cfg
+        pool = ActorPool(cfg)
+        lineage = {
+            "job_id": job["job_id"],
+            "model": cfg.engine.model,
+            "engine": pool.engine_name,
+            "engine_version": pool.engine_version,
+            "config_fingerprint": job["fingerprint"],
+        }
+        per_actor = cfg.batching.units_in_flight_per_actor
+        slots = [_Slot(i, a) for i, a in enumerate(pool.actors)]
+        inflight: dict = {}  # ref -> (unit, slot, generation, attempt)
+        retries: deque[_Retry] = deque()
+        failure = None
+
+        def next_unit() -> tuple[WorkUnit, int] | None:
+            now = time.monotonic()
+            for _ in range(len(retries)):
+                r = retries.popleft()
+                if r.not_before <= now:
+                    return r.unit, r.attempt
+                retries.append(r)
+            unit = next(todo, None)
+            return (unit, 1) if unit is not None else None
+
+        def requeue(unit: WorkUnit, attempt: int, reason: str) -> str | None:
+            summary.unit_retries += 1
+            if attempt >= cfg.limits.max_unit_attempts:
+                return f"unit {unit.unit_id} failed {attempt} times; last error: {reason}"
+            log.warning("unit %s attempt %d failed (%s); retrying", unit.unit_id, attempt, reason)
+            backoff = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            retries.append(_Retry(unit, attempt + 1, time.monotonic() + backoff))
+            return None
+
+        try:
+            while failure is None:
+                for slot in slots:
+                    while len(slot.inflight) < per_actor and (item := next_unit()) is not None:
+                        unit, attempt = item
+                        ref = slot.actor.process_unit.remote(unit)
+                        inflight[ref] = (unit, slot, slot.generation, attempt)
+                        slot.inflight.add(ref)
+                if not inflight:
+                    if not retries:
+                        break
+                    time.sleep(0.05)  # only backed-off retries left
+                    continue
+                ready, _ = pool.wait(list(inflight), timeout=1.0)
+                for ref in ready:
+                    unit, slot, generation, attempt = inflight.pop(ref)
+                    slot.inflight.discard(ref)
+                    outcome = pool.get(ref)
+                    if outcome.actor_died:
+                        if slot.generation == generation:
+                            slot.actor = pool.replace(slot.index)
+                            slot.generation += 1
+                            summary.actor_restarts += 1
+                        failure = requeue(unit, attempt, outcome.error)
+                    elif outcome.error:
+                        failure = requeue(unit, attempt, outcome.error)
+                    else:
+                        try:
+                            record = commit_unit(
+                                self.state,
+                                unit,
+                                outcome.table,
+                                lineage,
+                                attempt,
+                                list(cfg.input.passthrough_columns),
+                                cfg.output.compression,
+                            )
+                        except UnitIncomplete as exc:
+                            failure = requeue(unit, attempt, str(exc))
+                            continue
+                        summary.rows_this_run += record["num_rows"]
+                        summary.errors_this_run += record["error_rows"]
+                        summary.units_this_run += 1
+                        progress.update(record["num_rows"], record["error_rows"])
+                        failure = failure or self._error_check(summary)
+                    if failure:
+                        break
+            padding, timings = pool.collect_stats()
+            return padding, timings, failure
+        finally:
+            pool.shutdown()
+
+    def _error_check(self, summary: JobSummary) -> str | None:
+        lim = self.cfg.limits
+        rows = summary.rows_this_run
+        if rows >= lim.min_rows_for_error_check and summary.errors_this_run / rows > (
+            lim.max_error_fraction
+        ):
+            return (
+                f"error fraction {summary.errors_this_run / rows:.3f} after {rows:,} rows is over "
+                f"limits.max_error_fraction {lim.max_error_fraction}: stopping"
+            )
+        return None
+
+
+def run_job(cfg: Config, progress_bar: bool | None = None) -> JobSummary:
+    """Run (or resume) the job ``cfg`` describes; see :class:`JobSummary` for the outcome."""
+    return Driver(cfg, progress_bar).run()

@@ -1,0 +1,81 @@
+"""The engine seam: ``generate(requests) -> results`` and ``close()``.
+
+Engines see images the runner already decoded, oriented and resized to the Qwen grid; they own
+the chat template, tokenisation and decoding. Heavy imports stay inside each engine module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config
+
+
+@dataclass
+class Request:
+    """One row to generate for. ``key`` is (unit id, row index in unit): results must echo it."""
+
+    key: tuple[str, int]
+    row_id: str
+    prompt: str
+    system: str | None
+    image: Any  # PIL.Image.Image, RGB, already resized to multiples of 28
+    image_sha256: str
+    vision_tokens: int
+    text_tokens: int  # estimate used for batching; engines report the exact count in Result
+
+
+@dataclass
+class Result:
+    """What an engine returns per request; ``error_code`` set means the row failed."""
+
+    key: tuple[str, int]
+    text: str | None = None
+    finish_reason: str | None = None  # "stop" | "length"
+    prompt_tokens: int = 0  # text + vision tokens fed to the model
+    vision_tokens: int = 0
+    output_tokens: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class EngineError(RuntimeError):
+    """A whole generate() call failed; the caller may split the batch and retry."""
+
+
+class Engine(ABC):
+    """A model runner owned by one actor."""
+
+    name: str = "base"
+    version: str = "0"
+
+    @abstractmethod
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run one batch; return one Result per request (any order, keys echoed)."""
+
+    def count_text_tokens(self, prompt: str, system: str | None) -> int:
+        """Estimate of the text tokens of a prompt (chat template included), for batching."""
+        return 24 + (len(prompt) + len(system or "")) // 4
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model and any device memory."""
+
+
+def make_engine(cfg: Config, incarnation: int = 0) -> Engine:
+    """Build the configured engine. ``incarnation`` counts actor replacements (fault tests)."""
+    name = cfg.engine.name
+    if name == "fake":
+        from .fake import FakeEngine
+
+        return FakeEngine(cfg, incarnation=incarnation)
+    if name == "hf":
+        from .hf import HFEngine  # type: ignore[import-not-found]
+
+        return HFEngine(cfg)
+    if name == "trtllm":
+        from .trtllm import TrtLlmEngine  # type: ignore[import-not-found]
+
+        return TrtLlmEngine(cfg)
+    raise ValueError(f"unknown engine {name!r}")

@@ -1,0 +1,260 @@
+"""Decode, validate and resize one encoded image to the Qwen2.5-VL vision grid.
+
+Every failure that is the row's fault (missing, undecodable, too large, too small, too thin) raises
+:class:`ImageError` with a stable code, so the caller can record it on the row and carry on.
+The resize rule is Qwen2.5-VL's own (``smart_resize``), so the engine's processor never resizes
+again and the vision-token count is known before the image reaches the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+PATCH = 28  # Qwen2.5-VL: 14px patches merged 2x2 -> one vision token per 28x28
+MAX_ASPECT = 200  # Qwen's processor refuses images thinner than this
+
+ERROR_CODES = (
+    "MISSING_IMAGE",
+    "DECODE_ERROR",
+    "IMAGE_TOO_LARGE",
+    "IMAGE_TOO_SMALL",
+    "ASPECT_RATIO",
+)
+
+# What Pillow raises on corrupt or unsupported input; anything else is a bug and propagates.
+_DECODE_ERRORS = (
+    OSError,  # includes UnidentifiedImageError and "image file is truncated"
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+)
+
+# EXIF Orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose).
+_ORIENTATION_FIX = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
+_WHITE = (255, 255, 255, 255)
+
+
+class ImageError(Exception):
+    """A row-level image problem: .code is a stable error code, .message says what happened."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(code, message)  # both in args, so the error pickles across processes
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@dataclass
+class PreparedImage:
+    """One image ready for the model, with what the batcher and the output row need to know."""
+
+    image: Image.Image  # RGB, exactly resized_size
+    sha256: str  # hex sha256 of the original encoded bytes (content hash)
+    original_size: tuple[int, int]  # (width, height) after EXIF orientation
+    resized_size: tuple[int, int]  # (width, height), multiples of 28
+    vision_tokens: int
+    notes: tuple[str, ...] = ()  # e.g. "exif_transposed", "alpha_flattened", "first_frame", "draft"
+
+
+def smart_resize(
+    height: int, width: int, min_pixels: int, max_pixels: int, factor: int = PATCH
+) -> tuple[int, int]:
+    """Qwen2.5-VL's resize rule -> (h, w), both multiples of 28, pixels within [min, max].
+
+    A copy of transformers' Qwen2-VL ``smart_resize`` (round() is banker's rounding there too),
+    kept here so the package does not import transformers. Raises ValueError past aspect 200.
+    """
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than {MAX_ASPECT}, "
+            f"got {max(height, width) / min(height, width)}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def vision_tokens(height: int, width: int) -> int:
+    """Vision tokens the model spends on an image of this (resized) size: one per 28x28 tile."""
+    return (height // PATCH) * (width // PATCH)
+
+
+def prepare_image(data: bytes | None, cfg) -> PreparedImage:
+    """Decode, validate, orient, flatten to RGB and resize one encoded image to the Qwen grid.
+
+    ``cfg`` is an :class:`~qvl_batch.config.ImageConfig` (or anything with its attributes).
+    Raises :class:`ImageError` for problems with the image itself.
+    """
+    if not data:
+        raise ImageError("MISSING_IMAGE", "no image bytes")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as src:
+            return _prepare_open(src, digest, cfg)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(
+            "IMAGE_TOO_LARGE", f"decompression bomb refused by Pillow: {exc}"
+        ) from None
+    except Image.DecompressionBombWarning as exc:  # only raised where warnings are errors
+        raise ImageError(
+            "IMAGE_TOO_LARGE", f"decompression bomb refused by Pillow: {exc}"
+        ) from None
+    except _DECODE_ERRORS as exc:
+        raise ImageError("DECODE_ERROR", _short(exc)) from None
+
+
+def _prepare_open(src: Image.Image, digest: str, cfg) -> PreparedImage:
+    """The work on an opened (header-only) image; Pillow's errors escape to prepare_image."""
+    _check_size(src.size, cfg)
+    raw_w, raw_h = src.size
+    # smart_resize is symmetric in (h, w), so the raw-frame target is the upright one transposed.
+    target_h, target_w = smart_resize(raw_h, raw_w, cfg.min_pixels, cfg.max_pixels)
+    notes: list[str] = []
+    if getattr(src, "is_animated", False):
+        notes.append("first_frame")
+    if _use_draft(src, cfg, (target_w, target_h)):
+        src.draft("RGB", (target_w, target_h))  # picks a DCT scale that keeps >= this size
+        if src.size != (raw_w, raw_h):
+            notes.append("draft")
+    src.load()  # the full decode, so truncated or corrupt data fails here
+
+    upright = src
+    orientation = _orientation(src)
+    if orientation in _ORIENTATION_FIX:
+        upright = src.transpose(_ORIENTATION_FIX[orientation])
+        notes.append("exif_transposed")
+    if orientation in _SWAPS_AXES:
+        pass
+    rgb, flattened = _to_rgb(upright)
+    if flattened:
+        notes.append("alpha_flattened")
+    if rgb.size != (target_w, target_h):
+        rgb = rgb.resize((target_w, target_h), Image.Resampling.BICUBIC)
+    elif rgb is src:
+        rgb = src.copy()  # src is closed when the caller's `with` ends
+    return PreparedImage(
+        image=rgb,
+        sha256=digest,
+        original_size=(raw_w, raw_h),
+        resized_size=(target_w, target_h),
+        vision_tokens=vision_tokens(target_h, target_w),
+        notes=tuple(notes),
+    )
+
+
+def _check_size(size: tuple[int, int], cfg) -> None:
+    """Refuse from the header alone, before any pixels are decoded."""
+    width, height = size
+    if width * height > cfg.max_image_pixels:
+        raise ImageError(
+            "IMAGE_TOO_LARGE",
+            f"{width}x{height} = {width * height} pixels > max_image_pixels {cfg.max_image_pixels}",
+        )
+    if min(width, height) < cfg.min_side:
+        raise ImageError(
+            "IMAGE_TOO_SMALL", f"{width}x{height}: a side is < min_side {cfg.min_side}"
+        )
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise ImageError(
+            "ASPECT_RATIO", f"{width}x{height}: aspect ratio > {MAX_ASPECT} (Qwen refuses it)"
+        )
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8); 1 when absent, unreadable or out of range."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except _DECODE_ERRORS:  # the pixels are loaded; a broken EXIF block should not cost the row
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _use_draft(img: Image.Image, cfg, target: tuple[int, int]) -> bool:
+    """JPEG DCT-domain downscale pays off when the target is at most half the source each way."""
+    width, height = img.size
+    return (
+        bool(cfg.draft)
+        and img.format == "JPEG"
+        and target[0] * 2 <= width
+        and target[1] * 2 <= height
+    )
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
+    """RGB version of ``img`` and whether transparency was composited over white."""
+    if img.mode == "RGB":
+        return img, False
+    if img.mode.startswith("I") or img.mode == "F":  # wide grey; a tRNS value here is ignored
+        return Image.fromarray(_to_uint8(img), "L").convert("RGB"), False
+    if _has_alpha(img):
+        return _flatten_alpha(img)
+    return img.convert("RGB"), False
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return "A" in img.getbands() or "a" in img.mode or img.info.get("transparency") is not None
+
+
+def _flatten_alpha(img: Image.Image) -> tuple[Image.Image, bool]:
+    """Composite over white (as transformers' convert_to_rgb does); opaque images just convert."""
+    if img.mode == "La":  # Pillow has no direct La -> RGBA conversion
+        img = img.convert("LA")
+    rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+    if rgba.getextrema()[3][0] == 255:
+        return rgba.convert("RGB"), False
+    background = Image.new("RGBA", rgba.size, _WHITE)
+    return Image.alpha_composite(background, rgba).convert("RGB"), True
+
+
+def _to_uint8(img: Image.Image) -> np.ndarray:
+    """8-bit grey from Pillow's wide modes, scaled rather than clipped (clipping gives white).
+
+    I;16*: 16-bit samples, >> 8. I: Pillow's 32-bit container, which 16-bit PNG/TIFF decode into
+    on some versions, so it is read as 16-bit too. F: [0, 1] data is scaled by 255, else clipped.
+    """
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    wide = np.clip(arr.astype(np.int64), 0, 65535)
+    return (wide >> 8).astype(np.uint8)
+
+
+def _short(exc: BaseException) -> str:
+    """One-line message for a decode failure: the exception type and its first line, capped."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return message[:200]

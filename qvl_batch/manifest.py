@@ -1,0 +1,189 @@
+"""Manifest and planner: list the input shards, fingerprint them, cut them into work units.
+
+A work unit is a contiguous row range of one shard, made of whole row groups where they fit
+under ``batching.unit_rows`` (a larger row group is cut into equal slices). Unit ids are
+``<shard index>-<unit index>``, zero-padded, stable for a given input (the input fingerprint
+guards that the input did not change under a resumed job).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from .config import Config
+from .prompts import template_fields
+from .storage import full_url, url_to_fs
+
+GLOB_CHARS = "*?["
+FOOTER_THREADS = 16  # footers are tiny reads; this bounds open connections, not memory
+
+
+class InputError(ValueError):
+    """The input cannot be planned (no files, missing columns): raised before any work."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    url: str
+    size: int
+    version: str  # etag or mtime: what changes when the object is rewritten
+    row_group_rows: tuple[int, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_group_rows)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows ``[row_start, row_start + num_rows)`` of one shard."""
+
+    unit_id: str
+    shard_index: int
+    shard_url: str
+    row_start: int
+    num_rows: int
+
+
+@dataclass
+class Plan:
+    shards: list[Shard]
+    fingerprint: str
+    unit_rows: int
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+    def units(self) -> Iterator[WorkUnit]:
+        """Units in shard order, generated lazily (memory O(row groups), not O(units))."""
+        for shard in self.shards:
+            yield from cut_units(shard, self.unit_rows)
+
+    def num_units(self) -> int:
+        return sum(1 for _ in self.units())
+
+
+def cut_units(shard: Shard, unit_rows: int) -> Iterator[WorkUnit]:
+    """Group whole row groups up to ``unit_rows``; slice row groups larger than that."""
+    ranges: list[tuple[int, int]] = []
+    start = pos = 0
+    for n in shard.row_group_rows:
+        if n > unit_rows:
+            if pos > start:
+                ranges.append((start, pos - start))
+            slices = -(-n // unit_rows)
+            step = -(-n // slices)
+            ranges.extend((pos + k, min(step, n - k)) for k in range(0, n, step))
+            start = pos = pos + n
+            continue
+        if pos + n - start > unit_rows and pos > start:
+            ranges.append((start, pos - start))
+            start = pos
+        pos += n
+    if pos > start:
+        ranges.append((start, pos - start))
+    for k, (row_start, num_rows) in enumerate(ranges):
+        if num_rows:
+            yield WorkUnit(
+                f"{shard.index:05d}-{k:05d}", shard.index, shard.url, row_start, num_rows
+            )
+
+
+def _read_manifest(url: str, storage_options: dict) -> list[str]:
+    fs, path = url_to_fs(url, storage_options)
+    if not fs.exists(path):
+        raise InputError(f"input.manifest: {url} does not exist")
+    text = fs.cat_file(path).decode()
+    if text.lstrip().startswith("["):
+        entries = json.loads(text)
+    else:
+        entries = [ln.strip() for ln in text.splitlines()]
+    return [e for e in entries if e and not e.startswith("#")]
+
+
+def list_shard_urls(cfg: Config) -> list[tuple[object, str]]:
+    """Every Parquet shard the input names, as (filesystem, path), sorted and de-duplicated."""
+    opts = dict(cfg.input.storage_options)
+    patterns = list(cfg.input.paths)
+    if cfg.input.manifest:
+        patterns += _read_manifest(cfg.input.manifest, opts)
+    found: dict[str, tuple[object, str]] = {}
+    for pattern in patterns:
+        fs, path = url_to_fs(pattern, opts)
+        try:
+            if any(c in path for c in GLOB_CHARS):
+                matches = [p for p in fs.glob(path) if not fs.isdir(p)]
+            elif fs.isdir(path):
+                matches = [p for p in fs.find(path) if p.endswith(".parquet")]
+            elif fs.exists(path):
+                matches = [path]
+            else:
+                matches = []
+        except (PermissionError, OSError) as exc:
+            raise InputError(f"input: cannot list {pattern}: {exc}") from None
+        if not matches:
+            raise InputError(f"input: no Parquet files match {pattern!r}")
+        for p in matches:
+            found[full_url(fs, p)] = (fs, p)
+    return [found[k] for k in sorted(found)]
+
+
+def _shard_info(index: int, fs, path: str) -> Shard:
+    try:
+        info = fs.info(path)
+        with fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+    except Exception as exc:
+        raise InputError(f"input: cannot read Parquet footer of {path}: {exc}") from None
+    version = next(
+        (
+            str(info[k])
+            for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "updated")
+            if info.get(k) is not None
+        ),
+        "",
+    )
+    rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return Shard(index, full_url(fs, path), int(info.get("size") or 0), version, rows), meta
+
+
+def required_columns(cfg: Config) -> list[str]:
+    cols = [cfg.input.image_column]
+    if cfg.input.id_column:
+        cols.append(cfg.input.id_column)
+    if cfg.input.prompt_column:
+        cols.append(cfg.input.prompt_column)
+    else:
+        cols += template_fields(cfg.prompt.template)
+    cols += list(cfg.input.passthrough_columns)
+    return list(dict.fromkeys(cols))
+
+
+def plan_job(cfg: Config) -> Plan:
+    """List, open and fingerprint the input; check the columns the job needs exist."""
+    listed = list_shard_urls(cfg)
+    with ThreadPoolExecutor(min(FOOTER_THREADS, max(1, len(listed)))) as pool:
+        infos = list(pool.map(lambda a: _shard_info(a[0], *a[1]), enumerate(listed)))
+    needed = required_columns(cfg)
+    for shard, meta in infos:
+        names = set(meta.schema.to_arrow_schema().names)
+        missing = [c for c in needed if c not in names]
+        if missing:
+            raise InputError(
+                f"input: {shard.url} lacks column(s) {missing}; it has {sorted(names)}. "
+                "Set input.id_column / input.image_column / input.prompt_column or fix the "
+                "prompt template fields."
+            )
+    shards = [s for s, _ in infos]
+    digest = hashlib.sha256()
+    for s in shards:
+        digest.update(f"{s.url}\0{s.size}\0{s.version}\0{s.num_rows}\n".encode())
+    return Plan(shards, digest.hexdigest()[:16], cfg.batching.unit_rows)

@@ -1,0 +1,65 @@
+"""Progress: a bar (rows, rows/s, ETA, errors) on a terminal, plain periodic lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger("qvl_batch")
+
+
+class Progress:
+    """Counts rows as units commit. ``done_before`` are rows committed by earlier runs."""
+
+    def __init__(self, total: int, done_before: int = 0, interval_s: float = 10.0, bar=None):
+        self.total = total
+        self.done_before = done_before
+        self.rows = 0
+        self.errors = 0
+        self.start = time.monotonic()
+        self.interval_s = interval_s
+        self._last_line = self.start
+        use_bar = sys.stderr.isatty() if bar is None else bar
+        self._bar = None
+        if use_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total, initial=done_before, unit="row", dynamic_ncols=True, smoothing=0.1
+            )
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.start
+        return self.rows / elapsed if elapsed > 0 else 0.0
+
+    def eta_s(self) -> float | None:
+        left = self.total - self.done_before - self.rows
+        return left / self.rate if self.rate > 0 else None
+
+    def update(self, rows: int, errors: int) -> None:
+        self.rows += rows
+        self.errors += errors
+        if self._bar is not None:
+            self._bar.update(rows)
+            self._bar.set_postfix(errors=self.errors, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.interval_s:
+            self._last_line = now
+            log.info(self.line())
+
+    def line(self) -> str:
+        done = self.done_before + self.rows
+        pct = 100.0 * done / self.total if self.total else 100.0
+        eta = self.eta_s()
+        eta_txt = f"{eta:,.0f}s" if eta is not None else "?"
+        return (
+            f"progress: {done:,}/{self.total:,} rows ({pct:.1f}%), {self.rate:,.1f} rows/s, "
+            f"ETA {eta_txt}, {self.errors:,} errors"
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,58 @@
+"""Per-row prompts: a fixed text, a ``{column}`` template, or a prompt column.
+
+Templates accept plain ``{name}`` fields only: no attribute or index access, no conversions, so
+a job file cannot reach into Python objects through a format string.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+_FORMATTER = string.Formatter()
+
+
+class PromptError(ValueError):
+    """A row whose prompt cannot be built: ``code`` is the row's error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a template needs, in order; raises ValueError on unsupported syntax."""
+    fields: list[str] = []
+    try:
+        parsed = list(_FORMATTER.parse(template))
+    except ValueError as exc:
+        raise ValueError(
+            f"prompt.template: {exc} (write literal braces as {{{{ and }}}})"
+        ) from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(
+                f"prompt.template: field {{{name}}} is not allowed: use plain {{column}} fields"
+            )
+        fields.append(name)
+    return list(dict.fromkeys(fields))
+
+
+def render_prompt(template: str, fields: list[str], row: dict[str, Any]) -> str:
+    """Fill a template from one row's values; null or missing fields are a row error."""
+    values = {}
+    for name in fields:
+        value = row.get(name)
+        if value is None:
+            raise PromptError("BAD_PROMPT", f"template field {{{name}}} is null or missing")
+        values[name] = value
+    return template.format_map(values)
+
+
+def prompt_from_column(value: Any) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise PromptError("BAD_PROMPT", "prompt column is null or empty")
+    return str(value)

@@ -1,0 +1,112 @@
+"""Read the rows of one work unit: column projection, only the row groups it spans."""
+
+from __future__ import annotations
+
+import posixpath
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import Config
+from .images import ImageError
+from .manifest import WorkUnit, required_columns
+from .prompts import PromptError, prompt_from_column, render_prompt, template_fields
+from .storage import url_to_fs
+
+FETCH_ATTEMPTS = 3
+
+
+@dataclass
+class RowInput:
+    """One input row, ready for image preparation (or already failed)."""
+
+    index: int  # position in the unit
+    row_id: str
+    prompt: str | None
+    image: bytes | str | None  # encoded bytes or a URI to fetch
+    error: tuple[str, str] | None = None  # (code, message) when the row is bad as read
+
+
+def read_unit_table(unit: WorkUnit, cfg: Config) -> pa.Table:
+    """The unit's rows with only the columns the job needs."""
+    fs, path = url_to_fs(unit.shard_url, cfg.input.storage_options)
+    with fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        meta = pf.metadata
+        groups, first_offset, offset = [], None, 0
+        end = unit.row_start + unit.num_rows
+        for i in range(meta.num_row_groups):
+            n = meta.row_group(i).num_rows
+            if offset < end and offset + n > unit.row_start:
+                groups.append(i)
+                first_offset = offset if first_offset is None else first_offset
+            offset += n
+        table = pf.read_row_groups(groups, columns=required_columns(cfg))
+    table = table.slice(unit.row_start - (first_offset or 0), unit.num_rows)
+    if table.num_rows != unit.num_rows:
+        raise RuntimeError(
+            f"{unit.shard_url}: unit {unit.unit_id} expected {unit.num_rows} rows, "
+            f"read {table.num_rows} (the shard changed since planning?)"
+        )
+    return table
+
+
+def image_source(value: Any) -> bytes | str | None:
+    """Binary bytes, a Hugging Face ``{bytes, path}`` struct, or a URI string."""
+    if isinstance(value, dict):
+        return value.get("bytes") or value.get("path") or None
+    if isinstance(value, (bytes, str)):
+        return value or None
+    return None
+
+
+def fetch_uri(uri: str, storage_options: dict) -> bytes:
+    """Fetch an image by URI with bounded retries; a missing object is a FETCH_ERROR row."""
+    for attempt in range(FETCH_ATTEMPTS):
+        try:
+            fs, path = url_to_fs(uri, storage_options)
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            raise ImageError("FETCH_ERROR", f"not found: {uri}") from None
+        except Exception as exc:
+            if attempt == FETCH_ATTEMPTS - 1:
+                raise ImageError("FETCH_ERROR", f"{uri}: {type(exc).__name__}: {exc}") from None
+            time.sleep(0.2 * 2**attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def unit_rows(unit: WorkUnit, table: pa.Table, cfg: Config) -> list[RowInput]:
+    """Turn the unit's table into RowInputs: ids, prompts and image sources per row."""
+    inp = cfg.input
+    n = table.num_rows
+    shard_name = posixpath.basename(unit.shard_url)
+    ids = table.column(inp.id_column).to_pylist() if inp.id_column else [None] * n
+    images = table.column(inp.image_column).to_pylist()
+    if inp.prompt_column:
+        prompt_values = table.column(inp.prompt_column).to_pylist()
+    else:
+        fields = template_fields(cfg.prompt.template)
+        field_values = {f: table.column(f).to_pylist() for f in fields}
+    rows = []
+    for i in range(n):
+        derived = f"{shard_name}:{unit.row_start + i}"
+        row_id = derived if ids[i] is None else str(ids[i])
+        row = RowInput(i, row_id, None, image_source(images[i]))
+        try:
+            if inp.id_column and ids[i] is None:
+                raise PromptError("MISSING_ID", f"id column {inp.id_column!r} is null")
+            if inp.prompt_column:
+                row.prompt = prompt_from_column(prompt_values[i])
+            else:
+                values = {f: field_values[f][i] for f in fields}
+                row.prompt = render_prompt(cfg.prompt.template, fields, values)
+            if row.image is None:
+                raise PromptError("MISSING_IMAGE", f"image column {inp.image_column!r} is null")
+        except PromptError as exc:
+            row.error = (exc.code, exc.message)
+        rows.append(row)
+    return rows

@@ -1,0 +1,65 @@
+"""The output contract: column names and types of data/ and errors/ files.
+
+Fixed Arrow types keep every part file readable as one dataset, even when a unit has only
+nulls in a column. Passthrough columns follow the core columns with their input types.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# What an actor returns per row (one table per unit, rows in input order).
+ROW_RESULT = pa.schema(
+    [
+        ("source_row", pa.int64()),
+        ("id", pa.string()),
+        ("ok", pa.bool_()),
+        ("text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("vision_tokens", pa.int32()),
+        ("output_tokens", pa.int32()),
+        ("image_width", pa.int32()),
+        ("image_height", pa.int32()),
+        ("resized_width", pa.int32()),
+        ("resized_height", pa.int32()),
+        ("image_sha256", pa.string()),
+        ("error_code", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+
+DATA_COLUMNS = [
+    "id",
+    "text",
+    "finish_reason",
+    "prompt_tokens",
+    "vision_tokens",
+    "output_tokens",
+    "image_width",
+    "image_height",
+    "resized_width",
+    "resized_height",
+    "image_sha256",
+    "source_shard",
+    "source_row",
+]
+ERROR_COLUMNS = [
+    "id",
+    "error_code",
+    "error_message",
+    "attempts",
+    "image_sha256",
+    "source_shard",
+    "source_row",
+]
+LINEAGE = pa.schema(
+    [
+        ("job_id", pa.string()),
+        ("model", pa.string()),
+        ("engine", pa.string()),
+        ("engine_version", pa.string()),
+        ("config_fingerprint", pa.string()),
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)

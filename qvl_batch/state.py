@@ -1,0 +1,140 @@
+"""The output folder as a ledger: what job it belongs to and which units are committed.
+
+Layout (a contract, documented in the README)::
+
+    _job.json                     resolved config (redacted), fingerprint, job id, versions
+    _state/units/<unit>.json      one marker per committed unit, written after its part files
+    data/part-<unit>.parquet      successful rows of a unit
+    errors/part-<unit>.parquet    failed rows of a unit
+    _metrics.json                 throughput, errors, timings
+    _SUCCESS                      written last
+
+A unit is committed iff its marker exists. Part files without a marker are leftovers of a run
+that died mid-commit; they are deleted before a resumed run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any
+
+from .storage import atomic_write, is_temporary, join, url_to_fs
+
+JOB_FILE = "_job.json"
+SUCCESS_FILE = "_SUCCESS"
+METRICS_FILE = "_metrics.json"
+UNITS_DIR = "_state/units"
+DATA_DIR = "data"
+ERRORS_DIR = "errors"
+
+
+class ResumeRefused(RuntimeError):
+    """The output belongs to a job with another fingerprint; says what differs and what to do."""
+
+
+def _leaf_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _leaf_diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def data_file(unit_id: str) -> str:
+    return posixpath.join(DATA_DIR, f"part-{unit_id}.parquet")
+
+
+def errors_file(unit_id: str) -> str:
+    return posixpath.join(ERRORS_DIR, f"part-{unit_id}.parquet")
+
+
+def unit_id_of(filename: str) -> str | None:
+    name = posixpath.basename(filename)
+    if name.startswith("part-") and name.endswith(".parquet"):
+        return name[len("part-") : -len(".parquet")]
+    if name.endswith(".json") and posixpath.dirname(filename).endswith(UNITS_DIR):
+        return name[: -len(".json")]
+    return None
+
+
+class OutputState:
+    """Reads and writes the ledger files of one output folder (any fsspec URL)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        self.fs, self.root = url_to_fs(url, storage_options)
+
+    def path(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def _read_json(self, name: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path(name)))
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, name: str, value: dict) -> None:
+        blob = json.dumps(value, indent=2, sort_keys=True, default=str).encode()
+        atomic_write(self.fs, self.path(name), blob)
+
+    def job(self) -> dict | None:
+        return self._read_json(JOB_FILE)
+
+    def success(self) -> dict | None:
+        return self._read_json(SUCCESS_FILE)
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path(JOB_FILE))
+
+    def _list(self, sub: str) -> list[str]:
+        try:
+            return self.fs.ls(self.path(sub), detail=False)
+        except FileNotFoundError:
+            return []
+
+    def committed_units(self) -> set[str]:
+        return {u for p in self._list(UNITS_DIR) if (u := unit_id_of(p)) and p.endswith(".json")}
+
+    def unit_records(self) -> list[dict]:
+        """Every commit marker (one small read each): for verify, status and the report."""
+        return [json.loads(self.fs.cat_file(p)) for p in sorted(self._list(UNITS_DIR))]
+
+    def mark_committed(self, unit_id: str, record: dict) -> None:
+        self.write_json(posixpath.join(UNITS_DIR, f"{unit_id}.json"), record)
+
+    def clean_orphans(self, committed: set[str]) -> list[str]:
+        """Delete part files (and temporaries) of units that never got their marker."""
+        removed = []
+        for sub in (DATA_DIR, ERRORS_DIR, UNITS_DIR):
+            for p in self._list(sub):
+                if is_temporary(p) or unit_id_of(p) not in committed:
+                    self.fs.rm_file(p)
+                    removed.append(p)
+        return removed
+
+    def wipe(self) -> None:
+        """Remove a previous run's outputs (output.mode=overwrite)."""
+        for name in (SUCCESS_FILE, JOB_FILE, METRICS_FILE, "_report.html"):
+            if self.fs.exists(self.path(name)):
+                self.fs.rm_file(self.path(name))
+        for sub in (UNITS_DIR, DATA_DIR, ERRORS_DIR):
+            if self.fs.exists(self.path(sub)):
+                self.fs.rm(self.path(sub), recursive=True)
+
+    def check_resume(self, fingerprint: str, fields: dict) -> dict | None:
+        """The earlier job's record if it may be resumed; raise ResumeRefused if it differs."""
+        job = self.job()
+        if job is None:
+            return None
+        if job.get("fingerprint") != fingerprint:
+            diff = _leaf_diff(job.get("fingerprint_fields", {}), fields)
+            lines = "\n  ".join(diff[:20]) or "(fingerprint scheme changed)"
+            raise ResumeRefused(
+                f"output {self.url} holds job {job.get('job_id')} with a different config "
+                f"fingerprint ({job.get('fingerprint')} there, {fingerprint} now):\n  {lines}\n"
+                "Resuming would mix results of two configs. Use another output.path, or start "
+                "over in this one with --fresh (output.mode=overwrite deletes its results)."
+            )
+        return job

@@ -1,0 +1,109 @@
+"""Shared fixtures: a local Ray cluster for the session, synthetic datasets, job files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from qvl_batch.engines.fake import expected_text
+from qvl_batch.synth import SynthSpec, make_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A standalone Ray head (``ray start --head``) on loopback, stopped at session end."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tmp_path_factory.mktemp("ray")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # A throwaway cluster on loopback, private to this test session: token auth off, so the
+    # test process and the driver subprocesses it starts can join without sharing a token.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [
+        ray_bin,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=4",
+        "--num-gpus=0",
+        "--include-dashboard=false",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A small synthetic dataset: 3 shards, 240 rows, row groups of 32, a few corrupt rows."""
+    spec = SynthSpec(rows=240, shards=3, row_group_rows=32, max_side=400, corrupt_fraction=0.05)
+    make_dataset(str(tmp_path / "data"), spec)
+    return tmp_path / "data"
+
+
+def write_job(path: Path, data_dir: Path, output: Path, ray_address: str | None, **extra) -> Path:
+    """A job file like a user would write, with small units so jobs have many commits."""
+    job = {
+        "defaults": ["engine/fake"],
+        "job": {"name": "test"},
+        "input": {"paths": [f"{data_dir}/*.parquet"], "passthrough_columns": ["source"]},
+        "prompt": {"template": "Describe this image."},
+        "batching": {"unit_rows": 40, "max_batch_size": 8, "max_wait_s": 0.2},
+        "output": {"path": str(output)},
+        "cluster": {"num_actors": 2, "address": ray_address},
+        "limits": {"max_error_fraction": 0.5},
+    }
+    for dotted, value in extra.items():
+        node = job
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def read_output(output: Path) -> tuple[list[dict], list[dict]]:
+    """(data rows, error rows) of an output folder, sorted by id."""
+
+    def rows(sub: str) -> list[dict]:
+        folder = output / sub
+        if not folder.exists() or not any(folder.glob("*.parquet")):
+            return []
+        return sorted(ds.dataset(str(folder)).to_table().to_pylist(), key=lambda r: r["id"])
+
+    return rows("data"), rows("errors")
+
+
+def input_rows(data_dir: Path) -> list[dict]:
+    return ds.dataset(str(data_dir)).to_table().to_pylist()
+
+
+def comparable(rows: list[dict], keys: tuple[str, ...]) -> list[tuple]:
+    return sorted(tuple(r[k] for k in keys) for r in rows)
+
+
+DATA_KEYS = ("id", "text", "finish_reason", "output_tokens", "resized_width", "resized_height")
+ERROR_KEYS = ("id", "error_code")
+
+
+def expected_for(image_bytes: bytes, prompt: str, seed: int = 0, max_tokens: int = 64):
+    return expected_text(hashlib.sha256(image_bytes).hexdigest(), prompt, seed, max_tokens)
