@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # image.max_pixels * 3 bytes: ~3 MB at the Qwen default, ~0.6 MB at 448x448), so this bounds
 # actor memory while leaving several batches of choice to the bucketer.
 MAX_PREPARED_ROWS_PER_BATCH = 4
+SINGLE_ROW_TRIES = 2  # a row alone in a failing call is retried once before it is an error
 
 
 @dataclass
@@ -203,16 +204,19 @@ class UnitWorker:
             log.exception("engine thread died")
             self._fatal = exc
 
-    def _generate_isolating(self, batch: list[Request]) -> list[Result]:
+    def _generate_isolating(self, batch: list[Request], alone_tries: int = 0) -> list[Result]:
         """Run a batch; if the engine raises, split it to isolate the failing rows.
 
-        Each row is tried at most log2(batch size) + 1 times; a single row that still fails
-        becomes an ENGINE_ERROR row, so one poison row never blocks its batch.
+        A row is tried at most log2(batch size) + SINGLE_ROW_TRIES times; a row that fails on
+        its own that often becomes an ENGINE_ERROR row, so a poison row never blocks its batch
+        and a transient fault never condemns a row that happened to be alone.
         """
         try:
             results = self.engine.generate(batch)
         except Exception as exc:
             if len(batch) == 1:
+                if alone_tries + 1 < SINGLE_ROW_TRIES:
+                    return self._generate_isolating(batch, alone_tries + 1)
                 msg = f"{type(exc).__name__}: {exc}"
                 return [Result(batch[0].key, error_code="ENGINE_ERROR", error_message=msg)]
             mid = len(batch) // 2

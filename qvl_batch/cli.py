@@ -42,6 +42,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.data, args.output, args.rows, args.shards, list(args.overrides))
 
 
+def cmd_make_test_model(args: argparse.Namespace) -> int:
+    from .modelgen import make_test_model
+
+    path = make_test_model(args.out, size=args.size, seed=args.seed)
+    print(f"wrote a random-weight Qwen2.5-VL ({args.size}) to {path}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qvl-batch", description="Offline batch inference for Qwen2.5-VL over Parquet."
@@ -63,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=int, default=6)
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides")
     demo.set_defaults(func=cmd_demo)
+
+    mk = sub.add_parser("make-test-model", help="build a random-weight Qwen2.5-VL checkpoint")
+    mk.add_argument("out", help="output model directory")
+    mk.add_argument("--size", choices=["tiny", "3b", "7b"], default="tiny")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(func=cmd_make_test_model)
+
+    doctor = sub.add_parser("doctor", help="report engine, CUDA and GPU versions; what is missing")
+    doctor.set_defaults(func=cmd_doctor)
 
     from .bench import add_bench_parser
 

@@ -135,6 +135,39 @@ class FakeEngineConfig:
     exit_incarnations: int = 1  # ...only in actors whose incarnation is below this
 
 
+@dataclass
+class HFEngineConfig:
+    """transformers engine knobs (the reference engine; CPU and GPU)."""
+
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False  # never on unless the job says so: it runs model-repo code
+
+
+@dataclass
+class TrtLlmEngineConfig:
+    """TensorRT-LLM LLM API (PyTorch backend) knobs; anything else goes in engine.options."""
+
+    tensor_parallel_size: int = 1
+    max_batch_size: int = 64
+    max_num_tokens: int = 16384
+    max_seq_len: int = 8192
+    kv_cache_free_gpu_memory_fraction: float = 0.85
+    # Off by default: upstream reports wrong outputs with KV block reuse on for several VLMs.
+    enable_block_reuse: bool = False
+    cuda_graphs: bool = True
+    max_inflight_requests: int = 256  # generate_async calls outstanding per actor
+    submit_threads: int = 8  # its multimodal preprocessing runs in the submitting thread
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_parallel_size >= 1, "engine.trtllm.tensor_parallel_size", ">= 1")
+        _check(
+            0 < self.kv_cache_free_gpu_memory_fraction <= 1,
+            "engine.trtllm.kv_cache_free_gpu_memory_fraction",
+            "must be in (0, 1]",
+        )
+        _check(self.submit_threads >= 1, "engine.trtllm.submit_threads", "must be >= 1")
+
+
 ENGINES = ("fake", "hf", "trtllm")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -147,8 +180,10 @@ class EngineConfig:
     model: str = "fake://qwen2.5-vl"  # a model directory (local or fsspec URL) for hf/trtllm
     dtype: str = "auto"
     device: str = "auto"  # hf: auto | cpu | cuda
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # passed through to the engine
     fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
+    hf: HFEngineConfig = field(default_factory=HFEngineConfig)
+    trtllm: TrtLlmEngineConfig = field(default_factory=TrtLlmEngineConfig)
 
     def __post_init__(self) -> None:
         _check(self.name in ENGINES, "engine.name", f"{self.name!r} is not one of {ENGINES}")

@@ -122,14 +122,10 @@ def prepare_image(data: bytes | None, cfg) -> PreparedImage:
     try:
         with Image.open(io.BytesIO(data)) as src:
             return _prepare_open(src, digest, cfg)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(
-            "IMAGE_TOO_LARGE", f"decompression bomb refused by Pillow: {exc}"
-        ) from None
-    except Image.DecompressionBombWarning as exc:  # only raised where warnings are errors
-        raise ImageError(
-            "IMAGE_TOO_LARGE", f"decompression bomb refused by Pillow: {exc}"
-        ) from None
+    # The warning only arrives as an exception where warnings are errors; otherwise Pillow's
+    # (global) threshold just logs and our own header check against cfg decides.
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("IMAGE_TOO_LARGE", f"refused by Pillow: {_short(exc)}") from None
     except _DECODE_ERRORS as exc:
         raise ImageError("DECODE_ERROR", _short(exc)) from None
 
@@ -137,15 +133,16 @@ def prepare_image(data: bytes | None, cfg) -> PreparedImage:
 def _prepare_open(src: Image.Image, digest: str, cfg) -> PreparedImage:
     """The work on an opened (header-only) image; Pillow's errors escape to prepare_image."""
     _check_size(src.size, cfg)
-    raw_w, raw_h = src.size
-    # smart_resize is symmetric in (h, w), so the raw-frame target is the upright one transposed.
-    target_h, target_w = smart_resize(raw_h, raw_w, cfg.min_pixels, cfg.max_pixels)
+    width, height = src.size  # the stored (pre-orientation) frame until the transpose below
+    # smart_resize is symmetric in (h, w), so the stored-frame target is the upright one transposed;
+    # that is also the frame JPEG draft wants its size in.
+    target_h, target_w = smart_resize(height, width, cfg.min_pixels, cfg.max_pixels)
     notes: list[str] = []
     if getattr(src, "is_animated", False):
         notes.append("first_frame")
     if _use_draft(src, cfg, (target_w, target_h)):
         src.draft("RGB", (target_w, target_h))  # picks a DCT scale that keeps >= this size
-        if src.size != (raw_w, raw_h):
+        if src.size != (width, height):
             notes.append("draft")
     src.load()  # the full decode, so truncated or corrupt data fails here
 
@@ -155,18 +152,16 @@ def _prepare_open(src: Image.Image, digest: str, cfg) -> PreparedImage:
         upright = src.transpose(_ORIENTATION_FIX[orientation])
         notes.append("exif_transposed")
     if orientation in _SWAPS_AXES:
-        pass
+        width, height, target_w, target_h = height, width, target_h, target_w
     rgb, flattened = _to_rgb(upright)
     if flattened:
         notes.append("alpha_flattened")
     if rgb.size != (target_w, target_h):
         rgb = rgb.resize((target_w, target_h), Image.Resampling.BICUBIC)
-    elif rgb is src:
-        rgb = src.copy()  # src is closed when the caller's `with` ends
     return PreparedImage(
         image=rgb,
         sha256=digest,
-        original_size=(raw_w, raw_h),
+        original_size=(width, height),
         resized_size=(target_w, target_h),
         vision_tokens=vision_tokens(target_h, target_w),
         notes=tuple(notes),
