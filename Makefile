@@ -24,12 +24,12 @@ demo: $(VENV)/.stamp
 	$(VENV)/bin/qvl-batch demo
 
 lint: $(TEST_VENV)/.stamp
-	$(TEST_VENV)/bin/ruff check qvl_batch tests bench
-	$(TEST_VENV)/bin/ruff format --check qvl_batch tests bench
+	$(TEST_VENV)/bin/ruff check qvl_batch tests
+	$(TEST_VENV)/bin/ruff format --check qvl_batch tests
 
 format: $(TEST_VENV)/.stamp
-	$(TEST_VENV)/bin/ruff format qvl_batch tests bench
-	$(TEST_VENV)/bin/ruff check --fix qvl_batch tests bench
+	$(TEST_VENV)/bin/ruff format qvl_batch tests
+	$(TEST_VENV)/bin/ruff check --fix qvl_batch tests
 
 test: lint
 	$(TEST_VENV)/bin/python -m pytest -q -ra

@@ -50,6 +50,7 @@ class JobSummary:
     actor_restarts: int = 0
     elapsed_s: float = 0.0
     rows_per_s: float = 0.0
+    pipeline_s: float = 0.0  # actors ready -> last commit: the steady-state part of elapsed_s
     message: str = ""
 
     def lines(self) -> list[str]:
@@ -191,6 +192,7 @@ class Driver:
             "engine_version": pool.engine_version,
             "config_fingerprint": job["fingerprint"],
         }
+        t_ready = time.monotonic()
         per_actor = cfg.batching.units_in_flight_per_actor
         slots = [_Slot(i, a) for i, a in enumerate(pool.actors)]
         inflight: dict = {}  # ref -> (unit, slot, generation, attempt)
@@ -263,6 +265,7 @@ class Driver:
                         failure = failure or self._error_check(summary)
                     if failure:
                         break
+            summary.pipeline_s = time.monotonic() - t_ready
             padding, timings = pool.collect_stats()
             return padding, timings, failure
         finally:
