@@ -114,8 +114,14 @@ class ActorPool:
         return self.actors[index]
 
     @staticmethod
-    def wait(refs: list, timeout: float) -> tuple[list, list]:
-        return ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=True)
+    def wait(refs: list, timeout: float) -> list:
+        """Refs that are done: blocks until the first one (or ``timeout``), then takes the rest
+        that are already done, so a finished unit is committed and replaced at once."""
+        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=True)
+        if ready and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=True)
+            ready += more
+        return ready
 
     @staticmethod
     def get(ref) -> Outcome:

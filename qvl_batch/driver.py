@@ -231,7 +231,7 @@ class Driver:
                         break
                     time.sleep(0.05)  # only backed-off retries left
                     continue
-                ready, _ = pool.wait(list(inflight), timeout=1.0)
+                ready = pool.wait(list(inflight), timeout=1.0)
                 for ref in ready:
                     unit, slot, generation, attempt = inflight.pop(ref)
                     slot.inflight.discard(ref)

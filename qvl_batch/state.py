@@ -97,10 +97,6 @@ class OutputState:
     def committed_units(self) -> set[str]:
         return {u for p in self._list(UNITS_DIR) if (u := unit_id_of(p)) and p.endswith(".json")}
 
-    def unit_records(self) -> list[dict]:
-        """Every commit marker (one small read each): for verify, status and the report."""
-        return [json.loads(self.fs.cat_file(p)) for p in sorted(self._list(UNITS_DIR))]
-
     def mark_committed(self, unit_id: str, record: dict) -> None:
         self.write_json(posixpath.join(UNITS_DIR, f"{unit_id}.json"), record)
 

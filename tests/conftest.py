@@ -19,36 +19,63 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """A standalone Ray head (``ray start --head``) on loopback, stopped at session end."""
+    """A standalone Ray head on loopback for the session; jobs join it via cluster.address.
+
+    ``ray start --block`` runs in its own process group and is stopped by killing that group
+    only: ``ray stop`` would stop every Ray cluster on the machine, not just this one.
+    """
+    import signal
     import socket
     import subprocess
+    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     temp = tmp_path_factory.mktemp("ray")
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    # A throwaway cluster on loopback, private to this test session: token auth off, so the
-    # test process and the driver subprocesses it starts can join without sharing a token.
+    # A throwaway cluster private to this test session: token auth off, so the test process
+    # and the driver subprocesses it starts can join without sharing a token.
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [
-        ray_bin,
+        str(Path(sys.executable).parent / "ray"),
         "start",
         "--head",
+        "--block",
         f"--port={port}",
         "--node-ip-address=127.0.0.1",
+        # Four logical CPUs on a two-core machine: two one-CPU actors plus room for a second
+        # driver's actors while a killed driver's are being cleaned up.
         "--num-cpus=4",
         "--num-gpus=0",
         "--include-dashboard=false",
         f"--temp-dir={temp}",
         "--disable-usage-stats",
     ]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    log = open(temp / "head.log", "wb")  # noqa: SIM115 - held for the whole session
+    head = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        assert head.poll() is None, (temp / "head.log").read_text()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert time.monotonic() < deadline, "ray head did not start"
+        time.sleep(0.2)
+    time.sleep(1.0)  # GCS port open; give the raylet a moment to register
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=20)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        log.close()
 
 
 @pytest.fixture
