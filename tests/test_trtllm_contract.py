@@ -1,0 +1,634 @@
+"""The TensorRT-LLM engine against the API contract in tests/data/trtllm_api_surface.json.
+
+TensorRT-LLM cannot be installed here, so most tests run the engine against the stand-in in
+``tests/trtllm_stub`` (built from that JSON: unknown keyword names raise, as in the real API).
+A static check compares every name the engine passes with the JSON directly. Tests marked
+``trtllm`` run the real package where it imports (NVIDIA's TensorRT-LLM container) with a model
+from ``QVL_TRTLLM_MODEL``, and are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from qvl_batch.config import Config, EngineConfig, SamplingConfig, TrtLlmEngineConfig
+from qvl_batch.engines import trtllm
+from qvl_batch.engines.base import EngineError, Request, make_engine
+
+from .conftest import input_rows, read_output, write_job
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+STUB_DIR = TESTS / "trtllm_stub"
+SURFACE = json.loads((TESTS / "data" / "trtllm_api_surface.json").read_text())
+ENGINE_SOURCE = Path(trtllm.__file__)
+
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|image_pad|>",
+    "<|vision_end|>",
+]
+WORDS = "system user assistant You are a helpful . Describe this image Caption in one word"
+# Qwen2.5-VL's chat template (as shipped with Qwen/Qwen2.5-VL-*-Instruct).
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_model_dir(path: Path) -> Path:
+    """A tokenizer-only 'model' dir: word-level tokenizer, Qwen specials, chat template, config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(["[UNK]", *dict.fromkeys(WORDS.split()), *SPECIALS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(path / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": QWEN_CHAT_TEMPLATE,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "[UNK]",
+        "model_max_length": 32768,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    config = {
+        "model_type": "qwen2_5_vl",
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "image_token_id": vocab["<|image_pad|>"],
+        "vocab_size": len(vocab),
+        "bos_token_id": vocab["<|endoftext|>"],
+        "eos_token_id": vocab["<|im_end|>"],
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("model") / "tiny-qwen-vl-tokenizer")
+
+
+def _purge_trtllm_modules() -> None:
+    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def stub():
+    """The stand-in tensorrt_llm on sys.path for one test; removed (and unimported) after."""
+    _purge_trtllm_modules()
+    sys.path.insert(0, str(STUB_DIR))
+    try:
+        api = trtllm.import_trtllm()
+        assert api.__version__.endswith("+stub"), "a real tensorrt_llm shadowed the stand-in"
+        yield api
+    finally:
+        sys.path.remove(str(STUB_DIR))
+        _purge_trtllm_modules()
+
+
+def make_cfg(
+    model_dir: Path | str, sampling: dict | None = None, options: dict | None = None, **trt
+):
+    """A trtllm Config without job files (output/input are not needed by the engine)."""
+    engine = EngineConfig(
+        name="trtllm",
+        model=str(model_dir),
+        options=dict(options or {}),
+        trtllm=TrtLlmEngineConfig(**trt),
+    )
+    return Config(engine=engine, sampling=SamplingConfig(**(sampling or {})))
+
+
+SIZES = [(56, 84), (112, 28), (280, 280), (28, 28), (84, 56)]
+
+
+def make_requests(n: int = 5, prompt: str = "Describe this image.", system: str | None = None):
+    requests = []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        img = Image.new("RGB", (w, h), ((i * 53) % 256, (i * 97) % 256, (i * 31) % 256))
+        sha = hashlib.sha256(img.tobytes()).hexdigest()
+        vision = (w // 28) * (h // 28)
+        requests.append(Request(("u0", i), f"r{i}", prompt, system, img, sha, vision, 0))
+    return requests
+
+
+# --- the engine against the stand-in ------------------------------------------------------------
+
+
+def test_engine_builds_generates_and_maps_outputs(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    assert (engine.name, engine.version) == ("trtllm", "0.0.0+stub")
+    requests = make_requests()
+    results = engine.generate(requests)
+    assert sorted(r.key for r in results) == sorted(r.key for r in requests)
+    by_key = {r.key: r for r in results}
+    for req in requests:
+        res = by_key[req.key]
+        assert res.error_code is None, res.error_message
+        assert res.text and res.finish_reason in ("stop", "length")
+        assert res.output_tokens == len(res.text.split())
+        assert res.vision_tokens == req.vision_tokens  # counted from prompt_token_ids
+        expected_ids = engine.llm.tokenizer.encode(engine.inputs(req)["prompt"], [req.image])
+        assert res.prompt_tokens == len(expected_ids) > res.vision_tokens
+    again = {r.key: r for r in engine.generate(requests)}
+    assert again == by_key, "same requests, same outputs"
+    engine.close()
+
+
+def test_vision_tokens_come_from_prompt_ids_not_the_runner(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    (req,) = make_requests(1)
+    req.vision_tokens = 999  # a wrong estimate must not leak into the result
+    (res,) = engine.generate([req])
+    assert res.vision_tokens == (56 // 28) * (84 // 28)
+    engine.close()
+
+
+def test_llm_kwargs_reach_the_llm(stub, model_dir):
+    cfg = make_cfg(model_dir, tensor_parallel_size=2, max_batch_size=16, max_seq_len=4096)
+    engine = trtllm.TrtLlmEngine(cfg)
+    passed = engine.llm.passed_kwargs
+    assert passed["model"] == str(model_dir)
+    assert passed["backend"] == "pytorch"
+    assert passed["trust_remote_code"] is False
+    assert (passed["tensor_parallel_size"], passed["max_batch_size"]) == (2, 16)
+    assert (passed["max_seq_len"], passed["max_num_tokens"], passed["dtype"]) == (
+        4096,
+        16384,
+        "auto",
+    )
+    assert passed["kv_cache_config"].free_gpu_memory_fraction == 0.85
+    assert passed["cuda_graph_config"].passed_kwargs == {
+        "max_batch_size": 16,
+        "enable_padding": True,
+    }
+    engine.close()
+
+
+def test_max_tokens_is_always_explicit_and_honoured(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    assert engine._sampling.passed_kwargs["max_tokens"] == 64  # the job default, not TRT's 32
+    engine.close()
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, sampling={"max_tokens": 2}))
+    results = engine.generate(make_requests())
+    assert all(r.output_tokens <= 2 for r in results)
+    assert {r.finish_reason for r in results} == {"length"}
+    engine.close()
+
+
+def test_block_reuse_off_by_default_and_on_when_configured(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    kv = engine.llm.passed_kwargs["kv_cache_config"]
+    assert kv.passed_kwargs["enable_block_reuse"] is False  # explicit: TRT's default is True
+    engine.close()
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, enable_block_reuse=True))
+    assert engine.llm.passed_kwargs["kv_cache_config"].enable_block_reuse is True
+    engine.close()
+
+
+def test_cuda_graphs_off_passes_none(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, cuda_graphs=False))
+    assert "cuda_graph_config" in engine.llm.passed_kwargs
+    assert engine.llm.passed_kwargs["cuda_graph_config"] is None  # None disables; absent = on
+    engine.close()
+
+
+def test_passthrough_options_arrive_and_override(stub, model_dir):
+    options = {"enable_chunked_prefill": True, "max_input_len": 4096, "dtype": "bfloat16"}
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, options=options))
+    for key, value in options.items():
+        assert engine.llm.passed_kwargs[key] == value
+    engine.close()
+
+
+def test_an_option_the_real_api_lacks_fails(stub, model_dir):
+    with pytest.raises((TypeError, ValueError), match="not_a_real_arg"):
+        trtllm.TrtLlmEngine(make_cfg(model_dir, options={"not_a_real_arg": 1}))
+
+
+def test_contract_catches_an_engine_passing_an_unknown_name(stub, model_dir, monkeypatch):
+    """Proves the contract test can fail: a plausible mistake in the kwargs builder is caught."""
+    real = trtllm.llm_kwargs
+
+    def with_misplaced_field(cfg, api):
+        return {**real(cfg, api), "free_gpu_memory_fraction": 0.5}  # belongs in KvCacheConfig
+
+    monkeypatch.setattr(trtllm, "llm_kwargs", with_misplaced_field)
+    with pytest.raises((TypeError, ValueError), match="free_gpu_memory_fraction"):
+        trtllm.TrtLlmEngine(make_cfg(model_dir))
+
+    monkeypatch.setattr(trtllm, "llm_kwargs", real)
+    real_sampling = trtllm.sampling_kwargs
+    monkeypatch.setattr(
+        trtllm, "sampling_kwargs", lambda cfg: {**real_sampling(cfg), "max_new_tokens": 8}
+    )
+    with pytest.raises((TypeError, ValueError), match="max_new_tokens"):
+        trtllm.TrtLlmEngine(make_cfg(model_dir))
+
+
+def test_stub_rejects_bad_prompt_inputs(stub, model_dir):
+    llm = stub.LLM(model=str(model_dir))
+    img = Image.new("RGB", (28, 28))
+    with pytest.raises((TypeError, ValueError), match="images"):
+        llm.generate_async({"prompt": "x", "multi_modal_data": {"image": [img]}, "images": [img]})
+    with pytest.raises((TypeError, ValueError), match="placeholder"):
+        llm.generate_async({"prompt": "no pad", "multi_modal_data": {"image": [img]}})
+    with pytest.raises((TypeError, ValueError), match="sampling"):
+        llm.generate_async({"prompt": "x"}, sampling={"max_tokens": 3})
+
+
+def test_a_failing_row_fails_alone(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    requests = make_requests(4)
+    real_submit = engine.llm.generate_async
+
+    class Broken:
+        def result(self):
+            raise RuntimeError("request failed in the executor")
+
+    def flaky(inputs, **kwargs):
+        img = inputs["multi_modal_data"]["image"][0]
+        if img is requests[1].image:
+            raise ValueError("prompt too long")  # generate_async itself refuses
+        if img is requests[2].image:
+            return Broken()  # fails when waited on
+        return real_submit(inputs, **kwargs)
+
+    engine.llm.generate_async = flaky
+    by_key = {r.key: r for r in engine.generate(requests)}
+    assert by_key[requests[1].key].error_code == "ENGINE_ERROR"
+    assert "prompt too long" in by_key[requests[1].key].error_message
+    assert by_key[requests[2].key].error_code == "ENGINE_ERROR"
+    assert "RuntimeError" in by_key[requests[2].key].error_message
+    assert by_key[requests[0].key].error_code is None and by_key[requests[3].key].text
+    engine.close()
+
+
+def test_in_flight_requests_are_bounded(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, max_inflight_requests=2, submit_threads=4))
+    real_submit = engine.llm.generate_async
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    class Slow:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def result(self):
+            time.sleep(0.02)
+            with lock:
+                state["now"] -= 1
+            return self.inner.result()
+
+    def counting(inputs, **kwargs):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        return Slow(real_submit(inputs, **kwargs))
+
+    engine.llm.generate_async = counting
+    results = engine.generate(make_requests(12))
+    assert len(results) == 12 and all(r.error_code is None for r in results)
+    assert state["peak"] <= 2
+    engine.close()
+
+
+def test_close_is_idempotent_and_final(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    llm = engine.llm
+    engine.close()
+    engine.close()
+    assert llm.shutdown_calls == 1
+    with pytest.raises(EngineError):
+        engine.generate(make_requests(1))
+
+
+def test_count_text_tokens_is_the_templated_prompt_without_image_pads(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    tok = engine._tokenizer
+    for prompt, system in [("Describe this image.", None), ("Caption in one word", "You are")]:
+        text = trtllm.render_chat(engine._template, prompt, system)
+        assert text.count(trtllm.IMAGE_PAD) == 1
+        ids = tok.encode(text, add_special_tokens=False)
+        assert engine.count_text_tokens(prompt, system) == len(ids) - 1
+    assert engine.count_text_tokens("Describe", None) != engine.count_text_tokens(
+        "Describe", "You are a helpful"
+    )
+    engine.close()
+
+
+def test_make_engine_builds_the_trtllm_engine(stub, model_dir):
+    engine = make_engine(make_cfg(model_dir))
+    assert isinstance(engine, trtllm.TrtLlmEngine)
+    engine.close()
+
+
+def test_missing_tensorrt_llm_raises_with_install_hint(model_dir, monkeypatch):
+    _purge_trtllm_modules()
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="TensorRT-LLM release container"):
+        trtllm.TrtLlmEngine(make_cfg(model_dir))
+
+
+# --- pure helpers and the static contract -------------------------------------------------------
+
+
+class Recorder:
+    """Records constructor kwargs; stands in for any TensorRT-LLM class in the static check."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+def surface_names(section: dict) -> set[str]:
+    return {name for name, desc in section.items() if not desc.startswith("property")}
+
+
+LLM_NAMES = surface_names(SURFACE["LLM.__init__"]["BaseLlmArgs_fields"]) | surface_names(
+    SURFACE["LLM.__init__"]["TorchLlmArgs_fields"]
+)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"cuda_graphs": False, "enable_block_reuse": True}, {"tensor_parallel_size": 4}],
+)
+def test_every_keyword_the_engine_passes_is_in_the_json(model_dir, overrides):
+    api = SimpleNamespace(llmapi=SimpleNamespace(KvCacheConfig=Recorder, CudaGraphConfig=Recorder))
+    kwargs = trtllm.llm_kwargs(make_cfg(model_dir, **overrides), api)
+    assert set(kwargs) <= LLM_NAMES, set(kwargs) - LLM_NAMES
+    assert set(kwargs["kv_cache_config"].kwargs) <= set(SURFACE["KvCacheConfig"]["fields"])
+    if kwargs["cuda_graph_config"] is not None:
+        assert set(kwargs["cuda_graph_config"].kwargs) <= set(SURFACE["CudaGraphConfig"]["fields"])
+    for sampling in ({}, {"temperature": 0.7, "top_k": 40, "repetition_penalty": 1.1}):
+        names = set(trtllm.sampling_kwargs(make_cfg(model_dir, sampling=sampling)))
+        assert names <= set(SURFACE["SamplingParams"]["fields"]), names
+    assert "max_tokens" in names
+
+
+def _attribute_uses(tree: ast.AST, owner: str) -> set[str]:
+    """Attributes read off a plain name ``owner`` (``output.outputs`` -> 'outputs')."""
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == owner
+    }
+
+
+def test_every_api_name_in_the_engine_source_is_in_the_json():
+    """Reads the engine's source: module attributes, LLM methods and result fields it touches."""
+    tree = ast.parse(ENGINE_SOURCE.read_text())
+    kv_home = SURFACE["KvCacheConfig"]["import"].rsplit(".", 2)[1]  # 'llmapi'
+    assert _attribute_uses(tree, "api") <= {"LLM", "SamplingParams", kv_home, "__version__"}
+    llmapi_names = {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Attribute)
+        and n.value.attr == kv_home
+    }
+    assert llmapi_names == {"KvCacheConfig", "CudaGraphConfig"} <= set(SURFACE)
+    llm_methods = _attribute_uses(tree, "llm") | {  # llm.shutdown(), self.llm.generate_async()
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Attribute)
+        and n.value.attr == "llm"
+    }
+    assert {"generate_async", "shutdown"} <= llm_methods
+    assert llm_methods and {f"LLM.{m}" for m in llm_methods} <= set(SURFACE), llm_methods
+    output_attrs = {a.split(" ")[0] for a in SURFACE["RequestOutput"]["attributes"]}
+    assert _attribute_uses(tree, "output") <= output_attrs
+    assert _attribute_uses(tree, "completion") <= set(SURFACE["CompletionOutput"]["fields"])
+    methods = {m.split("(")[0] for m in SURFACE["RequestOutput"]["methods"]}
+    assert _attribute_uses(tree, "handle") <= methods
+    call_kwargs = {
+        kw.arg
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "generate_async"
+        for kw in n.keywords
+    }
+    assert call_kwargs and call_kwargs <= set(SURFACE["LLM.generate_async"]["params"])
+
+
+def test_prompt_inputs_keys_are_text_prompt_keys(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    (req,) = make_requests(1)
+    inputs = engine.inputs(req)
+    assert set(inputs) <= set(SURFACE["PromptInputs_dict_keys"]["TextPrompt"])
+    assert inputs["multi_modal_data"] == {"image": [req.image]}
+    engine.close()
+
+
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        ({}, {"temperature": None, "top_p": None, "top_k": 1, "repetition_penalty": None}),
+        (
+            {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.05},
+            {"temperature": 0.7, "top_p": 0.9, "top_k": None, "repetition_penalty": 1.05},
+        ),
+        ({"temperature": 1.0, "top_k": 50}, {"temperature": 1.0, "top_p": 1.0, "top_k": 50}),
+    ],
+)
+def test_sampling_mapping(model_dir, sampling, expected):
+    kwargs = trtllm.sampling_kwargs(make_cfg(model_dir, sampling={"seed": 7, **sampling}))
+    assert kwargs["max_tokens"] == 64 and kwargs["seed"] == 7
+    assert {k: kwargs[k] for k in expected} == expected
+
+
+def test_vision_token_counting():
+    image_id, vocab = 151655, 152064
+    ids = [1, 2, image_id, image_id, image_id, 3]
+    assert trtllm.count_vision_tokens(ids, image_id, vocab) == 3
+    # Versions that replace image pads with out-of-vocabulary ids before returning them.
+    remapped = [1, 2, vocab + 1, vocab + 1, 3]
+    assert trtllm.count_vision_tokens(remapped, image_id, vocab) == 2
+    assert trtllm.count_vision_tokens([1, 2, 3], image_id, None) == 0
+
+
+def test_image_token_id_resolution(model_dir):
+    tok = SimpleNamespace(convert_tokens_to_ids=lambda t: 42, unk_token_id=0)
+    assert trtllm.image_token_id({"image_token_id": 7}, tok) == 7
+    assert trtllm.image_token_id({}, tok) == 42
+    unknown = SimpleNamespace(convert_tokens_to_ids=lambda t: 0, unk_token_id=0)
+    assert trtllm.image_token_id({}, unknown) == trtllm.IMAGE_TOKEN_ID
+    cfg = trtllm.read_model_config(str(model_dir))
+    assert trtllm.vocab_size(cfg) == cfg["vocab_size"]
+    assert trtllm.vocab_size({"text_config": {"vocab_size": 5}}) == 5
+    assert trtllm.read_model_config("Qwen/Qwen2.5-VL-7B-Instruct") == {}
+
+
+def test_render_chat_falls_back_only_when_jinja_is_missing():
+    class NoJinja:
+        def apply_chat_template(self, *args, **kwargs):
+            raise ImportError("apply_chat_template requires jinja2")
+
+    class Batched:
+        def apply_chat_template(self, messages, **kwargs):
+            assert kwargs == {"tokenize": False, "add_generation_prompt": True}
+            assert messages[-1]["content"][0] == {"type": "image"}
+            return ["rendered"]
+
+    assert trtllm.render_chat(NoJinja(), "Hi", None) == trtllm.qwen_chat_text("Hi", None)
+    assert trtllm.render_chat(Batched(), "Hi", "Sys") == "rendered"
+
+
+def test_builtin_template_equals_qwen_template(model_dir):
+    """The jinja-less fallback renders exactly what the model's own template renders."""
+    pytest.importorskip("jinja2")
+    source = trtllm.load_template_source(str(model_dir))
+    for prompt, system in [("Describe this image.", None), ("Caption", "Be brief.")]:
+        rendered = trtllm.render_chat(source, prompt, system)
+        assert rendered == trtllm.qwen_chat_text(prompt, system)
+
+
+# --- whole jobs ---------------------------------------------------------------------------------
+
+
+def run_cli_job(tmp_path: Path, job: Path, pythonpath: list[Path], timeout: float):
+    """``qvl-batch run`` in a subprocess that starts its own local Ray, whose workers inherit
+    this environment (PYTHONPATH included); RAY_TMPDIR keeps it off any other local cluster."""
+    ray_tmp = tempfile.mkdtemp(prefix="qvlray", dir="/tmp")  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    paths = [str(p) for p in pythonpath] + [str(REPO)] + [env.get("PYTHONPATH", "")]
+    env.update(
+        PYTHONPATH=os.pathsep.join(p for p in paths if p),
+        RAY_TMPDIR=ray_tmp,
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    cmd = [sys.executable, "-m", "qvl_batch.cli", "run", str(job), "--no-progress"]
+    try:
+        return subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def assert_exactly_once(data_dir: Path, output: Path) -> tuple[list[dict], list[dict]]:
+    data, errors = read_output(output)
+    ids_in = sorted(r["id"] for r in input_rows(data_dir))
+    assert sorted([r["id"] for r in data] + [r["id"] for r in errors]) == ids_in
+    return data, errors
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_job_with_trtllm_engine_against_stub_is_exactly_once(tmp_path, dataset, model_dir):
+    out = tmp_path / "out"
+    engine = {"name": "trtllm", "model": str(model_dir), "trtllm": {"submit_threads": 2}}
+    cluster = {"num_actors": 2, "address": None, "local_num_cpus": 2}
+    job = write_job(tmp_path / "job.yaml", dataset, out, None, engine=engine, cluster=cluster)
+    proc = run_cli_job(tmp_path, job, [STUB_DIR], timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data, errors = assert_exactly_once(dataset, out)
+    inputs = {r["id"]: r for r in input_rows(dataset)}
+    assert {r["id"] for r in errors} == {i for i, r in inputs.items() if r["kind"] == "corrupt"}
+    assert data
+    for row in data:
+        assert row["engine"] == "trtllm" and row["engine_version"] == "0.0.0+stub"
+        assert row["text"] and row["finish_reason"] in ("stop", "length")
+        assert row["output_tokens"] == len(row["text"].split())
+        assert row["vision_tokens"] == (row["resized_width"] // 28) * (row["resized_height"] // 28)
+        assert row["prompt_tokens"] > row["vision_tokens"]
+
+
+# --- the real TensorRT-LLM (NVIDIA's container, a GPU, a Qwen2.5-VL checkpoint) ------------------
+
+
+def real_model_or_skip() -> str:
+    """The model dir for real runs, or skip: needs the real tensorrt_llm and QVL_TRTLLM_MODEL."""
+    assert str(STUB_DIR) not in sys.path
+    _purge_trtllm_modules()
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        pytest.skip("tensorrt_llm not installed: runs in the TensorRT-LLM container")
+    model = os.environ.get("QVL_TRTLLM_MODEL")
+    if not model:
+        pytest.skip("QVL_TRTLLM_MODEL not set: point it at a Qwen2.5-VL checkpoint directory")
+    return model
+
+
+@pytest.mark.trtllm
+@pytest.mark.gpu
+@pytest.mark.timeout(1200)
+def test_real_tensorrt_llm_engine_generates():
+    model = real_model_or_skip()
+    cfg = make_cfg(model, sampling={"max_tokens": 16}, max_batch_size=8, max_seq_len=4096)
+    engine = trtllm.TrtLlmEngine(cfg)
+    try:
+        assert not engine.version.endswith("+stub")
+        requests = make_requests(3, prompt="Describe this image.")
+        results = {r.key: r for r in engine.generate(requests)}
+        for req in requests:
+            res = results[req.key]
+            assert res.error_code is None, res.error_message
+            assert res.text and res.finish_reason in ("stop", "length")
+            assert 1 <= res.output_tokens <= 16
+            assert res.vision_tokens == req.vision_tokens
+            # Our template + tokenizer must count exactly what TensorRT-LLM fed the model.
+            text_tokens = engine.count_text_tokens(req.prompt, req.system)
+            assert res.prompt_tokens == text_tokens + res.vision_tokens
+    finally:
+        engine.close()
+
+
+@pytest.mark.trtllm
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_real_tensorrt_llm_job_is_exactly_once(tmp_path, dataset):
+    model = real_model_or_skip()
+    out = tmp_path / "out"
+    engine = {"name": "trtllm", "model": model, "trtllm": {"max_seq_len": 4096}}
+    cluster = {"num_actors": 1, "address": None, "num_gpus_per_actor": 1}
+    job = write_job(
+        tmp_path / "job.yaml",
+        dataset,
+        out,
+        None,
+        engine=engine,
+        cluster=cluster,
+        sampling={"max_tokens": 16},
+    )
+    proc = run_cli_job(tmp_path, job, [], timeout=1700)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data, _ = assert_exactly_once(dataset, out)
+    assert data and all(r["text"] and r["engine"] == "trtllm" for r in data)
