@@ -52,10 +52,15 @@ def actor_layout(cfg: Config, resources: dict[str, float]) -> tuple[int, dict[st
     """(number of actors, ray options per actor): one per GPU, else by CPUs."""
     c = cfg.cluster
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-    if gpus > 0 and c.num_gpus_per_actor > 0:
-        capacity = int(gpus // c.num_gpus_per_actor)
-        options = {"num_gpus": c.num_gpus_per_actor, "num_cpus": c.cpus_per_actor}
-        what = f"{gpus:g} GPUs at {c.num_gpus_per_actor:g} per actor"
+    per_actor = c.num_gpus_per_actor
+    if cfg.engine.name == "trtllm":
+        # A tensor-parallel engine spans tensor_parallel_size GPUs of one node; an actor's
+        # resource request is placed on one node, and Ray sets CUDA_VISIBLE_DEVICES to them.
+        per_actor = max(per_actor, cfg.engine.trtllm.tensor_parallel_size)
+    if gpus > 0 and per_actor > 0:
+        capacity = int(gpus // per_actor)
+        options = {"num_gpus": per_actor, "num_cpus": c.cpus_per_actor}
+        what = f"{gpus:g} GPUs at {per_actor:g} per actor"
     else:
         capacity = int(cpus // c.cpus_per_actor)
         options = {"num_cpus": c.cpus_per_actor}
