@@ -1,0 +1,267 @@
+"""The transformers engine on CPU with the tiny random Qwen2.5-VL: batched output must equal
+row-by-row ``model.generate`` (float32, greedy), and token counts must equal the tokenizer's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from qvl_batch.config import Config, EngineConfig, SamplingConfig, load_config  # noqa: E402
+from qvl_batch.engines.base import Request, make_engine  # noqa: E402
+from qvl_batch.engines.hf import generation_kwargs, load_processor, local_model_dir  # noqa: E402
+
+pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
+pytestmark = pytest.mark.timeout(180)
+
+EOS = [151645, 151643]
+MAX_TOKENS = 24
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _request(i: int, image: Image.Image, prompt: str, system: str | None = None) -> Request:
+    width, height = image.size
+    return Request(
+        key=("unit", i),
+        row_id=f"row-{i}",
+        prompt=prompt,
+        system=system,
+        image=image,
+        image_sha256="0" * 64,
+        vision_tokens=(width // 28) * (height // 28),
+        text_tokens=0,
+    )
+
+
+def _config(model: str, **sampling) -> Config:
+    return Config(
+        engine=EngineConfig(name="hf", model=model, device="cpu"),
+        sampling=SamplingConfig(**{"max_tokens": MAX_TOKENS, **sampling}),
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    eng = make_engine(_config(tiny_model))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_model):
+    """The model and processor as a user would load them, independent of the engine."""
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_model, dtype=torch.float32
+    )
+    return model.eval(), load_processor(tiny_model)
+
+
+def direct_generate(direct, image, prompt, system=None, max_tokens=MAX_TOKENS) -> dict:
+    """One row alone through ``model.generate`` (greedy): what the engine must reproduce."""
+    model, processor = direct
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    content = [{"type": "image"}, {"type": "text", "text": prompt}]
+    messages.append({"role": "user", "content": content})
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], return_tensors="pt", do_resize=False)
+    ids = inputs["input_ids"][0].tolist()
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            repetition_penalty=1.0,
+            eos_token_id=EOS,
+            pad_token_id=151643,
+        )
+    new = out[0, len(ids) :].tolist()
+    stop = next((i for i, t in enumerate(new) if t in EOS), None)
+    n_out = len(new) if stop is None else stop + 1
+    return {
+        "text": processor.tokenizer.decode(new[:n_out], skip_special_tokens=True),
+        "finish_reason": "length" if stop is None else "stop",
+        "output_tokens": n_out,
+        "prompt_tokens": len(ids),
+        "vision_tokens": ids.count(151655),
+    }
+
+
+PROMPTS = [
+    ("Describe this image.", None),
+    ("What colours dominate this image? Answer in one short sentence, please.", None),
+    ("How many shapes?", "You are a terse assistant."),
+    ("List three things you notice in the picture, separated by commas.", None),
+    ("Is this photo taken indoors or outdoors?", ""),
+    ("Écris une légende courte. 写一个标题。", "Be brief."),
+]
+
+
+def test_engine_identity(engine):
+    assert engine.name == "hf"
+    assert engine.version == transformers.__version__
+    assert engine.device.type == "cpu" and engine.dtype == torch.float32  # dtype auto on CPU
+    assert engine.max_positions == 8192 and engine.image_token_id == 151655
+
+
+def test_batch_equals_row_by_row_generation(engine, direct):
+    sizes = [(112, 84), (84, 140)]  # two resized sizes: 12 and 15 vision tokens
+    requests = [
+        _request(i, _image(*sizes[i % 2], seed=i), prompt, system)
+        for i, (prompt, system) in enumerate(PROMPTS)
+    ]
+    results = engine.generate(list(reversed(requests)))  # any order; keys are echoed
+    by_key = {r.key: r for r in results}
+    assert sorted(by_key) == sorted(r.key for r in requests)
+    for req in requests:
+        got = by_key[req.key]
+        want = direct_generate(direct, req.image, req.prompt, req.system)
+        assert got.error_code is None, got.error_message
+        assert got.vision_tokens == req.vision_tokens == want["vision_tokens"]
+        assert got.prompt_tokens == want["prompt_tokens"]
+        text_tokens = engine.count_text_tokens(req.prompt, req.system)
+        assert got.prompt_tokens == text_tokens + req.vision_tokens
+        assert (got.text, got.finish_reason, got.output_tokens) == (
+            want["text"],
+            want["finish_reason"],
+            want["output_tokens"],
+        ), req.key
+        assert got.output_tokens <= MAX_TOKENS
+    assert len({r.text for r in results}) == len(results), "outputs depend on image and prompt"
+    # The tiny model is shaped to stop sometimes (modelgen._shape_vocab): both paths run here.
+    assert {r.finish_reason for r in results} == {"stop", "length"}
+
+
+def test_job_sampling_replaces_the_checkpoint_defaults(engine, tiny_model):
+    import json
+    from pathlib import Path
+
+    shipped = json.loads(Path(tiny_model, "generation_config.json").read_text())
+    assert shipped["do_sample"] is True and shipped["repetition_penalty"] == 1.05
+    gen = engine.model.generation_config
+    assert gen.do_sample is False and gen.repetition_penalty == 1.0
+    assert list(gen.eos_token_id) == EOS and gen.pad_token_id == 151643
+
+    assert generation_kwargs(SamplingConfig(temperature=0)) == {
+        "repetition_penalty": 1.0,
+        "num_beams": 1,
+        "do_sample": False,
+    }
+    sampled = SamplingConfig(temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.1)
+    assert generation_kwargs(sampled) == {
+        "repetition_penalty": 1.1,
+        "num_beams": 1,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": None,
+    }
+    assert generation_kwargs(SamplingConfig(temperature=1.0, top_k=5))["top_k"] == 5
+
+
+def test_count_text_tokens_is_the_templated_prompt_without_image_pads(engine):
+    tok = engine.tokenizer
+    cases = [("", None), ("Hi", None), ("a\n\nb  c", "sys"), ("<|im_end|> x", None)]
+    cases += [(p, s) for p, s in PROMPTS]
+    for prompt, system in cases:
+        full = tok(engine.render(prompt, system), add_special_tokens=False)["input_ids"]
+        assert full.count(151655) == 1
+        assert engine.count_text_tokens(prompt, system) == len(full) - 1, (prompt, system)
+    assert engine._split_ok  # the cached-overhead path is the one measured
+
+
+def test_prompt_over_the_model_limit_is_a_row_error(engine, direct, monkeypatch):
+    image = _image(56, 56, seed=7)
+    short = _request(0, image, "Describe this image.")
+    base = engine.count_text_tokens(short.prompt, None) + short.vision_tokens
+    monkeypatch.setattr(engine, "max_positions", base + 3)  # room for 3 new tokens
+    long = _request(1, image, "Describe this image. " * 20)
+    results = {r.key: r for r in engine.generate([short, long])}
+    assert results[long.key].error_code == "ENGINE_ERROR"
+    assert "tokens" in results[long.key].error_message
+    got = results[short.key]
+    assert got.error_code is None and got.output_tokens <= 3
+    want = direct_generate(direct, image, short.prompt, max_tokens=3)
+    assert (got.text, got.output_tokens, got.finish_reason) == (
+        want["text"],
+        want["output_tokens"],
+        want["finish_reason"],
+    )
+
+
+def test_sampling_is_seeded_per_batch(tiny_model):
+    eng = make_engine(_config(tiny_model, temperature=1.0, top_p=0.95, seed=1))
+    try:
+        requests = [_request(i, _image(56, 84, seed=i), PROMPTS[i][0]) for i in range(3)]
+        first = [r.text for r in eng.generate(requests)]
+        assert [r.text for r in eng.generate(requests)] == first
+        eng.sampling.seed = 2
+        assert [r.text for r in eng.generate(requests)] != first
+    finally:
+        eng.close()
+    assert eng.model is None
+    eng.close()  # twice is fine
+
+
+def test_model_from_an_fsspec_url_is_copied_once(tiny_model, tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("QVL_BATCH_MODEL_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    fs.put(tiny_model.rstrip("/") + "/", "/models/tiny/", recursive=True)
+    try:
+        local = local_model_dir("memory://models/tiny")
+        names = sorted(p.name for p in (tmp_path / "cache").glob("*/*") if p.name[0] != ".")
+        assert names == sorted(p.name for p in __import__("pathlib").Path(tiny_model).iterdir())
+        assert local_model_dir("memory://models/tiny") == local  # cached
+        assert local_model_dir(tiny_model) == tiny_model  # local paths are used in place
+        processor = load_processor(local)
+        assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == 151655
+    finally:
+        fs.rm("/models", recursive=True)
+
+
+# ---------------------------------------------------------------------------------------- e2e
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head):
+    from qvl_batch.driver import EXIT_OK, run_job
+    from qvl_batch.images import prepare_image
+    from qvl_batch.synth import SynthSpec, make_dataset
+
+    from .conftest import input_rows, read_output, write_job
+
+    data = tmp_path / "data"
+    spec = SynthSpec(rows=24, shards=2, row_group_rows=6, max_side=200, corrupt_fraction=0.0)
+    make_dataset(str(data), spec)
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", data, out, ray_head)
+    overrides = ["engine.name=hf", f"engine.model={tiny_model}", "sampling.max_tokens=12"]
+    cfg = load_config(job, overrides)
+    summary = run_job(cfg, progress_bar=False)
+    assert summary.exit_code == EXIT_OK, summary.lines()
+
+    rows, errors = read_output(out)
+    inputs = {r["id"]: r for r in input_rows(data)}
+    assert not errors
+    assert sorted(r["id"] for r in rows) == sorted(inputs), "every id exactly once"
+    assert all(r["engine"] == "hf" for r in rows)
+    for row in rows:
+        prepared = prepare_image(inputs[row["id"]]["image"], cfg.image)
+        assert (row["resized_width"], row["resized_height"]) == prepared.image.size
+        want = direct_generate(direct, prepared.image, cfg.prompt.template, max_tokens=12)
+        assert row["vision_tokens"] == prepared.vision_tokens == want["vision_tokens"]
+        assert row["prompt_tokens"] == want["prompt_tokens"]
+        assert (row["text"], row["finish_reason"], row["output_tokens"]) == (
+            want["text"],
+            want["finish_reason"],
+            want["output_tokens"],
+        ), row["id"]
