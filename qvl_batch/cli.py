@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="make a synthetic dataset and run the demo job on it")
     demo.add_argument("--data", default="demo-data", help="where the synthetic shards go")
     demo.add_argument("--output", default="demo-output", help="where results go")
-    demo.add_argument("--rows", type=int, default=3000)
-    demo.add_argument("--shards", type=int, default=6)
+    demo.add_argument("--rows", type=int, default=2000)
+    demo.add_argument("--shards", type=int, default=4)
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides")
     demo.set_defaults(func=cmd_demo)
 

@@ -22,13 +22,25 @@ def run_demo(data_dir: str, output: str, rows: int, shards: int, overrides: list
     marker = os.path.join(data_dir, f".made-{rows}-{shards}")
     if not os.path.exists(marker):
         log.info("making %d synthetic rows in %d shards under %s", rows, shards, data_dir)
-        spec = SynthSpec(rows=rows, shards=shards, row_group_rows=128, max_side=1024)
+        spec = SynthSpec(rows=rows, shards=shards, row_group_rows=128, max_side=512)
         make_dataset(data_dir, spec)
         open(marker, "w").close()
     cfg = load_config(
         demo_job_file(),
         [f"input.paths=[{data_dir}/*.parquet]", f"output.path={output}", *overrides],
     )
+    if cfg.engine.name == "hf" and not os.path.exists(
+        os.path.join(cfg.engine.model, "config.json")
+    ):
+        from .modelgen import make_test_model
+
+        log.info("building a tiny random-weight Qwen2.5-VL in %s", cfg.engine.model)
+        make_test_model(cfg.engine.model, size="tiny")
+    if cfg.engine.name != "fake":
+        print(
+            f"NOTE: {cfg.engine.model} has random weights, so its captions are noise. "
+            "Set engine.model=<a Qwen2.5-VL model directory> for real captions."
+        )
     log.info("engine %s, model %s", cfg.engine.name, cfg.engine.model)
     summary = run_job(cfg)
     for line in summary.lines():

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from qvl_batch.chat_template import CHAT_TEMPLATE
 from qvl_batch.config import Config, EngineConfig, SamplingConfig, TrtLlmEngineConfig
 from qvl_batch.engines import trtllm
 from qvl_batch.engines.base import EngineError, Request, make_engine
@@ -47,22 +48,7 @@ SPECIALS = [
     "<|vision_end|>",
 ]
 WORDS = "system user assistant You are a helpful . Describe this image Caption in one word"
-# Qwen2.5-VL's chat template (as shipped with Qwen/Qwen2.5-VL-*-Instruct).
-QWEN_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE  # as shipped with Qwen/Qwen2.5-VL-*-Instruct
 
 
 def make_model_dir(path: Path) -> Path:
