@@ -7,7 +7,7 @@ import json
 import platform
 from concurrent.futures import ThreadPoolExecutor
 
-from .state import UNITS_DIR, OutputState
+from .state import OutputState
 
 MARKER_READ_THREADS = 16  # small GETs in parallel: object stores answer each in ~10-50 ms
 
@@ -39,7 +39,7 @@ def versions() -> dict[str, str]:
 
 def summarize_output(state: OutputState) -> dict:
     """Rows in data/ and errors/ and errors by code, from the commit markers."""
-    paths = sorted(state.fs.ls(state.path(UNITS_DIR), detail=False)) if _has_units(state) else []
+    paths = state.marker_paths()
     with ThreadPoolExecutor(MARKER_READ_THREADS) as pool:
         records = list(pool.map(lambda p: json.loads(state.fs.cat_file(p)), paths))
     codes: dict[str, int] = {}
@@ -53,7 +53,3 @@ def summarize_output(state: OutputState) -> dict:
         "error_rows": sum(r["error_rows"] for r in records),
         "error_codes": codes,
     }
-
-
-def _has_units(state: OutputState) -> bool:
-    return state.fs.exists(state.path(UNITS_DIR))

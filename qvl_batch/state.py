@@ -94,6 +94,10 @@ class OutputState:
         except FileNotFoundError:
             return []
 
+    def marker_paths(self) -> list[str]:
+        """Paths of every commit marker, sorted."""
+        return sorted(p for p in self._list(UNITS_DIR) if p.endswith(".json"))
+
     def committed_units(self) -> set[str]:
         return {u for p in self._list(UNITS_DIR) if (u := unit_id_of(p)) and p.endswith(".json")}
 
