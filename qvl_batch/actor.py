@@ -23,6 +23,7 @@ from .images import ImageError, prepare_image
 from .manifest import WorkUnit
 from .reader import RowInput, fetch_uri, read_unit_table, unit_rows
 from .schema import ROW_RESULT
+from .storage import RETRY_STATS, Storage
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class UnitWorker:
     def __init__(self, cfg: Config, incarnation: int = 0):
         self.cfg = cfg
         self.engine: Engine = make_engine(cfg, incarnation)
+        self.storage = Storage.for_input(cfg)
         threads = cfg.batching.prepare_threads or max(1, round(cfg.cluster.cpus_per_actor))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
         b = cfg.batching
@@ -83,12 +85,16 @@ class UnitWorker:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"padding": self._bucketer.stats.as_dict(), "timings": dict(self.timings)}
+            return {
+                "padding": self._bucketer.stats.as_dict(),
+                "timings": dict(self.timings),
+                "storage": RETRY_STATS.snapshot(),
+            }
 
     def process_unit(self, unit: WorkUnit) -> pa.Table:
         """Run every row of ``unit``; returns one ROW_RESULT row per input row, in order."""
         t0 = time.perf_counter()
-        table = read_unit_table(unit, self.cfg)
+        table = read_unit_table(unit, self.cfg, self.storage)
         rows = unit_rows(unit, table, self.cfg)
         self.timings["read_s"] += time.perf_counter() - t0
         collector = _UnitCollector([None] * len(rows), [None] * len(rows), len(rows))
@@ -124,7 +130,7 @@ class UnitWorker:
         try:
             data = row.image
             if isinstance(data, str):
-                data = fetch_uri(data, self.cfg.input.storage_options)
+                data = fetch_uri(data, self.storage)
             img = prepare_image(data, self.cfg.image)
             text_tokens = self.engine.count_text_tokens(row.prompt, self.cfg.prompt.system)
         except ImageError as exc:

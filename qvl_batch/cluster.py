@@ -18,6 +18,7 @@ from ray.exceptions import (
 from .actor import UnitWorker
 from .bucketing import PaddingStats
 from .config import Config
+from .storage import merge_retry_stats
 
 log = logging.getLogger("qvl_batch")
 
@@ -137,9 +138,9 @@ class ActorPool:
         except RayTaskError as exc:
             return Outcome(error=_first_line(exc))
 
-    def collect_stats(self) -> tuple[PaddingStats, dict[str, float]]:
-        """Padding and stage timings summed over the live actors."""
-        padding, timings = PaddingStats(), {}
+    def collect_stats(self) -> tuple[PaddingStats, dict[str, float], dict]:
+        """Padding, stage timings and storage retries summed over the live actors."""
+        padding, timings, storage = PaddingStats(), {}, {}
         refs = [a.stats.remote() for a in self.actors]
         for ref in refs:
             try:
@@ -147,9 +148,10 @@ class ActorPool:
             except (GetTimeoutError, RayTaskError, *ACTOR_DEATH):
                 continue
             padding.merge(stats["padding"])
+            storage = merge_retry_stats(storage, stats["storage"])
             for k, v in stats["timings"].items():
                 timings[k] = round(timings.get(k, 0.0) + v, 3)
-        return padding, timings
+        return padding, timings, storage
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -50,7 +50,7 @@ class InputConfig:
     image_column: str = "image"  # binary bytes, {bytes, path} struct, or a URI string
     prompt_column: str | None = None  # per-row prompt; else prompt.template is used
     passthrough_columns: list[str] = field(default_factory=list)
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # raw fsspec kwargs
 
     def __post_init__(self) -> None:
         _check(bool(self.image_column), "input.image_column", "must name a column")
@@ -209,6 +209,35 @@ class SamplingConfig:
         _check(self.top_k >= 0, "sampling.top_k", "must be >= 0 (0 = off)")
 
 
+@dataclass
+class StorageConfig:
+    """Object storage for every URL the job touches (inputs, image URIs, outputs).
+
+    Credentials come from each backend's standard chain (environment, shared files, instance
+    roles); a job file should not hold them. ``input.storage_options`` and
+    ``output.storage_options`` pass raw fsspec arguments per side on top of these.
+    """
+
+    endpoint_url: str | None = None  # an S3-compatible endpoint (MinIO, Ceph, a local server)
+    region: str | None = None  # S3 region
+    anon: bool = False  # public buckets, no credentials
+    profile: str | None = None  # S3: a named profile from the AWS config files
+    # Retries for transient errors (5xx, throttling, timeouts, dropped connections) on every
+    # read, list and write: exponential backoff from backoff_s, capped, with jitter.
+    max_attempts: int = 6
+    backoff_s: float = 0.2
+    max_backoff_s: float = 10.0
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
+        _check(self.backoff_s >= 0, "storage.backoff_s", "must be >= 0")
+        _check(self.max_backoff_s >= self.backoff_s, "storage.max_backoff_s", ">= backoff_s")
+        _check(self.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
+        _check(self.read_timeout_s > 0, "storage.read_timeout_s", "must be > 0")
+
+
 OUTPUT_MODES = ("resume", "overwrite")
 
 
@@ -270,6 +299,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 

@@ -20,7 +20,7 @@ from .manifest import Plan, WorkUnit, plan_job
 from .progress import Progress
 from .report import summarize_output, versions
 from .state import METRICS_FILE, SUCCESS_FILE, OutputState
-from .storage import StorageError
+from .storage import RETRY_STATS, Storage, StorageError, merge_retry_stats, retry_delta
 from .writer import UnitIncomplete, commit_unit
 
 log = logging.getLogger("qvl_batch")
@@ -48,6 +48,7 @@ class JobSummary:
     units_this_run: int = 0
     unit_retries: int = 0
     actor_restarts: int = 0
+    storage_retries: int = 0  # transient storage errors retried (driver and live actors)
     elapsed_s: float = 0.0
     rows_per_s: float = 0.0
     pipeline_s: float = 0.0  # actors ready -> last commit: the steady-state part of elapsed_s
@@ -60,7 +61,8 @@ class JobSummary:
             f"{self.error_rows:,} in errors/",
             f"  this run: {self.rows_this_run:,} rows in {self.units_this_run:,} units, "
             f"{self.elapsed_s:,.1f}s, {self.rows_per_s:,.1f} rows/s",
-            f"  retries: {self.unit_retries} unit retries, {self.actor_restarts} actor restarts",
+            f"  retries: {self.unit_retries} unit retries, {self.actor_restarts} actor restarts, "
+            f"{self.storage_retries} storage retries",
         ]
         if self.error_codes:
             codes = ", ".join(f"{k}={v}" for k, v in sorted(self.error_codes.items()))
@@ -91,7 +93,7 @@ class Driver:
     def __init__(self, cfg: Config, progress_bar: bool | None = None):
         self.cfg = cfg
         self.progress_bar = progress_bar
-        self.state = OutputState(cfg.output.path, cfg.output.storage_options)
+        self.state = OutputState(cfg.output.path, Storage.for_output(cfg))
 
     # ---- before any work -------------------------------------------------------------
     def prepare(self) -> tuple[Plan, dict, set[str]]:
@@ -130,6 +132,7 @@ class Driver:
     # ---- the run -------------------------------------------------------------------
     def run(self) -> JobSummary:
         t0 = time.monotonic()
+        retries_before = RETRY_STATS.snapshot()
         plan, job, committed = self.prepare()
         summary = JobSummary("running", EXIT_OK, self.state.url, job["job_id"])
         summary.rows_total = plan.total_rows
@@ -142,12 +145,19 @@ class Driver:
         todo: Iterator[WorkUnit] = (u for u in plan.units() if u.unit_id not in committed)
         progress = Progress(plan.total_rows, done_before, bar=self.progress_bar)
         try:
-            padding, timings, failure = self._schedule(todo, job, summary, progress)
+            padding, timings, actor_storage, failure = self._schedule(todo, job, summary, progress)
         finally:
             progress.close()
         summary.elapsed_s = time.monotonic() - t0
         summary.rows_per_s = summary.rows_this_run / summary.elapsed_s if summary.elapsed_s else 0
         self._fill_totals(summary)
+
+        def storage_stats() -> dict:
+            here = retry_delta(retries_before, RETRY_STATS.snapshot())
+            return merge_retry_stats(here, actor_storage)
+
+        storage = storage_stats()
+        summary.storage_retries = storage["retries"]
         err_frac = summary.error_rows / summary.rows_total if summary.rows_total else 0.0
         if failure is None and err_frac > self.cfg.limits.max_error_fraction:
             failure = (
@@ -159,17 +169,20 @@ class Driver:
             "summary": summary.__dict__,
             "padding": padding.as_dict(),
             "actor_timings_s": timings,
+            "storage": storage,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
         if failure:
             summary.status, summary.exit_code, summary.message = "failed", EXIT_FAILED, failure
             metrics["summary"] = summary.__dict__
             self.state.write_json(METRICS_FILE, metrics)
-            return summary
-        summary.status = "succeeded"
-        metrics["summary"] = summary.__dict__
-        self.state.write_json(METRICS_FILE, metrics)
-        self.state.write_json(SUCCESS_FILE, {"job_id": job["job_id"], **metrics["summary"]})
+        else:
+            summary.status = "succeeded"
+            metrics["summary"] = summary.__dict__
+            self.state.write_json(METRICS_FILE, metrics)
+            self.state.write_json(SUCCESS_FILE, {"job_id": job["job_id"], **metrics["summary"]})
+        # The closing writes may have been retried too: the returned summary counts them.
+        summary.storage_retries = storage_stats()["retries"]
         return summary
 
     def _fill_totals(self, summary: JobSummary) -> None:
@@ -180,7 +193,10 @@ class Driver:
         summary.units_total = totals["units"]
 
     def _schedule(self, todo, job, summary, progress):
-        """Hand units to actors, commit results; returns (padding, timings, failure or None)."""
+        """Hand units to actors, commit results.
+
+        Returns (padding, stage timings, actors' storage retries, failure message or None).
+        """
         from .cluster import ActorPool
 
         cfg = self.cfg
@@ -258,6 +274,9 @@ class Driver:
                         except UnitIncomplete as exc:
                             failure = requeue(unit, attempt, str(exc))
                             continue
+                        except StorageError as exc:  # retries exhausted: stop, keep the rest
+                            failure = f"cannot commit unit {unit.unit_id}: {exc}"
+                            break
                         summary.rows_this_run += record["num_rows"]
                         summary.errors_this_run += record["error_rows"]
                         summary.units_this_run += 1
@@ -266,8 +285,8 @@ class Driver:
                     if failure:
                         break
             summary.pipeline_s = time.monotonic() - t_ready
-            padding, timings = pool.collect_stats()
-            return padding, timings, failure
+            padding, timings, storage = pool.collect_stats()
+            return padding, timings, storage, failure
         finally:
             pool.shutdown()
 

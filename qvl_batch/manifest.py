@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .prompts import template_fields
-from .storage import full_url, url_to_fs
+from .storage import Storage, StorageError, bucket_of, describe, full_url
 
 GLOB_CHARS = "*?["
 FOOTER_THREADS = 16  # footers are tiny reads; this bounds open connections, not memory
@@ -97,11 +97,13 @@ def cut_units(shard: Shard, unit_rows: int) -> Iterator[WorkUnit]:
             )
 
 
-def _read_manifest(url: str, storage_options: dict) -> list[str]:
-    fs, path = url_to_fs(url, storage_options)
-    if not fs.exists(path):
-        raise InputError(f"input.manifest: {url} does not exist")
-    text = fs.cat_file(path).decode()
+def _read_manifest(url: str, storage: Storage) -> list[str]:
+    try:
+        text = storage.cat(url).decode()
+    except FileNotFoundError:
+        raise InputError(f"input.manifest: {url} does not exist") from None
+    except (OSError, StorageError) as exc:
+        raise InputError(f"input.manifest: cannot read {url}: {describe(exc)}") from None
     if text.lstrip().startswith("["):
         entries = json.loads(text)
     else:
@@ -109,40 +111,58 @@ def _read_manifest(url: str, storage_options: dict) -> list[str]:
     return [e for e in entries if e and not e.startswith("#")]
 
 
+def _match(storage: Storage, fs, path: str) -> list[str]:
+    if any(c in path for c in GLOB_CHARS):
+        listed = storage.call(f"list {path}", fs.glob, path, detail=True)
+        return sorted(p for p, info in listed.items() if info.get("type") != "directory")
+    if storage.call(f"stat {path}", fs.isdir, path):
+        found = storage.call(f"list {path}", fs.find, path)
+        return sorted(p for p in found if p.endswith(".parquet"))
+    return [path] if storage.call(f"stat {path}", fs.exists, path) else []
+
+
+def _no_match_reason(storage: Storage, fs, pattern: str, path: str) -> str:
+    """Why nothing matched: a missing or forbidden bucket says so instead of 'no files'."""
+    bucket = bucket_of(fs, path)
+    if bucket:
+        try:
+            storage.call(f"stat bucket {bucket}", fs.info, bucket)
+        except FileNotFoundError:
+            return f"input: bucket {bucket!r} does not exist (from {pattern!r})"
+        except (OSError, StorageError) as exc:
+            return f"input: cannot open bucket {bucket!r} (from {pattern!r}): {describe(exc)}"
+    return f"input: no Parquet files match {pattern!r}"
+
+
 def list_shard_urls(cfg: Config) -> list[tuple[object, str]]:
     """Every Parquet shard the input names, as (filesystem, path), sorted and de-duplicated."""
-    opts = dict(cfg.input.storage_options)
+    storage = Storage.for_input(cfg)
     patterns = list(cfg.input.paths)
     if cfg.input.manifest:
-        patterns += _read_manifest(cfg.input.manifest, opts)
+        patterns += _read_manifest(cfg.input.manifest, storage)
     found: dict[str, tuple[object, str]] = {}
     for pattern in patterns:
-        fs, path = url_to_fs(pattern, opts)
+        fs, path = storage.fs(pattern)
         try:
-            if any(c in path for c in GLOB_CHARS):
-                matches = [p for p in fs.glob(path) if not fs.isdir(p)]
-            elif fs.isdir(path):
-                matches = [p for p in fs.find(path) if p.endswith(".parquet")]
-            elif fs.exists(path):
-                matches = [path]
-            else:
-                matches = []
-        except (PermissionError, OSError) as exc:
-            raise InputError(f"input: cannot list {pattern}: {exc}") from None
+            matches = _match(storage, fs, path)
+        except (OSError, StorageError) as exc:
+            raise InputError(f"input: cannot list {pattern}: {describe(exc)}") from None
         if not matches:
-            raise InputError(f"input: no Parquet files match {pattern!r}")
+            raise InputError(_no_match_reason(storage, fs, pattern, path))
         for p in matches:
             found[full_url(fs, p)] = (fs, p)
     return [found[k] for k in sorted(found)]
 
 
-def _shard_info(index: int, fs, path: str) -> Shard:
+def _shard_info(index: int, fs, path: str, storage: Storage) -> tuple[Shard, object]:
     try:
-        info = fs.info(path)
-        with fs.open(path, "rb") as fh:
+        info = storage.call(f"stat {path}", fs.info, path)
+        with storage.open_input(fs, path, int(info.get("size") or 0) or None) as fh:
             meta = pq.ParquetFile(fh).metadata
     except Exception as exc:
-        raise InputError(f"input: cannot read Parquet footer of {path}: {exc}") from None
+        raise InputError(
+            f"input: cannot read the Parquet footer of {full_url(fs, path)}: {describe(exc)}"
+        ) from None
     version = next(
         (
             str(info[k])
@@ -170,8 +190,9 @@ def required_columns(cfg: Config) -> list[str]:
 def plan_job(cfg: Config) -> Plan:
     """List, open and fingerprint the input; check the columns the job needs exist."""
     listed = list_shard_urls(cfg)
+    storage = Storage.for_input(cfg)
     with ThreadPoolExecutor(min(FOOTER_THREADS, max(1, len(listed)))) as pool:
-        infos = list(pool.map(lambda a: _shard_info(a[0], *a[1]), enumerate(listed)))
+        infos = list(pool.map(lambda a: _shard_info(a[0], *a[1], storage), enumerate(listed)))
     needed = required_columns(cfg)
     for shard, meta in infos:
         names = set(meta.schema.to_arrow_schema().names)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import posixpath
-import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +13,7 @@ from .config import Config
 from .images import ImageError
 from .manifest import WorkUnit, required_columns
 from .prompts import PromptError, prompt_from_column, render_prompt, template_fields
-from .storage import url_to_fs
-
-FETCH_ATTEMPTS = 3
+from .storage import Storage, describe
 
 
 @dataclass
@@ -31,11 +27,13 @@ class RowInput:
     error: tuple[str, str] | None = None  # (code, message) when the row is bad as read
 
 
-def read_unit_table(unit: WorkUnit, cfg: Config) -> pa.Table:
-    """The unit's rows with only the columns the job needs."""
-    fs, path = url_to_fs(unit.shard_url, cfg.input.storage_options)
-    with fs.open(path, "rb") as fh:
-        pf = pq.ParquetFile(fh)
+def read_unit_table(unit: WorkUnit, cfg: Config, storage: Storage | None = None) -> pa.Table:
+    """The unit's rows with only the columns the job needs (each ranged read retried)."""
+    storage = storage or Storage.for_input(cfg)
+    fs, path = storage.fs(unit.shard_url)
+    with storage.open_input(fs, path) as fh:
+        # pre_buffer coalesces the column chunks of the row groups into few large reads.
+        pf = pq.ParquetFile(fh, pre_buffer=True)
         meta = pf.metadata
         groups, first_offset, offset = [], None, 0
         end = unit.row_start + unit.num_rows
@@ -64,19 +62,14 @@ def image_source(value: Any) -> bytes | str | None:
     return None
 
 
-def fetch_uri(uri: str, storage_options: dict) -> bytes:
-    """Fetch an image by URI with bounded retries; a missing object is a FETCH_ERROR row."""
-    for attempt in range(FETCH_ATTEMPTS):
-        try:
-            fs, path = url_to_fs(uri, storage_options)
-            return fs.cat_file(path)
-        except FileNotFoundError:
-            raise ImageError("FETCH_ERROR", f"not found: {uri}") from None
-        except Exception as exc:
-            if attempt == FETCH_ATTEMPTS - 1:
-                raise ImageError("FETCH_ERROR", f"{uri}: {type(exc).__name__}: {exc}") from None
-            time.sleep(0.2 * 2**attempt * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+def fetch_uri(uri: str, storage: Storage) -> bytes:
+    """Fetch an image by URI (retried on transient errors); failures are FETCH_ERROR rows."""
+    try:
+        return storage.cat(uri)
+    except FileNotFoundError:
+        raise ImageError("FETCH_ERROR", f"not found: {uri}") from None
+    except Exception as exc:
+        raise ImageError("FETCH_ERROR", f"{uri}: {describe(exc)}") from None
 
 
 def unit_rows(unit: WorkUnit, table: pa.Table, cfg: Config) -> list[RowInput]:

@@ -41,7 +41,7 @@ def summarize_output(state: OutputState) -> dict:
     """Rows in data/ and errors/ and errors by code, from the commit markers."""
     paths = state.marker_paths()
     with ThreadPoolExecutor(MARKER_READ_THREADS) as pool:
-        records = list(pool.map(lambda p: json.loads(state.fs.cat_file(p)), paths))
+        records = list(pool.map(lambda p: json.loads(state.read_path(p)), paths))
     codes: dict[str, int] = {}
     for r in records:
         for code, n in r.get("error_codes", {}).items():

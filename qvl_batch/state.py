@@ -19,11 +19,14 @@ import json
 import posixpath
 from typing import Any
 
-from .storage import atomic_write, is_temporary, join, url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from .storage import Storage, StorageError, atomic_write, describe, is_temporary, join
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
 METRICS_FILE = "_metrics.json"
+REPORT_FILE = "_report.html"
 UNITS_DIR = "_state/units"
 DATA_DIR = "data"
 ERRORS_DIR = "errors"
@@ -60,24 +63,52 @@ def unit_id_of(filename: str) -> str | None:
 
 
 class OutputState:
-    """Reads and writes the ledger files of one output folder (any fsspec URL)."""
+    """Reads and writes the ledger files of one output folder (any fsspec URL).
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    Every request is retried on transient errors (see :class:`Storage`); a permanent one
+    (no such bucket, access denied) becomes a :class:`StorageError` naming the path.
+    """
+
+    def __init__(self, url: str, storage: Storage | None = None):
         self.url = url
-        self.fs, self.root = url_to_fs(url, storage_options)
+        self.storage = storage or Storage()
+        self.fs, self.root = self.storage.fs(url)
 
     def path(self, *parts: str) -> str:
         return join(self.root, *parts)
 
+    def _call(self, verb: str, name: str, fn, *args, **kwargs):
+        what = f"output.path {self.url}: {verb} {name}"
+        try:
+            return self.storage.call(what, fn, *args, **kwargs)
+        except StorageError:
+            raise
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"{what}: {describe(exc)}") from None
+
+    def read_path(self, path: str) -> bytes:
+        """The bytes of one file under the output (a path from the listings)."""
+        return self._call("read", path, self.fs.cat_file, path)
+
     def _read_json(self, name: str) -> dict | None:
         try:
-            return json.loads(self.fs.cat_file(self.path(name)))
+            blob = self._call("read", name, self.fs.cat_file, self.path(name))
         except FileNotFoundError:
             return None
+        return json.loads(blob)
 
     def write_json(self, name: str, value: dict) -> None:
         blob = json.dumps(value, indent=2, sort_keys=True, default=str).encode()
-        atomic_write(self.fs, self.path(name), blob)
+        self.write_bytes(name, blob)
+
+    def write_bytes(self, name: str, blob: bytes) -> None:
+        """Write one output file atomically (retried); raises StorageError naming it."""
+        try:
+            self._call("write", name, atomic_write, self.fs, self.path(name), blob)
+        except FileNotFoundError as exc:  # e.g. the bucket does not exist
+            raise StorageError(f"output.path {self.url}: write {name}: {describe(exc)}") from None
 
     def job(self) -> dict | None:
         return self._read_json(JOB_FILE)
@@ -85,14 +116,28 @@ class OutputState:
     def success(self) -> dict | None:
         return self._read_json(SUCCESS_FILE)
 
-    def exists(self) -> bool:
-        return self.fs.exists(self.path(JOB_FILE))
-
     def _list(self, sub: str) -> list[str]:
         try:
-            return self.fs.ls(self.path(sub), detail=False)
+            # refresh: object-store listings are cached per filesystem instance.
+            return self._call("list", sub, self.fs.ls, self.path(sub), detail=False, refresh=True)
         except FileNotFoundError:
             return []
+
+    def _remove(self, paths: list[str]) -> None:
+        """Delete files; already gone is fine. Object stores: one bulk request per 1,000."""
+        if not paths:
+            return
+        if isinstance(self.fs, LocalFileSystem):
+            for path in paths:
+                try:
+                    self._call("delete", path, self.fs.rm_file, path)
+                except FileNotFoundError:
+                    pass
+            return
+        try:
+            self._call("delete", f"{len(paths)} files", self.fs.rm, paths)
+        except FileNotFoundError:
+            pass
 
     def marker_paths(self) -> list[str]:
         """Paths of every commit marker, sorted."""
@@ -106,22 +151,21 @@ class OutputState:
 
     def clean_orphans(self, committed: set[str]) -> list[str]:
         """Delete part files (and temporaries) of units that never got their marker."""
-        removed = []
-        for sub in (DATA_DIR, ERRORS_DIR, UNITS_DIR):
-            for p in self._list(sub):
-                if is_temporary(p) or unit_id_of(p) not in committed:
-                    self.fs.rm_file(p)
-                    removed.append(p)
+        removed = [
+            p
+            for sub in (DATA_DIR, ERRORS_DIR, UNITS_DIR)
+            for p in self._list(sub)
+            if is_temporary(p) or unit_id_of(p) not in committed
+        ]
+        self._remove(removed)
         return removed
 
     def wipe(self) -> None:
         """Remove a previous run's outputs (output.mode=overwrite)."""
-        for name in (SUCCESS_FILE, JOB_FILE, METRICS_FILE, "_report.html"):
-            if self.fs.exists(self.path(name)):
-                self.fs.rm_file(self.path(name))
+        for name in (SUCCESS_FILE, JOB_FILE, METRICS_FILE, REPORT_FILE):
+            self._remove([self.path(name)])
         for sub in (UNITS_DIR, DATA_DIR, ERRORS_DIR):
-            if self.fs.exists(self.path(sub)):
-                self.fs.rm(self.path(sub), recursive=True)
+            self._remove(self._list(sub))
 
     def check_resume(self, fingerprint: str, fields: dict) -> dict | None:
         """The earlier job's record if it may be resumed; raise ResumeRefused if it differs."""

@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 from .manifest import WorkUnit
 from .schema import DATA_COLUMNS, ERROR_COLUMNS, LINEAGE
 from .state import OutputState, data_file, errors_file
-from .storage import atomic_write
 
 
 class UnitIncomplete(RuntimeError):
@@ -68,15 +67,12 @@ def commit_unit(
     files = []
     if good.num_rows:
         good = _with_lineage(good.select(DATA_COLUMNS + passthrough), lineage, now)
-        atomic_write(
-            state.fs, state.path(data_file(unit.unit_id)), _parquet_bytes(good, compression)
-        )
+        state.write_bytes(data_file(unit.unit_id), _parquet_bytes(good, compression))
         files.append(data_file(unit.unit_id))
     if bad.num_rows:
         bad = bad.append_column("attempts", pa.array([attempts] * bad.num_rows, pa.int32()))
         bad = _with_lineage(bad.select(ERROR_COLUMNS + passthrough), lineage, now)
-        path = state.path(errors_file(unit.unit_id))
-        atomic_write(state.fs, path, _parquet_bytes(bad, compression))
+        state.write_bytes(errors_file(unit.unit_id), _parquet_bytes(bad, compression))
         files.append(errors_file(unit.unit_id))
     codes = pc.value_counts(bad.column("error_code")).to_pylist() if bad.num_rows else []
     record = {

@@ -16,6 +16,20 @@ from qvl_batch.synth import SynthSpec, make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Credentials for the local S3 server the storage tests start (moto accepts any). Set before
+# the session's Ray head starts, so actors inherit them like a real worker's credential chain;
+# shared AWS files and the instance metadata service are kept out of it.
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
+
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):

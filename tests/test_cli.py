@@ -49,7 +49,7 @@ def test_unreadable_shard_stops_before_work(tmp_path):
     out = tmp_path / "out"
     code, text = cli("run", write_job(tmp_path / "job.yaml", data, out, None))
     assert code == EXIT_CONFIG
-    assert "cannot read Parquet footer" in text and "part-0.parquet" in text
+    assert "cannot read the Parquet footer" in text and "part-0.parquet" in text
     assert not out.exists()
 
 
