@@ -11,6 +11,8 @@ import logging
 import os
 import threading
 import time
+from collections import deque
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -23,7 +25,7 @@ from .images import ImageError, prepare_image
 from .manifest import WorkUnit
 from .reader import RowInput, fetch_uri, read_unit_table, unit_rows
 from .schema import ROW_RESULT
-from .storage import RETRY_STATS, Storage
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 # actor memory while leaving several batches of choice to the bucketer.
 MAX_PREPARED_ROWS_PER_BATCH = 4
 SINGLE_ROW_TRIES = 2  # a row alone in a failing call is retried once before it is an error
+RECORD_TIMEOUT_S = 30
 
 
 @dataclass
@@ -55,8 +58,13 @@ class _UnitCollector:
 class UnitWorker:
     """One engine, one prepare pool, one bucketer. Wrapped with ``ray.remote`` by the driver."""
 
-    def __init__(self, cfg: Config, incarnation: int = 0):
+    def __init__(self, cfg: Config, incarnation: int = 0, recorder=None):
         self.cfg = cfg
+        self.incarnation = incarnation
+        # The driver's FlightRecorder: told which rows are inside the engine before each call,
+        # so if a row takes this process down the driver knows which rows to isolate.
+        self._recorder = recorder
+        self._solo: deque[Request] = deque()  # rows that must run alone (crash suspects)
         self.engine: Engine = make_engine(cfg, incarnation)
         self.storage = Storage.for_input(cfg)
         threads = cfg.batching.prepare_threads or max(1, round(cfg.cluster.cpus_per_actor))
@@ -88,11 +96,19 @@ class UnitWorker:
             return {
                 "padding": self._bucketer.stats.as_dict(),
                 "timings": dict(self.timings),
-                "storage": RETRY_STATS.snapshot(),
+                "storage": self.storage.stats.snapshot(),
             }
 
-    def process_unit(self, unit: WorkUnit) -> pa.Table:
-        """Run every row of ``unit``; returns one ROW_RESULT row per input row, in order."""
+    def process_unit(
+        self, unit: WorkUnit, solo: Collection[int] = (), skip: Collection[int] = ()
+    ) -> pa.Table:
+        """Run every row of ``unit``; returns one ROW_RESULT row per input row, in order.
+
+        ``solo``: row indices that run in batches of one (they were in a batch when an actor
+        died). ``skip``: rows that killed the engine process running alone; they are not run
+        again and become ENGINE_CRASH rows.
+        """
+        solo, skip = set(solo), set(skip)
         t0 = time.perf_counter()
         table = read_unit_table(unit, self.cfg, self.storage)
         rows = unit_rows(unit, table, self.cfg)
@@ -102,6 +118,9 @@ class UnitWorker:
             collector.done.set()
         with self._cond:
             self._units[unit.unit_id] = collector
+        for row in rows:
+            if row.index in skip and not row.error:
+                row.error = ("ENGINE_CRASH", "the engine process died running this row alone")
         try:
             for row in rows:
                 if row.error:
@@ -115,7 +134,7 @@ class UnitWorker:
                 self._slots.acquire()
                 with self._cond:
                     self._in_prep += 1
-                self._pool.submit(self._prepare, unit.unit_id, row)
+                self._pool.submit(self._prepare, unit.unit_id, row, row.index in solo)
             while not collector.done.wait(0.5):
                 if self._fatal is not None:
                     raise RuntimeError(f"engine thread died: {self._fatal!r}")
@@ -124,7 +143,7 @@ class UnitWorker:
                 self._units.pop(unit.unit_id, None)
         return self._result_table(unit, rows, collector, table)
 
-    def _prepare(self, unit_id: str, row: RowInput) -> None:
+    def _prepare(self, unit_id: str, row: RowInput, solo: bool = False) -> None:
         t0 = time.perf_counter()
         key = (unit_id, row.index)
         try:
@@ -165,7 +184,10 @@ class UnitWorker:
             collector = self._units.get(unit_id)
             if collector is not None:
                 collector.meta[row.index] = meta
-            self._bucketer.add(request, img.resized_size, budget, seq_len)
+            if solo:
+                self._solo.append(request)
+            else:
+                self._bucketer.add(request, img.resized_size, budget, seq_len)
             self._in_prep -= 1
             self._cond.notify_all()
 
@@ -183,6 +205,9 @@ class UnitWorker:
         with self._cond:
             idle_since = time.perf_counter()
             while not self._closed:
+                if self._solo:
+                    self.timings["engine_idle_s"] += time.perf_counter() - idle_since
+                    return [self._solo.popleft()]
                 # Nothing more is being prepared (or the window is full): flush partial buckets
                 # now instead of waiting out max_wait_s.
                 force = self._in_prep == 0 or self._bucketer.pending >= self._max_prepared
@@ -218,8 +243,10 @@ class UnitWorker:
         and a transient fault never condemns a row that happened to be alone.
         """
         try:
+            self._record([r.key for r in batch])
             results = self.engine.generate(batch)
         except Exception as exc:
+            self._record([])
             if len(batch) == 1:
                 if alone_tries + 1 < SINGLE_ROW_TRIES:
                     return self._generate_isolating(batch, alone_tries + 1)
@@ -227,6 +254,7 @@ class UnitWorker:
                 return [Result(batch[0].key, error_code="ENGINE_ERROR", error_message=msg)]
             mid = len(batch) // 2
             return self._generate_isolating(batch[:mid]) + self._generate_isolating(batch[mid:])
+        self._record([])
         by_key = {r.key: r for r in results}
         out = []
         for req in batch:
@@ -235,6 +263,16 @@ class UnitWorker:
                 result = Result(req.key, error_code="ENGINE_ERROR", error_message="no result")
             out.append(result)
         return out
+
+    def _record(self, keys: list[tuple[str, int]]) -> None:
+        """Tell the driver's recorder what is in the engine now (waits for entering rows)."""
+        if self._recorder is None:
+            return
+        ref = self._recorder.note.remote(self.incarnation, keys)
+        if keys:  # must be on record before a crash can happen; leaving needs no wait
+            import ray
+
+            ray.get(ref, timeout=RECORD_TIMEOUT_S)
 
     def _result_table(
         self, unit: WorkUnit, rows: list[RowInput], collector: _UnitCollector, table: pa.Table

@@ -5,6 +5,7 @@
   the image work it cannot avoid.
 - ``driver-memory``: peak RSS of the driver process for jobs of growing size (tiny rows), each
   in its own process so peaks do not mix. Flat means bounded by what is in flight.
+- ``storage``: the input read path from an S3 server vs local disk (``bench_storage``).
 """
 
 from __future__ import annotations
@@ -216,6 +217,10 @@ def add_bench_parser(sub) -> None:
     common(mem)
     mem.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     mem.set_defaults(func=bench_driver_memory)
+
+    from .bench_storage import add_storage_bench
+
+    add_storage_bench(kinds, common)
 
     child = kinds.add_parser("_driver-rss", help=argparse.SUPPRESS)
     common(child)

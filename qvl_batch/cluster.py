@@ -78,6 +78,28 @@ def actor_layout(cfg: Config, resources: dict[str, float]) -> tuple[int, dict[st
     return n, options
 
 
+class FlightRecorder:
+    """What each actor has inside its engine right now, kept outside the actors.
+
+    A worker notes the row keys of a batch before calling the engine and clears them after.
+    When an actor process dies, the driver reads what it was running: those are the rows that
+    may have killed it. One plain (single-threaded) Ray actor, so notes from one worker are
+    applied in the order they were sent.
+    """
+
+    def __init__(self) -> None:
+        self._inside: dict[int, list] = {}
+
+    def note(self, incarnation: int, keys: list) -> None:
+        if keys:
+            self._inside[incarnation] = keys
+        else:
+            self._inside.pop(incarnation, None)
+
+    def last(self, incarnation: int) -> list | None:
+        return self._inside.pop(incarnation, None)
+
+
 class ActorPool:
     """The job's actors. Starts Ray if needed; shuts down what it started."""
 
@@ -86,8 +108,12 @@ class ActorPool:
         self._started_ray = connect(cfg)
         self.size, self.options = actor_layout(cfg, ray.cluster_resources())
         self._remote = ray.remote(UnitWorker).options(**self.options)
+        # num_cpus=0: bookkeeping only; it must never wait for room the workers hold.
+        self.recorder = ray.remote(FlightRecorder).options(num_cpus=0, max_restarts=-1).remote()
         self.incarnations = 0
+        self.incarnation_of: list[int] = []
         self.actors = [self._new_actor() for _ in range(self.size)]
+        self.incarnation_of = list(range(self.size))
         try:
             infos = ray.get([a.ready.remote() for a in self.actors])
         except (RayTaskError, *ACTOR_DEATH) as exc:
@@ -105,9 +131,19 @@ class ActorPool:
         self._stats: dict[int, dict] = {}
 
     def _new_actor(self):
-        actor = self._remote.remote(self.cfg, self.incarnations)
+        actor = self._remote.remote(self.cfg, self.incarnations, self.recorder)
         self.incarnations += 1
         return actor
+
+    def crash_batch(self, index: int) -> list[tuple[str, int]] | None:
+        """The (unit id, row index) keys actor ``index`` had in its engine when it died."""
+        try:
+            keys = ray.get(
+                self.recorder.last.remote(self.incarnation_of[index]), timeout=STATS_TIMEOUT_S
+            )
+        except (GetTimeoutError, RayTaskError, *ACTOR_DEATH):
+            return None
+        return [tuple(k) for k in keys] if keys else None
 
     def replace(self, index: int):
         """Kill actor ``index`` (if still alive) and start a fresh one in its place."""
@@ -116,6 +152,7 @@ class ActorPool:
         except Exception:
             pass
         log.warning("actor %d died; starting a replacement", index)
+        self.incarnation_of[index] = self.incarnations
         self.actors[index] = self._new_actor()
         return self.actors[index]
 
@@ -154,7 +191,7 @@ class ActorPool:
         return padding, timings, storage
 
     def shutdown(self) -> None:
-        for actor in self.actors:
+        for actor in [*self.actors, self.recorder]:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:

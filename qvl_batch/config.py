@@ -130,6 +130,8 @@ class FakeEngineConfig:
     row_latency_s: float = 0.0
     token_latency_s: float = 0.0  # per decode step (per output token of the longest row)
     fail_ids: list[str] = field(default_factory=list)  # rows that get ENGINE_ERROR
+    raise_ids: list[str] = field(default_factory=list)  # any batch holding one of these raises
+    crash_ids: list[str] = field(default_factory=list)  # ...SIGKILLs the actor process
     raise_after_rows: int = 0  # raise once from generate() after this many rows (0 = never)
     exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
     exit_incarnations: int = 1  # ...only in actors whose incarnation is below this
@@ -277,9 +279,13 @@ class LimitsConfig:
     max_error_fraction: float = 0.1
     # Errors are judged only after this many rows, so a few early bad rows do not fail a job.
     min_rows_for_error_check: int = 1000
+    # Actor deaths a job tolerates in all. A row that kills its actor is isolated (it runs
+    # alone, and after two deaths alone becomes an ENGINE_CRASH row): about three deaths each.
+    max_actor_restarts: int = 50
 
     def __post_init__(self) -> None:
         _check(self.max_unit_attempts >= 1, "limits.max_unit_attempts", "must be >= 1")
+        _check(self.max_actor_restarts >= 0, "limits.max_actor_restarts", "must be >= 0")
         _check(
             0 <= self.max_error_fraction <= 1,
             "limits.max_error_fraction",

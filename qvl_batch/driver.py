@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .config import Config, fingerprint, fingerprint_fields, redact, to_dict
+from .isolation import CrashIsolation
 from .manifest import Plan, WorkUnit, plan_job
 from .progress import Progress
 from .report import summarize_output, versions
 from .state import METRICS_FILE, SUCCESS_FILE, OutputState
-from .storage import RETRY_STATS, Storage, StorageError, merge_retry_stats, retry_delta
+from .storage import Storage, StorageError, merge_retry_stats
 from .writer import UnitIncomplete, commit_unit
 
 log = logging.getLogger("qvl_batch")
@@ -78,6 +79,7 @@ class _Slot:
     actor: object
     generation: int = 0
     inflight: set = field(default_factory=set)
+    crashes: dict = field(default_factory=dict)  # generation -> keys in its engine at death
 
 
 @dataclass
@@ -93,12 +95,13 @@ class Driver:
     def __init__(self, cfg: Config, progress_bar: bool | None = None):
         self.cfg = cfg
         self.progress_bar = progress_bar
+        self.input_storage = Storage.for_input(cfg)
         self.state = OutputState(cfg.output.path, Storage.for_output(cfg))
 
     # ---- before any work -------------------------------------------------------------
     def prepare(self) -> tuple[Plan, dict, set[str]]:
         """Plan the input and open the output ledger; raises before any work on problems."""
-        plan = plan_job(self.cfg)
+        plan = plan_job(self.cfg, self.input_storage)
         fields = fingerprint_fields(self.cfg, plan.fingerprint)
         fp = fingerprint(fields)
         if self.cfg.output.mode == "overwrite":
@@ -132,7 +135,6 @@ class Driver:
     # ---- the run -------------------------------------------------------------------
     def run(self) -> JobSummary:
         t0 = time.monotonic()
-        retries_before = RETRY_STATS.snapshot()
         plan, job, committed = self.prepare()
         summary = JobSummary("running", EXIT_OK, self.state.url, job["job_id"])
         summary.rows_total = plan.total_rows
@@ -153,7 +155,9 @@ class Driver:
         self._fill_totals(summary)
 
         def storage_stats() -> dict:
-            here = retry_delta(retries_before, RETRY_STATS.snapshot())
+            here = merge_retry_stats(
+                self.input_storage.stats.snapshot(), self.state.storage.stats.snapshot()
+            )
             return merge_retry_stats(here, actor_storage)
 
         storage = storage_stats()
@@ -213,6 +217,7 @@ class Driver:
         slots = [_Slot(i, a) for i, a in enumerate(pool.actors)]
         inflight: dict = {}  # ref -> (unit, slot, generation, attempt)
         retries: deque[_Retry] = deque()
+        isolation = CrashIsolation()
         failure = None
 
         def next_unit() -> tuple[WorkUnit, int] | None:
@@ -239,7 +244,8 @@ class Driver:
                 for slot in slots:
                     while len(slot.inflight) < per_actor and (item := next_unit()) is not None:
                         unit, attempt = item
-                        ref = slot.actor.process_unit.remote(unit)
+                        args = isolation.process_args(unit.unit_id)
+                        ref = slot.actor.process_unit.remote(unit, *args)
                         inflight[ref] = (unit, slot, slot.generation, attempt)
                         slot.inflight.add(ref)
                 if not inflight:
@@ -254,10 +260,23 @@ class Driver:
                     outcome = pool.get(ref)
                     if outcome.actor_died:
                         if slot.generation == generation:
+                            slot.crashes[generation] = pool.crash_batch(slot.index)
                             slot.actor = pool.replace(slot.index)
                             slot.generation += 1
                             summary.actor_restarts += 1
-                        failure = requeue(unit, attempt, outcome.error)
+                        crash = slot.crashes.get(generation)
+                        if summary.actor_restarts > cfg.limits.max_actor_restarts:
+                            failure = (
+                                f"actors died {summary.actor_restarts} times, over "
+                                f"limits.max_actor_restarts={cfg.limits.max_actor_restarts}; "
+                                f"last: {outcome.error}"
+                            )
+                        elif crash is None:  # died outside the engine: an ordinary retry
+                            failure = requeue(unit, attempt, outcome.error)
+                        else:  # an isolation step (or a bystander): no attempt is used up
+                            isolation.learn(unit.unit_id, crash)
+                            summary.unit_retries += 1
+                            retries.append(_Retry(unit, attempt, time.monotonic()))
                     elif outcome.error:
                         failure = requeue(unit, attempt, outcome.error)
                     else:
@@ -277,6 +296,7 @@ class Driver:
                         except StorageError as exc:  # retries exhausted: stop, keep the rest
                             failure = f"cannot commit unit {unit.unit_id}: {exc}"
                             break
+                        isolation.forget(unit.unit_id)
                         summary.rows_this_run += record["num_rows"]
                         summary.errors_this_run += record["error_rows"]
                         summary.units_this_run += 1

@@ -134,9 +134,8 @@ def _no_match_reason(storage: Storage, fs, pattern: str, path: str) -> str:
     return f"input: no Parquet files match {pattern!r}"
 
 
-def list_shard_urls(cfg: Config) -> list[tuple[object, str]]:
+def list_shard_urls(cfg: Config, storage: Storage) -> list[tuple[object, str]]:
     """Every Parquet shard the input names, as (filesystem, path), sorted and de-duplicated."""
-    storage = Storage.for_input(cfg)
     patterns = list(cfg.input.paths)
     if cfg.input.manifest:
         patterns += _read_manifest(cfg.input.manifest, storage)
@@ -187,10 +186,10 @@ def required_columns(cfg: Config) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
-def plan_job(cfg: Config) -> Plan:
+def plan_job(cfg: Config, storage: Storage | None = None) -> Plan:
     """List, open and fingerprint the input; check the columns the job needs exist."""
-    listed = list_shard_urls(cfg)
-    storage = Storage.for_input(cfg)
+    storage = storage or Storage.for_input(cfg)
+    listed = list_shard_urls(cfg, storage)
     with ThreadPoolExecutor(min(FOOTER_THREADS, max(1, len(listed)))) as pool:
         infos = list(pool.map(lambda a: _shard_info(a[0], *a[1], storage), enumerate(listed)))
     needed = required_columns(cfg)

@@ -147,7 +147,7 @@ def describe(exc: BaseException) -> str:
 
 
 class RetryStats:
-    """Retries made in this process (thread-safe); actors report theirs to the driver."""
+    """Retries one :class:`Storage` made (thread-safe); actors report theirs to the driver."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -173,20 +173,8 @@ class RetryStats:
             }
 
 
-RETRY_STATS = RetryStats()
-
-
-def retry_delta(before: dict, after: dict) -> dict:
-    kinds = Counter(after["by_kind"])
-    kinds.subtract(before["by_kind"])
-    return {
-        "retries": after["retries"] - before["retries"],
-        "gave_up": after["gave_up"] - before["gave_up"],
-        "by_kind": {k: v for k, v in kinds.items() if v},
-    }
-
-
 def merge_retry_stats(total: dict, part: dict) -> dict:
+    """Sum two :meth:`RetryStats.snapshot` results."""
     kinds = Counter(total.get("by_kind", {}))
     kinds.update(part.get("by_kind", {}))
     return {
@@ -214,6 +202,7 @@ class Storage:
         self.max_attempts = getattr(settings, "max_attempts", 5)
         self.backoff_s = getattr(settings, "backoff_s", 0.2)
         self.max_backoff_s = getattr(settings, "max_backoff_s", 10.0)
+        self.stats = RetryStats()
 
     @classmethod
     def for_input(cls, cfg: Any) -> Storage:
@@ -253,11 +242,11 @@ class Storage:
                 if not is_transient(exc):
                     raise
                 if attempt == self.max_attempts:
-                    RETRY_STATS.record_give_up()
+                    self.stats.record_give_up()
                     raise StorageError(
                         f"{what}: gave up after {attempt} attempts: {describe(exc)}"
                     ) from exc
-                RETRY_STATS.record(exc)
+                self.stats.record(exc)
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
                 delay *= 0.5 + random.random()  # jitter: retries of many workers spread out
                 log.debug("%s: %s; retry %d in %.2fs", what, describe(exc), attempt, delay)

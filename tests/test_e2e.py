@@ -165,7 +165,7 @@ def test_actor_killed_mid_batch_job_completes_exactly_once(tmp_path, dataset, ra
     assert comparable(errors, ERROR_KEYS) == comparable(ref_errors, ERROR_KEYS)
 
 
-def test_unit_that_always_kills_its_actor_fails_the_job_cleanly(tmp_path, dataset, ray_head):
+def test_actors_that_always_die_fail_the_job_cleanly(tmp_path, dataset, ray_head):
     out = tmp_path / "out"
     job = write_job(
         tmp_path / "job.yaml",
@@ -173,10 +173,10 @@ def test_unit_that_always_kills_its_actor_fails_the_job_cleanly(tmp_path, datase
         out,
         ray_head,
         engine__fake={"exit_after_rows": 1, "exit_incarnations": 1000},
-        limits__max_unit_attempts=2,
+        limits__max_actor_restarts=3,
     )
     summary = run(job)
     assert summary.exit_code == EXIT_FAILED
-    assert "failed 2 times" in summary.message
+    assert "actors died 4 times, over limits.max_actor_restarts=3" in summary.message
     assert not (out / "_SUCCESS").exists()
     assert (out / "_metrics.json").exists()

@@ -11,7 +11,6 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 
 from qvl_batch.config import ConfigError, StorageConfig, load_config
 from qvl_batch.storage import (
-    RETRY_STATS,
     RangeReader,
     Storage,
     StorageError,
@@ -82,9 +81,8 @@ def test_call_retries_with_backoff_counts_and_gives_up_naming_the_operation(monk
             raise translated("SlowDown", 503, OSError, errno.EBUSY)
         return "ok"
 
-    before = RETRY_STATS.snapshot()["retries"]
     assert storage.call("read s3://b/k", flaky, 2) == "ok"
-    assert RETRY_STATS.snapshot()["retries"] - before == 2
+    assert storage.stats.snapshot()["retries"] == 2
     # exponential backoff with jitter in [0.5, 1.5) of 0.1, 0.2
     assert 0.05 <= sleeps[0] < 0.15 and 0.1 <= sleeps[1] < 0.3
 
@@ -93,6 +91,7 @@ def test_call_retries_with_backoff_counts_and_gives_up_naming_the_operation(monk
     with pytest.raises(StorageError, match=r"read s3://b/k: gave up after 4 attempts"):
         storage.call("read s3://b/k", flaky, 100)
     assert len(calls) == 4 and len(sleeps) == 3
+    assert storage.stats.snapshot() == {"retries": 5, "gave_up": 1, "by_kind": {"OSError": 5}}
     assert all(s < 0.3 * 1.5 for s in sleeps), "capped at max_backoff_s (with jitter)"
 
 

@@ -3,7 +3,8 @@
 Output text is a function of the image content hash, the prompt and the seed only
 (:func:`expected_text`), so tests can compute what every row must say. A latency model
 (per batch, per row, per decode step) stands in for a GPU; fault injection fails chosen rows,
-raises once after N rows, or SIGKILLs its own process after N rows.
+fails every batch that holds a chosen row, SIGKILLs its process on a chosen row, raises once
+after N rows, or SIGKILLs its own process after N rows.
 """
 
 from __future__ import annotations
@@ -73,10 +74,17 @@ class FakeEngine(Engine):
         self.rows_seen = 0
         self._raised = False
         self._fail_ids = set(self.fake.fail_ids)
+        self._raise_ids = set(self.fake.raise_ids)
+        self._crash_ids = set(self.fake.crash_ids)
 
     def generate(self, requests: list[Request]) -> list[Result]:
         self.rows_seen += len(requests)
         f = self.fake
+        ids = {r.row_id for r in requests}
+        if ids & self._crash_ids:
+            os.kill(os.getpid(), signal.SIGKILL)  # a poison row that takes the process down
+        if poison := sorted(ids & self._raise_ids):
+            raise EngineError(f"injected batch failure (poison rows {poison})")
         crash_due = f.exit_after_rows and self.rows_seen >= f.exit_after_rows
         if crash_due and self.incarnation < f.exit_incarnations:
             os.kill(os.getpid(), signal.SIGKILL)  # a real hard crash mid-batch

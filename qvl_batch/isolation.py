@@ -1,0 +1,58 @@
+"""Crash isolation: which rows must run alone, and which to give up on, after actor deaths.
+
+When an engine kills its process (a segfault, a CUDA error, OOM on one huge input), every row
+in the engine at that moment is a suspect (the FlightRecorder knows which). Suspects run alone
+on the next attempt; a row whose process dies while it runs alone, twice, is not run again and
+becomes an ENGINE_CRASH error row. So a poison row costs about three actor restarts and never
+blocks its unit, and a transient crash condemns nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+CRASHES_ALONE_TO_CONDEMN = 2
+
+
+@dataclass
+class _Suspects:
+    solo: set[int] = field(default_factory=set)
+    alone_crashes: Counter = field(default_factory=Counter)
+    condemned: set[int] = field(default_factory=set)
+
+
+class CrashIsolation:
+    """Per unit: rows to run alone and rows to skip, learnt from what the engine held at a death."""
+
+    def __init__(self) -> None:
+        self._units: dict[str, _Suspects] = {}
+
+    def learn(self, unit_id: str, crash_keys: list[tuple[str, int]]) -> bool:
+        """Record a death with ``crash_keys`` (unit id, row index) in the engine.
+
+        Returns True if rows of ``unit_id`` were among them.
+        """
+        mine = sorted(i for u, i in crash_keys if u == unit_id)
+        if not mine:
+            return False
+        s = self._units.setdefault(unit_id, _Suspects())
+        if len(crash_keys) == 1:  # it ran alone: this row (or bad luck) killed the process
+            row = mine[0]
+            s.alone_crashes[row] += 1
+            if s.alone_crashes[row] >= CRASHES_ALONE_TO_CONDEMN:
+                s.condemned.add(row)
+                s.solo.discard(row)
+            else:
+                s.solo.add(row)
+        else:
+            s.solo.update(mine)
+        return True
+
+    def process_args(self, unit_id: str) -> tuple:
+        """Extra arguments for ``UnitWorker.process_unit``: (solo rows, rows to skip)."""
+        s = self._units.get(unit_id)
+        return () if s is None else (sorted(s.solo), sorted(s.condemned))
+
+    def forget(self, unit_id: str) -> None:
+        self._units.pop(unit_id, None)
