@@ -23,6 +23,7 @@ from .config import Config
 from .engines.base import Engine, Request, Result, make_engine
 from .images import ImageError, prepare_image
 from .manifest import WorkUnit
+from .prompts import PromptError
 from .reader import RowInput, fetch_uri, read_unit_table, unit_rows
 from .schema import ROW_RESULT
 from .storage import Storage
@@ -150,9 +151,15 @@ class UnitWorker:
             data = row.image
             if isinstance(data, str):
                 data = fetch_uri(data, self.storage)
-            img = prepare_image(data, self.cfg.image)
             text_tokens = self.engine.count_text_tokens(row.prompt, self.cfg.prompt.system)
-        except ImageError as exc:
+            if text_tokens > self.cfg.prompt.max_prompt_tokens:
+                raise PromptError(
+                    "PROMPT_TOO_LONG",
+                    f"prompt is {text_tokens} tokens; prompt.max_prompt_tokens is "
+                    f"{self.cfg.prompt.max_prompt_tokens}",
+                )
+            img = prepare_image(data, self.cfg.image)
+        except (ImageError, PromptError) as exc:
             self._finish_early(key, Result(key, error_code=exc.code, error_message=exc.message))
             return
         except Exception as exc:  # a bug or an unexpected library error: still only this row
@@ -179,6 +186,7 @@ class UnitWorker:
             "resized_width": img.resized_size[0],
             "resized_height": img.resized_size[1],
             "image_sha256": img.sha256,
+            "image_notes": ",".join(img.notes) or None,
         }
         with self._cond:
             collector = self._units.get(unit_id)
@@ -293,6 +301,7 @@ class UnitWorker:
             for name in ("image_width", "image_height", "resized_width", "resized_height"):
                 cols[name].append(meta.get(name))
             cols["image_sha256"].append(meta.get("image_sha256"))
+            cols["image_notes"].append(meta.get("image_notes"))
             cols["error_code"].append(result.error_code)
             cols["error_message"].append(result.error_message)
         out = pa.table(cols, schema=ROW_RESULT)

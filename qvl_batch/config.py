@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .prompts import template_fields
 
+_INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
+_NODE_REF = re.compile(r"\.?[A-Za-z_][\w]*(\.[A-Za-z_][\w]*|\[\d+\])*")
 SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session", "sas", "auth")
 REDACTED = "***"
 
@@ -70,6 +73,12 @@ class PromptConfig:
 
     template: str = "Describe this image."
     system: str | None = None
+    # Longer prompts (text tokens, chat template included) are PROMPT_TOO_LONG rows; prompts
+    # over CHARS_PER_TOKEN_CAP x this many characters are refused before tokenizing.
+    max_prompt_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        _check(self.max_prompt_tokens >= 1, "prompt.max_prompt_tokens", "must be >= 1")
 
 
 @dataclass
@@ -282,10 +291,12 @@ class LimitsConfig:
     # Actor deaths a job tolerates in all. A row that kills its actor is isolated (it runs
     # alone, and after two deaths alone becomes an ENGINE_CRASH row): about three deaths each.
     max_actor_restarts: int = 50
+    max_row_crashes: int = 2  # deaths while a row runs alone that make it an ENGINE_CRASH row
 
     def __post_init__(self) -> None:
         _check(self.max_unit_attempts >= 1, "limits.max_unit_attempts", "must be >= 1")
         _check(self.max_actor_restarts >= 0, "limits.max_actor_restarts", "must be >= 0")
+        _check(self.max_row_crashes >= 1, "limits.max_row_crashes", "must be >= 1")
         _check(
             0 <= self.max_error_fraction <= 1,
             "limits.max_error_fraction",
@@ -356,6 +367,33 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
+def _check_interpolations(merged: DictConfig) -> None:
+    """Only ``${section.key}`` references: no resolvers (``${oc.env:...}`` and the like).
+
+    A job file is data. Resolvers could read the environment (credentials) into a config that
+    is saved next to the output and stamped on every row; values belong in the file or on the
+    command line instead.
+    """
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(node, str) and "${" in node:
+            for ref in _INTERPOLATION.findall(node):
+                if ":" in ref or not _NODE_REF.fullmatch(ref.strip()):
+                    raise ConfigError(
+                        f"{key}: '${{{ref}}}' is not allowed: job files may reference other "
+                        "keys (${section.key}) but not call resolvers; put the value in the "
+                        "file or pass key=value on the command line"
+                    )
+
+    walk(OmegaConf.to_container(merged, resolve=False), "")
+
+
 def load_config(job_file: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Resolve a job: defaults, conf groups, the job file and CLI overrides, then validate."""
     schema = OmegaConf.structured(Config)
@@ -384,6 +422,7 @@ def load_config(job_file: str | Path | None, overrides: list[str] | None = None)
         except Exception as exc:
             raise ConfigError(f"override '{item}': {exc}") from None
         merged = _merge(merged, dotlist, f"override '{item}'")
+    _check_interpolations(merged)
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"required keys not set: {', '.join(missing)}")

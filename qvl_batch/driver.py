@@ -217,7 +217,7 @@ class Driver:
         slots = [_Slot(i, a) for i, a in enumerate(pool.actors)]
         inflight: dict = {}  # ref -> (unit, slot, generation, attempt)
         retries: deque[_Retry] = deque()
-        isolation = CrashIsolation()
+        isolation = CrashIsolation(cfg.limits.max_row_crashes)
         failure = None
 
         def next_unit() -> tuple[WorkUnit, int] | None:

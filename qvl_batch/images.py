@@ -1,7 +1,9 @@
 """Decode, validate and resize one encoded image to the Qwen2.5-VL vision grid.
 
-Every failure that is the row's fault (missing, undecodable, too large, too small, too thin) raises
-:class:`ImageError` with a stable code, so the caller can record it on the row and carry on.
+Every failure that is the row's fault (missing, undecodable, a format outside the allow-list, too
+large, too small, too thin) raises :class:`ImageError` with a stable code, so the caller can record
+it on the row and carry on. Only the allowed formats' plugins ever decode pixels; other formats
+are named from their headers and refused.
 The resize rule is Qwen2.5-VL's own (``smart_resize``), so the engine's processor never resizes
 again and the vision-token count is known before the image reaches the model.
 """
@@ -15,7 +17,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 PATCH = 28  # Qwen2.5-VL: 14px patches merged 2x2 -> one vision token per 28x28
 MAX_ASPECT = 200  # Qwen's processor refuses images thinner than this
@@ -23,10 +25,22 @@ MAX_ASPECT = 200  # Qwen's processor refuses images thinner than this
 ERROR_CODES = (
     "MISSING_IMAGE",
     "DECODE_ERROR",
+    "UNSUPPORTED_FORMAT",
     "IMAGE_TOO_LARGE",
     "IMAGE_TOO_SMALL",
     "ASPECT_RATIO",
 )
+
+# Source formats decoded: what photo and web datasets hold. Pillow reads ~40 more, each plugin more
+# attack surface and some worse (EPS/PS runs Ghostscript, a PostScript interpreter, on load()), so
+# the rest are refused as UNSUPPORTED_FORMAT. MPO is multi-picture JPEG (phones, 3D cameras).
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# The plugins Image.open may try. MPO has no opener of its own: the JPEG one returns MPO files.
+_OPEN_WITH = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# Plugins outside the allow-list whose _open already decodes pixels (ICO loads its largest icon,
+# possibly an embedded PNG up to Pillow's bomb limit): named from their magic number alone.
+_DECODES_ON_OPEN = ("ICO",)
 
 # What Pillow raises on corrupt or unsupported input; anything else is a bug and propagates.
 _DECODE_ERRORS = (
@@ -120,7 +134,7 @@ def prepare_image(data: bytes | None, cfg) -> PreparedImage:
         raise ImageError("MISSING_IMAGE", "no image bytes")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as src:
+        with _open_allowed(data) as src:
             return _prepare_open(src, digest, cfg)
     # The warning only arrives as an exception where warnings are errors; otherwise Pillow's
     # (global) threshold just logs and our own header check against cfg decides.
@@ -128,6 +142,55 @@ def prepare_image(data: bytes | None, cfg) -> PreparedImage:
         raise ImageError("IMAGE_TOO_LARGE", f"refused by Pillow: {_short(exc)}") from None
     except _DECODE_ERRORS as exc:
         raise ImageError("DECODE_ERROR", _short(exc)) from None
+
+
+def _open_allowed(data: bytes) -> Image.Image:
+    """Open (header only) with the allowed plugins alone; other formats never reach a decoder.
+
+    Raises UNSUPPORTED_FORMAT when Pillow would know the format, else Pillow's own error.
+    """
+    try:
+        src = Image.open(io.BytesIO(data), formats=_open_formats())
+    except UnidentifiedImageError:
+        other = _identify_any(data)
+        if other is not None:
+            raise ImageError("UNSUPPORTED_FORMAT", _unsupported(other)) from None
+        # Pillow's own message names a BytesIO address: different on every run.
+        raise UnidentifiedImageError("cannot identify an image format") from None
+    if src.format not in ALLOWED_FORMATS:  # a plugin's factory may return another format
+        src.close()
+        raise ImageError("UNSUPPORTED_FORMAT", _unsupported(src.format or "unknown"))
+    return src
+
+
+def _open_formats() -> tuple[str, ...]:
+    """_OPEN_WITH less any plugin this Pillow lacks (Image.open raises KeyError on those)."""
+    Image.init()  # registers every plugin once; later calls return at once
+    return tuple(f for f in _OPEN_WITH if f in Image.OPEN)
+
+
+def _identify_any(data: bytes) -> str | None:
+    """The other Pillow format these bytes are in, or None; header parsers only, no pixels.
+
+    Runs only on bytes the allowed plugins did not recognise, so the common path pays nothing.
+    """
+    for fmt in _DECODES_ON_OPEN:
+        accept = Image.OPEN.get(fmt, (None, None))[1]
+        verdict = accept(data[:16]) if accept else False
+        if verdict and not isinstance(verdict, str):  # a str is Pillow's "cannot read" note
+            return fmt
+    others = [f for f in Image.ID if f in Image.OPEN and f not in _OPEN_WITH + _DECODES_ON_OPEN]
+    try:
+        with Image.open(io.BytesIO(data), formats=others) as other:
+            return other.format or "unknown"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "a format whose header is past Pillow's size limit"  # identified, then refused
+    except Exception:  # ~40 rarely used header parsers on hostile bytes: only a label is at stake
+        return None
+
+
+def _unsupported(fmt: str) -> str:
+    return f"{fmt} is not an allowed source format ({', '.join(ALLOWED_FORMATS)})"
 
 
 def _prepare_open(src: Image.Image, digest: str, cfg) -> PreparedImage:

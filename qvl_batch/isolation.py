@@ -2,17 +2,15 @@
 
 When an engine kills its process (a segfault, a CUDA error, OOM on one huge input), every row
 in the engine at that moment is a suspect (the FlightRecorder knows which). Suspects run alone
-on the next attempt; a row whose process dies while it runs alone, twice, is not run again and
-becomes an ENGINE_CRASH error row. So a poison row costs about three actor restarts and never
-blocks its unit, and a transient crash condemns nothing.
+on the next attempt; a row whose process dies while it runs alone ``limits.max_row_crashes``
+times (2) is not run again and becomes an ENGINE_CRASH error row. So a poison row costs about
+three actor restarts and never blocks its unit, and one transient crash condemns nothing.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-
-CRASHES_ALONE_TO_CONDEMN = 2
 
 
 @dataclass
@@ -25,7 +23,8 @@ class _Suspects:
 class CrashIsolation:
     """Per unit: rows to run alone and rows to skip, learnt from what the engine held at a death."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_row_crashes: int = 2) -> None:
+        self.max_row_crashes = max_row_crashes
         self._units: dict[str, _Suspects] = {}
 
     def learn(self, unit_id: str, crash_keys: list[tuple[str, int]]) -> bool:
@@ -40,7 +39,7 @@ class CrashIsolation:
         if len(crash_keys) == 1:  # it ran alone: this row (or bad luck) killed the process
             row = mine[0]
             s.alone_crashes[row] += 1
-            if s.alone_crashes[row] >= CRASHES_ALONE_TO_CONDEMN:
+            if s.alone_crashes[row] >= self.max_row_crashes:
                 s.condemned.add(row)
                 s.solo.discard(row)
             else:

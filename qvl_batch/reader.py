@@ -15,6 +15,10 @@ from .manifest import WorkUnit, required_columns
 from .prompts import PromptError, prompt_from_column, render_prompt, template_fields
 from .storage import Storage, describe
 
+# Tokenizers average 3-5 characters per token on natural text; a prompt over this many
+# characters per allowed token is refused without tokenizing (a multi-megabyte cell is cheap).
+CHARS_PER_TOKEN_CAP = 32
+
 
 @dataclass
 class RowInput:
@@ -97,6 +101,12 @@ def unit_rows(unit: WorkUnit, table: pa.Table, cfg: Config) -> list[RowInput]:
             else:
                 values = {f: field_values[f][i] for f in fields}
                 row.prompt = render_prompt(cfg.prompt.template, fields, values)
+            if len(row.prompt) > CHARS_PER_TOKEN_CAP * cfg.prompt.max_prompt_tokens:
+                raise PromptError(
+                    "PROMPT_TOO_LONG",
+                    f"prompt is {len(row.prompt):,} characters; prompt.max_prompt_tokens is "
+                    f"{cfg.prompt.max_prompt_tokens}",
+                )
             if row.image is None:
                 raise PromptError("MISSING_IMAGE", f"image column {inp.image_column!r} is null")
         except PromptError as exc:

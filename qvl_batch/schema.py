@@ -24,6 +24,7 @@ ROW_RESULT = pa.schema(
         ("resized_width", pa.int32()),
         ("resized_height", pa.int32()),
         ("image_sha256", pa.string()),
+        ("image_notes", pa.string()),  # what preparation changed, e.g. "exif_transposed,draft"
         ("error_code", pa.string()),
         ("error_message", pa.string()),
     ]
@@ -41,6 +42,7 @@ DATA_COLUMNS = [
     "resized_width",
     "resized_height",
     "image_sha256",
+    "image_notes",
     "source_shard",
     "source_row",
 ]

@@ -515,6 +515,37 @@ def test_aspect_ratio():
     assert prepare_image(encode(Image.new("L", (2_000, 10))), ImageConfig()).resized_size
 
 
+def test_identification_failure_of_another_plugin_is_a_decode_error(monkeypatch):
+    # Bytes only the TGA plugin (no magic number) would claim, and that plugin misbehaving.
+    tga = encode(Image.new("RGB", (64, 48), RED), "TGA")
+    assert error_code(tga) == "UNSUPPORTED_FORMAT"
+
+    def broken(fp, filename):
+        raise RuntimeError("plugin bug")
+
+    Image.init()
+    monkeypatch.setitem(Image.OPEN, "TGA", (broken, None))
+    with pytest.raises(ImageError) as info:
+        prepare_image(tga, ImageConfig())
+    assert info.value.code == "DECODE_ERROR"
+    assert info.value.message == "UnidentifiedImageError: cannot identify an image format"
+
+
+def test_allowed_plugin_returning_another_format_is_refused(monkeypatch):
+    Image.init()
+    factory, accept = Image.OPEN["PNG"]
+
+    def relabelled(fp, filename):
+        img = factory(fp, filename)
+        img.format = "PCX"  # as if the PNG plugin had handed back some other format's image
+        return img
+
+    monkeypatch.setitem(Image.OPEN, "PNG", (relabelled, accept))
+    with pytest.raises(ImageError) as info:
+        prepare_image(encode(Image.new("RGB", (64, 48), RED)), ImageConfig())
+    assert info.value.code == "UNSUPPORTED_FORMAT" and "PCX" in info.value.message
+
+
 def test_image_error_pickles_and_reads_well():
     err = ImageError("DECODE_ERROR", "cannot identify image file")
     copy = pickle.loads(pickle.dumps(err))

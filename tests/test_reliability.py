@@ -59,3 +59,63 @@ def test_rows_that_kill_the_actor_are_isolated_and_become_engine_crash_rows(
     # Each poison row: a death in a batch (suspects then run alone), then two deaths alone.
     assert 2 * len(poison) <= summary.actor_restarts <= 3 * len(poison), summary.lines()
     assert all("died" in r["error_message"] for r in errors if r["id"] in poison)
+
+
+def test_bad_rows_get_their_codes_and_hostile_ids_stay_inside_the_output(tmp_path, ray_head):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qvl_batch.synth import encode_jpeg, photo_like
+
+    rng = np.random.default_rng(3)
+    jpeg = [encode_jpeg(photo_like(rng, 96 + 8 * i, 80)) for i in range(4)]
+    rows = [  # (id, image, hint, expected outcome)
+        ("ok-0", jpeg[0], "a cat", "OK"),
+        ("ok-1", jpeg[1], "a dog", "OK"),
+        ("../../escape", jpeg[2], "a tree", "OK"),
+        ("/abs/../../x\\y", jpeg[3], "a car", "OK"),
+        ("no-image", None, "a cat", "MISSING_IMAGE"),
+        ("empty-image", b"", "a cat", "MISSING_IMAGE"),
+        ("null-field", jpeg[0], None, "BAD_PROMPT"),
+        ("long-tokens", jpeg[1], "word " * 5000, "PROMPT_TOO_LONG"),  # ~6,300 tokens
+        ("long-chars", jpeg[2], "x" * 200_000, "PROMPT_TOO_LONG"),  # refused untokenized
+        (None, jpeg[3], "a cat", "MISSING_ID"),
+    ]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    table = pa.table(
+        {
+            "id": pa.array([r[0] for r in rows], pa.string()),
+            "image": pa.array([r[1] for r in rows], pa.binary()),
+            "hint": pa.array([r[2] for r in rows], pa.string()),
+            "source": pa.array(["t"] * len(rows), pa.string()),
+        }
+    )
+    pq.write_table(table, data_dir / "part-0.parquet")
+    out = tmp_path / "out"
+    job = write_job(
+        tmp_path / "job.yaml",
+        data_dir,
+        out,
+        ray_head,
+        prompt={"template": "Describe {hint}."},
+        limits__max_error_fraction=1.0,
+    )
+    before = {p for p in tmp_path.rglob("*") if "out" not in p.relative_to(tmp_path).parts}
+    summary = run_job(load_config(job), progress_bar=False)
+    assert summary.exit_code == EXIT_OK, summary.lines()
+    data, errors = read_output(out)
+    got = {r["id"]: "OK" for r in data} | {r["id"]: r["error_code"] for r in errors}
+    derived = "part-0.parquet:9"  # a null id is replaced by <shard>:<row> on the error row
+    want = {(r[0] if r[0] is not None else derived): r[3] for r in rows}
+    assert got == want
+    expected_counts = {}
+    for code in want.values():
+        if code != "OK":
+            expected_counts[code] = expected_counts.get(code, 0) + 1
+    assert summary.error_codes == expected_counts
+    after = {p for p in tmp_path.rglob("*") if "out" not in p.relative_to(tmp_path).parts}
+    assert after - before <= {tmp_path / "job.yaml"}, "nothing written outside the output"
+    names = {p.name for p in out.rglob("*") if p.is_file()}
+    assert all(n.startswith(("part-", "_", "00000-")) for n in names), names
