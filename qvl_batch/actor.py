@@ -195,7 +195,8 @@ class UnitWorker:
             if solo:
                 self._solo.append(request)
             else:
-                self._bucketer.add(request, img.resized_size, budget, seq_len)
+                key = img.resized_size if self.cfg.batching.bucketing else "arrival"
+                self._bucketer.add(request, key, budget, seq_len)
             self._in_prep -= 1
             self._cond.notify_all()
 

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="report engine, CUDA and GPU versions; what is missing")
     doctor.set_defaults(func=cmd_doctor)
 
+    from .verify import add_verify_parser
+
+    add_verify_parser(sub)
+
     from .bench import add_bench_parser
 
     add_bench_parser(sub)

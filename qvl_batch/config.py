@@ -23,7 +23,20 @@ from .prompts import template_fields
 
 _INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
 _NODE_REF = re.compile(r"\.?[A-Za-z_][\w]*(\.[A-Za-z_][\w]*|\[\d+\])*")
-SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session", "sas", "auth")
+SECRET_WORDS = {
+    "key",
+    "secret",
+    "token",
+    "password",
+    "passwd",
+    "credential",
+    "credentials",
+    "session",
+    "sas",
+    "auth",
+    "authorization",
+    "signature",
+}
 REDACTED = "***"
 
 
@@ -107,6 +120,8 @@ class BatchingConfig:
     """How rows become engine batches inside an actor."""
 
     max_batch_size: int = 32
+    # Group rows by resized image size (less padding); false batches in arrival order.
+    bucketing: bool = True
     # vision + text (+ max output) tokens per batch; bounds activation / KV memory per batch.
     max_tokens_per_batch: int = 65536
     # A bucket that is not full is flushed once its oldest row waited this long, so no row
@@ -443,13 +458,33 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _is_secret_key(key: str) -> bool:
+    """True for keys like ``secret``, ``access_key``, ``sessionToken``, ``sas_token``; not for
+    ``max_tokens`` (whole words only, split at ``_``, ``-``, ``.`` and camelCase)."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key).replace("_", " ").replace("-", " ")
+    return any(w in SECRET_WORDS for w in words.replace(".", " ").lower().split())
+
+
+def _schema_keys() -> set[str]:
+    """Every field name of the config schema: settings, never secrets (``token_latency_s``)."""
+    keys, todo = set(), [Config]
+    while todo:
+        for f in dataclasses.fields(todo.pop()):
+            keys.add(f.name)
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+                if dataclasses.is_dataclass(default):
+                    todo.append(type(default))
+    return keys
+
+
 def redact(value: Any, parent_key: str = "") -> Any:
-    """Copy with secret-looking values replaced (storage credentials, tokens)."""
+    """Copy with secret-looking values replaced (credentials in storage or engine options)."""
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v, parent_key) for v in value]
-    if value is not None and any(w in parent_key.lower() for w in SECRET_WORDS):
+    if value is not None and _is_secret_key(parent_key) and parent_key not in _schema_keys():
         return REDACTED
     return value
 

@@ -186,6 +186,13 @@ def test_secrets_are_redacted():
     red = redact(cfg)
     assert red["input"]["storage_options"] == {"key": "***", "secret": "***", "region": "eu"}
     assert "s3cr3t" not in json.dumps(redact(to_dict(load_config(None, _min_overrides()))))
+    secret_keys = ["access_key", "sessionToken", "sas_token", "client-secret", "Authorization"]
+    kept = ["max_tokens", "max_tokens_per_batch", "max_num_tokens", "keyframe", "region"]
+    red = redact({k: "v" for k in secret_keys + kept})
+    assert [k for k in red if red[k] == "***"] == secret_keys
+    saved = redact(to_dict(load_config(None, _min_overrides())))
+    assert saved["sampling"]["max_tokens"] == 64, "settings are saved, only secrets hidden"
+    assert saved["engine"]["fake"]["token_latency_s"] == 0.0
 
 
 def _min_overrides():
