@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
-from .config import REDACTED, Config, ConfigError
+from .config import REDACTED, Config, ConfigError, StorageConfig
 from .manifest import InputError, Plan, WorkUnit, plan_job
 from .reader import read_unit_table
 from .schema import DATA_COLUMNS, ERROR_COLUMNS, LINEAGE, ROW_RESULT
@@ -407,20 +407,29 @@ def _exactly_once(unit: WorkUnit, rows: dict, res: UnitResult) -> None:
 
 
 def verify_output(
-    url: str, *, allow_incomplete: bool = False, storage_overrides: dict | None = None
+    url: str,
+    *,
+    allow_incomplete: bool = False,
+    storage_overrides: dict | None = None,
+    storage: StorageConfig | None = None,
 ) -> VerifyReport:
     """Check the output folder ``url`` against its input; violations are listed, not raised.
 
+    ``storage`` (endpoint, region, ...) reaches ``_job.json`` on object storage; by default the
+    job's own saved ``storage`` section is used once that file is read (an endpoint there, such
+    as a local S3 server, then needs ``storage`` here too, to read the file in the first place).
     Raises NotAJobOutput where ``url`` holds no job, ConfigError where its saved config does
     not load, StorageError where the output cannot be listed.
     """
     try:
-        job = OutputState(url, Storage(None, storage_overrides)).job()
+        job = OutputState(url, Storage(storage, storage_overrides)).job()
     except ValueError:
         raise NotAJobOutput(f"{url}: {JOB} is not valid JSON") from None
     if job is None:
         raise NotAJobOutput(f"{url}: no {JOB}: this is not the output of a qvl-batch job")
     cfg = config_from_job(job, url, storage_overrides)
+    if storage is not None:
+        cfg.storage = storage
     state = OutputState(url, Storage.for_output(cfg))
     success = state.success()
     report = VerifyReport(url, job_id=str(job.get("job_id")), complete=success is not None)
@@ -449,7 +458,15 @@ def verify_output(
 def cmd_verify(args: argparse.Namespace) -> int:
     """0: the output keeps its contract; 1: violations; 2: no job there, or it cannot be read."""
     try:
-        report = verify_output(args.output, allow_incomplete=args.allow_incomplete)
+        storage = None
+        if args.endpoint_url or args.region or args.anon or args.profile:
+            storage = StorageConfig(
+                endpoint_url=args.endpoint_url,
+                region=args.region,
+                anon=args.anon,
+                profile=args.profile,
+            )
+        report = verify_output(args.output, allow_incomplete=args.allow_incomplete, storage=storage)
     except (NotAJobOutput, ConfigError, StorageError) as exc:
         print(f"qvl-batch verify: {exc}", file=sys.stderr)
         return EXIT_NO_JOB
@@ -467,4 +484,8 @@ def add_verify_parser(sub) -> None:
         help="a running or interrupted job: pending units are reported, not violations",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint of the output and input")
+    p.add_argument("--region", help="S3 region")
+    p.add_argument("--profile", help="AWS named profile")
+    p.add_argument("--anon", action="store_true", help="public buckets, no credentials")
     p.set_defaults(func=cmd_verify)

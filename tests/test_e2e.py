@@ -15,6 +15,7 @@ from qvl_batch.config import load_config
 from qvl_batch.driver import EXIT_FAILED, EXIT_OK, run_job
 from qvl_batch.manifest import plan_job
 from qvl_batch.state import ResumeRefused
+from qvl_batch.verify import verify_output
 
 from .conftest import (
     DATA_KEYS,
@@ -84,6 +85,8 @@ def test_job_outputs_exactly_once_and_match_fake_engine(tmp_path, dataset, ray_h
     assert metrics["summary"]["rows_this_run"] == len(inputs)
     assert metrics["padding"]["rows"] == len(data)
     assert summary.data_rows == len(data) and summary.error_rows == len(errors)
+    report = verify_output(str(out))
+    assert report.ok and report.to_dict()["data_rows"] == len(data), report.lines()
 
 
 def test_rerun_is_noop_and_changed_prompt_is_refused(tmp_path, dataset, ray_head):

@@ -22,10 +22,11 @@ import pytest
 import s3fs
 
 from qvl_batch.cli import main
-from qvl_batch.config import load_config
+from qvl_batch.config import StorageConfig, load_config
 from qvl_batch.driver import EXIT_CONFIG, EXIT_OK, run_job
 from qvl_batch.manifest import plan_job
 from qvl_batch.s3local import MotoServer
+from qvl_batch.verify import verify_output
 
 from .conftest import expected_for, input_rows, read_output, write_job
 from .s3util import FaultProxy, Faults
@@ -126,6 +127,10 @@ def test_s3_to_s3_job_exactly_once_with_no_temporary_objects(tmp_path, dataset, 
     assert "qvl-very-secret-value" not in job_json and "AKIAQVLTESTKEY" not in job_json
     assert json.loads(job_json)["config"]["input"]["storage_options"]["secret"] == "***"
 
+    # on S3; credentials from the environment (the job's own were redacted in _job.json)
+    report = verify_output(out, storage=StorageConfig(endpoint_url=s3.endpoint))
+    assert report.ok, report.lines()
+    assert main(["verify", out, "--endpoint-url", s3.endpoint]) == 0
     again = run_job(load_config(job), progress_bar=False)
     assert again.status == "already_complete"
 
@@ -188,6 +193,7 @@ def test_kill_driver_and_resume_on_s3(tmp_path, dataset, ray_head, s3):
     check_outputs(dataset, local)
     metrics = json.loads((local / "_metrics.json").read_text())
     assert metrics["summary"]["rows_this_run"] < len(input_rows(dataset)), "resumed, not redone"
+    assert verify_output(out, storage=StorageConfig(endpoint_url=s3.endpoint)).ok
 
 
 def _uri_dataset(fs, dataset: Path, tmp_path: Path, bucket: str, missing: int) -> frozenset:
