@@ -6,6 +6,7 @@
 - ``driver-memory``: peak RSS of the driver process for jobs of growing size (tiny rows), each
   in its own process so peaks do not mix. Flat means bounded by what is in flight.
 - ``storage``: the input read path from an S3 server vs local disk (``bench_storage``).
+- ``gpu``: the hf engine alone vs the whole runner, and bucketing on vs off (``bench_gpu``).
 """
 
 from __future__ import annotations
@@ -221,6 +222,10 @@ def add_bench_parser(sub) -> None:
     from .bench_storage import add_storage_bench
 
     add_storage_bench(kinds, common)
+
+    from .bench_gpu import add_gpu_bench
+
+    add_gpu_bench(kinds, common)
 
     child = kinds.add_parser("_driver-rss", help=argparse.SUPPRESS)
     common(child)

@@ -1,0 +1,538 @@
+"""``qvl-batch bench gpu``: the engine alone vs the whole runner on one GPU, in one command.
+
+Three sections, each optional (``--sections``), all printed side by side at the end with one JSON
+line:
+
+- ``bare``: the engine alone (one load, reused) on rows already prepared in memory, for each
+  ``--batch-sizes`` B: one warm-up batch, then ``engine.generate`` over the rows in chunks of B.
+- ``runner``: the whole job (``run_job``: Ray, Parquet reads, prepare pool, bucketing, commits)
+  over the same images from a local Parquet shard at the best bare B, with the GPU's busy
+  fraction sampled in the background. Steady rows/s over bare images/s is the runner's cost.
+- ``bucketing``: a mixed-size set (:data:`MIXED_SIZES`) run with ``batching.bucketing`` on and
+  off: rows/s of each and the padding each leaves.
+
+The figures are compared with the compute floor of the issue (:data:`FLOOR_IMAGES_PER_S`), which
+only means something for the 7B in bf16 on an H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import Config, load_config
+from .gpu_sampler import GpuSampler
+
+SECTIONS = ("bare", "runner", "bucketing")
+
+# The issue's compute floor: images/s one H200 can reach for Qwen2.5-VL-7B in bf16 at 448x448
+# with ~50 prompt and 64 output tokens. Only comparable on that GPU with that model.
+FLOOR_IMAGES_PER_S = 126.0
+FLOOR_NOTE = "7B bf16 on one H200, 448x448 images, ~50 prompt + 64 output tokens"
+
+# The bucketing section's image sizes as (width, height, weight): common photo and screen sizes,
+# landscape and portrait. Under image.max_pixels=602112 (768 vision tokens) they resize to 8
+# grids of 256 to ~768 tokens, so arrival-order batches pad a lot and same-size batches do not.
+MIXED_SIZES: tuple[tuple[int, int, float], ...] = (
+    (448, 448, 0.20),  # already on the grid: 256 tokens
+    (640, 480, 0.15),  # VGA / older phones: 391 tokens
+    (480, 640, 0.10),
+    (1024, 768, 0.15),  # 4:3 camera, downscaled to the token cap
+    (768, 1024, 0.10),
+    (1280, 720, 0.15),  # 16:9 screenshots and video frames
+    (720, 1280, 0.05),
+    (896, 896, 0.10),  # square social-media uploads
+)
+MIXED_MAX_PIXELS = 768 * 28 * 28  # 602112: the largest image stays at 768 vision tokens
+
+# ---------------------------------------------------------------------------------- data
+
+
+def _synth_rows(sizes: list[tuple[int, int]], seed: int) -> list[dict]:
+    """One photo-like JPEG per size, each from its own seeded stream: id, image, source."""
+    from .synth import SOURCES, encode_jpeg, photo_like
+
+    def make(i: int) -> dict:
+        w, h = sizes[i]
+        img = photo_like(np.random.default_rng([seed, i]), w, h)
+        return {
+            "id": f"img-{i:06d}",
+            "image": encode_jpeg(img, quality=90),
+            "source": SOURCES[i % len(SOURCES)],
+        }
+
+    with ThreadPoolExecutor(8) as pool:  # Pillow releases the GIL while it encodes
+        return list(pool.map(make, range(len(sizes))))
+
+
+def _mixed_sizes(rows: int, seed: int) -> list[tuple[int, int]]:
+    """``rows`` sizes drawn from :data:`MIXED_SIZES` by weight (seeded)."""
+    weights = np.array([w for _, _, w in MIXED_SIZES])
+    picks = np.random.default_rng([seed, 7]).choice(
+        len(MIXED_SIZES), rows, p=weights / weights.sum()
+    )
+    return [MIXED_SIZES[int(k)][:2] for k in picks]
+
+
+def _write_shard(folder: Path, rows: list[dict], row_group_rows: int) -> None:
+    """One Parquet shard with the synthetic datasets' id, image and source columns."""
+    schema = pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("image", pa.binary()),
+            pa.field("source", pa.string()),
+        ]
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / "part-00000.parquet", row_group_size=row_group_rows)
+    (folder / ".done").touch()  # written last: a folder without it is rebuilt
+
+
+def _dataset(folder: Path, sizes: list[tuple[int, int]]) -> list[dict]:
+    """The rows for ``sizes`` (made once per workdir, then read back from the shard)."""
+    shard = folder / "part-00000.parquet"
+    if (folder / ".done").exists():
+        return pq.read_table(shard).to_pylist()
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"making {len(sizes)} photo-like JPEGs in {folder} ...", flush=True)
+    rows = _synth_rows(sizes, seed=0)
+    # Small row groups so units of any size (unit_rows = 2 x batch size) cut evenly.
+    _write_shard(folder, rows, row_group_rows=8)
+    return rows
+
+
+def _ensure_model(args: argparse.Namespace) -> str:
+    """``--model``, built with random weights first if it is not a complete model directory."""
+    model = args.model or str(Path(args.workdir) / f"model-{args.size}")
+    # Weights are written last (the index last of all when sharded): without them a directory
+    # is an interrupted build, though config.json is there.
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if not Path(model, "config.json").exists() or not any(Path(model, w).exists() for w in weights):
+        from .modelgen import make_test_model
+
+        print(f"building a random-weight Qwen2.5-VL {args.size} in {model} ...", flush=True)
+        t0 = time.perf_counter()
+        make_test_model(model, size=args.size)
+        print(f"  built in {time.perf_counter() - t0:.0f}s", flush=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------- bare
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _requests(engine, cfg: Config, rows: list[dict]) -> list:
+    """Rows prepared as the actor prepares them (``UnitWorker._prepare``), as engine Requests."""
+    from .engines.base import Request
+    from .images import prepare_image
+    from .prompts import render_prompt, template_fields
+
+    fields = template_fields(cfg.prompt.template)
+    system = cfg.prompt.system
+    out = []
+    for i, row in enumerate(rows):
+        prompt = render_prompt(cfg.prompt.template, fields, row)
+        img = prepare_image(row["image"], cfg.image)
+        out.append(
+            Request(
+                key=("bare", i),
+                row_id=row["id"],
+                prompt=prompt,
+                system=system,
+                image=img.image,
+                image_sha256=img.sha256,
+                vision_tokens=img.vision_tokens,
+                text_tokens=engine.count_text_tokens(prompt, system),
+            )
+        )
+    return out
+
+
+def bench_bare(cfg: Config, rows: list[dict], batch_sizes: list[int], max_s: float) -> dict:
+    """The engine alone: load once, then per batch size one warm-up batch and a timed pass."""
+    import torch
+
+    from .engines.base import make_engine
+
+    t0 = time.perf_counter()
+    engine = make_engine(cfg)
+    load_s = time.perf_counter() - t0
+    print(f"bare: engine loaded in {load_s:.1f}s", flush=True)
+    try:
+        t0 = time.perf_counter()
+        requests = _requests(engine, cfg, rows)
+        prepare_s = time.perf_counter() - t0
+        runs = []
+        for b in batch_sizes:
+            engine.generate(requests[:b])  # warm-up: kernels and allocator for this shape
+            _sync()
+            done = out_tokens = errors = 0
+            t0 = time.perf_counter()
+            for lo in range(0, len(requests), b):
+                results = engine.generate(requests[lo : lo + b])
+                _sync()
+                done += len(results)
+                errors += sum(r.error_code is not None for r in results)
+                out_tokens += sum(r.output_tokens or 0 for r in results)
+                if max_s and time.perf_counter() - t0 >= max_s:
+                    break  # the device run is budgeted: time what fits
+            secs = time.perf_counter() - t0
+            run = {
+                "batch_size": b,
+                "rows": done,
+                "capped": done < len(requests),
+                "seconds": round(secs, 3),
+                "images_per_s": round(done / secs, 3),
+                "output_tokens_per_s": round(out_tokens / secs, 1),
+                "output_tokens_mean": round(out_tokens / max(1, done - errors), 2),
+                "errors": errors,
+                "floor_fraction": round(done / secs / FLOOR_IMAGES_PER_S, 4),
+            }
+            runs.append(run)
+            print(
+                f"bare B={b:<4} {run['images_per_s']:8.2f} images/s "
+                f"{run['output_tokens_per_s']:9.1f} output tokens/s ({done} rows, {secs:.1f}s"
+                f"{', capped' if run['capped'] else ''})",
+                flush=True,
+            )
+    finally:
+        engine.close()  # the runner's actor loads its own copy: free this one first
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            left = torch.cuda.memory_allocated() / 2**30
+            print(f"bare: engine freed ({left:.2f} GiB still allocated here)", flush=True)
+    best = max(runs, key=lambda r: r["images_per_s"])
+    return {
+        "load_s": round(load_s, 1),
+        "prepare_s": round(prepare_s, 2),
+        "vision_tokens_mean": sum(r.vision_tokens for r in requests) / len(requests),
+        "text_tokens_mean": sum(r.text_tokens for r in requests) / len(requests),
+        "runs": runs,
+        "best_batch_size": best["batch_size"],
+    }
+
+
+# -------------------------------------------------------------------------------- runner
+
+
+def _job_overrides(
+    args: argparse.Namespace,
+    model: str,
+    data: Path,
+    out: Path,
+    batch_size: int,
+    cuda: bool,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """Overrides of the job file for one run: this benchmark's settings, then the user's."""
+    return [
+        f"input.paths=[{data}/*.parquet]",
+        f"output.path={out}",
+        "output.mode=overwrite",
+        "engine.name=hf",
+        f"engine.model={model}",
+        f"engine.dtype={args.dtype}",
+        f"sampling.max_tokens={args.max_tokens}",
+        "cluster.num_actors=1",
+        f"cluster.local_num_cpus={args.cores}",
+        # The actor may use every core (Ray sets its OMP_NUM_THREADS from this), as the bare
+        # engine in this process does.
+        f"cluster.cpus_per_actor={args.cores}",
+        *(["cluster.num_gpus_per_actor=1"] if cuda else []),
+        f"batching.max_batch_size={batch_size}",
+        f"batching.unit_rows={2 * batch_size}",
+        "batching.units_in_flight_per_actor=3",
+        f"batching.prepare_threads={args.prepare_threads}",
+        *extra,
+        *args.overrides,
+    ]
+
+
+def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
+    """One whole job; rates, stage fractions, padding and (on a GPU) its busy fraction."""
+    from .driver import run_job
+    from .state import METRICS_FILE
+
+    sampler = GpuSampler() if cuda else None
+    sampling = sampler.start() if sampler else False
+    t0 = time.perf_counter()
+    try:
+        summary = run_job(cfg, progress_bar=False)
+    finally:
+        if sampler:
+            sampler.stop()
+    wall_s = time.perf_counter() - t0
+    out = Path(cfg.output.path)
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    pipeline = summary.pipeline_s or float("nan")
+    timings = metrics.get("actor_timings_s", {})
+    result = {
+        "status": summary.status,
+        "rows": summary.rows_this_run,
+        "error_rows": summary.errors_this_run,
+        "steady_rows_per_s": round(summary.rows_this_run / pipeline, 3),
+        "e2e_rows_per_s": round(summary.rows_this_run / summary.elapsed_s, 3),
+        "pipeline_s": round(summary.pipeline_s, 2),
+        "elapsed_s": round(summary.elapsed_s, 2),
+        "wall_s": round(wall_s, 2),
+        "actor_timings_s": timings,
+        # prepare_s is summed over the prepare threads, so it can exceed 1.
+        "stage_fractions": {
+            k.removesuffix("_s"): round(v / pipeline, 4) for k, v in timings.items()
+        },
+        "padding": metrics.get("padding", {}),
+    }
+    result["floor_fraction"] = round(result["steady_rows_per_s"] / FLOOR_IMAGES_PER_S, 4)
+    commits = _commit_times(out)
+    if len(commits) >= 2 and commits[-1][0] > commits[0][0]:
+        # Diagnostic: the rate once the pipeline is full (the first unit also carries the
+        # actor's first reads, decodes and its first, cold, engine call).
+        after = sum(n for _, n in commits[1:]) / (commits[-1][0] - commits[0][0])
+        result["after_first_commit_rows_per_s"] = round(after, 3)
+    if sampler is not None:
+        if sampling:
+            # Steady part: actors ready -> last commit, i.e. pipeline_s back from the last one.
+            end = commits[-1][0] if commits else time.time()
+            result["gpu"] = sampler.summary(end - summary.pipeline_s, end)
+        else:
+            result["gpu"] = {"note": sampler.note}
+    if summary.status != "succeeded":
+        result["message"] = summary.message
+    pad = result["padding"]
+    print(
+        f"{label}: steady {result['steady_rows_per_s']:8.2f} rows/s, end-to-end "
+        f"{result['e2e_rows_per_s']:8.2f} rows/s ({summary.rows_this_run} rows, pipeline "
+        f"{summary.pipeline_s:.1f}s of {summary.elapsed_s:.1f}s), padding "
+        f"{pad.get('padding_fraction', 0):.3f} (arrival order "
+        f"{pad.get('fifo_padding_fraction', 0):.3f}), mean batch {pad.get('mean_batch_size')}"
+        f"{'' if summary.status == 'succeeded' else ' [' + summary.status + ']'}",
+        flush=True,
+    )
+    return result
+
+
+def _commit_times(out: Path) -> list[tuple[float, int]]:
+    """(commit time as a Unix timestamp, rows) of every unit marker of a local output, sorted."""
+    from .state import UNITS_DIR
+
+    commits = []
+    for marker in (out / UNITS_DIR).glob("*.json"):
+        record = json.loads(marker.read_text())
+        when = dt.datetime.fromisoformat(record["committed_at"]).timestamp()
+        commits.append((when, int(record["num_rows"])))
+    return sorted(commits)
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def _device() -> tuple[str, bool]:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0), True
+    return "cpu", False
+
+
+def _bare_figure(bare: dict | None, batch_size: int) -> float | None:
+    for run in (bare or {}).get("runs", []):
+        if run["batch_size"] == batch_size:
+            return run["images_per_s"]
+    return None
+
+
+def bench_gpu(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from {SECTIONS}")
+    work = Path(args.workdir)
+    device, cuda = _device()
+    model = _ensure_model(args)
+    report: dict = {
+        "bench": "gpu",
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": model,
+        "size": args.size,
+        "dtype": args.dtype,
+        "rows": args.rows,
+        "image_size": args.image_size,
+        "max_tokens": args.max_tokens,
+        "sections": sections,
+        "compute_floor": {"images_per_s": FLOOR_IMAGES_PER_S, "for": FLOOR_NOTE},
+    }
+    print(
+        f"device {device} | model {args.size} {args.dtype} ({model}) | {args.rows} rows "
+        f"{args.image_size}x{args.image_size} | max_tokens {args.max_tokens} | compute floor "
+        f"{FLOOR_IMAGES_PER_S:g} images/s ({FLOOR_NOTE})",
+        flush=True,
+    )
+    side = args.image_size
+    square = work / f"gpu-square-{args.rows}-{side}"
+    rows = _dataset(square, [(side, side)] * args.rows)
+    failed = False
+
+    bare = None
+    if "bare" in sections:
+        # The same resolved config as the runner's (engine, prompt, image); batching is unused.
+        unused = work / "gpu-unused"
+        cfg = load_config(args.job, _job_overrides(args, model, square, unused, 1, cuda))
+        bare = bench_bare(cfg, rows, args.batch_sizes, args.bare_max_s)
+    elif args.bare_from:
+        bare = json.loads(Path(args.bare_from).read_text().strip().splitlines()[-1]).get("bare")
+        report["bare_from"] = args.bare_from
+    report["bare"] = bare
+    batch_size = args.runner_batch_size or (
+        bare["best_batch_size"] if bare else max(args.batch_sizes)
+    )
+
+    if "runner" in sections:
+        cfg = load_config(
+            args.job,
+            _job_overrides(args, model, square, work / "gpu-runner-out", batch_size, cuda),
+        )
+        runner = run_runner(cfg, f"runner B={batch_size}", cuda)
+        runner["batch_size"] = batch_size
+        bare_rate = _bare_figure(bare, batch_size)
+        runner["bare_images_per_s"] = bare_rate
+        runner["ratio_steady_vs_bare"] = (
+            round(runner["steady_rows_per_s"] / bare_rate, 4) if bare_rate else None
+        )
+        runner["ratio_e2e_vs_bare"] = (
+            round(runner["e2e_rows_per_s"] / bare_rate, 4) if bare_rate else None
+        )
+        report["runner"] = runner
+        failed |= runner["status"] != "succeeded"
+
+    if "bucketing" in sections:
+        n = args.bucket_rows or args.rows
+        mixed = work / f"gpu-mixed-{n}"
+        _dataset(mixed, _mixed_sizes(n, seed=0))
+        bucketing: dict = {
+            "batch_size": batch_size,
+            "rows": n,
+            "max_pixels": args.max_pixels,
+            "sizes": [list(s) for s in MIXED_SIZES],
+        }
+        for label, flag in (("on", "true"), ("off", "false")):
+            extra = (f"image.max_pixels={args.max_pixels}", f"batching.bucketing={flag}")
+            out = work / f"gpu-bucketing-{label}-out"
+            cfg = load_config(
+                args.job, _job_overrides(args, model, mixed, out, batch_size, cuda, extra)
+            )
+            run = run_runner(cfg, f"bucketing {label:>3} B={batch_size}", cuda)
+            bucketing[label] = run
+            failed |= run["status"] != "succeeded"
+        on, off = bucketing["on"], bucketing["off"]
+        bucketing["gain_on_vs_off"] = round(on["steady_rows_per_s"] / off["steady_rows_per_s"], 4)
+        bucketing["padding_fraction_on"] = on["padding"].get("padding_fraction")
+        bucketing["padding_fraction_off"] = off["padding"].get("padding_fraction")
+        bucketing["padding_target_met"] = (bucketing["padding_fraction_on"] or 0) <= 0.10
+        report["bucketing"] = bucketing
+
+    _print_table(report)
+    line = json.dumps(report)
+    print(line, flush=True)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(line + "\n")
+    return 1 if failed else 0
+
+
+def _print_table(r: dict) -> None:
+    """Every figure side by side, each also as a fraction of the compute floor."""
+    print(f"--- {r['device']}, {r['size']} {r['dtype']}, floor {FLOOR_IMAGES_PER_S:g} images/s")
+    for run in (r.get("bare") or {}).get("runs", []):
+        print(
+            f"bare      B={run['batch_size']:<4} {run['images_per_s']:8.2f} images/s "
+            f"{run['output_tokens_per_s']:9.1f} tok/s   floor x{run['floor_fraction']:.3f}"
+        )
+    if "runner" in r:
+        x = r["runner"]
+        fr = x["stage_fractions"]
+        gpu = x.get("gpu", {})
+        busy = gpu.get("busy_fraction_mean")
+        print(
+            f"runner    B={x['batch_size']:<4} {x['steady_rows_per_s']:8.2f} rows/s steady "
+            f"(x{x['ratio_steady_vs_bare'] or float('nan'):.3f} of bare, target >= 0.95), "
+            f"{x['e2e_rows_per_s']:.2f} end-to-end   floor x{x['floor_fraction']:.3f}"
+        )
+        if "after_first_commit_rows_per_s" in x:
+            print(
+                f"          after the first commit {x['after_first_commit_rows_per_s']:.2f} rows/s"
+            )
+        stages = ("read", "prepare", "engine", "engine_idle")
+        line = "          of pipeline time: " + ", ".join(
+            f"{k} {fr[k]:.3f}" for k in stages if k in fr
+        )
+        if busy is not None:
+            line += f" | GPU busy {busy:.3f}, peak {gpu['memory_used_peak_mib'] / 1024:.1f} GiB"
+        elif gpu.get("note"):
+            line += f" | {gpu['note']}"
+        print(line)
+    if "bucketing" in r:
+        b = r["bucketing"]
+        for label in ("on", "off"):
+            x = b[label]
+            print(
+                f"bucketing {label:<3} B={b['batch_size']:<4} {x['steady_rows_per_s']:8.2f} rows/s "
+                f"padding {x['padding'].get('padding_fraction', 0):.3f} (arrival order "
+                f"{x['padding'].get('fifo_padding_fraction', 0):.3f})   "
+                f"floor x{x['floor_fraction']:.3f}"
+            )
+        print(
+            f"          gain on/off x{b['gain_on_vs_off']:.3f}; padding with bucketing "
+            f"{'<=' if b['padding_target_met'] else '>'} 0.10 target"
+        )
+
+
+def add_gpu_bench(kinds, common) -> None:
+    p = kinds.add_parser("gpu", help="engine alone vs whole runner, and bucketing, on one GPU")
+    common(p)
+    p.add_argument("--rows", type=int, default=512, help="448x448 rows for bare and runner")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=448)
+    p.add_argument("--model", default=None, help="model dir (built if it lacks config.json)")
+    p.add_argument("--size", choices=("7b", "3b", "tiny"), default="7b", help="size to build")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument(
+        "--sections", default=",".join(SECTIONS), help="comma list of " + "/".join(SECTIONS)
+    )
+    p.add_argument("--json-out", default=None, help="also write the JSON line here")
+    p.add_argument("--prepare-threads", type=int, default=8, help="runner decode threads")
+    p.add_argument(
+        "--bare-max-s",
+        type=float,
+        default=60.0,
+        help="stop timing one batch size after this (0=off)",
+    )
+    p.add_argument("--bare-from", default=None, help="bare figures from an earlier --json-out")
+    p.add_argument("--runner-batch-size", type=int, default=0, help="0 = best bare batch size")
+    p.add_argument("--bucket-rows", type=int, default=0, help="mixed-size rows; 0 = --rows")
+    p.add_argument("--max-pixels", type=int, default=MIXED_MAX_PIXELS, help="bucketing section")
+    p.set_defaults(func=bench_gpu)

@@ -1,0 +1,86 @@
+"""``qvl-batch bench gpu`` end to end on CPU: a tiny model, every section, small and fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from qvl_batch.bench_gpu import add_gpu_bench, bench_gpu
+from qvl_batch.demo import demo_job_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    """``qvl-batch bench`` as bench.py builds it, with only the gpu kind registered."""
+    parser = argparse.ArgumentParser()
+    kinds = parser.add_subparsers(dest="bench", required=True)
+
+    def common(p):  # bench.py's own common options
+        p.add_argument("--workdir", default="bench-out")
+        p.add_argument("--cores", type=int, default=2)
+        p.add_argument("--job", default=demo_job_file())
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+    add_gpu_bench(kinds, common)
+    return parser
+
+
+def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
+    out = tmp_path / "gpu.json"
+    args = _parser().parse_args(
+        [
+            "gpu",
+            f"cluster.address={ray_head}",  # the session's Ray: no start-up per run
+            "--workdir",
+            str(tmp_path),
+            "--size",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--rows",
+            "16",
+            "--batch-sizes",
+            "4",
+            "8",
+            "--max-tokens",
+            "4",
+            "--image-size",
+            "112",
+            "--json-out",
+            str(out),
+        ]
+    )
+    assert bench_gpu(args) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads(out.read_text())
+    assert json.loads(printed) == report
+    assert report["device"]
+
+    bare = report["bare"]
+    assert [r["batch_size"] for r in bare["runs"]] == [4, 8]
+    for run in bare["runs"]:
+        assert run["rows"] == 16 and run["errors"] == 0
+        assert run["images_per_s"] > 0 and run["output_tokens_per_s"] > 0
+
+    runner = report["runner"]
+    assert runner["status"] == "succeeded" and runner["rows"] == 16
+    assert runner["batch_size"] == bare["best_batch_size"]
+    assert runner["steady_rows_per_s"] > 0 and runner["e2e_rows_per_s"] > 0
+    assert runner["ratio_steady_vs_bare"] > 0
+    assert set(runner["stage_fractions"]) == {"read", "prepare", "engine", "engine_idle"}
+    assert "gpu" not in runner  # sampled only where CUDA is present
+
+    bucketing = report["bucketing"]
+    on, off = bucketing["on"], bucketing["off"]
+    for run in (on, off):
+        assert run["status"] == "succeeded" and run["rows"] == 16
+        assert run["steady_rows_per_s"] > 0
+        for key in ("padding_fraction", "fifo_padding_fraction"):
+            assert 0 <= run["padding"][key] <= 1
+    assert on["padding"]["padding_fraction"] <= on["padding"]["fifo_padding_fraction"]
+    assert on["padding"]["padding_fraction"] <= off["padding"]["padding_fraction"]
+    assert off["padding"]["padding_fraction"] > 0  # mixed sizes in arrival order do pad
+    assert bucketing["gain_on_vs_off"] > 0
