@@ -119,3 +119,37 @@ def test_bad_rows_get_their_codes_and_hostile_ids_stay_inside_the_output(tmp_pat
     assert after - before <= {tmp_path / "job.yaml"}, "nothing written outside the output"
     names = {p.name for p in out.rglob("*") if p.is_file()}
     assert all(n.startswith(("part-", "_", "00000-")) for n in names), names
+
+
+def test_error_fraction_over_the_limit_fails_cleanly_and_a_rerun_resumes(
+    tmp_path, dataset, ray_head
+):
+    from qvl_batch.driver import EXIT_FAILED
+    from qvl_batch.verify import verify_output
+
+    failing = _good_ids(dataset, 60)  # with the corrupt rows, about 30% of rows fail
+    out = tmp_path / "out"
+    job = write_job(
+        tmp_path / "job.yaml",
+        dataset,
+        out,
+        ray_head,
+        engine__fake={"fail_ids": failing, "batch_latency_s": 0.05},
+        limits={"max_error_fraction": 0.2, "min_rows_for_error_check": 80},
+        cluster__num_actors=1,
+        batching__units_in_flight_per_actor=1,
+    )
+    summary = run_job(load_config(job), progress_bar=False)
+    assert summary.exit_code == EXIT_FAILED, summary.lines()
+    assert "over limits.max_error_fraction 0.2" in summary.message
+    assert summary.rows_this_run < len(input_rows(dataset)), "stopped mid-run"
+    assert not (out / "_SUCCESS").exists() and (out / "_metrics.json").exists()
+    partial = verify_output(str(out), allow_incomplete=True)
+    assert partial.ok and partial.units_committed > 0 and partial.units_pending > 0, partial.lines()
+    assert not verify_output(str(out)).ok, "incomplete without --allow-incomplete"
+
+    # The limit is a policy, not part of the fingerprint: a re-run with a looser one resumes.
+    again = run_job(load_config(job, ["limits.max_error_fraction=0.5"]), progress_bar=False)
+    assert again.exit_code == EXIT_OK, again.lines()
+    assert again.rows_this_run == len(input_rows(dataset)) - summary.rows_this_run
+    assert verify_output(str(out)).ok

@@ -8,6 +8,7 @@ before any unit runs. The server is a subprocess the module starts and stops.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -98,7 +99,9 @@ def s3_job(tmp_path, inp: str, out: str, ray_head, endpoint: str, **extra) -> Pa
     )
 
 
-def test_s3_to_s3_job_exactly_once_with_no_temporary_objects(tmp_path, dataset, ray_head, s3):
+def test_s3_to_s3_job_exactly_once_with_no_temporary_objects(
+    tmp_path, dataset, ray_head, s3, caplog
+):
     fs = direct(s3)
     upload(fs, dataset, "s3://e2e-in/shards")
     out = "s3://e2e-out/run-1"
@@ -114,7 +117,9 @@ def test_s3_to_s3_job_exactly_once_with_no_temporary_objects(tmp_path, dataset, 
         output__storage_options=creds,
     )
     fs.mkdir("e2e-out")
+    caplog.set_level(logging.DEBUG)  # every logger, the storage libraries' included
     summary = run_job(load_config(job), progress_bar=False)
+    assert "qvl-very-secret-value" not in caplog.text
     assert summary.exit_code == EXIT_OK, summary.lines()
     assert summary.storage_retries == 0
 
