@@ -57,26 +57,34 @@ def _bare_loop(data: Path, cores: int, image_cfg: ImageConfig) -> tuple[int, flo
     return len(images), time.perf_counter() - t0
 
 
-def bench_host(args: argparse.Namespace) -> int:
-    from .driver import run_job
+def photo_dataset(
+    data: Path, rows: int, shards: int = 4, max_side: int = 2000, exif_fraction: float = 0.0
+) -> Path:
+    """Photo-like JPEGs (512 to ``max_side`` px, 4 shards) in ``data``, made once and reused."""
     from .synth import SynthSpec, make_dataset
 
-    work = Path(args.workdir)
-    data = work / f"host-{args.rows}"
     if not (data / ".done").exists():
-        print(f"making {args.rows} photo-like JPEGs, 512-2000 px ...", flush=True)
+        print(f"making {rows} photo-like JPEGs, 512-{max_side} px ...", flush=True)
         spec = SynthSpec(
-            rows=args.rows,
-            shards=4,
+            rows=rows,
+            shards=shards,
             row_group_rows=32,
             min_side=512,
-            max_side=2000,
+            max_side=max_side,
             corrupt_fraction=0.0,
             png_fraction=0.0,
-            exif_fraction=0.05,
+            exif_fraction=exif_fraction,
         )
         make_dataset(str(data), spec)
         (data / ".done").touch()
+    return data
+
+
+def bench_host(args: argparse.Namespace) -> int:
+    from .driver import run_job
+
+    work = Path(args.workdir)
+    data = photo_dataset(work / f"host-{args.rows}", args.rows, exif_fraction=0.05)
     layout = [
         f"cluster.num_actors={args.actors}",
         f"cluster.cpus_per_actor={args.cores / args.actors}",

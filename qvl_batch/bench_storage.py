@@ -43,24 +43,13 @@ def _read_all(cfg, threads: int) -> tuple[int, int, float, float]:
 def bench_storage(args: argparse.Namespace) -> int:
     import s3fs
 
+    from .bench import photo_dataset
     from .s3local import MotoServer
-    from .synth import SynthSpec, make_dataset
 
     work = Path(args.workdir)
-    data = work / f"storage-{args.rows}"
-    if not (data / ".done").exists():
-        print(f"making {args.rows} photo-like JPEGs, 512-1600 px ...", flush=True)
-        spec = SynthSpec(
-            rows=args.rows,
-            shards=args.shards,
-            row_group_rows=32,
-            min_side=512,
-            max_side=1600,
-            corrupt_fraction=0.0,
-            png_fraction=0.0,
-        )
-        make_dataset(str(data), spec)
-        (data / ".done").touch()
+    data = photo_dataset(
+        work / f"storage-{args.rows}", args.rows, args.shards, max_side=1600, exif_fraction=0.05
+    )
     server = None if args.endpoint_url else MotoServer()
     endpoint = args.endpoint_url or server.endpoint
     # A local moto accepts any credentials; a real endpoint uses the standard chain.

@@ -87,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="report engine, CUDA and GPU versions; what is missing")
     doctor.set_defaults(func=cmd_doctor)
 
+    from .plan import add_plan_parser
+    from .status import add_status_parser
     from .verify import add_verify_parser
 
+    add_plan_parser(sub)
+    add_status_parser(sub)
     add_verify_parser(sub)
 
     from .bench import add_bench_parser

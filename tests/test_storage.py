@@ -201,28 +201,33 @@ def test_kill_driver_and_resume_on_s3(tmp_path, dataset, ray_head, s3):
     assert verify_output(out, storage=StorageConfig(endpoint_url=s3.endpoint)).ok
 
 
+def images_as_uris(dataset: Path, out: Path, store) -> None:
+    """Copy the dataset's shards to ``out`` with each image replaced by ``store(id, bytes)``,
+    the URI where that image now lives (null images stay null)."""
+    for f in sorted(dataset.glob("*.parquet")):
+        table = pq.read_table(f)
+        uris = [
+            None if image is None else store(row_id, image)
+            for row_id, image in zip(table["id"].to_pylist(), table["image"].to_pylist())
+        ]
+        column = pa.array(uris, pa.string())
+        table = table.set_column(table.schema.get_field_index("image"), "image", column)
+        pq.write_table(table, out / f.name, row_group_size=32)
+
+
 def _uri_dataset(fs, dataset: Path, tmp_path: Path, bucket: str, missing: int) -> frozenset:
     """Rewrite the dataset so images are s3:// URIs to objects; ``missing`` of them deleted."""
     fs.mkdir(bucket)
-    gone = set()
-    for f in sorted(dataset.glob("*.parquet")):
-        table = pq.read_table(f)
-        uris = []
-        for row_id, image in zip(table["id"].to_pylist(), table["image"].to_pylist()):
-            if image is None:
-                uris.append(None)
-                continue
-            key = f"{bucket}/images/{row_id}.jpg"
-            fs.pipe_file(key, image)
-            uris.append(f"s3://{key}")
-        table = table.set_column(
-            table.schema.get_field_index("image"), "image", pa.array(uris, pa.string())
-        )
-        pq.write_table(table, tmp_path / f.name, row_group_size=32)
+
+    def store(row_id: str, image: bytes) -> str:
+        fs.pipe_file(f"{bucket}/images/{row_id}.jpg", image)
+        return f"s3://{bucket}/images/{row_id}.jpg"
+
+    images_as_uris(dataset, tmp_path, store)
     ok_rows = [r for r in input_rows(dataset) if r["kind"] != "corrupt" and r["image"]]
-    for r in ok_rows[:missing]:
-        fs.rm_file(f"{bucket}/images/{r['id']}.jpg")
-        gone.add(r["id"])
+    gone = {r["id"] for r in ok_rows[:missing]}
+    for row_id in gone:
+        fs.rm_file(f"{bucket}/images/{row_id}.jpg")
     upload(fs, tmp_path, f"s3://{bucket}/shards")
     return frozenset(gone)
 
@@ -329,23 +334,16 @@ def test_http_image_uris_are_fetched_and_a_404_is_an_error_row(tmp_path, dataset
     base = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     missing = set()
+
+    def store(row_id: str, image: bytes) -> str:
+        if len(missing) < 2 and row_id.endswith("7"):
+            missing.add(row_id)  # a URI that answers 404
+        else:
+            (images / f"{row_id}.jpg").write_bytes(image)
+        return f"{base}/{row_id}.jpg"
+
     try:
-        for f in sorted(dataset.glob("*.parquet")):
-            table = pq.read_table(f)
-            uris = []
-            for row_id, image in zip(table["id"].to_pylist(), table["image"].to_pylist()):
-                if image is None:
-                    uris.append(None)
-                    continue
-                name = f"{row_id}.jpg"
-                if len(missing) < 2 and row_id.endswith("7"):
-                    missing.add(row_id)  # a URI that answers 404
-                else:
-                    (images / name).write_bytes(image)
-                uris.append(f"{base}/{name}")
-            column = pa.array(uris, pa.string())
-            table = table.set_column(table.schema.get_field_index("image"), "image", column)
-            pq.write_table(table, shards / f.name, row_group_size=32)
+        images_as_uris(dataset, shards, store)
         assert missing
         out = tmp_path / "out"
         job = write_job(tmp_path / "job.yaml", shards, out, ray_head)
