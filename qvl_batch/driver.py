@@ -180,14 +180,25 @@ class Driver:
             summary.status, summary.exit_code, summary.message = "failed", EXIT_FAILED, failure
             metrics["summary"] = summary.__dict__
             self.state.write_json(METRICS_FILE, metrics)
+            self._write_report()
         else:
             summary.status = "succeeded"
             metrics["summary"] = summary.__dict__
             self.state.write_json(METRICS_FILE, metrics)
+            self._write_report()
             self.state.write_json(SUCCESS_FILE, {"job_id": job["job_id"], **metrics["summary"]})
         # The closing writes may have been retried too: the returned summary counts them.
         summary.storage_retries = storage_stats()["retries"]
         return summary
+
+    def _write_report(self) -> None:
+        """``_report.html`` with plots; a report that cannot be made never fails the job."""
+        try:
+            from .report_html import write_report
+
+            write_report(self.state)
+        except Exception as exc:  # matplotlib missing, a plot failing on odd data, ...
+            log.warning("no _report.html: %s: %s", type(exc).__name__, exc)
 
     def _fill_totals(self, summary: JobSummary) -> None:
         totals = summarize_output(self.state)

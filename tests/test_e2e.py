@@ -78,6 +78,8 @@ def test_job_outputs_exactly_once_and_match_fake_engine(tmp_path, dataset, ray_h
         assert row["engine"] == "fake" and row["job_id"] == summary.job_id
 
     assert (out / "_SUCCESS").exists()
+    report = (out / "_report.html").read_text()
+    assert summary.job_id in report and report.count('src="data:image/png;base64,') == 4
     job_meta = json.loads((out / "_job.json").read_text())
     assert job_meta["config"]["prompt"]["template"] == PROMPT
     assert len(job_meta["fingerprint"]) == 16
