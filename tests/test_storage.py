@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 PROMPT = "Describe this image."
 LAYOUT = re.compile(
-    r"^(_job\.json|_metrics\.json|_SUCCESS|_state/units/\d{5}-\d{5}\.json"
+    r"^(_job\.json|_metrics\.json|_report\.html|_SUCCESS|_state/units/\d{5}-\d{5}\.json"
     r"|(data|errors)/part-\d{5}-\d{5}\.parquet)$"
 )
 
