@@ -152,6 +152,15 @@ class Driver:
             progress.close()
         summary.elapsed_s = time.monotonic() - t0
         summary.rows_per_s = summary.rows_this_run / summary.elapsed_s if summary.elapsed_s else 0
+        try:
+            return self._close(summary, job, padding, timings, actor_storage, failure)
+        except StorageError as exc:  # committed units are safe; only the closing files failed
+            summary.status, summary.exit_code = "failed", EXIT_FAILED
+            summary.message = f"closing files not written ({exc}); run again to finish"
+            return summary
+
+    def _close(self, summary, job, padding, timings, actor_storage, failure) -> JobSummary:
+        """Totals, the error-fraction verdict, _metrics.json, the report, then _SUCCESS."""
         self._fill_totals(summary)
 
         def storage_stats() -> dict:

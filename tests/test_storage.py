@@ -24,7 +24,7 @@ import s3fs
 
 from qvl_batch.cli import main
 from qvl_batch.config import StorageConfig, load_config
-from qvl_batch.driver import EXIT_CONFIG, EXIT_OK, run_job
+from qvl_batch.driver import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, run_job
 from qvl_batch.manifest import plan_job
 from qvl_batch.s3local import MotoServer
 from qvl_batch.verify import verify_output
@@ -354,3 +354,31 @@ def test_http_image_uris_are_fetched_and_a_404_is_an_error_row(tmp_path, dataset
     assert summary.exit_code == EXIT_OK, summary.lines()
     _, errors = check_outputs(dataset, out, frozenset(missing))
     assert all("not found" in r["error_message"] for r in errors if r["id"] in missing)
+
+
+def test_closing_files_that_cannot_be_written_fail_the_job_and_a_rerun_finishes(
+    tmp_path, dataset, ray_head, s3, capsys
+):
+    fs = direct(s3)
+    upload(fs, dataset, "s3://closing-in/shards")
+    fs.mkdir("closing-out")
+    proxy = FaultProxy(s3.port, Faults(deny=r"^PUT /closing-out/run/_metrics\.json"))
+    try:
+        job = s3_job(
+            tmp_path, "s3://closing-in/shards", "s3://closing-out/run", ray_head, proxy.endpoint
+        )
+        code, text = _run_cli(capsys, job)
+    finally:
+        proxy.stop()
+    assert code == EXIT_FAILED, text
+    assert "closing files not written" in text and "_metrics.json" in text, text
+    keys = output_keys(fs, "s3://closing-out/run")
+    assert "_SUCCESS" not in keys and any(k.startswith("data/") for k in keys)
+
+    again = s3_job(
+        tmp_path, "s3://closing-in/shards", "s3://closing-out/run", ray_head, s3.endpoint
+    )
+    code, text = _run_cli(capsys, again)
+    assert code == EXIT_OK, text
+    assert "this run: 0 rows" in text, "every unit was already committed"
+    assert "_SUCCESS" in output_keys(fs, "s3://closing-out/run")
