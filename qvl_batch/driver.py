@@ -97,6 +97,7 @@ class Driver:
         self.progress_bar = progress_bar
         self.input_storage = Storage.for_input(cfg)
         self.state = OutputState(cfg.output.path, Storage.for_output(cfg))
+        self._rows_before = self._errors_before = 0  # committed before this run (resume)
 
     # ---- before any work -------------------------------------------------------------
     def prepare(self) -> tuple[Plan, dict, set[str]]:
@@ -144,6 +145,9 @@ class Driver:
             self._fill_totals(summary)
             return summary
         done_before = sum(u.num_rows for u in plan.units() if u.unit_id in committed)
+        # A resumed run judges its error fraction over every committed row, not only its own.
+        before = summarize_output(self.state) if committed else {"rows": 0, "error_rows": 0}
+        self._rows_before, self._errors_before = before["rows"], before["error_rows"]
         todo: Iterator[WorkUnit] = (u for u in plan.units() if u.unit_id not in committed)
         progress = Progress(plan.total_rows, done_before, bar=self.progress_bar)
         try:
@@ -332,12 +336,11 @@ class Driver:
 
     def _error_check(self, summary: JobSummary) -> str | None:
         lim = self.cfg.limits
-        rows = summary.rows_this_run
-        if rows >= lim.min_rows_for_error_check and summary.errors_this_run / rows > (
-            lim.max_error_fraction
-        ):
+        rows = self._rows_before + summary.rows_this_run
+        errors = self._errors_before + summary.errors_this_run
+        if rows >= lim.min_rows_for_error_check and errors / rows > lim.max_error_fraction:
             return (
-                f"error fraction {summary.errors_this_run / rows:.3f} after {rows:,} rows is over "
+                f"error fraction {errors / rows:.3f} after {rows:,} rows is over "
                 f"limits.max_error_fraction {lim.max_error_fraction}: stopping"
             )
         return None

@@ -148,6 +148,11 @@ def test_error_fraction_over_the_limit_fails_cleanly_and_a_rerun_resumes(
     assert partial.ok and partial.units_committed > 0 and partial.units_pending > 0, partial.lines()
     assert not verify_output(str(out)).ok, "incomplete without --allow-incomplete"
 
+    # A re-run with the same limit counts the rows committed before it: it stops at once.
+    same = run_job(load_config(job), progress_bar=False)
+    assert same.exit_code == EXIT_FAILED and same.rows_this_run <= 40, same.lines()  # one unit
+    summary.rows_this_run += same.rows_this_run
+
     # The limit is a policy, not part of the fingerprint: a re-run with a looser one resumes.
     again = run_job(load_config(job, ["limits.max_error_fraction=0.5"]), progress_bar=False)
     assert again.exit_code == EXIT_OK, again.lines()
