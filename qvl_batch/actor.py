@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # actor memory while leaving several batches of choice to the bucketer.
 MAX_PREPARED_ROWS_PER_BATCH = 4
 SINGLE_ROW_TRIES = 2  # a row alone in a failing call is retried once before it is an error
+# The recorder answers in milliseconds; a stuck one must not hold the engine for long.
 RECORD_TIMEOUT_S = 30
 
 
@@ -277,11 +278,14 @@ class UnitWorker:
         """Tell the driver's recorder what is in the engine now (waits for entering rows)."""
         if self._recorder is None:
             return
-        ref = self._recorder.note.remote(self.incarnation, keys)
-        if keys:  # must be on record before a crash can happen; leaving needs no wait
-            import ray
+        try:
+            ref = self._recorder.note.remote(self.incarnation, keys)
+            if keys:  # must be on record before a crash can happen; leaving needs no wait
+                import ray
 
-            ray.get(ref, timeout=RECORD_TIMEOUT_S)
+                ray.get(ref, timeout=RECORD_TIMEOUT_S)
+        except Exception as exc:  # only crash isolation is lost for this batch, never its rows
+            log.warning("flight recorder unavailable: %s: %s", type(exc).__name__, exc)
 
     def _result_table(
         self, unit: WorkUnit, rows: list[RowInput], collector: _UnitCollector, table: pa.Table
