@@ -18,7 +18,7 @@ from ray.exceptions import (
 from .actor import UnitWorker
 from .bucketing import PaddingStats
 from .config import Config
-from .storage import merge_retry_stats
+from .storage import merge_request_stats
 
 log = logging.getLogger("qvl_batch")
 
@@ -110,10 +110,9 @@ class ActorPool:
         self._remote = ray.remote(UnitWorker).options(**self.options)
         # num_cpus=0: bookkeeping only; it must never wait for room the workers hold.
         self.recorder = ray.remote(FlightRecorder).options(num_cpus=0, max_restarts=-1).remote()
-        self.incarnations = 0
-        self.incarnation_of: list[int] = []
+        self.incarnations = 0  # actors started so far; an actor's number is its incarnation
         self.actors = [self._new_actor() for _ in range(self.size)]
-        self.incarnation_of = list(range(self.size))
+        self.incarnation_of = list(range(self.size))  # slot -> incarnation of its actor
         try:
             infos = ray.get([a.ready.remote() for a in self.actors])
         except (RayTaskError, *ACTOR_DEATH) as exc:
@@ -185,7 +184,7 @@ class ActorPool:
             except (GetTimeoutError, RayTaskError, *ACTOR_DEATH):
                 continue
             padding.merge(stats["padding"])
-            storage = merge_retry_stats(storage, stats["storage"])
+            storage = merge_request_stats(storage, stats["storage"])
             for k, v in stats["timings"].items():
                 timings[k] = round(timings.get(k, 0.0) + v, 3)
         return padding, timings, storage

@@ -9,6 +9,7 @@ any work starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -465,7 +466,8 @@ def _is_secret_key(key: str) -> bool:
     return any(w in SECRET_WORDS for w in words.replace(".", " ").lower().split())
 
 
-def _schema_keys() -> set[str]:
+@functools.cache
+def _schema_keys() -> frozenset[str]:
     """Every field name of the config schema: settings, never secrets (``token_latency_s``)."""
     keys, todo = set(), [Config]
     while todo:
@@ -475,7 +477,7 @@ def _schema_keys() -> set[str]:
                 default = f.default_factory()  # type: ignore[misc]
                 if dataclasses.is_dataclass(default):
                     todo.append(type(default))
-    return keys
+    return frozenset(keys)
 
 
 def redact(value: Any, parent_key: str = "") -> Any:

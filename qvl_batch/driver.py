@@ -19,9 +19,9 @@ from .config import Config, fingerprint, fingerprint_fields, redact, to_dict
 from .isolation import CrashIsolation
 from .manifest import Plan, WorkUnit, plan_job
 from .progress import Progress
-from .report import summarize_output, versions
+from .report import error_codes_line, totals_of, versions
 from .state import METRICS_FILE, SUCCESS_FILE, OutputState
-from .storage import Storage, StorageError, merge_retry_stats
+from .storage import Storage, StorageError, merge_request_stats
 from .writer import UnitIncomplete, commit_unit
 
 log = logging.getLogger("qvl_batch")
@@ -66,8 +66,7 @@ class JobSummary:
             f"{self.storage_retries} storage retries",
         ]
         if self.error_codes:
-            codes = ", ".join(f"{k}={v}" for k, v in sorted(self.error_codes.items()))
-            out.append(f"  errors by code: {codes}")
+            out.append(error_codes_line(self.error_codes))
         if self.message:
             out.append(f"  {self.message}")
         return out
@@ -97,6 +96,7 @@ class Driver:
         self.progress_bar = progress_bar
         self.input_storage = Storage.for_input(cfg)
         self.state = OutputState(cfg.output.path, Storage.for_output(cfg))
+        self._records: list[dict] = []  # commit markers: read at start, then this run's
         self._rows_before = self._errors_before = 0  # committed before this run (resume)
 
     # ---- before any work -------------------------------------------------------------
@@ -139,6 +139,8 @@ class Driver:
         plan, job, committed = self.prepare()
         summary = JobSummary("running", EXIT_OK, self.state.url, job["job_id"])
         summary.rows_total = plan.total_rows
+        # The ledger is read once; what this run commits is added as it goes.
+        self._records = self.state.markers() if committed else []
         if self.state.success():
             summary.status = "already_complete"
             summary.message = "output already complete (_SUCCESS present): nothing to do"
@@ -146,7 +148,7 @@ class Driver:
             return summary
         done_before = sum(u.num_rows for u in plan.units() if u.unit_id in committed)
         # A resumed run judges its error fraction over every committed row, not only its own.
-        before = summarize_output(self.state) if committed else {"rows": 0, "error_rows": 0}
+        before = totals_of(self._records)
         self._rows_before, self._errors_before = before["rows"], before["error_rows"]
         todo: Iterator[WorkUnit] = (u for u in plan.units() if u.unit_id not in committed)
         progress = Progress(plan.total_rows, done_before, bar=self.progress_bar)
@@ -168,10 +170,10 @@ class Driver:
         self._fill_totals(summary)
 
         def storage_stats() -> dict:
-            here = merge_retry_stats(
+            here = merge_request_stats(
                 self.input_storage.stats.snapshot(), self.state.storage.stats.snapshot()
             )
-            return merge_retry_stats(here, actor_storage)
+            return merge_request_stats(here, actor_storage)
 
         storage = storage_stats()
         summary.storage_retries = storage["retries"]
@@ -214,7 +216,7 @@ class Driver:
             log.warning("no _report.html: %s: %s", type(exc).__name__, exc)
 
     def _fill_totals(self, summary: JobSummary) -> None:
-        totals = summarize_output(self.state)
+        totals = totals_of(self._records)
         summary.data_rows = totals["data_rows"]
         summary.error_rows = totals["error_rows"]
         summary.error_codes = totals["error_codes"]
@@ -321,6 +323,7 @@ class Driver:
                             failure = f"cannot commit unit {unit.unit_id}: {exc}"
                             break
                         isolation.forget(unit.unit_id)
+                        self._records.append(record)
                         summary.rows_this_run += record["num_rows"]
                         summary.errors_this_run += record["error_rows"]
                         summary.units_this_run += 1

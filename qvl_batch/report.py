@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import platform
-from concurrent.futures import ThreadPoolExecutor
-
-from .state import OutputState
-
-MARKER_READ_THREADS = 16  # small GETs in parallel: object stores answer each in ~10-50 ms
+from collections import Counter
 
 PACKAGES = (
     "qvl-batch",
@@ -37,19 +32,20 @@ def versions() -> dict[str, str]:
     return found
 
 
-def summarize_output(state: OutputState) -> dict:
-    """Rows in data/ and errors/ and errors by code, from the commit markers."""
-    paths = state.marker_paths()
-    with ThreadPoolExecutor(MARKER_READ_THREADS) as pool:
-        records = list(pool.map(lambda p: json.loads(state.read_path(p)), paths))
-    codes: dict[str, int] = {}
+def totals_of(records: list[dict]) -> dict:
+    """Units, rows, data rows, error rows and errors by code over commit marker records."""
+    codes: Counter[str] = Counter()
     for r in records:
-        for code, n in r.get("error_codes", {}).items():
-            codes[code] = codes.get(code, 0) + n
+        codes.update(r.get("error_codes") or {})
     return {
         "units": len(records),
         "rows": sum(r["num_rows"] for r in records),
         "data_rows": sum(r["data_rows"] for r in records),
         "error_rows": sum(r["error_rows"] for r in records),
-        "error_codes": codes,
+        "error_codes": dict(sorted(codes.items())),
     }
+
+
+def error_codes_line(codes: dict[str, int]) -> str:
+    """``  errors by code: A=1, B=2`` for the summaries people read."""
+    return "  errors by code: " + ", ".join(f"{k}={v}" for k, v in sorted(codes.items()))

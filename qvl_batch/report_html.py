@@ -11,7 +11,6 @@ import datetime as dt
 import html
 import io
 import itertools
-import json
 import statistics
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .state import METRICS_FILE, REPORT_FILE, OutputState
+from .state import REPORT_FILE, OutputState
 
 READ_THREADS = 16  # small GETs in parallel: object stores answer each in ~10-50 ms
 MAX_PART_FILES = 200  # per-row plots sample at most this many data files: bounded time and memory
@@ -36,13 +35,6 @@ def _png(draw, size=(7.5, 3.2)) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def _read_json(state: OutputState, name: str) -> dict | None:
-    try:
-        return json.loads(state.read_path(state.path(name)))
-    except FileNotFoundError:
-        return None
 
 
 def _read_rows(state: OutputState, files: list[str]) -> tuple[dict[str, list[int]], str]:
@@ -144,9 +136,8 @@ def _pct(values: list[int]) -> str:
 def build_report(state: OutputState) -> bytes:
     """The HTML report of the output behind ``state`` (works on running and finished jobs)."""
     job = state.job() or {}
-    metrics = _read_json(state, METRICS_FILE)
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        markers = list(pool.map(lambda p: json.loads(state.read_path(p)), state.marker_paths()))
+    metrics = state.metrics()
+    markers = state.markers()
     markers.sort(key=lambda m: m["committed_at"])
     times = [dt.datetime.fromisoformat(m["committed_at"]) for m in markers]
     codes: Counter = Counter()

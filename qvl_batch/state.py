@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -30,6 +31,13 @@ REPORT_FILE = "_report.html"
 UNITS_DIR = "_state/units"
 DATA_DIR = "data"
 ERRORS_DIR = "errors"
+
+
+MARKER_READ_THREADS = 16  # small GETs in parallel: object stores answer each in ~10-50 ms
+
+
+class NotAJobOutput(ValueError):
+    """A path that holds no qvl-batch output (no readable ``_job.json``)."""
 
 
 class ResumeRefused(RuntimeError):
@@ -113,8 +121,24 @@ class OutputState:
     def job(self) -> dict | None:
         return self._read_json(JOB_FILE)
 
+    def require_job(self) -> dict:
+        """``_job.json``; raises NotAJobOutput where there is none (or it is not JSON)."""
+        try:
+            job = self.job()
+        except ValueError:
+            raise NotAJobOutput(f"{self.url}: {JOB_FILE} is not valid JSON") from None
+        if not isinstance(job, dict):
+            raise NotAJobOutput(
+                f"{self.url}: no {JOB_FILE}: this is not the output of a qvl-batch job"
+            )
+        return job
+
     def success(self) -> dict | None:
         return self._read_json(SUCCESS_FILE)
+
+    def metrics(self) -> dict | None:
+        """``_metrics.json``: present once a run has ended (succeeded or failed)."""
+        return self._read_json(METRICS_FILE)
 
     def _list(self, sub: str) -> list[str]:
         try:
@@ -140,11 +164,31 @@ class OutputState:
             pass
 
     def marker_paths(self) -> list[str]:
-        """Paths of every commit marker, sorted."""
-        return sorted(p for p in self._list(UNITS_DIR) if p.endswith(".json"))
+        """Paths of every commit marker, sorted (a marker being written is not one yet)."""
+        return sorted(
+            p for p in self._list(UNITS_DIR) if p.endswith(".json") and not is_temporary(p)
+        )
 
     def committed_units(self) -> set[str]:
-        return {u for p in self._list(UNITS_DIR) if (u := unit_id_of(p)) and p.endswith(".json")}
+        return {u for p in self.marker_paths() if (u := unit_id_of(p))}
+
+    def marker_blobs(self) -> list[tuple[str, bytes]]:
+        """(path, bytes) of every commit marker, read in parallel (one small GET each)."""
+        paths = self.marker_paths()
+        with ThreadPoolExecutor(MARKER_READ_THREADS) as pool:
+            return list(zip(paths, pool.map(self.read_path, paths)))
+
+    def markers(self) -> list[dict]:
+        """Every commit marker record that parses; see :meth:`marker_blobs` for the rest."""
+        records = []
+        for _, blob in self.marker_blobs():
+            try:
+                record = json.loads(blob)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def mark_committed(self, unit_id: str, record: dict) -> None:
         self.write_json(posixpath.join(UNITS_DIR, f"{unit_id}.json"), record)

@@ -12,23 +12,15 @@ import dataclasses
 import datetime as dt
 import json
 import sys
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .config import StorageConfig
-from .state import JOB_FILE, METRICS_FILE, OutputState
-from .storage import Storage, StorageError, is_temporary
+from .report import error_codes_line, totals_of
+from .state import NotAJobOutput, OutputState
+from .storage import Storage, StorageError
 
-# Markers read at once: each is one GET of tens of ms on object stores; 16 keeps a 10,000-unit
-# job to seconds without opening many connections.
-STATUS_THREADS = 16
 RATE_WINDOW_S = 300.0  # the rate is measured over the last 5 minutes of commits
 EXIT_OK, EXIT_NO_JOB = 0, 2
-
-
-class NotAJobOutput(ValueError):
-    """The path holds no readable ``_job.json``."""
 
 
 @dataclass
@@ -65,9 +57,7 @@ class StatusReport:
             f"  output: {self.data_rows:,} data rows, {self.error_rows:,} error rows",
         ]
         if self.error_codes:
-            out.append(
-                "  errors by code: " + ", ".join(f"{k}={v}" for k, v in self.error_codes.items())
-            )
+            out.append(error_codes_line(self.error_codes))
         if self.state != "complete":
             out.append(
                 f"  rate: {rate} (recent commits); ETA {eta}; last commit {self.last_commit_at}"
@@ -98,50 +88,33 @@ def commit_rate(commits: list[tuple[dt.datetime, int]]) -> float | None:
     return sum(n for _, n in window[1:]) / span
 
 
-def _parse(blob: bytes) -> dict | None:
-    try:
-        record = json.loads(blob)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def job_status(url: str, storage: StorageConfig | None = None) -> StatusReport:
     """The progress of the job whose output is ``url``; raises NotAJobOutput, StorageError."""
     state = OutputState(url, Storage(storage))
-    try:
-        job = state.job()
-    except ValueError:
-        raise NotAJobOutput(f"{url}: {JOB_FILE} is not valid JSON") from None
-    if job is None:
-        raise NotAJobOutput(f"{url}: no {JOB_FILE}: this is not the output of a qvl-batch job")
+    job = state.require_job()
     report = StatusReport(
         url,
         job_id=str(job.get("job_id")),
         created_at=str(job.get("created_at", "")),
         rows_total=int((job.get("input") or {}).get("rows") or 0),
     )
-    paths = [p for p in state.marker_paths() if not is_temporary(p)]
-    with ThreadPoolExecutor(STATUS_THREADS) as pool:
-        blobs = list(pool.map(state.read_path, paths))
-    markers = [m for m in map(_parse, blobs) if m is not None]
-    codes, commits = Counter(), []
-    for m in markers:
-        report.rows_done += int(m.get("num_rows", 0))
-        report.data_rows += int(m.get("data_rows", 0))
-        report.error_rows += int(m.get("error_rows", 0))
-        codes.update(m.get("error_codes") or {})
-        if m.get("committed_at"):
-            commits.append((dt.datetime.fromisoformat(m["committed_at"]), int(m["num_rows"])))
-    report.units_committed = len(markers)
-    report.error_codes = dict(sorted(codes.items()))
+    markers = state.markers()
+    totals = totals_of(markers)
+    report.rows_done, report.error_codes = totals["rows"], totals["error_codes"]
+    report.data_rows, report.error_rows = totals["data_rows"], totals["error_rows"]
+    commits = [
+        (dt.datetime.fromisoformat(m["committed_at"]), int(m["num_rows"]))
+        for m in markers
+        if m.get("committed_at")
+    ]
+    report.units_committed = totals["units"]
     if commits:
         report.last_commit_at = max(commits)[0].isoformat()
     report.rows_per_s = commit_rate(commits)
     if report.rows_per_s:
         report.eta_s = report.rows_pending / report.rows_per_s
     try:
-        metrics = state._read_json(METRICS_FILE) or {}
+        metrics = state.metrics() or {}
     except ValueError:
         metrics = {}
     success, ended = state.success(), metrics.get("summary") or {}

@@ -146,14 +146,19 @@ def describe(exc: BaseException) -> str:
 # ---- retry accounting ---------------------------------------------------------------------
 
 
-class RetryStats:
-    """Retries one :class:`Storage` made (thread-safe); actors report theirs to the driver."""
+class RequestStats:
+    """Requests and retries one :class:`Storage` made (thread-safe); actors report theirs."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.requests = 0  # calls made, first attempts and retries alike
         self.retries = 0
         self.gave_up = 0
         self.by_kind: Counter[str] = Counter()
+
+    def record_request(self) -> None:
+        with self._lock:
+            self.requests += 1
 
     def record(self, exc: BaseException) -> None:
         with self._lock:
@@ -167,17 +172,19 @@ class RetryStats:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
+                "requests": self.requests,
                 "retries": self.retries,
                 "gave_up": self.gave_up,
                 "by_kind": dict(self.by_kind),
             }
 
 
-def merge_retry_stats(total: dict, part: dict) -> dict:
-    """Sum two :meth:`RetryStats.snapshot` results."""
+def merge_request_stats(total: dict, part: dict) -> dict:
+    """Sum two :meth:`RequestStats.snapshot` results."""
     kinds = Counter(total.get("by_kind", {}))
     kinds.update(part.get("by_kind", {}))
     return {
+        "requests": total.get("requests", 0) + part.get("requests", 0),
         "retries": total.get("retries", 0) + part.get("retries", 0),
         "gave_up": total.get("gave_up", 0) + part.get("gave_up", 0),
         "by_kind": dict(kinds),
@@ -202,7 +209,7 @@ class Storage:
         self.max_attempts = getattr(settings, "max_attempts", 5)
         self.backoff_s = getattr(settings, "backoff_s", 0.2)
         self.max_backoff_s = getattr(settings, "max_backoff_s", 10.0)
-        self.stats = RetryStats()
+        self.stats = RequestStats()
 
     @classmethod
     def for_input(cls, cfg: Any) -> Storage:
@@ -236,6 +243,7 @@ class Storage:
         in a row have been seen.
         """
         for attempt in range(1, self.max_attempts + 1):
+            self.stats.record_request()
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
@@ -405,8 +413,3 @@ def bucket_of(fs, path: str) -> str | None:
     if protocol_of(fs) not in ATOMIC_PUT_PROTOCOLS - {"memory"}:
         return None
     return path.lstrip("/").split("/", 1)[0] or None
-
-
-def url_to_fs(url: str, storage_options: dict[str, Any] | None = None):
-    """(filesystem, path) with raw fsspec options and no retry policy (tools and tests)."""
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))

@@ -72,7 +72,8 @@ COMMON_SIZES = (
     (720, 1280),
     (1920, 1080),
 )
-# The transpose that undoes each orientation's display transform (what exif_transpose applies).
+# The transpose that, applied to an upright picture, gives what a camera stores with EXIF
+# orientation k (the inverse of what exif_transpose applies when reading it back).
 _STORE_TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -82,6 +83,14 @@ _STORE_TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_270,
 }
+
+
+def stored_as(upright: Image.Image, orientation: int) -> Image.Image:
+    """The pixels a camera writes for ``upright`` with EXIF orientation tag ``orientation``."""
+    fix = _STORE_TRANSPOSE.get(orientation)
+    return upright if fix is None else upright.transpose(fix)
+
+
 # A prefix no Pillow plugin accepts (byte 1 = 0xFF also rules out headerless TGA).
 _GARBAGE_PREFIX = b"\x00\xffNOT-AN-IMAGE\x00"
 _NOISE_TILE = 256
@@ -301,7 +310,7 @@ def _image_bytes(rng: np.random.Generator, code: int, width: int, height: int) -
     quality = int(rng.integers(75, 96))
     if code == _EXIF:
         orientation = int(rng.integers(2, 9))
-        stored = photo_like(rng, width, height).transpose(_STORE_TRANSPOSE[orientation])
+        stored = stored_as(photo_like(rng, width, height), orientation)
         return encode_jpeg(stored, quality=quality, exif_orientation=orientation)
     img = photo_like(rng, width, height)
     if code == _PNG:

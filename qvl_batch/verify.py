@@ -28,8 +28,19 @@ from omegaconf import OmegaConf
 from .config import REDACTED, Config, ConfigError, StorageConfig
 from .manifest import InputError, Plan, WorkUnit, plan_job
 from .reader import read_unit_table
+from .report import error_codes_line
 from .schema import DATA_COLUMNS, ERROR_COLUMNS, LINEAGE, ROW_RESULT
-from .state import DATA_DIR, ERRORS_DIR, UNITS_DIR, OutputState, data_file, errors_file, unit_id_of
+from .state import (
+    DATA_DIR,
+    ERRORS_DIR,
+    JOB_FILE,
+    UNITS_DIR,
+    NotAJobOutput,
+    OutputState,
+    data_file,
+    errors_file,
+    unit_id_of,
+)
 from .storage import Storage, StorageError, describe, is_temporary
 
 # Units checked at once: each is a few GETs of tens of ms on object stores and holds one unit's
@@ -38,15 +49,10 @@ VERIFY_THREADS = 8
 MAX_LINES = 50  # violations printed by lines(); --json lists them all
 EXAMPLES = 3  # rows named per violation
 EXIT_OK, EXIT_VIOLATIONS, EXIT_NO_JOB = 0, 1, 2
-JOB = "_job.json"  # state.JOB_FILE
 COLUMN_TYPES = {f.name: f.type for f in [*ROW_RESULT, *LINEAGE]}
 COLUMN_TYPES.update(source_shard=pa.string(), attempts=pa.int32())
 MARKER_KEYS = ("shard", "row_start", "num_rows", "data_rows", "error_rows", "files")
 READ_COLUMNS = ["id", "source_row", "source_shard", "error_code", "job_id", "config_fingerprint"]
-
-
-class NotAJobOutput(ValueError):
-    """The path holds no readable ``_job.json``: there is no job to verify."""
 
 
 @dataclass
@@ -83,9 +89,7 @@ class VerifyReport:
             f"  output: {self.data_rows:,} rows in data/, {self.error_rows:,} in errors/",
         ]
         if self.error_codes:
-            out.append(
-                "  errors by code: " + ", ".join(f"{k}={v}" for k, v in self.error_codes.items())
-            )
+            out.append(error_codes_line(self.error_codes))
         out += [f"  note: {note}" for note in self.notes]
         out.append(f"  violations: {len(self.violations)}")
         out += [f"  - {v}" for v in self.violations[:MAX_LINES]]
@@ -115,7 +119,7 @@ def config_from_job(job: dict, url: str, storage_overrides: dict | None = None) 
     try:
         cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
     except Exception as exc:
-        raise ConfigError(f"{url}/{JOB}: the saved config does not load: {exc}") from None
+        raise ConfigError(f"{url}/{JOB_FILE}: the saved config does not load: {exc}") from None
     for side in (cfg.input, cfg.output):
         side.storage_options.update(storage_overrides or {})
     return cfg
@@ -156,11 +160,8 @@ def _id_projection(cfg: Config) -> Config | None:
 
 def _read_markers(state: OutputState, report: VerifyReport) -> dict[str, dict]:
     """Every commit marker by unit id; unreadable or incomplete ones are violations."""
-    paths = [p for p in state.marker_paths() if not is_temporary(p)]
-    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
-        blobs = list(pool.map(state.read_path, paths))
     markers = {}
-    for path, blob in zip(paths, blobs):
+    for path, blob in state.marker_blobs():
         uid, name = unit_id_of(path), f"{UNITS_DIR}/{posixpath.basename(path)}"
         try:
             record = json.loads(blob)
@@ -421,12 +422,7 @@ def verify_output(
     Raises NotAJobOutput where ``url`` holds no job, ConfigError where its saved config does
     not load, StorageError where the output cannot be listed.
     """
-    try:
-        job = OutputState(url, Storage(storage, storage_overrides)).job()
-    except ValueError:
-        raise NotAJobOutput(f"{url}: {JOB} is not valid JSON") from None
-    if job is None:
-        raise NotAJobOutput(f"{url}: no {JOB}: this is not the output of a qvl-batch job")
+    job = OutputState(url, Storage(storage, storage_overrides)).require_job()
     cfg = config_from_job(job, url, storage_overrides)
     if storage is not None:
         cfg.storage = storage

@@ -148,3 +148,28 @@ ERROR_KEYS = ("id", "error_code")
 
 def expected_for(image_bytes: bytes, prompt: str, seed: int = 0, max_tokens: int = 64):
     return expected_text(hashlib.sha256(image_bytes).hexdigest(), prompt, seed, max_tokens)
+
+
+def check_fake_output(
+    dataset: Path,
+    output: Path,
+    expected_errors: dict[str, str] | None = None,
+    prompt: str = "Describe this image.",
+    max_tokens: int = 64,
+) -> tuple[list[dict], list[dict]]:
+    """A fake-engine job's output against its input: every input id once across data/ and
+    errors/; each data row has the fake engine's text and finish reason; the error rows are the
+    corrupt inputs (DECODE_ERROR / MISSING_IMAGE) plus ``expected_errors`` (id -> code)."""
+    data, errors = read_output(output)
+    inputs = {r["id"]: r for r in input_rows(dataset)}
+    assert sorted([r["id"] for r in data] + [r["id"] for r in errors]) == sorted(inputs)
+    for row in data:
+        want = expected_for(inputs[row["id"]]["image"], prompt, max_tokens=max_tokens)
+        assert (row["text"], row["finish_reason"]) == want, row["id"]
+    expected_errors = expected_errors or {}
+    corrupt = {i for i, r in inputs.items() if r["kind"] == "corrupt"}
+    got = {r["id"]: r["error_code"] for r in errors}
+    assert set(got) == corrupt | set(expected_errors), "errors are exactly the expected rows"
+    assert {i: got[i] for i in expected_errors} == expected_errors
+    assert {got[i] for i in corrupt} <= {"DECODE_ERROR", "MISSING_IMAGE"}
+    return data, errors

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, features
 
-from qvl_batch.synth import encode_jpeg, photo_like
+from qvl_batch.synth import encode_jpeg, photo_like, stored_as
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 GREY, WHITE = (128, 128, 128), (255, 255, 255)
@@ -300,17 +300,6 @@ def animations() -> Iterator[Case]:
         yield Case(name, data, ok((150, 100), "first_frame", marks=first_red))
 
 
-# The transpose that, applied to the upright picture, gives what a camera stores with tag k.
-STORED_AS = {
-    1: None,
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
 UPRIGHT_MARKS = (
     ((0.06, 0.08), RED),  # top-left
     ((0.94, 0.08), GREEN),  # top-right
@@ -329,9 +318,7 @@ def upright_picture(width: int = 250, height: int = 170) -> Image.Image:
 
 
 def stored(orientation: int, upright: Image.Image | None = None) -> Image.Image:
-    upright = upright or upright_picture()
-    fix = STORED_AS.get(orientation)
-    return upright if fix is None else upright.transpose(fix)
+    return stored_as(upright or upright_picture(), orientation)
 
 
 def exif(orientation: int) -> Image.Exif:

@@ -28,6 +28,7 @@ from qvl_batch.images import (
     smart_resize,
     vision_tokens,
 )
+from qvl_batch.synth import stored_as
 
 QWEN_DEFAULT = (56 * 56, 28 * 28 * 1280)  # 3136, 1003520
 QWEN_RECOMMENDED = (256 * 28 * 28, 1280 * 28 * 28)
@@ -263,18 +264,6 @@ def test_draft_keeps_processor_grid(make_processor):
 
 # ---------------------------------------------------------------- EXIF orientation
 
-# The transpose that, applied to the upright picture, gives what a camera stores with tag k.
-STORED_AS = {
-    1: None,
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
-
 
 def upright_picture(width: int, height: int) -> Image.Image:
     """Grey, with a red block at the top-left and a green block at the top-right."""
@@ -286,12 +275,9 @@ def upright_picture(width: int, height: int) -> Image.Image:
 
 
 def exif_jpeg(upright: Image.Image, orientation: int) -> bytes:
-    stored = (
-        upright if STORED_AS[orientation] is None else upright.transpose(STORED_AS[orientation])
-    )
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return encode(stored, "JPEG", quality=95, exif=exif)
+    return encode(stored_as(upright, orientation), "JPEG", quality=95, exif=exif)
 
 
 def assert_upright(img: Image.Image) -> None:

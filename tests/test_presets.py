@@ -10,7 +10,7 @@ from qvl_batch.config import load_config
 from qvl_batch.driver import EXIT_OK, run_job
 from qvl_batch.verify import verify_output
 
-from .conftest import REPO, expected_for, input_rows, read_output
+from .conftest import REPO, check_fake_output
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 
@@ -40,9 +40,5 @@ def test_caption_preset_runs_end_to_end(tmp_path, dataset, ray_head):
     cfg = load_config(REPO / "jobs" / "caption.yaml", overrides)
     summary = run_job(cfg, progress_bar=False)
     assert summary.exit_code == EXIT_OK, summary.lines()
-    data, _ = read_output(out)
-    inputs = {r["id"]: r for r in input_rows(dataset)}
-    for row in data:
-        want = expected_for(inputs[row["id"]]["image"], cfg.prompt.template, max_tokens=160)
-        assert (row["text"], row["finish_reason"]) == want
+    check_fake_output(dataset, out, prompt=cfg.prompt.template, max_tokens=160)
     assert verify_output(str(out)).ok

@@ -29,7 +29,7 @@ from qvl_batch.manifest import plan_job
 from qvl_batch.s3local import MotoServer
 from qvl_batch.verify import verify_output
 
-from .conftest import expected_for, input_rows, read_output, write_job
+from .conftest import check_fake_output, input_rows, write_job
 from .s3util import FaultProxy, Faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -73,20 +73,6 @@ def download(fs, url: str, local: Path) -> Path:
     return local
 
 
-def check_outputs(dataset: Path, out: Path, missing_uris: frozenset = frozenset()):
-    """Every id once; data rows carry the fake engine's text; errors only where expected."""
-    data, errors = read_output(out)
-    inputs = {r["id"]: r for r in input_rows(dataset)}
-    assert sorted([r["id"] for r in data] + [r["id"] for r in errors]) == sorted(inputs)
-    for row in data:
-        assert row["text"] == expected_for(inputs[row["id"]]["image"], PROMPT)[0]
-    corrupt = {i for i, r in inputs.items() if r["kind"] == "corrupt"}
-    assert {r["id"] for r in errors} == corrupt | set(missing_uris)
-    fetch = {r["id"] for r in errors if r["error_code"] == "FETCH_ERROR"}
-    assert fetch == set(missing_uris)
-    return data, errors
-
-
 def s3_job(tmp_path, inp: str, out: str, ray_head, endpoint: str, **extra) -> Path:
     storage = {"endpoint_url": endpoint, **extra.pop("storage", {})}
     return write_job(
@@ -127,7 +113,7 @@ def test_s3_to_s3_job_exactly_once_with_no_temporary_objects(
     assert keys and all(LAYOUT.match(k) for k in keys), [k for k in keys if not LAYOUT.match(k)]
     assert "_SUCCESS" in keys
     local = download(fs, out, tmp_path / "out")
-    check_outputs(dataset, local)
+    check_fake_output(dataset, local)
     job_json = (local / "_job.json").read_text()
     assert "qvl-very-secret-value" not in job_json and "AKIAQVLTESTKEY" not in job_json
     assert json.loads(job_json)["config"]["input"]["storage_options"]["secret"] == "***"
@@ -195,7 +181,7 @@ def test_kill_driver_and_resume_on_s3(tmp_path, dataset, ray_head, s3):
     keys = output_keys(fs, out)
     assert all(LAYOUT.match(k) for k in keys), keys
     local = download(fs, out, tmp_path / "out")
-    check_outputs(dataset, local)
+    check_fake_output(dataset, local)
     metrics = json.loads((local / "_metrics.json").read_text())
     assert metrics["summary"]["rows_this_run"] < len(input_rows(dataset)), "resumed, not redone"
     assert verify_output(out, storage=StorageConfig(endpoint_url=s3.endpoint)).ok
@@ -262,7 +248,7 @@ def test_faults_between_runner_and_server_are_retried_and_counted(tmp_path, data
     keys = output_keys(fs, "s3://faults-out/run")
     assert all(LAYOUT.match(k) for k in keys), keys
     local = download(fs, "s3://faults-out/run", tmp_path / "out")
-    check_outputs(dataset, local, missing)
+    check_fake_output(dataset, local, dict.fromkeys(missing, "FETCH_ERROR"))
     metrics = json.loads((local / "_metrics.json").read_text())
     # _metrics.json is written before its own (and _SUCCESS's) write could be retried.
     assert 0 < metrics["storage"]["retries"] <= summary.storage_retries
@@ -352,7 +338,7 @@ def test_http_image_uris_are_fetched_and_a_404_is_an_error_row(tmp_path, dataset
         server.shutdown()
         server.server_close()
     assert summary.exit_code == EXIT_OK, summary.lines()
-    _, errors = check_outputs(dataset, out, frozenset(missing))
+    _, errors = check_fake_output(dataset, out, dict.fromkeys(missing, "FETCH_ERROR"))
     assert all("not found" in r["error_message"] for r in errors if r["id"] in missing)
 
 

@@ -91,7 +91,12 @@ def test_call_retries_with_backoff_counts_and_gives_up_naming_the_operation(monk
     with pytest.raises(StorageError, match=r"read s3://b/k: gave up after 4 attempts"):
         storage.call("read s3://b/k", flaky, 100)
     assert len(calls) == 4 and len(sleeps) == 3
-    assert storage.stats.snapshot() == {"retries": 5, "gave_up": 1, "by_kind": {"OSError": 5}}
+    assert storage.stats.snapshot() == {
+        "requests": 7,  # 3 for the first call (2 failures, then ok), 4 for the second
+        "retries": 5,
+        "gave_up": 1,
+        "by_kind": {"OSError": 5},
+    }
     assert all(s < 0.3 * 1.5 for s in sleeps), "capped at max_backoff_s (with jitter)"
 
 
