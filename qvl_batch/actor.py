@@ -7,6 +7,7 @@ one engine thread runs batches while the prepare pool decodes the next rows (ove
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -25,8 +26,10 @@ from .images import ImageError, prepare_image
 from .manifest import WorkUnit
 from .prompts import PromptError
 from .reader import RowInput, fetch_uri, read_unit_table, unit_rows
+from .reuse import ReuseIndex, ReuseReader, result_key, settings_digest
 from .schema import ROW_RESULT
 from .storage import Storage
+from .structured import PARSE_ERROR, OutputParser
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,15 @@ MAX_PREPARED_ROWS_PER_BATCH = 4
 SINGLE_ROW_TRIES = 2  # a row alone in a failing call is retried once before it is an error
 # The recorder answers in milliseconds; a stuck one must not hold the engine for long.
 RECORD_TIMEOUT_S = 30
+# What a carried-over row takes from the earlier data row besides its structured columns.
+CARRIED_META = (
+    "image_width",
+    "image_height",
+    "resized_width",
+    "resized_height",
+    "image_sha256",
+    "image_notes",
+)
 
 
 @dataclass
@@ -60,7 +72,13 @@ class _UnitCollector:
 class UnitWorker:
     """One engine, one prepare pool, one bucketer. Wrapped with ``ray.remote`` by the driver."""
 
-    def __init__(self, cfg: Config, incarnation: int = 0, recorder=None):
+    def __init__(
+        self,
+        cfg: Config,
+        incarnation: int = 0,
+        recorder=None,
+        reuse: ReuseIndex | None = None,
+    ):
         self.cfg = cfg
         self.incarnation = incarnation
         # The driver's FlightRecorder: told which rows are inside the engine before each call,
@@ -69,6 +87,15 @@ class UnitWorker:
         self._solo: deque[Request] = deque()  # rows that must run alone (crash suspects)
         self.engine: Engine = make_engine(cfg, incarnation)
         self.storage = Storage.for_input(cfg)
+        schema = cfg.structured.json_schema
+        self._parser = OutputParser(schema) if schema is not None else None
+        if self._parser and cfg.structured.guided == "required" and not self.engine.guided:
+            raise RuntimeError(
+                f"structured.guided=required, but the {self.engine.name} engine has no guided "
+                "decoding here; use structured.guided=auto to parse free output instead"
+            )
+        self._settings = settings_digest(cfg)
+        self._reuse = ReuseReader(reuse, Storage.for_output(cfg)) if reuse is not None else None
         threads = cfg.batching.prepare_threads or max(1, round(cfg.cluster.cpus_per_actor))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
         b = cfg.batching
@@ -102,20 +129,28 @@ class UnitWorker:
             }
 
     def process_unit(
-        self, unit: WorkUnit, solo: Collection[int] = (), skip: Collection[int] = ()
+        self,
+        unit: WorkUnit,
+        solo: Collection[int] = (),
+        skip: Collection[int] = (),
+        only: Collection[int] | None = None,
     ) -> pa.Table:
-        """Run every row of ``unit``; returns one ROW_RESULT row per input row, in order.
+        """Run the rows of ``unit``; returns one ROW_RESULT row per row run, in input order.
 
         ``solo``: row indices that run in batches of one (they were in a batch when an actor
         died). ``skip``: rows that killed the engine process running alone; they are not run
-        again and become ENGINE_CRASH rows.
+        again and become ENGINE_CRASH rows. ``only``: run just these row indices (retry-failed).
         """
         solo, skip = set(solo), set(skip)
         t0 = time.perf_counter()
         table = read_unit_table(unit, self.cfg, self.storage)
         rows = unit_rows(unit, table, self.cfg)
         self.timings["read_s"] += time.perf_counter() - t0
-        collector = _UnitCollector([None] * len(rows), [None] * len(rows), len(rows))
+        n = len(rows)
+        if only is not None:
+            wanted = set(only)
+            rows = [r for r in rows if r.index in wanted]
+        collector = _UnitCollector([None] * n, [None] * n, len(rows))
         if not rows:
             collector.done.set()
         with self._cond:
@@ -152,6 +187,11 @@ class UnitWorker:
             data = row.image
             if isinstance(data, str):
                 data = fetch_uri(data, self.storage)
+            digest = hashlib.sha256(data).hexdigest() if data else None
+            rkey = digest and result_key(digest, self.cfg.prompt.system, row.prompt, self._settings)
+            if rkey and self._reuse is not None and (found := self._reuse.find(rkey)):
+                self._carry_over(key, rkey, *found)
+                return
             text_tokens = self.engine.count_text_tokens(row.prompt, self.cfg.prompt.system)
             if text_tokens > self.cfg.prompt.max_prompt_tokens:
                 raise PromptError(
@@ -159,7 +199,7 @@ class UnitWorker:
                     f"prompt is {text_tokens} tokens; prompt.max_prompt_tokens is "
                     f"{self.cfg.prompt.max_prompt_tokens}",
                 )
-            img = prepare_image(data, self.cfg.image)
+            img = prepare_image(data, self.cfg.image, digest)
         except (ImageError, PromptError) as exc:
             self._finish_early(key, Result(key, error_code=exc.code, error_message=exc.message))
             return
@@ -188,6 +228,7 @@ class UnitWorker:
             "resized_height": img.resized_size[1],
             "image_sha256": img.sha256,
             "image_notes": ",".join(img.notes) or None,
+            "result_key": rkey,
         }
         with self._cond:
             collector = self._units.get(unit_id)
@@ -201,15 +242,32 @@ class UnitWorker:
             self._in_prep -= 1
             self._cond.notify_all()
 
-    def _finish_early(self, key: tuple[str, int], result: Result) -> None:
-        """A row that failed before the engine: free its slot and record its error."""
+    def _finish_early(self, key: tuple[str, int], result: Result, meta: dict | None = None):
+        """A row done before the engine (an error, or reused): free its slot, record it."""
         self._slots.release()
         with self._cond:
             self._in_prep -= 1
             collector = self._units.get(key[0])
             if collector is not None:
+                collector.meta[key[1]] = meta
                 collector.put(key[1], result)
             self._cond.notify_all()
+
+    def _carry_over(self, key: tuple[str, int], rkey: str, earlier: dict, job: str) -> None:
+        """An earlier output has this row's result (same image, prompt and settings)."""
+        columns = self._parser.columns.names if self._parser else []
+        result = Result(
+            key,
+            text=earlier["text"],
+            finish_reason=earlier["finish_reason"],
+            prompt_tokens=earlier["prompt_tokens"],
+            vision_tokens=earlier["vision_tokens"],
+            output_tokens=earlier["output_tokens"],
+            values={c: earlier.get(c) for c in columns} if columns else None,
+            reused_from=earlier.get("reused_from") or job,  # the job that computed it
+        )
+        meta = {name: earlier.get(name) for name in CARRIED_META}
+        self._finish_early(key, result, {**meta, "result_key": rkey})
 
     def _next_batch(self) -> list[Request] | None:
         with self._cond:
@@ -235,6 +293,8 @@ class UnitWorker:
                 t0 = time.perf_counter()
                 results = self._generate_isolating(batch)
                 self.timings["engine_s"] += time.perf_counter() - t0
+                if self._parser is not None:
+                    results = [self._parse(r) for r in results]
                 self._slots.release(len(batch))
                 with self._cond:
                     for result in results:
@@ -274,6 +334,14 @@ class UnitWorker:
             out.append(result)
         return out
 
+    def _parse(self, result: Result) -> Result:
+        """Structured output: typed values, or an OUTPUT_PARSE_ERROR row."""
+        if result.error_code is None:
+            result.values, problem = self._parser.parse(result.text, result.finish_reason)
+            if problem:
+                result.error_code, result.error_message = PARSE_ERROR, problem
+        return result
+
     def _record(self, keys: list[tuple[str, int]]) -> None:
         """Tell the driver's recorder what is in the engine now (waits for entering rows)."""
         if self._recorder is None:
@@ -291,7 +359,9 @@ class UnitWorker:
         self, unit: WorkUnit, rows: list[RowInput], collector: _UnitCollector, table: pa.Table
     ) -> pa.Table:
         cols: dict[str, list] = {name: [] for name in ROW_RESULT.names}
-        for row, result, meta in zip(rows, collector.results, collector.meta):
+        results = [collector.results[row.index] for row in rows]
+        metas = [collector.meta[row.index] for row in rows]
+        for row, result, meta in zip(rows, results, metas):
             assert result is not None
             meta = meta or {}
             ok = result.error_code is None
@@ -307,11 +377,17 @@ class UnitWorker:
                 cols[name].append(meta.get(name))
             cols["image_sha256"].append(meta.get("image_sha256"))
             cols["image_notes"].append(meta.get("image_notes"))
+            cols["result_key"].append(meta.get("result_key"))
+            cols["reused_from"].append(result.reused_from)
             cols["error_code"].append(result.error_code)
             cols["error_message"].append(result.error_message)
         out = pa.table(cols, schema=ROW_RESULT)
+        for f in self._parser.columns if self._parser else []:
+            values = [r.values.get(f.name) if r.values else None for r in results]
+            out = out.append_column(f, pa.array(values, type=f.type))
+        indices = pa.array([row.index for row in rows], pa.int64())
         for name in self.cfg.input.passthrough_columns:
-            out = out.append_column(table.schema.field(name), table.column(name))
+            out = out.append_column(table.schema.field(name), table.column(name).take(indices))
         return out
 
     def close(self) -> None:

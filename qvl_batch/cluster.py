@@ -103,9 +103,11 @@ class FlightRecorder:
 class ActorPool:
     """The job's actors. Starts Ray if needed; shuts down what it started."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, reuse=None):
         self.cfg = cfg
         self._started_ray = connect(cfg)
+        # The reuse index goes to the object store once; every actor maps the same copy.
+        self._reuse = ray.put(reuse) if reuse is not None else None
         self.size, self.options = actor_layout(cfg, ray.cluster_resources())
         self._remote = ray.remote(UnitWorker).options(**self.options)
         # num_cpus=0: bookkeeping only; it must never wait for room the workers hold.
@@ -130,7 +132,7 @@ class ActorPool:
         self._stats: dict[int, dict] = {}
 
     def _new_actor(self):
-        actor = self._remote.remote(self.cfg, self.incarnations, self.recorder)
+        actor = self._remote.remote(self.cfg, self.incarnations, self.recorder, self._reuse)
         self.incarnations += 1
         return actor
 

@@ -157,6 +157,7 @@ class FakeEngineConfig:
     fail_ids: list[str] = field(default_factory=list)  # rows that get ENGINE_ERROR
     raise_ids: list[str] = field(default_factory=list)  # any batch holding one of these raises
     crash_ids: list[str] = field(default_factory=list)  # ...SIGKILLs the actor process
+    bad_json_ids: list[str] = field(default_factory=list)  # answers cut short (not JSON)
     raise_after_rows: int = 0  # raise once from generate() after this many rows (0 = never)
     exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
     exit_incarnations: int = 1  # ...only in actors whose incarnation is below this
@@ -265,6 +266,50 @@ class StorageConfig:
         _check(self.read_timeout_s > 0, "storage.read_timeout_s", "must be > 0")
 
 
+GUIDED_MODES = ("auto", "required", "off")
+
+
+@dataclass
+class StructuredConfig:
+    """Structured output: the model answers in JSON matching ``json_schema``.
+
+    Each top-level property becomes a typed Parquet column in data/ (string, integer -> int64,
+    number -> float64, boolean, arrays -> lists, objects -> structs). Output that is not valid
+    JSON or does not match the schema is an OUTPUT_PARSE_ERROR row.
+    """
+
+    json_schema: dict[str, Any] | None = None  # a JSON Schema (draft 2020-12), type: object
+    # auto: guided decoding where the engine has it (TensorRT-LLM, transformers + xgrammar);
+    # required: refuse to start on an engine without it; off: free generation, parsed after.
+    guided: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.guided in GUIDED_MODES,
+            "structured.guided",
+            f"{self.guided!r} is not one of {GUIDED_MODES}",
+        )
+        if self.json_schema is not None:
+            from .structured import SchemaError, columns_of
+
+            try:
+                columns_of(self.json_schema)
+            except SchemaError as exc:
+                raise ConfigError(f"structured.json_schema: {exc}") from None
+
+
+@dataclass
+class ReuseConfig:
+    """Incremental runs: carry over results from earlier outputs instead of recomputing.
+
+    A row is carried over when an earlier output holds a data row with the same result key:
+    the image content hash, the prompt (system and rendered template), the model and engine,
+    and the sampling, image and structured-output settings.
+    """
+
+    outputs: list[str] = field(default_factory=list)  # earlier job outputs (any fsspec URL)
+
+
 OUTPUT_MODES = ("resume", "overwrite")
 
 
@@ -331,6 +376,8 @@ class Config:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
+    reuse: ReuseConfig = field(default_factory=ReuseConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -448,11 +495,26 @@ def load_config(job_file: str | Path | None, overrides: list[str] | None = None)
         cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
         raise (ConfigError(str(cause)) if cause else _explain(exc, "config")) from None
     cfg.input.check_required()
+    _check_structured_columns(cfg)
     try:
         template_fields(cfg.prompt.template)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return cfg
+
+
+def _check_structured_columns(cfg: Config) -> None:
+    if cfg.structured.json_schema is None:
+        return
+    from .schema import reserved_columns
+
+    taken = reserved_columns() | set(cfg.input.passthrough_columns)
+    clash = sorted(set(cfg.structured.json_schema["properties"]) & taken)
+    if clash:
+        raise ConfigError(
+            f"structured.json_schema: properties {clash} would replace output columns of the "
+            "same name (core, lineage or input.passthrough_columns); rename them"
+        )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -491,13 +553,33 @@ def redact(value: Any, parent_key: str = "") -> Any:
     return value
 
 
-def fingerprint_fields(cfg: Config, input_fingerprint: str) -> dict[str, Any]:
-    """What decides the outputs. Batching, cluster, limits and output location do not."""
-    return {
+def saved_config(cfg: Config) -> dict[str, Any]:
+    """The config as ``_job.json`` keeps it: secrets redacted, the output schema verbatim (a
+    property may well be called ``token``)."""
+    saved = redact(to_dict(cfg))
+    saved["structured"] = to_dict(cfg)["structured"]
+    return saved
+
+
+def result_settings(cfg: Config) -> dict[str, Any]:
+    """Settings besides the image and prompt that decide a row's result (the reuse key)."""
+    out = {
         "engine": {"name": cfg.engine.name, "model": cfg.engine.model, "dtype": cfg.engine.dtype},
-        "prompt": dataclasses.asdict(cfg.prompt),
         "sampling": dataclasses.asdict(cfg.sampling),
         "image": dataclasses.asdict(cfg.image),
+    }
+    if cfg.structured.json_schema is not None:  # absent when unused: older fingerprints hold
+        out["structured"] = dataclasses.asdict(cfg.structured)
+        # The fingerprint hashes sorted keys; the property order (column order) counts too.
+        out["structured"]["columns"] = list(cfg.structured.json_schema["properties"])
+    return out
+
+
+def fingerprint_fields(cfg: Config, input_fingerprint: str) -> dict[str, Any]:
+    """What decides the outputs. Batching, cluster, limits, reuse and output location do not."""
+    return {
+        **result_settings(cfg),
+        "prompt": dataclasses.asdict(cfg.prompt),
         "columns": {
             "id": cfg.input.id_column,
             "image": cfg.input.image_column,

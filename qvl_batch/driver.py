@@ -15,13 +15,15 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .config import Config, fingerprint, fingerprint_fields, redact, to_dict
+from .config import Config, fingerprint, fingerprint_fields, saved_config
 from .isolation import CrashIsolation
 from .manifest import Plan, WorkUnit, plan_job
 from .progress import Progress
 from .report import error_codes_line, totals_of, versions
+from .reuse import build_index
 from .state import METRICS_FILE, SUCCESS_FILE, OutputState
 from .storage import Storage, StorageError, merge_request_stats
+from .structured import columns_of
 from .writer import UnitIncomplete, commit_unit
 
 log = logging.getLogger("qvl_batch")
@@ -42,6 +44,7 @@ class JobSummary:
     rows_total: int = 0
     rows_this_run: int = 0
     errors_this_run: int = 0
+    reused_this_run: int = 0  # rows carried over from reuse.outputs (not computed)
     data_rows: int = 0
     error_rows: int = 0
     error_codes: dict[str, int] = field(default_factory=dict)
@@ -62,6 +65,14 @@ class JobSummary:
             f"{self.error_rows:,} in errors/",
             f"  this run: {self.rows_this_run:,} rows in {self.units_this_run:,} units, "
             f"{self.elapsed_s:,.1f}s, {self.rows_per_s:,.1f} rows/s",
+            *(
+                [
+                    f"  reused: {self.reused_this_run:,} rows carried over from earlier outputs, "
+                    f"{self.rows_this_run - self.reused_this_run:,} computed"
+                ]
+                if self.reused_this_run
+                else []
+            ),
             f"  retries: {self.unit_retries} unit retries, {self.actor_restarts} actor restarts, "
             f"{self.storage_retries} storage retries",
         ]
@@ -97,12 +108,14 @@ class Driver:
         self.input_storage = Storage.for_input(cfg)
         self.state = OutputState(cfg.output.path, Storage.for_output(cfg))
         self._records: list[dict] = []  # commit markers: read at start, then this run's
+        self._reuse = None  # the ReuseIndex of reuse.outputs, built before any work
         self._rows_before = self._errors_before = 0  # committed before this run (resume)
 
     # ---- before any work -------------------------------------------------------------
     def prepare(self) -> tuple[Plan, dict, set[str]]:
         """Plan the input and open the output ledger; raises before any work on problems."""
         plan = plan_job(self.cfg, self.input_storage)
+        self._reuse = build_index(self.cfg, self.state.storage)
         fields = fingerprint_fields(self.cfg, plan.fingerprint)
         fp = fingerprint(fields)
         if self.cfg.output.mode == "overwrite":
@@ -116,7 +129,7 @@ class Driver:
                 f"-{uuid.uuid4().hex[:6]}",
                 "fingerprint": fp,
                 "fingerprint_fields": fields,
-                "config": redact(to_dict(self.cfg)),
+                "config": saved_config(self.cfg),
                 "versions": versions(),
                 "input": {"shards": len(plan.shards), "rows": plan.total_rows},
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -126,9 +139,10 @@ class Driver:
             except OSError as exc:
                 raise StorageError(f"output.path {self.state.url}: cannot write: {exc}") from None
             return plan, job, set()
-        committed = self.state.committed_units()
+        self._records = self.state.markers()
+        committed = {r["unit_id"] for r in self._records}
         if not self.state.success():
-            removed = self.state.clean_orphans(committed)
+            removed = self.state.clean_orphans(self._records)
             if removed:
                 log.info("removed %d uncommitted part files of an interrupted run", len(removed))
         return plan, job, committed
@@ -139,8 +153,7 @@ class Driver:
         plan, job, committed = self.prepare()
         summary = JobSummary("running", EXIT_OK, self.state.url, job["job_id"])
         summary.rows_total = plan.total_rows
-        # The ledger is read once; what this run commits is added as it goes.
-        self._records = self.state.markers() if committed else []
+        # The ledger is read once (prepare); what this run commits is added as it goes.
         if self.state.success():
             summary.status = "already_complete"
             summary.message = "output already complete (_SUCCESS present): nothing to do"
@@ -230,7 +243,9 @@ class Driver:
         from .cluster import ActorPool
 
         cfg = self.cfg
-        pool = ActorPool(cfg)
+        pool = ActorPool(cfg, reuse=self._reuse)
+        schema = cfg.structured.json_schema
+        structured = columns_of(schema).names if schema is not None else []
         lineage = {
             "job_id": job["job_id"],
             "model": cfg.engine.model,
@@ -315,6 +330,7 @@ class Driver:
                                 attempt,
                                 list(cfg.input.passthrough_columns),
                                 cfg.output.compression,
+                                structured,
                             )
                         except UnitIncomplete as exc:
                             failure = requeue(unit, attempt, str(exc))
@@ -326,6 +342,7 @@ class Driver:
                         self._records.append(record)
                         summary.rows_this_run += record["num_rows"]
                         summary.errors_this_run += record["error_rows"]
+                        summary.reused_this_run += record["reused_rows"]
                         summary.units_this_run += 1
                         progress.update(record["num_rows"], record["error_rows"])
                         failure = failure or self._error_check(summary)

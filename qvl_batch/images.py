@@ -124,15 +124,16 @@ def vision_tokens(height: int, width: int) -> int:
     return (height // PATCH) * (width // PATCH)
 
 
-def prepare_image(data: bytes | None, cfg) -> PreparedImage:
+def prepare_image(data: bytes | None, cfg, digest: str | None = None) -> PreparedImage:
     """Decode, validate, orient, flatten to RGB and resize one encoded image to the Qwen grid.
 
     ``cfg`` is an :class:`~qvl_batch.config.ImageConfig` (or anything with its attributes).
-    Raises :class:`ImageError` for problems with the image itself.
+    Raises :class:`ImageError` for problems with the image itself. ``digest``: the bytes'
+    sha256 when the caller has it already.
     """
     if not data:
         raise ImageError("MISSING_IMAGE", "no image bytes")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = digest or hashlib.sha256(data).hexdigest()
     try:
         with _open_allowed(data) as src:
             return _prepare_open(src, digest, cfg)

@@ -41,6 +41,7 @@ def totals_of(records: list[dict]) -> dict:
         "units": len(records),
         "rows": sum(r["num_rows"] for r in records),
         "data_rows": sum(r["data_rows"] for r in records),
+        "reused_rows": sum(r.get("reused_rows", 0) for r in records),
         "error_rows": sum(r["error_rows"] for r in records),
         "error_codes": dict(sorted(codes.items())),
     }

@@ -1,7 +1,8 @@
 """The output contract: column names and types of data/ and errors/ files.
 
 Fixed Arrow types keep every part file readable as one dataset, even when a unit has only
-nulls in a column. Passthrough columns follow the core columns with their input types.
+nulls in a column. In data/, the typed columns of a structured-output schema follow the core
+columns; passthrough columns come next with their input types; lineage columns close.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ ROW_RESULT = pa.schema(
         ("resized_height", pa.int32()),
         ("image_sha256", pa.string()),
         ("image_notes", pa.string()),  # what preparation changed, e.g. "exif_transposed,draft"
+        # sha256 over the image hash, the prompt and the result settings: what reuse matches on
+        ("result_key", pa.string()),
+        ("reused_from", pa.string()),  # job id of the earlier output a carried-over row is from
         ("error_code", pa.string()),
         ("error_message", pa.string()),
     ]
@@ -43,6 +47,8 @@ DATA_COLUMNS = [
     "resized_height",
     "image_sha256",
     "image_notes",
+    "result_key",
+    "reused_from",
     "source_shard",
     "source_row",
 ]
@@ -65,3 +71,8 @@ LINEAGE = pa.schema(
         ("created_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
+
+
+def reserved_columns() -> set[str]:
+    """Names a structured-output property may not take: they are the runner's own columns."""
+    return {*ROW_RESULT.names, *DATA_COLUMNS, *ERROR_COLUMNS, *LINEAGE.names, "attempts"}

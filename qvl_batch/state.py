@@ -6,6 +6,9 @@ Layout (a contract, documented in the README)::
     _state/units/<unit>.json      one marker per committed unit, written after its part files
     data/part-<unit>.parquet      successful rows of a unit
     errors/part-<unit>.parquet    failed rows of a unit
+    data/part-<unit>.retry-<n>.parquet    rows that `retry-failed` turned into data (pass n)
+    errors/part-<unit>.retry-<n>.parquet  the unit's errors still failing after pass n (the
+                                          marker names the files that hold the unit's rows)
     _metrics.json                 throughput, errors, timings
     _SUCCESS                      written last
 
@@ -53,18 +56,25 @@ def _leaf_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def data_file(unit_id: str) -> str:
-    return posixpath.join(DATA_DIR, f"part-{unit_id}.parquet")
+RETRY_TAG = ".retry-"
 
 
-def errors_file(unit_id: str) -> str:
-    return posixpath.join(ERRORS_DIR, f"part-{unit_id}.parquet")
+def _part(sub: str, unit_id: str, retry: int) -> str:
+    return posixpath.join(sub, f"part-{unit_id}{f'{RETRY_TAG}{retry}' if retry else ''}.parquet")
+
+
+def data_file(unit_id: str, retry: int = 0) -> str:
+    return _part(DATA_DIR, unit_id, retry)
+
+
+def errors_file(unit_id: str, retry: int = 0) -> str:
+    return _part(ERRORS_DIR, unit_id, retry)
 
 
 def unit_id_of(filename: str) -> str | None:
     name = posixpath.basename(filename)
     if name.startswith("part-") and name.endswith(".parquet"):
-        return name[len("part-") : -len(".parquet")]
+        return name[len("part-") : -len(".parquet")].split(RETRY_TAG)[0]
     if name.endswith(".json") and posixpath.dirname(filename).endswith(UNITS_DIR):
         return name[: -len(".json")]
     return None
@@ -108,7 +118,8 @@ class OutputState:
         return json.loads(blob)
 
     def write_json(self, name: str, value: dict) -> None:
-        blob = json.dumps(value, indent=2, sort_keys=True, default=str).encode()
+        # Insertion order kept: a structured-output schema's property order is its column order.
+        blob = json.dumps(value, indent=2, default=str).encode()
         self.write_bytes(name, blob)
 
     def write_bytes(self, name: str, blob: bytes) -> None:
@@ -193,13 +204,14 @@ class OutputState:
     def mark_committed(self, unit_id: str, record: dict) -> None:
         self.write_json(posixpath.join(UNITS_DIR, f"{unit_id}.json"), record)
 
-    def clean_orphans(self, committed: set[str]) -> list[str]:
-        """Delete part files (and temporaries) of units that never got their marker."""
-        removed = [
-            p
-            for sub in (DATA_DIR, ERRORS_DIR, UNITS_DIR)
-            for p in self._list(sub)
-            if is_temporary(p) or unit_id_of(p) not in committed
+    def clean_orphans(self, markers: list[dict]) -> list[str]:
+        """Delete part files no marker names (a commit that died before its marker, or the
+        files a retry replaced) and temporaries."""
+        named = {self.path(rel) for m in markers for rel in m.get("files", [])}
+        committed = {m.get("unit_id") for m in markers}
+        removed = [p for sub in (DATA_DIR, ERRORS_DIR) for p in self._list(sub) if p not in named]
+        removed += [
+            p for p in self._list(UNITS_DIR) if is_temporary(p) or unit_id_of(p) not in committed
         ]
         self._remove(removed)
         return removed

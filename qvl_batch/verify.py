@@ -42,6 +42,7 @@ from .state import (
     unit_id_of,
 )
 from .storage import Storage, StorageError, describe, is_temporary
+from .structured import columns_of
 
 # Units checked at once: each is a few GETs of tens of ms on object stores and holds one unit's
 # ids and row numbers, so this bounds both open connections and memory.
@@ -228,9 +229,18 @@ def _check_files(state, markers, report: VerifyReport, tolerate_leftovers: bool)
     else:
         report.violations += leftovers
     for uid, record in sorted(markers.items()):
-        wanted = [data_file(uid)] * (record["data_rows"] > 0)
-        wanted += [errors_file(uid)] * (record["error_rows"] > 0)
-        if sorted(record["files"]) != wanted:
+        files = record["files"]
+        data = [f for f in files if f.startswith(f"{DATA_DIR}/")]
+        errors = [f for f in files if f.startswith(f"{ERRORS_DIR}/")]
+        retries = len(record.get("retries") or [])
+        named = {data_file(uid, n) for n in range(retries + 1)}
+        named |= {errors_file(uid, n) for n in range(retries + 1)}
+        if (
+            bool(data) != (record["data_rows"] > 0)
+            or len(errors) != (record["error_rows"] > 0)
+            or len(data) + len(errors) != len(files)
+            or not set(files) <= named
+        ):
             report.violations.append(
                 f"marker of unit {uid}: files {record['files']} do not "
                 f"match its counts {record['data_rows']}/{record['error_rows']}"
@@ -274,6 +284,9 @@ class UnitChecker:
         self.state, self.cfg, self.present, self.with_input = state, cfg, present, with_input
         self.lineage = {"job_id": job.get("job_id"), "config_fingerprint": job.get("fingerprint")}
         self.passthrough = list(cfg.input.passthrough_columns)
+        schema = cfg.structured.json_schema
+        self.structured = columns_of(schema) if schema is not None else pa.schema([])
+        self._labels: dict[tuple[str, str], str] = {}  # (unit, sub) -> the files read
         self.projection = _id_projection(cfg)
         self.input_storage = Storage.for_input(cfg)
 
@@ -282,15 +295,23 @@ class UnitChecker:
         try:
             ids, input_schema = self._input_ids(unit, res)
             types = dict(COLUMN_TYPES)
+            types.update({f.name: f.type for f in self.structured})
             if input_schema is not None:
                 types.update({c: input_schema.field(c).type for c in self.passthrough})
+            data_core = DATA_COLUMNS + self.structured.names
             parts = {
-                DATA_DIR: self._read_part(data_file(unit.unit_id), DATA_COLUMNS, types, res),
-                ERRORS_DIR: self._read_part(errors_file(unit.unit_id), ERROR_COLUMNS, types, res),
+                DATA_DIR: self._read_parts(marker, DATA_DIR, data_core, types, res),
+                ERRORS_DIR: self._read_parts(marker, ERRORS_DIR, ERROR_COLUMNS, types, res),
             }
             self._check_counts(unit, marker, parts, res)
+            lineage = {k: {v} for k, v in self.lineage.items()}
+            for retry in marker.get("retries") or []:  # rows retry-failed computed
+                lineage["job_id"].add(retry.get("job_id"))
+                lineage["config_fingerprint"].add(retry.get("fingerprint"))
             rows = {
-                s: self._check_part(unit, s, t, ids, res) for s, t in parts.items() if t is not None
+                s: self._check_part(unit, s, t, ids, lineage, res)
+                for s, t in parts.items()
+                if t is not None
             }
             _exactly_once(unit, {s: r for s, r in rows.items() if r is not None}, res)
         except Exception as exc:  # a malformed file or a bug: report it, verify the other units
@@ -314,6 +335,21 @@ class UnitChecker:
             values = table.column(self.cfg.input.id_column).to_pylist()
             ids = [d if v is None else str(v) for d, v in zip(ids, values)]
         return ids, table.schema
+
+    def _read_parts(self, marker: dict, sub: str, core: list[str], types: dict, res):
+        """The columns verify needs of the unit's part files in ``sub`` (None if none): those
+        its marker names and any other present (readers of ``sub/*.parquet`` see them too)."""
+        uid = marker["unit_id"]
+        rels = {f for f in marker["files"] if f.startswith(f"{sub}/")}
+        rels |= {f for f in self.present if f.startswith(f"{sub}/") and unit_id_of(f) == uid}
+        tables = [
+            t for rel in sorted(rels) if (t := self._read_part(rel, core, types, res)) is not None
+        ]
+        if not tables:
+            return None
+        table = pa.concat_tables(tables, promote_options="default")
+        self._labels[(uid, sub)] = " + ".join(sorted(rels))
+        return table
 
     def _read_part(self, rel: str, core: list[str], types: dict, res: UnitResult):
         """The columns verify needs of one part file (None if absent); its schema checked."""
@@ -353,15 +389,19 @@ class UnitChecker:
             n = res.data_rows + res.error_rows
             res.violations.append(f"unit {uid}: {n} rows in its part files for {unit.num_rows}")
 
-    def _check_part(self, unit: WorkUnit, sub: str, table: pa.Table, ids, res: UnitResult):
-        """Shard, lineage and ids of one part's rows; returns its rows of the unit's shard."""
-        rel = f"{sub}/part-{unit.unit_id}.parquet"
-        for col, want in {"source_shard": unit.shard_url, **self.lineage}.items():
+    def _check_part(self, unit: WorkUnit, sub: str, table: pa.Table, ids, lineage, res):
+        """Shard, lineage and ids of a unit's rows in ``sub``; returns its rows of the shard."""
+        rel = self._labels.pop((unit.unit_id, sub), sub)
+        for col, want in {"source_shard": {unit.shard_url}, **lineage}.items():
             if col not in table.column_names:
                 continue  # a schema violation already
-            differ = table.num_rows - (pc.sum(pc.equal(table[col], want)).as_py() or 0)  # nulls too
-            if differ:
-                res.violations.append(f"{rel}: {differ} row(s) whose {col} is not {want!r}")
+            allowed = pa.array(sorted(w for w in want if w is not None), pa.string())
+            same = pc.sum(pc.is_in(table[col], value_set=allowed)).as_py() or 0  # nulls too
+            if table.num_rows - same:
+                shown = sorted(want)[0] if len(want) == 1 else sorted(want)
+                res.violations.append(
+                    f"{rel}: {table.num_rows - same} row(s) whose {col} is not {shown!r}"
+                )
         if not {"source_row", "source_shard"} <= set(table.column_names):
             return None
         # Rows of another shard are reported above and left out of the exactly-once count.

@@ -53,8 +53,12 @@ def commit_unit(
     attempts: int,
     passthrough: list[str],
     compression: str = "zstd",
+    structured: list[str] | None = None,
 ) -> dict:
-    """Write ``data/`` and ``errors/`` part files for a unit, then its ledger marker."""
+    """Write ``data/`` and ``errors/`` part files for a unit, then its ledger marker.
+
+    ``structured``: the typed columns of a structured-output schema (data/ only).
+    """
     check_exactly_once(unit, results)
     results = results.sort_by("source_row")
     results = results.append_column(
@@ -66,7 +70,8 @@ def commit_unit(
     bad = results.filter(pc.invert(ok_mask))
     files = []
     if good.num_rows:
-        good = _with_lineage(good.select(DATA_COLUMNS + passthrough), lineage, now)
+        columns = DATA_COLUMNS + list(structured or []) + passthrough
+        good = _with_lineage(good.select(columns), lineage, now)
         state.write_bytes(data_file(unit.unit_id), _parquet_bytes(good, compression))
         files.append(data_file(unit.unit_id))
     if bad.num_rows:
@@ -81,6 +86,7 @@ def commit_unit(
         "row_start": unit.row_start,
         "num_rows": unit.num_rows,
         "data_rows": good.num_rows,
+        "reused_rows": good.num_rows - good.column("reused_from").null_count,
         "error_rows": bad.num_rows,
         "error_codes": {c["values"]: c["counts"] for c in codes},
         "files": files,

@@ -146,8 +146,10 @@ DATA_KEYS = ("id", "text", "finish_reason", "output_tokens", "resized_width", "r
 ERROR_KEYS = ("id", "error_code")
 
 
-def expected_for(image_bytes: bytes, prompt: str, seed: int = 0, max_tokens: int = 64):
-    return expected_text(hashlib.sha256(image_bytes).hexdigest(), prompt, seed, max_tokens)
+def expected_for(
+    image_bytes: bytes, prompt: str, seed: int = 0, max_tokens: int = 64, schema: dict | None = None
+):
+    return expected_text(hashlib.sha256(image_bytes).hexdigest(), prompt, seed, max_tokens, schema)
 
 
 def check_fake_output(
@@ -156,6 +158,7 @@ def check_fake_output(
     expected_errors: dict[str, str] | None = None,
     prompt: str = "Describe this image.",
     max_tokens: int = 64,
+    schema: dict | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """A fake-engine job's output against its input: every input id once across data/ and
     errors/; each data row has the fake engine's text and finish reason; the error rows are the
@@ -164,7 +167,8 @@ def check_fake_output(
     inputs = {r["id"]: r for r in input_rows(dataset)}
     assert sorted([r["id"] for r in data] + [r["id"] for r in errors]) == sorted(inputs)
     for row in data:
-        want = expected_for(inputs[row["id"]]["image"], prompt, max_tokens=max_tokens)
+        image = inputs[row["id"]]["image"]
+        want = expected_for(image, prompt, max_tokens=max_tokens, schema=schema)
         assert (row["text"], row["finish_reason"]) == want, row["id"]
     expected_errors = expected_errors or {}
     corrupt = {i for i, r in inputs.items() if r["kind"] == "corrupt"}

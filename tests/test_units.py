@@ -238,12 +238,16 @@ def test_commit_writes_parts_then_marker_and_cleans_orphans():
     # an interrupted commit of another unit: part file written, marker missing
     fs.pipe_file("/commit-test/data/part-00000-00001.parquet", b"partial")
     fs.pipe_file("/commit-test/data/.tmp-abc-part-00000-00002.parquet", b"tmp")
-    removed = state.clean_orphans(state.committed_units())
+    # a committed unit's file that its marker does not name (a retry died before its marker)
+    fs.pipe_file("/commit-test/data/part-00000-00000.retry-1.parquet", b"unnamed")
+    removed = state.clean_orphans(state.markers())
     assert sorted(p.rsplit("/", 1)[1] for p in removed) == [
         ".tmp-abc-part-00000-00002.parquet",
+        "part-00000-00000.retry-1.parquet",
         "part-00000-00001.parquet",
     ]
     assert fs.exists("/commit-test/data/part-00000-00000.parquet")
+    assert fs.exists("/commit-test/errors/part-00000-00000.parquet")
 
 
 # ---- actor layout ---------------------------------------------------------------------

@@ -39,6 +39,10 @@ class Result:
     output_tokens: int = 0
     error_code: str | None = None
     error_message: str | None = None
+    # Set by the actor, not by engines: the parsed structured-output columns, and the earlier
+    # job a carried-over (reused) result comes from.
+    values: dict[str, Any] | None = None
+    reused_from: str | None = None
 
 
 class EngineError(RuntimeError):
@@ -50,6 +54,8 @@ class Engine(ABC):
 
     name: str = "base"
     version: str = "0"
+    # True when generate() constrains answers to cfg.structured.json_schema (guided decoding).
+    guided: bool = False
 
     @abstractmethod
     def generate(self, requests: list[Request]) -> list[Result]:

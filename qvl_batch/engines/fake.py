@@ -3,18 +3,22 @@
 Output text is a function of the image content hash, the prompt and the seed only
 (:func:`expected_text`), so tests can compute what every row must say. A latency model
 (per batch, per row, per decode step) stands in for a GPU; fault injection fails chosen rows,
-fails every batch that holds a chosen row, SIGKILLs its process on a chosen row, raises once
+fails every batch that holds a chosen row, answers with broken JSON for chosen rows (structured
+output), SIGKILLs its process on a chosen row, raises once
 after N rows, or SIGKILLs its own process after N rows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import random
 import signal
 import time
 
 from ..config import Config
+from ..structured import example_for
 from .base import Engine, EngineError, Request, Result
 
 WORDS = (
@@ -52,9 +56,17 @@ WORDS = (
 )
 
 
-def expected_text(image_sha256: str, prompt: str, seed: int, max_tokens: int) -> tuple[str, str]:
-    """(text, finish_reason) the fake engine returns for this image, prompt and seed."""
+def expected_text(
+    image_sha256: str, prompt: str, seed: int, max_tokens: int, schema: dict | None = None
+) -> tuple[str, str]:
+    """(text, finish_reason) the fake engine returns for this image, prompt and seed.
+
+    With a structured-output ``schema`` the answer is a valid JSON instance of it (as guided
+    decoding would give), drawn from the same digest.
+    """
     digest = hashlib.sha256(f"{image_sha256}\0{prompt}\0{seed}".encode()).digest()
+    if schema is not None:
+        return json.dumps(example_for(schema, random.Random(digest))), "stop"
     wanted = 3 + digest[0] % 14  # 3..16 words
     n = min(wanted, max_tokens)
     words = [WORDS[b % len(WORDS)] for b in digest[1 : 1 + n]]
@@ -66,10 +78,13 @@ class FakeEngine(Engine):
 
     name = "fake"
     version = "1"
+    guided = True  # with a schema, every answer is a valid instance (bad_json_ids aside)
 
     def __init__(self, cfg: Config, incarnation: int = 0):
         self.fake = cfg.engine.fake
         self.sampling = cfg.sampling
+        self.schema = cfg.structured.json_schema
+        self._bad_json_ids = set(self.fake.bad_json_ids)
         self.incarnation = incarnation
         self.rows_seen = 0
         self._raised = False
@@ -100,8 +115,14 @@ class FakeEngine(Engine):
                 )
                 continue
             text, finish = expected_text(
-                req.image_sha256, req.prompt, self.sampling.seed, self.sampling.max_tokens
+                req.image_sha256,
+                req.prompt,
+                self.sampling.seed,
+                self.sampling.max_tokens,
+                self.schema,
             )
+            if req.row_id in self._bad_json_ids:
+                text = text[: len(text) // 2]  # an answer cut short: not JSON
             out_tokens = len(text.split())
             longest = max(longest, out_tokens)
             results.append(
