@@ -477,6 +477,18 @@ def load_config(job_file: str | Path | None, overrides: list[str] | None = None)
                 )
             merged = _merge(merged, _load_yaml(group_path), f"conf/{group}.yaml")
         merged = _merge(merged, job, str(job_file))
+    return _resolve(merged, overrides)
+
+
+def config_from_saved(saved: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """A Config from a saved ``_job.json`` config (and ``key=value`` overrides), validated like
+    a job file."""
+    schema = OmegaConf.structured(Config)
+    return _resolve(_merge(schema, OmegaConf.create(saved), "the saved config"), overrides)
+
+
+def _resolve(merged: DictConfig, overrides: list[str] | None) -> Config:
+    """Apply ``key=value`` overrides, then validate into a Config."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")

@@ -244,8 +244,6 @@ class Driver:
 
         cfg = self.cfg
         pool = ActorPool(cfg, reuse=self._reuse)
-        schema = cfg.structured.json_schema
-        structured = columns_of(schema).names if schema is not None else []
         lineage = {
             "job_id": job["job_id"],
             "model": cfg.engine.model,
@@ -286,7 +284,7 @@ class Driver:
                     while len(slot.inflight) < per_actor and (item := next_unit()) is not None:
                         unit, attempt = item
                         args = isolation.process_args(unit.unit_id)
-                        ref = slot.actor.process_unit.remote(unit, *args)
+                        ref = slot.actor.process_unit.remote(unit, *args, **self._run_kwargs(unit))
                         inflight[ref] = (unit, slot, slot.generation, attempt)
                         slot.inflight.add(ref)
                 if not inflight:
@@ -322,16 +320,7 @@ class Driver:
                         failure = requeue(unit, attempt, outcome.error)
                     else:
                         try:
-                            record = commit_unit(
-                                self.state,
-                                unit,
-                                outcome.table,
-                                lineage,
-                                attempt,
-                                list(cfg.input.passthrough_columns),
-                                cfg.output.compression,
-                                structured,
-                            )
+                            record, done = self._commit(unit, outcome.table, lineage, attempt)
                         except UnitIncomplete as exc:
                             failure = requeue(unit, attempt, str(exc))
                             continue
@@ -339,12 +328,12 @@ class Driver:
                             failure = f"cannot commit unit {unit.unit_id}: {exc}"
                             break
                         isolation.forget(unit.unit_id)
-                        self._records.append(record)
-                        summary.rows_this_run += record["num_rows"]
-                        summary.errors_this_run += record["error_rows"]
-                        summary.reused_this_run += record["reused_rows"]
+                        self._committed(record)
+                        summary.rows_this_run += done["num_rows"]
+                        summary.errors_this_run += done["error_rows"]
+                        summary.reused_this_run += done["reused_rows"]
                         summary.units_this_run += 1
-                        progress.update(record["num_rows"], record["error_rows"])
+                        progress.update(done["num_rows"], done["error_rows"])
                         failure = failure or self._error_check(summary)
                     if failure:
                         break
@@ -353,6 +342,30 @@ class Driver:
             return padding, timings, storage, failure
         finally:
             pool.shutdown()
+
+    # ---- seams (retry-failed overrides them) ------------------------------------------
+    def _run_kwargs(self, unit: WorkUnit) -> dict:
+        """Extra keyword arguments for the actor's ``process_unit`` call of ``unit``."""
+        return {}
+
+    def _commit(self, unit: WorkUnit, table, lineage: dict, attempt: int) -> tuple[dict, dict]:
+        """Write one unit's results; returns (its marker record, what this run added)."""
+        cfg = self.cfg
+        schema = cfg.structured.json_schema
+        record = commit_unit(
+            self.state,
+            unit,
+            table,
+            lineage,
+            attempt,
+            list(cfg.input.passthrough_columns),
+            cfg.output.compression,
+            columns_of(schema).names if schema is not None else [],
+        )
+        return record, record
+
+    def _committed(self, record: dict) -> None:
+        self._records.append(record)
 
     def _error_check(self, summary: JobSummary) -> str | None:
         lim = self.cfg.limits

@@ -158,7 +158,7 @@ class OutputState:
         except FileNotFoundError:
             return []
 
-    def _remove(self, paths: list[str]) -> None:
+    def remove(self, paths: list[str]) -> None:
         """Delete files; already gone is fine. Object stores: one bulk request per 1,000."""
         if not paths:
             return
@@ -213,15 +213,15 @@ class OutputState:
         removed += [
             p for p in self._list(UNITS_DIR) if is_temporary(p) or unit_id_of(p) not in committed
         ]
-        self._remove(removed)
+        self.remove(removed)
         return removed
 
     def wipe(self) -> None:
         """Remove a previous run's outputs (output.mode=overwrite)."""
         for name in (SUCCESS_FILE, JOB_FILE, METRICS_FILE, REPORT_FILE):
-            self._remove([self.path(name)])
+            self.remove([self.path(name)])
         for sub in (UNITS_DIR, DATA_DIR, ERRORS_DIR):
-            self._remove(self._list(sub))
+            self.remove(self._list(sub))
 
     def check_resume(self, fingerprint: str, fields: dict) -> dict | None:
         """The earlier job's record if it may be resumed; raise ResumeRefused if it differs."""

@@ -95,3 +95,78 @@ def commit_unit(
     }
     state.mark_committed(unit.unit_id, record)
     return record
+
+
+def commit_retry(
+    state: OutputState,
+    unit: WorkUnit,
+    results: pa.Table,
+    lineage: dict,
+    marker: dict,
+    retried: pa.Table,
+    kept: pa.Table | None,
+    columns: tuple[list[str], list[str]],
+    compression: str = "zstd",
+) -> tuple[dict, dict]:
+    """Fold a retry of some of a unit's error rows into the unit (retry-failed).
+
+    ``results``: the actor's answers for the rows of ``retried`` (the error rows that ran
+    again); ``kept``: the unit's other error rows, left as they were (other codes). Rows that
+    now succeed go to a new ``data/part-<unit>.retry-<n>.parquet``; the rows still failing and
+    ``kept`` to a new errors file that replaces the old one. The marker is rewritten last (the
+    commit point); the old errors file is deleted after it. Returns (the new marker record,
+    what this pass did).
+    """
+    want = retried.column("source_row").to_numpy()
+    got = results.column("source_row").to_numpy()
+    if len(got) != len(want) or set(got.tolist()) != set(want.tolist()):
+        raise UnitIncomplete(
+            f"unit {unit.unit_id}: {len(got)} rows back for {len(want)} retried rows"
+        )
+    data_columns, error_columns = columns
+    n = len(marker.get("retries") or []) + 1
+    results = results.sort_by("source_row").append_column(
+        "source_shard", pa.array([unit.shard_url] * results.num_rows, pa.string())
+    )
+    now = dt.datetime.now(dt.timezone.utc)
+    ok_mask = results.column("ok")
+    good, bad = results.filter(ok_mask), results.filter(pc.invert(ok_mask))
+    old_files = list(marker["files"])
+    files = [f for f in old_files if f.startswith("data/")]
+    if good.num_rows:
+        good = _with_lineage(good.select(data_columns), lineage, now)
+        state.write_bytes(data_file(unit.unit_id, n), _parquet_bytes(good, compression))
+        files.append(data_file(unit.unit_id, n))
+    before = dict(zip(retried["source_row"].to_pylist(), retried["attempts"].to_pylist()))
+    attempts = [before[r] + 1 for r in bad["source_row"].to_pylist()]
+    bad = bad.append_column("attempts", pa.array(attempts, pa.int32()))
+    bad = _with_lineage(bad.select(error_columns), lineage, now)
+    if kept is not None and kept.num_rows:
+        bad = pa.concat_tables([kept.select(bad.column_names).cast(bad.schema), bad])
+    if bad.num_rows:
+        bad = bad.sort_by("source_row")
+        state.write_bytes(errors_file(unit.unit_id, n), _parquet_bytes(bad, compression))
+        files.append(errors_file(unit.unit_id, n))
+    codes = pc.value_counts(bad.column("error_code")).to_pylist() if bad.num_rows else []
+    record = {
+        **marker,
+        "data_rows": marker["data_rows"] + good.num_rows,
+        "error_rows": bad.num_rows,
+        "error_codes": {c["values"]: c["counts"] for c in codes},
+        "files": files,
+        "retries": [
+            *(marker.get("retries") or []),
+            {
+                "job_id": lineage["job_id"],
+                "fingerprint": lineage["config_fingerprint"],
+                "rows": retried.num_rows,
+                "fixed": good.num_rows,
+                "committed_at": now.isoformat(),
+            },
+        ],
+    }
+    state.mark_committed(unit.unit_id, record)
+    replaced = [f for f in old_files if f not in files]
+    state.remove([state.path(f) for f in replaced])
+    done = {"num_rows": retried.num_rows, "error_rows": retried.num_rows - good.num_rows}
+    return record, {**done, "reused_rows": 0}

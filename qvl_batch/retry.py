@@ -1,0 +1,244 @@
+"""``qvl-batch retry-failed OUTPUT``: run a finished job's error rows again and fold them in.
+
+The job's saved config is the starting point; ``key=value`` overrides may change how rows are
+made (a larger ``image.max_image_pixels``, more ``sampling.max_tokens``, another model), never
+which rows there are (the input and its columns must be those of the job). Only units with
+error rows run, and in them only those rows (``--codes`` narrows them to some error codes).
+Each unit is committed on its own: fixed rows go to a new data part file, the rows still failing
+(and those not retried) to a new errors file, then the unit's marker is rewritten (the commit
+point) and the old errors file deleted. Every id stays in exactly one place; ``verify`` checks
+it, accepting rows whose lineage names this pass (the marker lists each pass).
+
+``_SUCCESS`` is removed while a pass runs and written again at its end (when the error fraction
+is within ``limits.max_error_fraction``), so readers can tell an output being changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import logging
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import ConfigError, config_from_saved, fingerprint, fingerprint_fields, load_config
+from .driver import EXIT_FAILED, EXIT_OK, Driver, JobSummary
+from .manifest import WorkUnit, plan_job
+from .progress import Progress
+from .schema import DATA_COLUMNS, ERROR_COLUMNS
+from .state import ERRORS_DIR, METRICS_FILE, SUCCESS_FILE, OutputState
+from .storage import Storage, StorageError
+from .structured import columns_of
+from .verify import _drop_redacted
+from .writer import commit_retry
+
+log = logging.getLogger("qvl_batch")
+
+
+class RetryDriver(Driver):
+    """A Driver whose units are the error rows of a finished output."""
+
+    def __init__(self, url: str, overrides: list[str], codes: list[str], progress_bar=None):
+        # storage.* overrides (an endpoint, a region) are needed to read _job.json at all.
+        reach = [o for o in overrides if o.startswith("storage.")]
+        reach += ["input.paths=[-]", f"output.path={url}"]
+        state = OutputState(url, Storage(load_config(None, reach).storage))
+        self.job = state.require_job()
+        saved = _drop_redacted(self.job.get("config") or {})
+        saved.setdefault("output", {})["path"] = url
+        try:
+            cfg = config_from_saved(saved, overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"retry-failed {url}: {exc}") from None
+        super().__init__(cfg, progress_bar)
+        self.codes = set(codes)
+        self._markers: dict[str, dict] = {}
+        self._work: dict[str, tuple[pa.Table, pa.Table | None]] = {}  # unit -> (retry, keep)
+
+    # ---- before any work ---------------------------------------------------------------
+    def _check_same_rows(self, plan) -> None:
+        saved = self.job.get("fingerprint_fields") or {}
+        now = fingerprint_fields(self.cfg, plan.fingerprint)
+        for key in ("input", "columns"):
+            if saved.get(key) != now[key]:
+                raise ConfigError(
+                    f"retry-failed: the job's {key} changed ({saved.get(key)} then, {now[key]} "
+                    "now); retry-failed reruns rows of the same input: drop input.* overrides, "
+                    "or run a new job"
+                )
+        before = (saved.get("structured") or {}).get("columns")
+        after = (now.get("structured") or {}).get("columns")
+        if before != after:
+            raise ConfigError(
+                f"retry-failed: structured output columns {before} then, {after} now: the "
+                "data/ schema must stay the same"
+            )
+
+    def prepare(self):
+        plan = plan_job(self.cfg, self.input_storage)
+        self._check_same_rows(plan)
+        records = self.state.markers()
+        self._markers = {r["unit_id"]: r for r in records}
+        pending = [u.unit_id for u in plan.units() if u.unit_id not in self._markers]
+        if pending:
+            raise ConfigError(
+                f"retry-failed {self.state.url}: {len(pending)} units are not committed yet "
+                "(the job has not finished): run the job again, it resumes; then retry-failed"
+            )
+        removed = self.state.clean_orphans(records)  # a pass that died mid-commit
+        if removed:
+            log.info("removed %d part files no marker names (an interrupted pass)", len(removed))
+        self._records = records
+        fields = fingerprint_fields(self.cfg, plan.fingerprint)
+        stamp = dt.datetime.now(dt.timezone.utc)
+        job = {
+            **self.job,
+            "job_id": f"{self.job['job_id']}.retry-{stamp:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}",
+            "fingerprint": fingerprint(fields),
+        }
+        return plan, job
+
+    def _select(self, plan) -> list[WorkUnit]:
+        """Units with error rows to retry; reads their errors files (small)."""
+        units = []
+        for unit in plan.units():
+            marker = self._markers[unit.unit_id]
+            if not marker["error_rows"]:
+                continue
+            if self.codes and not self.codes & set(marker.get("error_codes") or {}):
+                continue
+            errors = [
+                pq.read_table(io.BytesIO(self.state.read_path(self.state.path(f))))
+                for f in marker["files"]
+                if f.startswith(f"{ERRORS_DIR}/")
+            ]
+            table = pa.concat_tables(errors)
+            if self.codes:
+                mask = pc.is_in(table["error_code"], value_set=pa.array(sorted(self.codes)))
+                retry, keep = table.filter(mask), table.filter(pc.invert(mask))
+            else:
+                retry, keep = table, None
+            if retry.num_rows:
+                self._work[unit.unit_id] = (retry, keep)
+                units.append(unit)
+        return units
+
+    # ---- the pass ----------------------------------------------------------------------
+    def run(self) -> JobSummary:
+        t0 = time.monotonic()
+        plan, job = self.prepare()
+        units = self._select(plan)
+        summary = JobSummary("running", EXIT_OK, self.state.url, job["job_id"])
+        summary.rows_total = plan.total_rows
+        rows = sum(self._work[u.unit_id][0].num_rows for u in units)
+        if not units:
+            summary.status = "nothing_to_retry"
+            summary.message = "no error rows" + (
+                f" with codes {sorted(self.codes)}" * bool(self.codes)
+            )
+            self._fill_totals(summary)
+            return summary
+        log.info("retrying %d error rows in %d units", rows, len(units))
+        self.state.remove([self.state.path(SUCCESS_FILE)])
+        progress = Progress(rows, 0, bar=self.progress_bar)
+        try:
+            _, _, _, failure = self._schedule(iter(units), job, summary, progress)
+        finally:
+            progress.close()
+        summary.elapsed_s = time.monotonic() - t0
+        summary.rows_per_s = summary.rows_this_run / summary.elapsed_s if summary.elapsed_s else 0
+        fixed = summary.rows_this_run - summary.errors_this_run
+        summary.message = (
+            f"retried {summary.rows_this_run:,} of {rows:,} error rows: {fixed:,} now in data/, "
+            f"{summary.errors_this_run:,} still failing"
+        )
+        try:
+            self._finish(summary, job, failure)
+        except StorageError as exc:
+            summary.status, summary.exit_code = "failed", EXIT_FAILED
+            summary.message += f"; closing files not written ({exc}); run again to finish"
+        return summary
+
+    def _finish(self, summary: JobSummary, job: dict, failure: str | None) -> None:
+        self._fill_totals(summary)
+        metrics = self.state.metrics() or {}
+        metrics.setdefault("retries", []).append(
+            {
+                "job_id": job["job_id"],
+                "rows": summary.rows_this_run,
+                "still_failing": summary.errors_this_run,
+                "elapsed_s": round(summary.elapsed_s, 3),
+                "failure": failure,
+                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            }
+        )
+        totals = {k: getattr(summary, k) for k in ("data_rows", "error_rows", "error_codes")}
+        metrics["summary"] = {**(metrics.get("summary") or {}), **totals}
+        err_frac = summary.error_rows / summary.rows_total if summary.rows_total else 0.0
+        if failure is None and err_frac > self.cfg.limits.max_error_fraction:
+            failure = (
+                f"error fraction {err_frac:.3f} is still over limits.max_error_fraction "
+                f"{self.cfg.limits.max_error_fraction}"
+            )
+        self.state.write_json(METRICS_FILE, metrics)
+        self._write_report()
+        if failure:
+            summary.status, summary.exit_code = "failed", EXIT_FAILED
+            summary.message += f"; {failure}"
+            return
+        summary.status = "succeeded"
+        self.state.write_json(SUCCESS_FILE, {"job_id": self.job["job_id"], **metrics["summary"]})
+
+    # ---- seams -------------------------------------------------------------------------
+    def _run_kwargs(self, unit: WorkUnit) -> dict:
+        retry, _ = self._work[unit.unit_id]
+        rows = pc.subtract(retry["source_row"], unit.row_start).to_pylist()
+        return {"only": sorted(rows)}
+
+    def _commit(self, unit: WorkUnit, table, lineage: dict, attempt: int):
+        cfg = self.cfg
+        retry, keep = self._work[unit.unit_id]
+        schema = cfg.structured.json_schema
+        structured = columns_of(schema).names if schema is not None else []
+        passthrough = list(cfg.input.passthrough_columns)
+        columns = (DATA_COLUMNS + structured + passthrough, ERROR_COLUMNS + passthrough)
+        marker = self._markers[unit.unit_id]
+        record, done = commit_retry(
+            self.state, unit, table, lineage, marker, retry, keep, columns, cfg.output.compression
+        )
+        self._markers[unit.unit_id] = record
+        return record, done
+
+    def _committed(self, record: dict) -> None:
+        self._records = [r for r in self._records if r["unit_id"] != record["unit_id"]]
+        self._records.append(record)
+
+    def _error_check(self, summary: JobSummary) -> str | None:
+        return None  # a pass fixes errors; the fraction is judged at its end
+
+
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    codes = [c.strip() for c in (args.codes or "").split(",") if c.strip()]
+    driver = RetryDriver(
+        args.output, list(args.overrides), codes, None if not args.no_progress else False
+    )
+    summary = driver.run()
+    for line in summary.lines():
+        print(line)
+    return summary.exit_code
+
+
+def add_retry_parser(sub) -> None:
+    p = sub.add_parser(
+        "retry-failed", help="run a finished job's error rows again and fold the results in"
+    )
+    p.add_argument("output", help="the job's output folder (a path or an fsspec URL)")
+    p.add_argument("overrides", nargs="*", help="section.key=value: new settings for the retry")
+    p.add_argument("--codes", help="only rows with these error codes (comma-separated)")
+    p.add_argument("--no-progress", action="store_true", help="plain progress lines, no bar")
+    p.set_defaults(func=cmd_retry_failed)
