@@ -121,11 +121,15 @@ class UnitWorker:
         }
 
     def stats(self) -> dict:
+        import resource
+
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         with self._cond:
             return {
                 "padding": self._bucketer.stats.as_dict(),
                 "timings": dict(self.timings),
                 "storage": self.storage.stats.snapshot(),
+                "peak_rss_mib": round(peak_kib / 1024, 1),
             }
 
     def process_unit(

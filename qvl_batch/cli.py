@@ -88,12 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=cmd_doctor)
 
     from .plan import add_plan_parser
+    from .retry import add_retry_parser
     from .status import add_status_parser
+    from .submit import add_submit_parser
     from .verify import add_verify_parser
 
     add_plan_parser(sub)
     add_status_parser(sub)
     add_verify_parser(sub)
+    add_retry_parser(sub)
+    add_submit_parser(sub)
 
     from .bench import add_bench_parser
 

@@ -177,7 +177,8 @@ class ActorPool:
             return Outcome(error=_first_line(exc))
 
     def collect_stats(self) -> tuple[PaddingStats, dict[str, float], dict]:
-        """Padding, stage timings and storage retries summed over the live actors."""
+        """Padding, stage timings and storage retries summed over the live actors; the
+        timings also carry ``peak_rss_mib``, the largest actor's peak memory."""
         padding, timings, storage = PaddingStats(), {}, {}
         refs = [a.stats.remote() for a in self.actors]
         for ref in refs:
@@ -189,6 +190,8 @@ class ActorPool:
             storage = merge_request_stats(storage, stats["storage"])
             for k, v in stats["timings"].items():
                 timings[k] = round(timings.get(k, 0.0) + v, 3)
+            peak = max(timings.get("peak_rss_mib", 0.0), stats.get("peak_rss_mib", 0.0))
+            timings["peak_rss_mib"] = peak
         return padding, timings, storage
 
     def shutdown(self) -> None:

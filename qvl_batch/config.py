@@ -284,6 +284,8 @@ class StructuredConfig:
     guided: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.guided in ("False", "false"):  # YAML reads an unquoted `off` as false
+            self.guided = "off"
         _check(
             self.guided in GUIDED_MODES,
             "structured.guided",

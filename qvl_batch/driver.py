@@ -13,6 +13,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 from .config import Config, fingerprint, fingerprint_fields, saved_config
@@ -33,6 +35,9 @@ EXIT_CONFIG = 2  # bad config, input or output path: nothing ran
 EXIT_REFUSED = 3  # output holds a job with another fingerprint
 EXIT_FAILED = 4  # retries exhausted or error fraction over the limit; committed units kept
 EXIT_INTERRUPTED = 130
+
+COMMIT_THREADS = 8  # units written at once (part files, then the marker)
+MAX_PENDING_COMMITS = 4 * COMMIT_THREADS  # no new units are handed out past this many
 
 
 @dataclass
@@ -200,6 +205,7 @@ class Driver:
             "job_id": job["job_id"],
             "summary": summary.__dict__,
             "padding": padding.as_dict(),
+            "actor_peak_rss_mib": timings.pop("peak_rss_mib", None),
             "actor_timings_s": timings,
             "storage": storage,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -240,10 +246,8 @@ class Driver:
 
         Returns (padding, stage timings, actors' storage retries, failure message or None).
         """
-        from .cluster import ActorPool
-
         cfg = self.cfg
-        pool = ActorPool(cfg, reuse=self._reuse)
+        pool = self._make_pool()
         lineage = {
             "job_id": job["job_id"],
             "model": cfg.engine.model,
@@ -278,21 +282,59 @@ class Driver:
             retries.append(_Retry(unit, attempt + 1, time.monotonic() + backoff))
             return None
 
+        # Commits run in a small pool, so object-store latency (two PUTs a unit) overlaps with
+        # handing out work; results wait there for at most MAX_PENDING_COMMITS units.
+        committer = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
+        commits: dict[Future, tuple[WorkUnit, int]] = {}
+
+        def book(fut: Future) -> str | None:
+            """Account for one finished commit; returns a failure message, if it is one."""
+            unit, attempt = commits.pop(fut)
+            try:
+                record, done = fut.result()
+            except UnitIncomplete as exc:
+                return requeue(unit, attempt, str(exc))
+            except StorageError as exc:  # retries exhausted: stop, keep the rest
+                return f"cannot commit unit {unit.unit_id}: {exc}"
+            isolation.forget(unit.unit_id)
+            self._committed(record)
+            summary.rows_this_run += done["num_rows"]
+            summary.errors_this_run += done["error_rows"]
+            summary.reused_this_run += done["reused_rows"]
+            summary.units_this_run += 1
+            progress.update(done["num_rows"], done["error_rows"])
+            return self._error_check(summary)
+
+        def settle(timeout: float) -> str | None:
+            """Book the commits that are done (waiting up to ``timeout`` for a first one)."""
+            if not commits:
+                return None
+            done, _ = futures_wait(list(commits), timeout=timeout, return_when=FIRST_COMPLETED)
+            problems = [book(fut) for fut in done]
+            return next((p for p in problems if p), None)
+
         try:
             while failure is None:
                 for slot in slots:
-                    while len(slot.inflight) < per_actor and (item := next_unit()) is not None:
+                    while (
+                        len(slot.inflight) < per_actor
+                        and len(commits) < MAX_PENDING_COMMITS
+                        and (item := next_unit()) is not None
+                    ):
                         unit, attempt = item
                         args = isolation.process_args(unit.unit_id)
                         ref = slot.actor.process_unit.remote(unit, *args, **self._run_kwargs(unit))
                         inflight[ref] = (unit, slot, slot.generation, attempt)
                         slot.inflight.add(ref)
                 if not inflight:
-                    if not retries:
+                    if not retries and not commits:
                         break
-                    time.sleep(0.05)  # only backed-off retries left
+                    if commits:
+                        failure = settle(timeout=0.05)
+                    else:
+                        time.sleep(0.05)  # only backed-off retries left
                     continue
-                ready = pool.wait(list(inflight), timeout=1.0)
+                ready = pool.wait(list(inflight), timeout=0.05 if commits else 1.0)
                 for ref in ready:
                     unit, slot, generation, attempt = inflight.pop(ref)
                     slot.inflight.discard(ref)
@@ -319,31 +361,31 @@ class Driver:
                     elif outcome.error:
                         failure = requeue(unit, attempt, outcome.error)
                     else:
-                        try:
-                            record, done = self._commit(unit, outcome.table, lineage, attempt)
-                        except UnitIncomplete as exc:
-                            failure = requeue(unit, attempt, str(exc))
-                            continue
-                        except StorageError as exc:  # retries exhausted: stop, keep the rest
-                            failure = f"cannot commit unit {unit.unit_id}: {exc}"
-                            break
-                        isolation.forget(unit.unit_id)
-                        self._committed(record)
-                        summary.rows_this_run += done["num_rows"]
-                        summary.errors_this_run += done["error_rows"]
-                        summary.reused_this_run += done["reused_rows"]
-                        summary.units_this_run += 1
-                        progress.update(done["num_rows"], done["error_rows"])
-                        failure = failure or self._error_check(summary)
+                        fut = committer.submit(self._commit, unit, outcome.table, lineage, attempt)
+                        commits[fut] = (unit, attempt)
                     if failure:
                         break
+                failure = failure or settle(timeout=0)
+            # Results already handed to the committer are written and booked, failure or not.
+            while commits:
+                failure = settle(timeout=1.0) if failure is None else failure
+                if failure is not None:
+                    for fut in futures_wait(list(commits)).done:
+                        book(fut)
             summary.pipeline_s = time.monotonic() - t_ready
             padding, timings, storage = pool.collect_stats()
             return padding, timings, storage, failure
         finally:
+            committer.shutdown(wait=True)
             pool.shutdown()
 
-    # ---- seams (retry-failed overrides them) ------------------------------------------
+    # ---- seams (retry-failed and the driver benchmark override them) -------------------
+    def _make_pool(self):
+        """The actors: a Ray ActorPool (the driver benchmark simulates one in-process)."""
+        from .cluster import ActorPool
+
+        return ActorPool(self.cfg, reuse=self._reuse)
+
     def _run_kwargs(self, unit: WorkUnit) -> dict:
         """Extra keyword arguments for the actor's ``process_unit`` call of ``unit``."""
         return {}

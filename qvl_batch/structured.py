@@ -96,7 +96,9 @@ class OutputParser:
         if fenced:
             body = fenced.group(1).strip()
         try:
-            value = json.loads(body)
+            # strict=False: raw control characters inside strings are kept, not refused
+            # (guided decoding with byte-level tokens can emit them; the value is still clear).
+            value = json.loads(body, strict=False)
         except json.JSONDecodeError as exc:
             cut = " (output stopped at sampling.max_tokens)" if finish_reason == "length" else ""
             return None, f"not JSON{cut}: {exc.msg} at char {exc.pos}; output: {_shown(text)}"

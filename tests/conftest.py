@@ -82,7 +82,8 @@ def ray_head(tmp_path_factory):
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        # `ray start --block` shuts down on SIGINT (in about 5 s); it ignores SIGTERM.
+        for sig in (signal.SIGINT, signal.SIGKILL):
             try:
                 os.killpg(head.pid, sig)
                 head.wait(timeout=20)

@@ -86,6 +86,8 @@ def test_job_outputs_exactly_once_and_match_fake_engine(tmp_path, dataset, ray_h
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["summary"]["rows_this_run"] == len(inputs)
     assert metrics["padding"]["rows"] == len(data)
+    assert 30 < metrics["actor_peak_rss_mib"] < 4096  # an actor process's peak, in MiB
+    assert "peak_rss_mib" not in metrics["actor_timings_s"]
     assert summary.data_rows == len(data) and summary.error_rows == len(errors)
     report = verify_output(str(out))
     assert report.ok and report.to_dict()["data_rows"] == len(data), report.lines()

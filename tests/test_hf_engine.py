@@ -1,7 +1,12 @@
 """The transformers engine on CPU with the tiny random Qwen2.5-VL: batched output must equal
-row-by-row ``model.generate`` (float32, greedy), and token counts must equal the tokenizer's."""
+row-by-row ``model.generate`` (float32, greedy), token counts must equal the tokenizer's, and
+guided decoding (xgrammar) must turn the random model's noise into answers of the job's schema."""
 
 from __future__ import annotations
+
+import json
+import logging
+import sys
 
 import numpy as np
 import pytest
@@ -10,9 +15,17 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from qvl_batch.config import Config, EngineConfig, SamplingConfig, load_config  # noqa: E402
+from qvl_batch.config import (  # noqa: E402
+    Config,
+    EngineConfig,
+    SamplingConfig,
+    StructuredConfig,
+    load_config,
+)
+from qvl_batch.engines import hf  # noqa: E402
 from qvl_batch.engines.base import Request, make_engine  # noqa: E402
 from qvl_batch.engines.hf import generation_kwargs, load_processor, local_model_dir  # noqa: E402
+from qvl_batch.structured import OutputParser  # noqa: E402
 
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(180)
@@ -40,10 +53,11 @@ def _request(i: int, image: Image.Image, prompt: str, system: str | None = None)
     )
 
 
-def _config(model: str, **sampling) -> Config:
+def _config(model: str, structured: StructuredConfig | None = None, **sampling) -> Config:
     return Config(
         engine=EngineConfig(name="hf", model=model, device="cpu"),
         sampling=SamplingConfig(**{"max_tokens": MAX_TOKENS, **sampling}),
+        structured=structured or StructuredConfig(),
     )
 
 
@@ -227,6 +241,139 @@ def test_model_from_an_fsspec_url_is_copied_once(tiny_model, tmp_path, monkeypat
         fs.rm("/models", recursive=True)
 
 
+# ---------------------------------------------------------------------------- guided decoding
+
+MODERATION = {
+    "type": "object",
+    "properties": {
+        "verdict": {"type": "string", "enum": ["allow", "review", "block"]},
+        "categories": {
+            "type": "array",
+            "items": {"type": "string", "enum": ["violence", "sexual", "hate", "spam"]},
+            "maxItems": 3,
+            "uniqueItems": True,
+        },
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["verdict", "categories", "score"],
+    "additionalProperties": False,
+}
+# xgrammar (0.2.8, 0.1.21) does not enforce uniqueItems: a guided answer may repeat a category,
+# which the parser reports (an OUTPUT_PARSE_ERROR row in a job). Every other keyword holds.
+_CATEGORIES = MODERATION["properties"]["categories"]
+ENFORCED = {
+    **MODERATION,
+    "properties": {
+        **MODERATION["properties"],
+        "categories": {k: v for k, v in _CATEGORIES.items() if k != "uniqueItems"},
+    },
+}
+# A random model would happily write digits forever, but the grammar bounds the answer: xgrammar
+# writes a number in [0, 1] with at most 6 decimals, so the longest answer is 92 characters
+# ({"verdict": "review", "categories": ["violence", "violence", "violence"], "score": 0.000001})
+# and, a byte-level token being at least one character, 96 tokens always leave room for the EOS.
+GUIDED_MAX_TOKENS = 96
+
+
+def _structured(guided: str) -> StructuredConfig:
+    return StructuredConfig(json_schema=MODERATION, guided=guided)
+
+
+def _moderation_requests() -> list[Request]:
+    """Six rows of different prompt lengths (so the batch is left-padded)."""
+    sizes = [(56, 84), (84, 56), (112, 84)]
+    return [
+        _request(i, _image(*sizes[i % 3], seed=100 + i), prompt, system)
+        for i, (prompt, system) in enumerate(PROMPTS)
+    ]
+
+
+def _generate(model: str, guided: str, **sampling) -> tuple[bool, list]:
+    """(engine.guided, results in request order) for the moderation rows."""
+    eng = make_engine(
+        _config(model, _structured(guided), **{"max_tokens": GUIDED_MAX_TOKENS, **sampling})
+    )
+    try:
+        requests = _moderation_requests()
+        by_key = {r.key: r for r in eng.generate(requests)}
+        return eng.guided, [by_key[req.key] for req in requests]
+    finally:
+        eng.close()
+
+
+def _assert_schema_answers(results) -> None:
+    """Every row stopped on its own and parses into typed values of the schema."""
+    strict, enforced = OutputParser(MODERATION), OutputParser(ENFORCED)
+    for got in results:
+        assert got.error_code is None, got.error_message
+        assert got.finish_reason == "stop", (got.key, got.text)
+        values, error = enforced.parse(got.text, got.finish_reason)
+        assert error is None, (got.key, error)
+        assert list(values) == ["verdict", "categories", "score"]
+        assert values["verdict"] in ("allow", "review", "block")
+        assert len(values["categories"]) <= 3
+        assert set(values["categories"]) <= {"violence", "sexual", "hate", "spam"}
+        assert type(values["score"]) is float and 0.0 <= values["score"] <= 1.0
+        _, error = strict.parse(got.text, got.finish_reason)
+        assert error is None or "non-unique" in error, error  # the one keyword left to the parser
+
+
+def test_guided_answers_parse_into_typed_columns(tiny_model):
+    guided, results = _generate(tiny_model, "required")
+    assert guided is True
+    assert len({r.prompt_tokens for r in results}) > 1, "left padding in the batch"
+    _assert_schema_answers(results)
+    assert len({r.output_tokens for r in results}) > 1, "rows finished at different steps"
+    assert all(r.output_tokens < GUIDED_MAX_TOKENS for r in results)
+
+
+def test_without_the_constraint_the_random_model_writes_no_json(tiny_model):
+    """Same rows, guided=off: the random weights write noise, so the constraint did the work."""
+    guided, results = _generate(tiny_model, "off")
+    assert guided is False
+    parser = OutputParser(ENFORCED)
+    parsed = [parser.parse(r.text, r.finish_reason)[1] is None for r in results]
+    assert not any(parsed), [r.text for r in results]
+
+
+def test_guided_sampling_masks_before_top_k_and_top_p(tiny_model):
+    """The grammar mask runs before the sampling warpers: after them it could leave a row
+    nothing to sample (all -inf) or a token outside the grammar."""
+    guided, results = _generate(tiny_model, "auto", temperature=1.0, top_p=0.8, top_k=5, seed=3)
+    assert guided is True
+    _assert_schema_answers(results)
+
+
+def test_required_without_xgrammar_refuses_before_loading_the_model(tiny_model, monkeypatch):
+    # Stand-in for an install without xgrammar: a None entry makes `import xgrammar` fail.
+    monkeypatch.setitem(sys.modules, "xgrammar", None)
+
+    def no_model_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the xgrammar check")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", no_model_load)
+    with pytest.raises(ImportError, match=r"guided=required.*pip install xgrammar"):
+        make_engine(_config(tiny_model, _structured("required")))
+
+
+def test_auto_without_xgrammar_warns_once_and_generates_freely(tiny_model, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # stand-in, as above
+    hf._warn_unguided.cache_clear()
+    request = _request(0, _image(56, 56, seed=1), "Moderate this image.")
+    with caplog.at_level(logging.WARNING, logger=hf.__name__):
+        for _ in range(2):  # a replacement actor's engine does not warn again
+            eng = make_engine(_config(tiny_model, _structured("auto")))
+            try:
+                assert eng.guided is False and eng.guide is None
+                (got,) = eng.generate([request])
+            finally:
+                eng.close()
+            assert got.error_code is None and got.text is not None
+    warnings = [r for r in caplog.records if "pip install xgrammar" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "guided=auto" in warnings[0].getMessage()
+
+
 # ---------------------------------------------------------------------------------------- e2e
 
 
@@ -265,3 +412,57 @@ def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head):
             want["finish_reason"],
             want["output_tokens"],
         ), row["id"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_moderation_preset_with_the_tiny_model(tmp_path, tiny_model, ray_head):
+    """The moderation preset on the tiny random model: guided answers land in typed columns;
+    unguided, the random model writes no JSON and every row is an OUTPUT_PARSE_ERROR."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from qvl_batch.driver import EXIT_OK, run_job
+    from qvl_batch.synth import SynthSpec, make_dataset
+    from qvl_batch.verify import verify_output
+
+    from .conftest import REPO, read_output
+
+    data = tmp_path / "data"
+    spec = SynthSpec(rows=12, shards=1, row_group_rows=6, max_side=160, corrupt_fraction=0.0)
+    make_dataset(str(data), spec)
+
+    def run(out, *extra):
+        overrides = [
+            f"input.paths=[{data}/*.parquet]",
+            f"output.path={out}",
+            "engine.name=hf",
+            f"engine.model={tiny_model}",
+            f"cluster.address={ray_head}",
+            "cluster.num_actors=1",
+            "batching.max_batch_size=6",
+            # room for the longest answer the grammar allows (a 200-character reason)
+            "sampling.max_tokens=320",
+            "limits.max_error_fraction=1.0",
+            *extra,
+        ]
+        cfg = load_config(REPO / "jobs" / "moderation.yaml", overrides)
+        summary = run_job(cfg, progress_bar=False)
+        assert summary.exit_code == EXIT_OK, summary.lines()
+        assert verify_output(str(out)).ok
+        return read_output(out)
+
+    rows, errors = run(tmp_path / "guided")
+    assert not errors and len(rows) == 12
+    schema = ds.dataset(str(tmp_path / "guided" / "data")).schema
+    assert schema.field("categories").type == pa.list_(pa.string())
+    assert schema.field("score").type == pa.float64()
+    for row in rows:
+        answer = json.loads(row["text"], strict=False)  # raw control characters in strings
+        assert row["verdict"] == answer["verdict"] in ("allow", "review", "block")
+        assert row["categories"] == answer["categories"] and 0 <= row["score"] <= 1
+        assert row["finish_reason"] == "stop"
+
+    rows, errors = run(tmp_path / "free", "structured.guided=off", "sampling.max_tokens=24")
+    assert not rows and len(errors) == 12
+    assert {e["error_code"] for e in errors} == {"OUTPUT_PARSE_ERROR"}

@@ -27,9 +27,16 @@ import pytest
 from PIL import Image
 
 from qvl_batch.chat_template import CHAT_TEMPLATE
-from qvl_batch.config import Config, EngineConfig, SamplingConfig, TrtLlmEngineConfig
+from qvl_batch.config import (
+    Config,
+    EngineConfig,
+    SamplingConfig,
+    StructuredConfig,
+    TrtLlmEngineConfig,
+)
 from qvl_batch.engines import trtllm
 from qvl_batch.engines.base import EngineError, Request, make_engine
+from qvl_batch.structured import OutputParser
 
 from .conftest import input_rows, read_output, write_job
 
@@ -49,6 +56,21 @@ SPECIALS = [
 ]
 WORDS = "system user assistant You are a helpful . Describe this image Caption in one word"
 QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE  # as shipped with Qwen/Qwen2.5-VL-*-Instruct
+MODERATION = {  # a job's structured.json_schema
+    "type": "object",
+    "properties": {
+        "verdict": {"type": "string", "enum": ["allow", "review", "block"]},
+        "categories": {
+            "type": "array",
+            "items": {"type": "string", "enum": ["violence", "sexual", "hate", "spam"]},
+            "maxItems": 3,
+            "uniqueItems": True,
+        },
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["verdict", "categories", "score"],
+    "additionalProperties": False,
+}
 
 
 def make_model_dir(path: Path) -> Path:
@@ -107,7 +129,11 @@ def stub():
 
 
 def make_cfg(
-    model_dir: Path | str, sampling: dict | None = None, options: dict | None = None, **trt
+    model_dir: Path | str,
+    sampling: dict | None = None,
+    options: dict | None = None,
+    structured: dict | None = None,
+    **trt,
 ):
     """A trtllm Config without job files (output/input are not needed by the engine)."""
     engine = EngineConfig(
@@ -116,7 +142,11 @@ def make_cfg(
         options=dict(options or {}),
         trtllm=TrtLlmEngineConfig(**trt),
     )
-    return Config(engine=engine, sampling=SamplingConfig(**(sampling or {})))
+    return Config(
+        engine=engine,
+        sampling=SamplingConfig(**(sampling or {})),
+        structured=StructuredConfig(**(structured or {})),
+    )
 
 
 SIZES = [(56, 84), (112, 28), (280, 280), (28, 28), (84, 56)]
@@ -245,6 +275,69 @@ def test_contract_catches_an_engine_passing_an_unknown_name(stub, model_dir, mon
     )
     with pytest.raises((TypeError, ValueError), match="max_new_tokens"):
         trtllm.TrtLlmEngine(make_cfg(model_dir))
+
+
+def test_guided_decoding_reaches_the_llm_and_every_request(stub, model_dir, monkeypatch):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, structured={"json_schema": MODERATION}))
+    try:
+        assert engine.guided is True  # guided=auto: TensorRT-LLM always has it
+        assert engine.llm.passed_kwargs["guided_decoding_backend"] == "xgrammar"
+        seen = []
+        submit = engine.llm.generate_async
+
+        def spy(inputs, sampling_params=None):
+            seen.append(sampling_params)
+            return submit(inputs, sampling_params=sampling_params)
+
+        monkeypatch.setattr(engine.llm, "generate_async", spy)
+        results = engine.generate(make_requests(3))
+        assert [r.error_code for r in results] == [None] * 3
+        assert len(seen) == 3
+        for sampling in seen:
+            guide = sampling.guided_decoding
+            assert isinstance(guide, stub.llmapi.GuidedDecodingParams)
+            assert set(guide.passed_kwargs) == {"json"}  # the one guide; no other set
+            assert isinstance(guide.json, str) and json.loads(guide.json) == MODERATION
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("structured", [{}, {"json_schema": MODERATION, "guided": "off"}])
+def test_no_guided_decoding_without_a_schema_or_when_off(stub, model_dir, structured):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, structured=structured))
+    assert engine.guided is False
+    assert "guided_decoding_backend" not in engine.llm.passed_kwargs
+    assert "guided_decoding" not in engine._sampling.passed_kwargs
+    engine.close()
+
+
+def test_guided_decoding_backend_can_be_chosen_in_options(stub, model_dir):
+    options = {"guided_decoding_backend": "llguidance"}
+    structured = {"json_schema": MODERATION, "guided": "required"}
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, options=options, structured=structured))
+    assert engine.guided is True
+    assert engine.llm.passed_kwargs["guided_decoding_backend"] == "llguidance"
+    engine.close()
+
+
+def test_contract_catches_guided_decoding_misuse(stub, model_dir, monkeypatch):
+    """Proves the guided checks can fail: a guide without the LLM's backend, a wrong field."""
+    real = trtllm.llm_kwargs
+
+    def without_backend(cfg, api):
+        return {k: v for k, v in real(cfg, api).items() if k != "guided_decoding_backend"}
+
+    monkeypatch.setattr(trtllm, "llm_kwargs", without_backend)
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, structured={"json_schema": MODERATION}))
+    results = engine.generate(make_requests(2))
+    engine.close()
+    assert {r.error_code for r in results} == {"ENGINE_ERROR"}
+    assert all("guided_decoding_backend" in r.error_message for r in results)
+    guide = stub.llmapi.GuidedDecodingParams
+    with pytest.raises((TypeError, ValueError), match="json_schema"):
+        guide(json_schema=MODERATION)  # vLLM-style name; TensorRT-LLM's field is `json`
+    with pytest.raises((TypeError, ValueError), match="one guide"):
+        stub.SamplingParams(guided_decoding=guide(json="{}", regex="x"))
 
 
 def test_stub_rejects_bad_prompt_inputs(stub, model_dir):
@@ -385,6 +478,11 @@ def test_every_keyword_the_engine_passes_is_in_the_json(model_dir, overrides):
         names = set(trtllm.sampling_kwargs(make_cfg(model_dir, sampling=sampling)))
         assert names <= set(SURFACE["SamplingParams"]["fields"]), names
     assert "max_tokens" in names
+    guided = trtllm.llm_kwargs(make_cfg(model_dir, structured={"json_schema": MODERATION}), api)
+    assert "guided_decoding_backend" in guided and set(guided) <= LLM_NAMES
+    # The engine adds these two names to SamplingParams(...) and GuidedDecodingParams(...).
+    assert "guided_decoding" in SURFACE["SamplingParams"]["fields"]
+    assert "json" in SURFACE["GuidedDecodingParams"]["fields"]
 
 
 def _attribute_uses(tree: ast.AST, owner: str) -> set[str]:
@@ -410,7 +508,9 @@ def test_every_api_name_in_the_engine_source_is_in_the_json():
         and isinstance(n.value, ast.Attribute)
         and n.value.attr == kv_home
     }
-    assert llmapi_names == {"KvCacheConfig", "CudaGraphConfig"} <= set(SURFACE)
+    assert llmapi_names == {"KvCacheConfig", "CudaGraphConfig", "GuidedDecodingParams"}
+    assert llmapi_names <= set(SURFACE)
+    assert SURFACE["GuidedDecodingParams"]["import"].startswith("tensorrt_llm.llmapi.")
     llm_methods = _attribute_uses(tree, "llm") | {  # llm.shutdown(), self.llm.generate_async()
         n.attr
         for n in ast.walk(tree)
@@ -592,6 +692,33 @@ def test_real_tensorrt_llm_engine_generates():
             # Our template + tokenizer must count exactly what TensorRT-LLM fed the model.
             text_tokens = engine.count_text_tokens(req.prompt, req.system)
             assert res.prompt_tokens == text_tokens + res.vision_tokens
+    finally:
+        engine.close()
+
+
+@pytest.mark.trtllm
+@pytest.mark.gpu
+@pytest.mark.timeout(1200)
+def test_real_tensorrt_llm_guided_answers_parse():
+    model = real_model_or_skip()
+    cfg = make_cfg(
+        model,
+        sampling={"max_tokens": 256},  # ample: a one-line answer of this schema is ~30 tokens
+        structured={"json_schema": MODERATION, "guided": "required"},
+        max_batch_size=8,
+        max_seq_len=4096,
+    )
+    engine = trtllm.TrtLlmEngine(cfg)
+    parser = OutputParser(MODERATION)
+    try:
+        assert engine.guided
+        requests = make_requests(3, prompt="Moderate this image. Answer in JSON.")
+        for res in engine.generate(requests):
+            assert res.error_code is None, res.error_message
+            assert res.finish_reason == "stop", res.text
+            _, error = parser.parse(res.text, res.finish_reason)
+            # xgrammar leaves uniqueItems to the parser; every other keyword is enforced.
+            assert error is None or "non-unique" in error, error
     finally:
         engine.close()
 

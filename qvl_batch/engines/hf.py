@@ -26,10 +26,21 @@ shape can flip a near-tied argmax and the texts diverge from there.
 Rows whose prompt leaves no room under the model's ``max_position_embeddings`` get ENGINE_ERROR;
 rows that would run past it stop there with finish_reason "length". Anything else that fails raises
 from ``generate`` and the actor splits the batch to isolate the row.
+
+Guided decoding (``structured.json_schema`` set, ``structured.guided`` not ``off``): xgrammar
+(the ``hf`` extra) compiles the schema once per engine against the tokenizer, padded to the
+model's vocabulary, with the engine's EOS ids as its stop tokens; every ``generate`` call gets a
+fresh :class:`GrammarLogitsProcessor` that masks each row's next-token scores to what the grammar
+allows (before temperature / top-k / top-p), so an answer is one-line JSON in the schema's
+property order and can end only where the JSON is complete. A row cut by ``max_tokens`` still ends
+unfinished (finish_reason "length"). xgrammar does not enforce ``uniqueItems`` (0.2.8); the
+parser catches such rows. Without xgrammar, ``auto`` warns once and generates freely
+(``engine.guided`` False), ``required`` refuses to build the engine.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -44,10 +55,12 @@ from typing import Any
 import torch
 import transformers
 
-from ..config import Config, SamplingConfig
+from ..config import Config, SamplingConfig, StructuredConfig
 from .base import Engine, Request, Result
 
 log = logging.getLogger(__name__)
+
+XGRAMMAR_HINT = "pip install xgrammar (it is in the hf extra: pip install 'qvl-batch[hf]')"
 
 PATCH = 14  # vision patch side; merge 2x2 -> one token per 28x28
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -152,6 +165,118 @@ def generation_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
     }
 
 
+class GrammarLogitsProcessor(transformers.LogitsProcessor):
+    """Masks each row's next-token scores to the tokens its grammar matcher allows.
+
+    One per ``generate`` call (matchers carry per-row state). Rows are left-padded, so every
+    row's generated tokens start at the same column; a row whose matcher has accepted a stop
+    token is finished (transformers pads it from then on) and left unmasked.
+    """
+
+    def __init__(self, xgr: Any, compiled: Any, batch_size: int, vocab_size: int):
+        self._xgr = xgr
+        self.matchers = [xgr.GrammarMatcher(compiled) for _ in range(batch_size)]
+        self.bitmask = xgr.allocate_token_bitmask(batch_size, vocab_size)
+        self.vocab_size = vocab_size
+        self.prompt_len: int | None = None
+        self.accepted = [0] * batch_size  # generated tokens each matcher has consumed
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        start = min(self.accepted)  # only the tokens not yet seen cross to the CPU
+        new = input_ids[:, self.prompt_len + start :].tolist()
+        for i, matcher in enumerate(self.matchers):
+            for token in new[i][self.accepted[i] - start :]:
+                if matcher.is_terminated():
+                    break  # after its stop token a finished row only gets padding
+                if not matcher.accept_token(token):
+                    raise RuntimeError(f"row {i}: the JSON grammar refused token {token}")
+            self.accepted[i] = start + len(new[i])
+            if matcher.is_terminated():
+                self.bitmask[i].fill_(-1)  # all allowed: the row's token is discarded anyway
+            else:
+                matcher.fill_next_token_bitmask(self.bitmask, i)
+        on = scores.device.type if scores.device.type in ("cpu", "cuda") else "cpu"
+        masked = scores.to(on)
+        self._xgr.apply_token_bitmask_inplace(
+            masked, self.bitmask.to(on), vocab_size=self.vocab_size
+        )
+        return masked.to(scores.device)
+
+
+class JsonSchemaGuide:
+    """A JSON schema compiled once (xgrammar) for one tokenizer and vocabulary."""
+
+    def __init__(
+        self, xgr: Any, tokenizer: Any, vocab_size: int, stop_ids: list[int], schema: dict
+    ):
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids)
+        )
+        # One-line JSON with ", " and ": " separators and no other whitespace: a model cannot
+        # pad its answer with blanks until max_tokens, and the answer's length is bounded.
+        self.compiled = xgr.GrammarCompiler(info).compile_json_schema(
+            json.dumps(schema), any_whitespace=False
+        )
+
+    def processor(self, batch_size: int) -> GrammarLogitsProcessor:
+        """A fresh processor for one ``generate`` call over ``batch_size`` rows."""
+        return GrammarLogitsProcessor(self._xgr, self.compiled, batch_size, self.vocab_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unguided(reason: str) -> None:
+    log.warning(
+        "structured.guided=auto: answers are generated freely and parsed after (%s); for "
+        "guided decoding with the hf engine: %s",
+        reason,
+        XGRAMMAR_HINT,
+    )
+
+
+def import_xgrammar(structured: StructuredConfig) -> Any | None:
+    """xgrammar when the job asks for guided decoding, else None (free generation).
+
+    Checked before the model loads: ``required`` without xgrammar raises, ``auto`` warns once.
+    """
+    if structured.json_schema is None or structured.guided == "off":
+        return None
+    try:
+        import xgrammar
+    except ImportError as exc:
+        if structured.guided == "required":
+            raise ImportError(
+                "structured.guided=required: the hf engine constrains answers to the JSON schema "
+                f"with xgrammar, which does not import ({exc}); {XGRAMMAR_HINT}"
+            ) from exc
+        _warn_unguided(f"xgrammar does not import: {exc}")
+        return None
+    return xgrammar
+
+
+def make_guide(
+    xgr: Any | None,
+    structured: StructuredConfig,
+    tokenizer: Any,
+    vocab_size: int,
+    stop_ids: list[int],
+) -> JsonSchemaGuide | None:
+    """The job's schema compiled by ``xgr``, or None (no xgrammar, or ``auto`` and a schema it
+    cannot compile: warned, answers are generated freely)."""
+    if xgr is None:
+        return None
+    try:
+        return JsonSchemaGuide(xgr, tokenizer, vocab_size, stop_ids, structured.json_schema or {})
+    except Exception as exc:  # e.g. a schema keyword this xgrammar cannot compile
+        if structured.guided == "required":
+            raise ValueError(f"structured.json_schema: xgrammar cannot compile it: {exc}") from exc
+        _warn_unguided(f"xgrammar cannot compile the schema: {exc}")
+        return None
+
+
 class HFEngine(Engine):
     """Qwen2.5-VL through ``transformers``; one ``generate`` call per batch."""
 
@@ -163,6 +288,7 @@ class HFEngine(Engine):
 
         ecfg = cfg.engine
         self.sampling = cfg.sampling
+        xgr = import_xgrammar(cfg.structured)  # before the model loads: required may refuse
         options = dict(ecfg.options or {})
         processor_kwargs = dict(options.pop("processor_kwargs", None) or {})
         path = local_model_dir(ecfg.model, options.pop("storage_options", None))
@@ -234,6 +360,13 @@ class HFEngine(Engine):
         self._count_lock = threading.Lock()
         self._overhead: dict[str | None, int] = {}
         self._split_ok = self._check_split_counting()
+        # The model's vocabulary (the logits' width), which Qwen pads past the tokenizer's.
+        vocab = getattr(text_config, "vocab_size", None) or getattr(config, "vocab_size", None)
+        vocab = vocab or self.model.get_output_embeddings().weight.shape[0]
+        self.guide = make_guide(
+            xgr, cfg.structured, self.tokenizer, int(vocab), sorted(self.eos_ids)
+        )
+        self.guided = self.guide is not None
 
     # ----------------------------------------------------------------- prompts and counting
 
@@ -314,9 +447,13 @@ class HFEngine(Engine):
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        extra: dict[str, Any] = {}
+        if self.guide is not None:
+            processor = self.guide.processor(len(batch))
+            extra["logits_processor"] = transformers.LogitsProcessorList([processor])
         torch.manual_seed(self.sampling.seed)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=max(limits))
+            out = self.model.generate(**inputs, max_new_tokens=max(limits), **extra)
         new = out[:, ids.shape[1] :].cpu().tolist()
         results = []
         for req, row, limit, n_prompt, n_vision in zip(

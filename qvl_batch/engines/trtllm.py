@@ -4,9 +4,16 @@ Every TensorRT-LLM name this module touches is listed in ``tests/data/trtllm_api
 (read from upstream source); ``tests/test_trtllm_contract.py`` runs this engine against a
 stand-in built from that file, so a keyword the real API lacks fails a test here, not a job on a
 GPU cluster. Names used: ``tensorrt_llm.LLM`` (+ ``generate_async``, ``shutdown``,
-``__version__``), ``tensorrt_llm.SamplingParams``, ``tensorrt_llm.llmapi.KvCacheConfig`` and
-``tensorrt_llm.llmapi.CudaGraphConfig``; results are read through ``RequestOutput.result()``,
-``.prompt_token_ids`` and ``.outputs[0].text / .token_ids / .finish_reason``.
+``__version__``), ``tensorrt_llm.SamplingParams``, ``tensorrt_llm.llmapi.KvCacheConfig``,
+``tensorrt_llm.llmapi.CudaGraphConfig`` and ``tensorrt_llm.llmapi.GuidedDecodingParams``; results
+are read through ``RequestOutput.result()``, ``.prompt_token_ids`` and
+``.outputs[0].text / .token_ids / .finish_reason``.
+
+Guided decoding: with ``structured.json_schema`` set and ``structured.guided`` not ``off``, the LLM
+is built with ``guided_decoding_backend="xgrammar"`` (``engine.options`` may name another) and
+every request carries ``GuidedDecodingParams(json=<the schema as JSON text>)``, so answers are JSON
+in the schema (``engine.guided`` is True). xgrammar (0.1.21 and 0.2.8 checked) does not enforce
+``uniqueItems``: the parser reports an answer that repeats an item.
 
 The runner hands over images already resized to the Qwen grid, so the engine only renders the
 chat template of the model directory and submits ``{"prompt", "multi_modal_data"}`` requests.
@@ -60,7 +67,8 @@ def llm_kwargs(cfg: Config, api: ModuleType) -> dict[str, Any]:
     """Keyword arguments of ``api.LLM(...)`` for this job; ``engine.options`` overrides them.
 
     KV block reuse is off unless the job turns it on (upstream reports wrong outputs with it on
-    for several VLMs); CUDA graphs, when on, are padded up to the engine's max batch size.
+    for several VLMs); CUDA graphs, when on, are padded up to the engine's max batch size; a job
+    with a JSON schema to guide answers gets the xgrammar guided-decoding backend.
     """
     t = cfg.engine.trtllm
     kv_cache = api.llmapi.KvCacheConfig(
@@ -86,8 +94,19 @@ def llm_kwargs(cfg: Config, api: ModuleType) -> dict[str, Any]:
         "cuda_graph_config": cuda_graphs,
         "trust_remote_code": False,  # never run model-repo code unless engine.options says so
     }
+    if guided_schema(cfg) is not None:
+        # Without a backend the executor refuses requests that carry GuidedDecodingParams.
+        kwargs["guided_decoding_backend"] = "xgrammar"
     kwargs.update(cfg.engine.options)
     return kwargs
+
+
+def guided_schema(cfg: Config) -> dict[str, Any] | None:
+    """The JSON schema answers are constrained to; None without one or with guided=off."""
+    structured = cfg.structured
+    if structured.json_schema is None or structured.guided == "off":
+        return None
+    return structured.json_schema
 
 
 def sampling_kwargs(cfg: Config) -> dict[str, Any]:
@@ -248,7 +267,15 @@ class TrtLlmEngine(Engine):
         self._vocab = vocab_size(model_config)
         self._render = lru_cache(maxsize=PROMPT_CACHE_SIZE)(self._render_uncached)
         self._count = lru_cache(maxsize=PROMPT_CACHE_SIZE)(self._count_uncached)
-        self._sampling = api.SamplingParams(**sampling_kwargs(cfg))
+        sampling = sampling_kwargs(cfg)
+        schema = guided_schema(cfg)
+        if schema is not None:
+            # TensorRT-LLM takes a str, dict or pydantic model and json.dumps a dict itself;
+            # sending our own text keeps any dict-like config object out of its type checks.
+            guide = api.llmapi.GuidedDecodingParams(json=json.dumps(schema))
+            sampling["guided_decoding"] = guide
+        self.guided = schema is not None
+        self._sampling = api.SamplingParams(**sampling)
         t = cfg.engine.trtllm
         # At least one: a zero would block every submission forever (config does not check it).
         self._inflight = threading.Semaphore(max(1, t.max_inflight_requests))

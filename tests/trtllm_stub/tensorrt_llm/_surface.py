@@ -111,7 +111,26 @@ def home(section: dict[str, Any], default: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else default
 
 
-SamplingParams = kw_only_class("SamplingParams", params(SURFACE["SamplingParams"]["fields"]))
+GuidedDecodingParams = kw_only_class(
+    "GuidedDecodingParams", params(SURFACE["GuidedDecodingParams"]["fields"])
+)
+
+
+class SamplingParams(kw_only_class("SamplingParams", params(SURFACE["SamplingParams"]["fields"]))):
+    """Stand-in ``SamplingParams``; ``guided_decoding`` checked as upstream's ``_validate`` does."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        guide = self.passed_kwargs.get("guided_decoding")
+        if guide is None:
+            return
+        if not isinstance(guide, GuidedDecodingParams):
+            raise ContractError(f"guided_decoding must be a GuidedDecodingParams, got {guide!r}")
+        guides = sorted(n for n, v in guide.passed_kwargs.items() if v)
+        if len(guides) > 1:
+            raise ContractError(f"Only one guide can be used for a request, but got {guides}")
+
+
 KvCacheConfig = kw_only_class("KvCacheConfig", params(SURFACE["KvCacheConfig"]["fields"]))
 CudaGraphConfig = kw_only_class("CudaGraphConfig", params(SURFACE["CudaGraphConfig"]["fields"]))
 CompletionOutput = kw_only_class("CompletionOutput", params(SURFACE["CompletionOutput"]["fields"]))
@@ -121,6 +140,7 @@ CompletionOutput = kw_only_class("CompletionOutput", params(SURFACE["CompletionO
 HOMES = {
     "LLM": home(SURFACE["LLM.__init__"], "tensorrt_llm"),
     "SamplingParams": home(SURFACE["SamplingParams"], "tensorrt_llm"),
+    "GuidedDecodingParams": home(SURFACE["GuidedDecodingParams"], "tensorrt_llm.llmapi"),
     "KvCacheConfig": home(SURFACE["KvCacheConfig"], "tensorrt_llm.llmapi"),
     "CudaGraphConfig": home(SURFACE["CudaGraphConfig"], "tensorrt_llm.llmapi"),
 }
@@ -262,6 +282,9 @@ class LLM(KwOnly):
             sampling = SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ContractError(f"sampling_params must be SamplingParams, got {type(sampling)}")
+        if sampling.guided_decoding is not None and self.guided_decoding_backend is None:
+            # The JSON's GuidedDecodingParams "requires": no backend, no guided decoder.
+            raise ContractError("guided_decoding needs LLM(guided_decoding_backend=...)")
         images = images_of(inputs)
         prompt = inputs.get("prompt", "")
         ids = inputs.get("prompt_token_ids") or self.tokenizer.encode(prompt, images)
