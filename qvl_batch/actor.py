@@ -108,6 +108,8 @@ class UnitWorker:
         self._fatal: BaseException | None = None
         self._closed = False
         self.timings = {"read_s": 0.0, "prepare_s": 0.0, "engine_s": 0.0, "engine_idle_s": 0.0}
+        if cfg.engine.warmup:  # part of start-up, like loading the model: before ready()
+            self._warmup()
         self._engine_thread = threading.Thread(target=self._engine_loop, daemon=True)
         self._engine_thread.start()
 
@@ -290,6 +292,14 @@ class UnitWorker:
                 due = self._bucketer.seconds_until_due()
                 self._cond.wait(0.5 if due is None else min(0.5, max(due, 0.001)))
             return None
+
+    def _warmup(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.engine.warmup(self.cfg.batching.max_batch_size)
+        except Exception as exc:  # a failed warm-up costs only the warm-up
+            log.warning("engine warm-up failed: %s: %s", type(exc).__name__, exc)
+        self.timings["warmup_s"] = time.perf_counter() - t0
 
     def _engine_loop(self) -> None:
         try:

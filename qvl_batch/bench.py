@@ -137,11 +137,15 @@ def _driver_rss_child(args: argparse.Namespace) -> int:
     )
     summary = run_job(cfg, progress_bar=False)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from .state import OutputState
+
+    metrics = OutputState(cfg.output.path).metrics() or {}
     print(
         json.dumps(
             {
                 "rows": summary.rows_this_run,
                 "peak_rss_mib": round(peak_mib, 1),
+                "actor_peak_rss_mib": metrics.get("actor_peak_rss_mib"),
                 "rows_per_s": round(summary.rows_per_s, 1),
                 "status": summary.status,
             }
@@ -186,16 +190,19 @@ def bench_driver_memory(args: argparse.Namespace) -> int:
         figures.append(result)
         print(
             f"{rows:>9,} rows: driver peak RSS {result['peak_rss_mib']:7.1f} MiB, "
+            f"largest actor {result['actor_peak_rss_mib']:7.1f} MiB, "
             f"{result['rows_per_s']:8.1f} rows/s, {result['wall_s']}s",
             flush=True,
         )
     base = figures[0]["peak_rss_mib"]
+    actor_base = figures[0]["actor_peak_rss_mib"]
     print(
         json.dumps(
             {
                 "bench": "driver-memory",
                 "figures": figures,
                 "rss_ratio_largest_vs_smallest": round(figures[-1]["peak_rss_mib"] / base, 3),
+                "actor_rss_ratio": round(figures[-1]["actor_peak_rss_mib"] / actor_base, 3),
             }
         )
     )
@@ -222,7 +229,7 @@ def add_bench_parser(sub) -> None:
     host.add_argument("--repeat", type=int, default=3)
     host.set_defaults(func=bench_host)
 
-    mem = kinds.add_parser("driver-memory", help="driver peak RSS as the dataset grows")
+    mem = kinds.add_parser("driver-memory", help="driver and actor peak RSS as the dataset grows")
     common(mem)
     mem.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     mem.set_defaults(func=bench_driver_memory)
@@ -230,6 +237,14 @@ def add_bench_parser(sub) -> None:
     from .bench_storage import add_storage_bench
 
     add_storage_bench(kinds, common)
+
+    from .bench_driver import add_driver_bench
+
+    add_driver_bench(kinds, common)
+
+    from .bench_scale import add_scale_bench
+
+    add_scale_bench(kinds, common)
 
     from .bench_gpu import add_gpu_bench
 

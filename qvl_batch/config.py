@@ -208,6 +208,9 @@ class EngineConfig:
     model: str = "fake://qwen2.5-vl"  # a model directory (local or fsspec URL) for hf/trtllm
     dtype: str = "auto"
     device: str = "auto"  # hf: auto | cpu | cuda
+    # One throwaway batch when an actor starts (hf), as part of start-up (like loading the
+    # model), so the first real batch does not pay kernel selection and allocator growth.
+    warmup: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # passed through to the engine
     fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
     hf: HFEngineConfig = field(default_factory=HFEngineConfig)

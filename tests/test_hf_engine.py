@@ -466,3 +466,12 @@ def test_moderation_preset_with_the_tiny_model(tmp_path, tiny_model, ray_head):
     rows, errors = run(tmp_path / "free", "structured.guided=off", "sampling.max_tokens=24")
     assert not rows and len(errors) == 12
     assert {e["error_code"] for e in errors} == {"OUTPUT_PARSE_ERROR"}
+
+
+def test_warmup_runs_one_throwaway_batch(engine, monkeypatch):
+    seen = []
+    real = engine._generate
+    monkeypatch.setattr(engine, "_generate", lambda batch: seen.append(batch) or real(batch))
+    engine.warmup(3)
+    assert [len(b) for b in seen] == [3]
+    assert {r.image.size for r in seen[0]} == {(448, 448)} and seen[0][0].vision_tokens == 256

@@ -65,6 +65,9 @@ class Engine(ABC):
         """Estimate of the text tokens of a prompt (chat template included), for batching."""
         return estimate_text_tokens(prompt, system)
 
+    def warmup(self, batch_size: int) -> None:  # noqa: B027 - optional hook
+        """Run a throwaway batch of ``batch_size`` rows (one-time costs paid up front)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model and any device memory."""
 

@@ -425,6 +425,20 @@ class HFEngine(Engine):
             results.extend(self._generate(batch))
         return results
 
+    def warmup(self, batch_size: int) -> None:
+        """A batch of gray 448x448 images at the job's sampling: CUDA kernel selection for
+        every decode length, cuBLAS workspaces and the caching allocator's first blocks happen
+        here, not in real work."""
+        from PIL import Image
+
+        image = Image.new("RGB", (448, 448), (128, 128, 128))
+        side = 448 // (2 * PATCH)
+        requests = [
+            Request(("warmup", i), "warmup", "Describe this image.", None, image, "", side**2, 0)
+            for i in range(batch_size)
+        ]
+        self.generate(requests)
+
     def _generate(self, batch: list[Request]) -> list[Result]:
         texts = [self.render(r.prompt, r.system) for r in batch]
         inputs = self.processor(
