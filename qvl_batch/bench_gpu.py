@@ -295,9 +295,12 @@ def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
         "elapsed_s": round(summary.elapsed_s, 2),
         "wall_s": round(wall_s, 2),
         "actor_timings_s": timings,
-        # prepare_s is summed over the prepare threads, so it can exceed 1.
+        # prepare_s is summed over the prepare threads, so it can exceed 1. The warm-up is
+        # start-up, before the pipeline: it stays in actor_timings_s only.
         "stage_fractions": {
-            k.removesuffix("_s"): round(v / pipeline, 4) for k, v in timings.items()
+            k.removesuffix("_s"): round(v / pipeline, 4)
+            for k, v in timings.items()
+            if k != "warmup_s"
         },
         "padding": metrics.get("padding", {}),
     }

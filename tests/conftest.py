@@ -178,3 +178,22 @@ def check_fake_output(
     assert {i: got[i] for i in expected_errors} == expected_errors
     assert {got[i] for i in corrupt} <= {"DECODE_ERROR", "MISSING_IMAGE"}
     return data, errors
+
+
+# A moderation-like structured-output schema for engine tests. Unlike jobs/moderation.yaml it
+# has no free-text field, so a random model's guided answer is short and bounded.
+MODERATION = {
+    "type": "object",
+    "properties": {
+        "verdict": {"type": "string", "enum": ["allow", "review", "block"]},
+        "categories": {
+            "type": "array",
+            "items": {"type": "string", "enum": ["violence", "sexual", "hate", "spam"]},
+            "maxItems": 3,
+            "uniqueItems": True,
+        },
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["verdict", "categories", "score"],
+    "additionalProperties": False,
+}

@@ -7,30 +7,20 @@ import json
 
 import pytest
 
-from qvl_batch.bench_gpu import add_gpu_bench, bench_gpu
-from qvl_batch.demo import demo_job_file
+from qvl_batch.bench_gpu import bench_gpu
+from qvl_batch.cli import build_parser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _parser() -> argparse.ArgumentParser:
-    """``qvl-batch bench`` as bench.py builds it, with only the gpu kind registered."""
-    parser = argparse.ArgumentParser()
-    kinds = parser.add_subparsers(dest="bench", required=True)
-
-    def common(p):  # bench.py's own common options
-        p.add_argument("--workdir", default="bench-out")
-        p.add_argument("--cores", type=int, default=2)
-        p.add_argument("--job", default=demo_job_file())
-        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-
-    add_gpu_bench(kinds, common)
-    return parser
+def _args(argv: list[str]) -> argparse.Namespace:
+    """``qvl-batch bench ARGV`` parsed by the real command line."""
+    return build_parser().parse_args(["bench", *argv])
 
 
 def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
     out = tmp_path / "gpu.json"
-    args = _parser().parse_args(
+    args = _args(
         [
             "gpu",
             f"cluster.address={ray_head}",  # the session's Ray: no start-up per run

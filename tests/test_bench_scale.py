@@ -9,30 +9,20 @@ import math
 
 import pytest
 
-from qvl_batch.bench_scale import add_scale_bench, bench_scale
-from qvl_batch.demo import demo_job_file
+from qvl_batch.bench_scale import bench_scale
+from qvl_batch.cli import build_parser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def _parser() -> argparse.ArgumentParser:
-    """``qvl-batch bench`` as bench.py builds it, with only the scale kind registered."""
-    parser = argparse.ArgumentParser()
-    kinds = parser.add_subparsers(dest="bench", required=True)
-
-    def common(p):  # bench.py's own common options
-        p.add_argument("--workdir", default="bench-out")
-        p.add_argument("--cores", type=int, default=2)
-        p.add_argument("--job", default=demo_job_file())
-        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-
-    add_scale_bench(kinds, common)
-    return parser
+def _args(argv: list[str]) -> argparse.Namespace:
+    """``qvl-batch bench ARGV`` parsed by the real command line."""
+    return build_parser().parse_args(["bench", *argv])
 
 
 def test_bench_scale_two_points(tmp_path, capsys):
     out = tmp_path / "scale.json"
-    args = _parser().parse_args(
+    args = _args(
         [
             "scale",
             "--workdir",

@@ -27,6 +27,8 @@ from qvl_batch.engines.base import Request, make_engine  # noqa: E402
 from qvl_batch.engines.hf import generation_kwargs, load_processor, local_model_dir  # noqa: E402
 from qvl_batch.structured import OutputParser  # noqa: E402
 
+from .conftest import MODERATION  # noqa: E402
+
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(180)
 
@@ -243,21 +245,6 @@ def test_model_from_an_fsspec_url_is_copied_once(tiny_model, tmp_path, monkeypat
 
 # ---------------------------------------------------------------------------- guided decoding
 
-MODERATION = {
-    "type": "object",
-    "properties": {
-        "verdict": {"type": "string", "enum": ["allow", "review", "block"]},
-        "categories": {
-            "type": "array",
-            "items": {"type": "string", "enum": ["violence", "sexual", "hate", "spam"]},
-            "maxItems": 3,
-            "uniqueItems": True,
-        },
-        "score": {"type": "number", "minimum": 0, "maximum": 1},
-    },
-    "required": ["verdict", "categories", "score"],
-    "additionalProperties": False,
-}
 # xgrammar (0.2.8, 0.1.21) does not enforce uniqueItems: a guided answer may repeat a category,
 # which the parser reports (an OUTPUT_PARSE_ERROR row in a job). Every other keyword holds.
 _CATEGORIES = MODERATION["properties"]["categories"]

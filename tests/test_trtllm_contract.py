@@ -38,7 +38,7 @@ from qvl_batch.engines import trtllm
 from qvl_batch.engines.base import EngineError, Request, make_engine
 from qvl_batch.structured import OutputParser
 
-from .conftest import input_rows, read_output, write_job
+from .conftest import MODERATION, input_rows, read_output, write_job
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -56,21 +56,6 @@ SPECIALS = [
 ]
 WORDS = "system user assistant You are a helpful . Describe this image Caption in one word"
 QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE  # as shipped with Qwen/Qwen2.5-VL-*-Instruct
-MODERATION = {  # a job's structured.json_schema
-    "type": "object",
-    "properties": {
-        "verdict": {"type": "string", "enum": ["allow", "review", "block"]},
-        "categories": {
-            "type": "array",
-            "items": {"type": "string", "enum": ["violence", "sexual", "hate", "spam"]},
-            "maxItems": 3,
-            "uniqueItems": True,
-        },
-        "score": {"type": "number", "minimum": 0, "maximum": 1},
-    },
-    "required": ["verdict", "categories", "score"],
-    "additionalProperties": False,
-}
 
 
 def make_model_dir(path: Path) -> Path:
