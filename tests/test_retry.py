@@ -22,7 +22,9 @@ SMALL = 200 * 200  # image.max_image_pixels of the first run: larger sources are
 
 
 def _markers(out):
-    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "_state" / "units").glob("*"))}
+    # Markers only: a marker being written is a hidden temporary file until it is renamed.
+    markers = sorted((out / "_state" / "units").glob("[!.]*.json"))
+    return {p.stem: json.loads(p.read_text()) for p in markers}
 
 
 def _retry(out, *overrides, codes=()):

@@ -110,7 +110,7 @@ def test_second_run_computes_exactly_the_new_rows(tmp_path, dataset, grown, ray_
 def _markers(out):
     import json
 
-    return [json.loads(p.read_text()) for p in (out / "_state" / "units").glob("*.json")]
+    return [json.loads(p.read_text()) for p in (out / "_state" / "units").glob("[!.]*.json")]
 
 
 def test_reuse_of_something_that_is_not_an_output_stops_before_work(tmp_path, dataset):
