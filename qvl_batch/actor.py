@@ -27,7 +27,7 @@ from .manifest import WorkUnit
 from .prompts import PromptError
 from .reader import RowInput, fetch_uri, read_unit_table, unit_rows
 from .reuse import ReuseIndex, ReuseReader, result_key, settings_digest
-from .schema import ROW_RESULT
+from .schema import IMAGE_COLUMNS, ROW_RESULT
 from .storage import Storage
 from .structured import PARSE_ERROR, OutputParser
 
@@ -40,15 +40,6 @@ MAX_PREPARED_ROWS_PER_BATCH = 4
 SINGLE_ROW_TRIES = 2  # a row alone in a failing call is retried once before it is an error
 # The recorder answers in milliseconds; a stuck one must not hold the engine for long.
 RECORD_TIMEOUT_S = 30
-# What a carried-over row takes from the earlier data row besides its structured columns.
-CARRIED_META = (
-    "image_width",
-    "image_height",
-    "resized_width",
-    "resized_height",
-    "image_sha256",
-    "image_notes",
-)
 
 
 @dataclass
@@ -272,7 +263,7 @@ class UnitWorker:
             values={c: earlier.get(c) for c in columns} if columns else None,
             reused_from=earlier.get("reused_from") or job,  # the job that computed it
         )
-        meta = {name: earlier.get(name) for name in CARRIED_META}
+        meta = {name: earlier.get(name) for name in IMAGE_COLUMNS}
         self._finish_early(key, result, {**meta, "result_key": rkey})
 
     def _next_batch(self) -> list[Request] | None:

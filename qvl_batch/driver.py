@@ -23,9 +23,9 @@ from .manifest import Plan, WorkUnit, plan_job
 from .progress import Progress
 from .report import error_codes_line, totals_of, versions
 from .reuse import build_index
+from .schema import part_columns
 from .state import METRICS_FILE, SUCCESS_FILE, OutputState
 from .storage import Storage, StorageError, merge_request_stats
-from .structured import columns_of
 from .writer import UnitIncomplete, commit_unit
 
 log = logging.getLogger("qvl_batch")
@@ -112,8 +112,10 @@ class Driver:
         self.progress_bar = progress_bar
         self.input_storage = Storage.for_input(cfg)
         self.state = OutputState(cfg.output.path, Storage.for_output(cfg))
-        self._records: list[dict] = []  # commit markers: read at start, then this run's
+        # Commit markers by unit id: read at start, then this run's as they are written.
+        self._records: dict[str, dict] = {}
         self._reuse = None  # the ReuseIndex of reuse.outputs, built before any work
+        self._columns = part_columns(cfg)  # data/ and errors/ columns, before lineage
         self._rows_before = self._errors_before = 0  # committed before this run (resume)
 
     # ---- before any work -------------------------------------------------------------
@@ -144,10 +146,10 @@ class Driver:
             except OSError as exc:
                 raise StorageError(f"output.path {self.state.url}: cannot write: {exc}") from None
             return plan, job, set()
-        self._records = self.state.markers()
-        committed = {r["unit_id"] for r in self._records}
+        self._records = {r["unit_id"]: r for r in self.state.markers()}
+        committed = set(self._records)
         if not self.state.success():
-            removed = self.state.clean_orphans(self._records)
+            removed = self.state.clean_orphans(list(self._records.values()))
             if removed:
                 log.info("removed %d uncommitted part files of an interrupted run", len(removed))
         return plan, job, committed
@@ -166,7 +168,7 @@ class Driver:
             return summary
         done_before = sum(u.num_rows for u in plan.units() if u.unit_id in committed)
         # A resumed run judges its error fraction over every committed row, not only its own.
-        before = totals_of(self._records)
+        before = totals_of(list(self._records.values()))
         self._rows_before, self._errors_before = before["rows"], before["error_rows"]
         todo: Iterator[WorkUnit] = (u for u in plan.units() if u.unit_id not in committed)
         progress = Progress(plan.total_rows, done_before, bar=self.progress_bar)
@@ -235,7 +237,7 @@ class Driver:
             log.warning("no _report.html: %s: %s", type(exc).__name__, exc)
 
     def _fill_totals(self, summary: JobSummary) -> None:
-        totals = totals_of(self._records)
+        totals = totals_of(list(self._records.values()))
         summary.data_rows = totals["data_rows"]
         summary.error_rows = totals["error_rows"]
         summary.error_codes = totals["error_codes"]
@@ -297,7 +299,7 @@ class Driver:
             except StorageError as exc:  # retries exhausted: stop, keep the rest
                 return f"cannot commit unit {unit.unit_id}: {exc}"
             isolation.forget(unit.unit_id)
-            self._committed(record)
+            self._records[record["unit_id"]] = record
             summary.rows_this_run += done["num_rows"]
             summary.errors_this_run += done["error_rows"]
             summary.reused_this_run += done["reused_rows"]
@@ -366,12 +368,11 @@ class Driver:
                     if failure:
                         break
                 failure = failure or settle(timeout=0)
-            # Results already handed to the committer are written and booked, failure or not.
-            while commits:
-                failure = settle(timeout=1.0) if failure is None else failure
-                if failure is not None:
-                    for fut in futures_wait(list(commits)).done:
-                        book(fut)
+            # After a failure, results already handed to the committer are still written and
+            # booked (the loop only ends without a failure once nothing is left to commit).
+            for fut in futures_wait(list(commits)).done:
+                problem = book(fut)
+                failure = failure or problem
             summary.pipeline_s = time.monotonic() - t_ready
             padding, timings, storage = pool.collect_stats()
             return padding, timings, storage, failure
@@ -392,22 +393,10 @@ class Driver:
 
     def _commit(self, unit: WorkUnit, table, lineage: dict, attempt: int) -> tuple[dict, dict]:
         """Write one unit's results; returns (its marker record, what this run added)."""
-        cfg = self.cfg
-        schema = cfg.structured.json_schema
         record = commit_unit(
-            self.state,
-            unit,
-            table,
-            lineage,
-            attempt,
-            list(cfg.input.passthrough_columns),
-            cfg.output.compression,
-            columns_of(schema).names if schema is not None else [],
+            self.state, unit, table, lineage, attempt, self._columns, self.cfg.output.compression
         )
         return record, record
-
-    def _committed(self, record: dict) -> None:
-        self._records.append(record)
 
     def _error_check(self, summary: JobSummary) -> str | None:
         lim = self.cfg.limits

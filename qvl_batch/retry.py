@@ -26,15 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import ConfigError, config_from_saved, fingerprint, fingerprint_fields, load_config
+from .config import ConfigError, fingerprint, fingerprint_fields, load_config
 from .driver import EXIT_FAILED, EXIT_OK, Driver, JobSummary
 from .manifest import WorkUnit, plan_job
 from .progress import Progress
-from .schema import DATA_COLUMNS, ERROR_COLUMNS
 from .state import ERRORS_DIR, METRICS_FILE, SUCCESS_FILE, OutputState
 from .storage import Storage, StorageError
-from .structured import columns_of
-from .verify import _drop_redacted
+from .verify import config_from_job
 from .writer import commit_retry
 
 log = logging.getLogger("qvl_batch")
@@ -49,19 +47,17 @@ class RetryDriver(Driver):
         reach += ["input.paths=[-]", f"output.path={url}"]
         state = OutputState(url, Storage(load_config(None, reach).storage))
         self.job = state.require_job()
-        saved = _drop_redacted(self.job.get("config") or {})
-        saved.setdefault("output", {})["path"] = url
         try:
-            cfg = config_from_saved(saved, overrides)
+            cfg = config_from_job(self.job, url, overrides=overrides)
         except ConfigError as exc:
-            raise ConfigError(f"retry-failed {url}: {exc}") from None
+            raise ConfigError(f"retry-failed: {exc}") from None
         super().__init__(cfg, progress_bar)
         self.codes = set(codes)
-        self._markers: dict[str, dict] = {}
         self._work: dict[str, tuple[pa.Table, pa.Table | None]] = {}  # unit -> (retry, keep)
 
     # ---- before any work ---------------------------------------------------------------
-    def _check_same_rows(self, plan) -> None:
+    def _check_same_rows(self, plan) -> dict:
+        """The fingerprint fields of this pass; raises unless its rows are the job's rows."""
         saved = self.job.get("fingerprint_fields") or {}
         now = fingerprint_fields(self.cfg, plan.fingerprint)
         for key in ("input", "columns"):
@@ -78,13 +74,14 @@ class RetryDriver(Driver):
                 f"retry-failed: structured output columns {before} then, {after} now: the "
                 "data/ schema must stay the same"
             )
+        return now
 
     def prepare(self):
         plan = plan_job(self.cfg, self.input_storage)
-        self._check_same_rows(plan)
+        fields = self._check_same_rows(plan)
         records = self.state.markers()
-        self._markers = {r["unit_id"]: r for r in records}
-        pending = [u.unit_id for u in plan.units() if u.unit_id not in self._markers]
+        self._records = {r["unit_id"]: r for r in records}
+        pending = [u.unit_id for u in plan.units() if u.unit_id not in self._records]
         if pending:
             raise ConfigError(
                 f"retry-failed {self.state.url}: {len(pending)} units are not committed yet "
@@ -93,8 +90,6 @@ class RetryDriver(Driver):
         removed = self.state.clean_orphans(records)  # a pass that died mid-commit
         if removed:
             log.info("removed %d part files no marker names (an interrupted pass)", len(removed))
-        self._records = records
-        fields = fingerprint_fields(self.cfg, plan.fingerprint)
         stamp = dt.datetime.now(dt.timezone.utc)
         job = {
             **self.job,
@@ -107,7 +102,7 @@ class RetryDriver(Driver):
         """Units with error rows to retry; reads their errors files (small)."""
         units = []
         for unit in plan.units():
-            marker = self._markers[unit.unit_id]
+            marker = self._records[unit.unit_id]
             if not marker["error_rows"]:
                 continue
             if self.codes and not self.codes & set(marker.get("error_codes") or {}):
@@ -138,9 +133,9 @@ class RetryDriver(Driver):
         rows = sum(self._work[u.unit_id][0].num_rows for u in units)
         if not units:
             summary.status = "nothing_to_retry"
-            summary.message = "no error rows" + (
-                f" with codes {sorted(self.codes)}" * bool(self.codes)
-            )
+            summary.message = "no error rows"
+            if self.codes:
+                summary.message += f" with codes {sorted(self.codes)}"
             self._fill_totals(summary)
             return summary
         log.info("retrying %d error rows in %d units", rows, len(units))
@@ -201,22 +196,19 @@ class RetryDriver(Driver):
         return {"only": sorted(rows)}
 
     def _commit(self, unit: WorkUnit, table, lineage: dict, attempt: int):
-        cfg = self.cfg
         retry, keep = self._work[unit.unit_id]
-        schema = cfg.structured.json_schema
-        structured = columns_of(schema).names if schema is not None else []
-        passthrough = list(cfg.input.passthrough_columns)
-        columns = (DATA_COLUMNS + structured + passthrough, ERROR_COLUMNS + passthrough)
-        marker = self._markers[unit.unit_id]
-        record, done = commit_retry(
-            self.state, unit, table, lineage, marker, retry, keep, columns, cfg.output.compression
+        marker = self._records[unit.unit_id]
+        return commit_retry(
+            self.state,
+            unit,
+            table,
+            lineage,
+            marker,
+            retry,
+            keep,
+            self._columns,
+            self.cfg.output.compression,
         )
-        self._markers[unit.unit_id] = record
-        return record, done
-
-    def _committed(self, record: dict) -> None:
-        self._records = [r for r in self._records if r["unit_id"] != record["unit_id"]]
-        self._records.append(record)
 
     def _error_check(self, summary: JobSummary) -> str | None:
         return None  # a pass fixes errors; the fraction is judged at its end

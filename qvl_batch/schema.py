@@ -73,6 +73,24 @@ LINEAGE = pa.schema(
 )
 
 
+# What a carried-over (reused) row takes from the earlier data row besides text, tokens and its
+# structured columns: the image columns.
+IMAGE_COLUMNS = DATA_COLUMNS[
+    DATA_COLUMNS.index("image_width") : DATA_COLUMNS.index("image_notes") + 1
+]
+
+
+def part_columns(cfg) -> tuple[list[str], list[str]]:
+    """Columns of data/ and errors/ part files before lineage, for a job config: the core
+    columns, then (data/ only) the structured-output columns, then the passthrough columns."""
+    from .structured import columns_of
+
+    schema = cfg.structured.json_schema
+    structured = columns_of(schema).names if schema is not None else []
+    passthrough = list(cfg.input.passthrough_columns)
+    return DATA_COLUMNS + structured + passthrough, ERROR_COLUMNS + passthrough
+
+
 def reserved_columns() -> set[str]:
     """Names a structured-output property may not take: they are the runner's own columns."""
     return {*ROW_RESULT.names, *DATA_COLUMNS, *ERROR_COLUMNS, *LINEAGE.names, "attempts"}

@@ -23,13 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from omegaconf import OmegaConf
 
-from .config import REDACTED, Config, ConfigError, StorageConfig
+from .config import REDACTED, Config, ConfigError, StorageConfig, config_from_saved
 from .manifest import InputError, Plan, WorkUnit, plan_job
 from .reader import read_unit_table
 from .report import error_codes_line
-from .schema import DATA_COLUMNS, ERROR_COLUMNS, LINEAGE, ROW_RESULT
+from .schema import LINEAGE, ROW_RESULT, part_columns
 from .state import (
     DATA_DIR,
     ERRORS_DIR,
@@ -113,13 +112,19 @@ def _drop_redacted(value):
     return {k: _drop_redacted(v) for k, v in value.items() if not hidden(v)}
 
 
-def config_from_job(job: dict, url: str, storage_overrides: dict | None = None) -> Config:
-    """The job's Config rebuilt from ``_job.json``, its output at ``url`` (where it is now)."""
+def config_from_job(
+    job: dict,
+    url: str,
+    storage_overrides: dict | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """The job's Config rebuilt from ``_job.json``, its output at ``url`` (where it is now),
+    validated like a job file; ``overrides`` are ``key=value`` settings on top (retry-failed)."""
     saved = _drop_redacted(job.get("config") or {})
     saved.setdefault("output", {})["path"] = url
     try:
-        cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
-    except Exception as exc:
+        cfg = config_from_saved(saved, overrides)
+    except ConfigError as exc:
         raise ConfigError(f"{url}/{JOB_FILE}: the saved config does not load: {exc}") from None
     for side in (cfg.input, cfg.output):
         side.storage_options.update(storage_overrides or {})
@@ -286,6 +291,8 @@ class UnitChecker:
         self.passthrough = list(cfg.input.passthrough_columns)
         schema = cfg.structured.json_schema
         self.structured = columns_of(schema) if schema is not None else pa.schema([])
+        # The contract of each part file, before lineage (passthrough columns included).
+        self.columns = dict(zip((DATA_DIR, ERRORS_DIR), part_columns(cfg)))
         self._labels: dict[tuple[str, str], str] = {}  # (unit, sub) -> the files read
         self.projection = _id_projection(cfg)
         self.input_storage = Storage.for_input(cfg)
@@ -298,11 +305,7 @@ class UnitChecker:
             types.update({f.name: f.type for f in self.structured})
             if input_schema is not None:
                 types.update({c: input_schema.field(c).type for c in self.passthrough})
-            data_core = DATA_COLUMNS + self.structured.names
-            parts = {
-                DATA_DIR: self._read_parts(marker, DATA_DIR, data_core, types, res),
-                ERRORS_DIR: self._read_parts(marker, ERRORS_DIR, ERROR_COLUMNS, types, res),
-            }
+            parts = {sub: self._read_parts(marker, sub, types, res) for sub in self.columns}
             self._check_counts(unit, marker, parts, res)
             lineage = {k: {v} for k, v in self.lineage.items()}
             for retry in marker.get("retries") or []:  # rows retry-failed computed
@@ -336,14 +339,14 @@ class UnitChecker:
             ids = [d if v is None else str(v) for d, v in zip(ids, values)]
         return ids, table.schema
 
-    def _read_parts(self, marker: dict, sub: str, core: list[str], types: dict, res):
+    def _read_parts(self, marker: dict, sub: str, types: dict, res):
         """The columns verify needs of the unit's part files in ``sub`` (None if none): those
         its marker names and any other present (readers of ``sub/*.parquet`` see them too)."""
         uid = marker["unit_id"]
         rels = {f for f in marker["files"] if f.startswith(f"{sub}/")}
         rels |= {f for f in self.present if f.startswith(f"{sub}/") and unit_id_of(f) == uid}
         tables = [
-            t for rel in sorted(rels) if (t := self._read_part(rel, core, types, res)) is not None
+            t for rel in sorted(rels) if (t := self._read_part(rel, sub, types, res)) is not None
         ]
         if not tables:
             return None
@@ -351,7 +354,7 @@ class UnitChecker:
         self._labels[(uid, sub)] = " + ".join(sorted(rels))
         return table
 
-    def _read_part(self, rel: str, core: list[str], types: dict, res: UnitResult):
+    def _read_part(self, rel: str, sub: str, types: dict, res: UnitResult):
         """The columns verify needs of one part file (None if absent); its schema checked."""
         if rel not in self.present:
             return None
@@ -360,7 +363,7 @@ class UnitChecker:
         except Exception as exc:
             res.violations.append(f"{rel}: unreadable: {describe(exc)}")
             return None
-        expected = core + self.passthrough + LINEAGE.names
+        expected = self.columns[sub] + LINEAGE.names
         res.violations += _schema_problems(rel, pf.schema_arrow, expected, types)
         return pf.read(columns=[c for c in READ_COLUMNS if c in pf.schema_arrow.names])
 

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .manifest import WorkUnit
-from .schema import DATA_COLUMNS, ERROR_COLUMNS, LINEAGE
+from .schema import LINEAGE
 from .state import OutputState, data_file, errors_file
 
 
@@ -45,41 +45,48 @@ def _with_lineage(table: pa.Table, lineage: dict, created_at: dt.datetime) -> pa
     return table
 
 
+def _split(unit: WorkUnit, results: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(data rows, error rows) of an actor's answer, in row order, with their shard."""
+    results = results.sort_by("source_row")
+    results = results.append_column(
+        "source_shard", pa.array([unit.shard_url] * results.num_rows, pa.string())
+    )
+    ok_mask = results.column("ok")
+    return results.filter(ok_mask), results.filter(pc.invert(ok_mask))
+
+
+def _code_counts(errors: pa.Table) -> dict[str, int]:
+    counts = pc.value_counts(errors.column("error_code")).to_pylist() if errors.num_rows else []
+    return {c["values"]: c["counts"] for c in counts}
+
+
 def commit_unit(
     state: OutputState,
     unit: WorkUnit,
     results: pa.Table,
     lineage: dict,
     attempts: int,
-    passthrough: list[str],
+    columns: tuple[list[str], list[str]],
     compression: str = "zstd",
-    structured: list[str] | None = None,
 ) -> dict:
     """Write ``data/`` and ``errors/`` part files for a unit, then its ledger marker.
 
-    ``structured``: the typed columns of a structured-output schema (data/ only).
+    ``columns``: the data/ and errors/ columns before lineage (:func:`schema.part_columns`).
     """
     check_exactly_once(unit, results)
-    results = results.sort_by("source_row")
-    results = results.append_column(
-        "source_shard", pa.array([unit.shard_url] * results.num_rows, pa.string())
-    )
+    data_columns, error_columns = columns
     now = dt.datetime.now(dt.timezone.utc)
-    ok_mask = results.column("ok")
-    good = results.filter(ok_mask)
-    bad = results.filter(pc.invert(ok_mask))
+    good, bad = _split(unit, results)
     files = []
     if good.num_rows:
-        columns = DATA_COLUMNS + list(structured or []) + passthrough
-        good = _with_lineage(good.select(columns), lineage, now)
+        good = _with_lineage(good.select(data_columns), lineage, now)
         state.write_bytes(data_file(unit.unit_id), _parquet_bytes(good, compression))
         files.append(data_file(unit.unit_id))
     if bad.num_rows:
         bad = bad.append_column("attempts", pa.array([attempts] * bad.num_rows, pa.int32()))
-        bad = _with_lineage(bad.select(ERROR_COLUMNS + passthrough), lineage, now)
+        bad = _with_lineage(bad.select(error_columns), lineage, now)
         state.write_bytes(errors_file(unit.unit_id), _parquet_bytes(bad, compression))
         files.append(errors_file(unit.unit_id))
-    codes = pc.value_counts(bad.column("error_code")).to_pylist() if bad.num_rows else []
     record = {
         "unit_id": unit.unit_id,
         "shard": unit.shard_url,
@@ -88,7 +95,7 @@ def commit_unit(
         "data_rows": good.num_rows,
         "reused_rows": good.num_rows - good.column("reused_from").null_count,
         "error_rows": bad.num_rows,
-        "error_codes": {c["values"]: c["counts"] for c in codes},
+        "error_codes": _code_counts(bad),
         "files": files,
         "attempts": attempts,
         "committed_at": now.isoformat(),
@@ -125,12 +132,8 @@ def commit_retry(
         )
     data_columns, error_columns = columns
     n = len(marker.get("retries") or []) + 1
-    results = results.sort_by("source_row").append_column(
-        "source_shard", pa.array([unit.shard_url] * results.num_rows, pa.string())
-    )
     now = dt.datetime.now(dt.timezone.utc)
-    ok_mask = results.column("ok")
-    good, bad = results.filter(ok_mask), results.filter(pc.invert(ok_mask))
+    good, bad = _split(unit, results)
     old_files = list(marker["files"])
     files = [f for f in old_files if f.startswith("data/")]
     if good.num_rows:
@@ -147,12 +150,11 @@ def commit_retry(
         bad = bad.sort_by("source_row")
         state.write_bytes(errors_file(unit.unit_id, n), _parquet_bytes(bad, compression))
         files.append(errors_file(unit.unit_id, n))
-    codes = pc.value_counts(bad.column("error_code")).to_pylist() if bad.num_rows else []
     record = {
         **marker,
         "data_rows": marker["data_rows"] + good.num_rows,
         "error_rows": bad.num_rows,
-        "error_codes": {c["values"]: c["counts"] for c in codes},
+        "error_codes": _code_counts(bad),
         "files": files,
         "retries": [
             *(marker.get("retries") or []),

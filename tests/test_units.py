@@ -19,7 +19,7 @@ from qvl_batch.config import (
 )
 from qvl_batch.manifest import InputError, Shard, WorkUnit, cut_units, plan_job
 from qvl_batch.prompts import PromptError, render_prompt, template_fields
-from qvl_batch.schema import ROW_RESULT
+from qvl_batch.schema import DATA_COLUMNS, ERROR_COLUMNS, ROW_RESULT
 from qvl_batch.state import OutputState
 from qvl_batch.writer import UnitIncomplete, check_exactly_once, commit_unit
 
@@ -232,7 +232,7 @@ def test_commit_writes_parts_then_marker_and_cleans_orphans():
     unit = WorkUnit("00000-00000", 0, "s", 0, 3)
     table = pa.concat_tables([_results([0, 2]), _results([1], ok=False)])
     lineage = dict(job_id="j", model="m", engine="fake", engine_version="1", config_fingerprint="f")
-    record = commit_unit(state, unit, table, lineage, 1, [])
+    record = commit_unit(state, unit, table, lineage, 1, (DATA_COLUMNS, ERROR_COLUMNS))
     assert record["data_rows"] == 2 and record["error_codes"] == {"DECODE_ERROR": 1}
     assert state.committed_units() == {"00000-00000"}
     # an interrupted commit of another unit: part file written, marker missing
