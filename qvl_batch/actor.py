@@ -120,7 +120,10 @@ class UnitWorker:
         with self._cond:
             return {
                 "padding": self._bucketer.stats.as_dict(),
-                "timings": dict(self.timings),
+                "timings": {
+                    **self.timings,
+                    **{f"engine_{k}_s": v for k, v in self.engine.stage_times().items()},
+                },
                 "storage": self.storage.stats.snapshot(),
                 "peak_rss_mib": round(peak_kib / 1024, 1),
             }
@@ -291,6 +294,7 @@ class UnitWorker:
         except Exception as exc:  # a failed warm-up costs only the warm-up
             log.warning("engine warm-up failed: %s: %s", type(exc).__name__, exc)
         self.timings["warmup_s"] = time.perf_counter() - t0
+        self.engine.reset_stage_times()
 
     def _engine_loop(self) -> None:
         try:

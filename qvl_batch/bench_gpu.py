@@ -1,10 +1,13 @@
 """``qvl-batch bench gpu``: the engine alone vs the whole runner on one GPU, in one command.
 
-Three sections, each optional (``--sections``), all printed side by side at the end with one JSON
-line:
+Four sections, each optional, run in the order ``--sections`` gives them, all printed side by
+side at the end with one JSON line:
 
 - ``bare``: the engine alone (one load, reused) on rows already prepared in memory, for each
-  ``--batch-sizes`` B: one warm-up batch, then ``engine.generate`` over the rows in chunks of B.
+  ``--batch-sizes`` B (and each ``--bare-preprocess`` mode): one warm-up batch, then
+  ``engine.generate`` over the rows in chunks of B (``bench_engine``).
+- ``actor``: the same timing inside one idle Ray actor with the runner's resources: what being a
+  Ray worker costs the engine, with no reads, preparation or commits around it.
 - ``runner``: the whole job (``run_job``: Ray, Parquet reads, prepare pool, bucketing, commits)
   over the same images from a local Parquet shard at the best bare B, with the GPU's busy
   fraction sampled in the background. Steady rows/s over bare images/s is the runner's cost.
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import shutil
 import time
@@ -30,15 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .bench_engine import FLOOR_IMAGES_PER_S, FLOOR_NOTE, bench_bare, bench_in_actor
 from .config import Config, load_config
 from .gpu_sampler import GpuSampler
 
-SECTIONS = ("bare", "runner", "bucketing")
-
-# The issue's compute floor: images/s one H200 can reach for Qwen2.5-VL-7B in bf16 at 448x448
-# with ~50 prompt and 64 output tokens. Only comparable on that GPU with that model.
-FLOOR_IMAGES_PER_S = 126.0
-FLOOR_NOTE = "7B bf16 on one H200, 448x448 images, ~50 prompt + 64 output tokens"
+SECTIONS = ("bare", "actor", "runner", "bucketing")
 
 # The bucketing section's image sizes as (width, height, weight): common photo and screen sizes,
 # landscape and portrait. Under image.max_pixels=602112 (768 vision tokens) they resize to 8
@@ -128,109 +126,6 @@ def _ensure_model(args: argparse.Namespace) -> str:
     return model
 
 
-# ---------------------------------------------------------------------------------- bare
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _requests(engine, cfg: Config, rows: list[dict]) -> list:
-    """Rows prepared as the actor prepares them (``UnitWorker._prepare``), as engine Requests."""
-    from .engines.base import Request
-    from .images import prepare_image
-    from .prompts import render_prompt, template_fields
-
-    fields = template_fields(cfg.prompt.template)
-    system = cfg.prompt.system
-    out = []
-    for i, row in enumerate(rows):
-        prompt = render_prompt(cfg.prompt.template, fields, row)
-        img = prepare_image(row["image"], cfg.image)
-        out.append(
-            Request(
-                key=("bare", i),
-                row_id=row["id"],
-                prompt=prompt,
-                system=system,
-                image=img.image,
-                image_sha256=img.sha256,
-                vision_tokens=img.vision_tokens,
-                text_tokens=engine.count_text_tokens(prompt, system),
-            )
-        )
-    return out
-
-
-def bench_bare(cfg: Config, rows: list[dict], batch_sizes: list[int], max_s: float) -> dict:
-    """The engine alone: load once, then per batch size one warm-up batch and a timed pass."""
-    import torch
-
-    from .engines.base import make_engine
-
-    t0 = time.perf_counter()
-    engine = make_engine(cfg)
-    load_s = time.perf_counter() - t0
-    print(f"bare: engine loaded in {load_s:.1f}s", flush=True)
-    try:
-        t0 = time.perf_counter()
-        requests = _requests(engine, cfg, rows)
-        prepare_s = time.perf_counter() - t0
-        runs = []
-        for b in batch_sizes:
-            engine.generate(requests[:b])  # warm-up: kernels and allocator for this shape
-            _sync()
-            done = out_tokens = errors = 0
-            t0 = time.perf_counter()
-            for lo in range(0, len(requests), b):
-                results = engine.generate(requests[lo : lo + b])
-                _sync()
-                done += len(results)
-                errors += sum(r.error_code is not None for r in results)
-                out_tokens += sum(r.output_tokens or 0 for r in results)
-                if max_s and time.perf_counter() - t0 >= max_s:
-                    break  # the device run is budgeted: time what fits
-            secs = time.perf_counter() - t0
-            run = {
-                "batch_size": b,
-                "rows": done,
-                "capped": done < len(requests),
-                "seconds": round(secs, 3),
-                "images_per_s": round(done / secs, 3),
-                "output_tokens_per_s": round(out_tokens / secs, 1),
-                "output_tokens_mean": round(out_tokens / max(1, done - errors), 2),
-                "errors": errors,
-                "floor_fraction": round(done / secs / FLOOR_IMAGES_PER_S, 4),
-            }
-            runs.append(run)
-            print(
-                f"bare B={b:<4} {run['images_per_s']:8.2f} images/s "
-                f"{run['output_tokens_per_s']:9.1f} output tokens/s ({done} rows, {secs:.1f}s"
-                f"{', capped' if run['capped'] else ''})",
-                flush=True,
-            )
-    finally:
-        engine.close()  # the runner's actor loads its own copy: free this one first
-        del engine
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            left = torch.cuda.memory_allocated() / 2**30
-            print(f"bare: engine freed ({left:.2f} GiB still allocated here)", flush=True)
-    best = max(runs, key=lambda r: r["images_per_s"])
-    return {
-        "load_s": round(load_s, 1),
-        "prepare_s": round(prepare_s, 2),
-        "vision_tokens_mean": sum(r.vision_tokens for r in requests) / len(requests),
-        "text_tokens_mean": sum(r.text_tokens for r in requests) / len(requests),
-        "runs": runs,
-        "best_batch_size": best["batch_size"],
-    }
-
-
 # -------------------------------------------------------------------------------- runner
 
 
@@ -300,17 +195,18 @@ def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
         "stage_fractions": {
             k.removesuffix("_s"): round(v / pipeline, 4)
             for k, v in timings.items()
-            if k != "warmup_s"
+            if k in ("read_s", "prepare_s", "engine_s", "engine_idle_s")
         },
         "padding": metrics.get("padding", {}),
     }
+    batches = result["padding"].get("batches") or 0
+    result["engine_s_per_batch"] = {
+        k.removeprefix("engine_").removesuffix("_s"): round(v / batches, 4)
+        for k, v in timings.items()
+        if k.startswith("engine_") and k not in ("engine_s", "engine_idle_s") and batches
+    }
     result["floor_fraction"] = round(result["steady_rows_per_s"] / FLOOR_IMAGES_PER_S, 4)
     commits = _commit_times(out)
-    if len(commits) >= 2 and commits[-1][0] > commits[0][0]:
-        # Diagnostic: the rate once the pipeline is full (the first unit also carries the
-        # actor's first reads, decodes and its first, cold, engine call).
-        after = sum(n for _, n in commits[1:]) / (commits[-1][0] - commits[0][0])
-        result["after_first_commit_rows_per_s"] = round(after, 3)
     if sampler is not None:
         if sampling:
             # Steady part: actors ready -> last commit, i.e. pipeline_s back from the last one.
@@ -363,6 +259,46 @@ def _bare_figure(bare: dict | None, batch_size: int) -> float | None:
     return None
 
 
+def _bucketing(args: argparse.Namespace, config, batch_size: int, cuda: bool) -> dict:
+    """The mixed-size set with bucketing on, then off."""
+    n = args.bucket_rows or args.rows
+    mixed = Path(args.workdir) / f"gpu-mixed-{n}"
+    _dataset(mixed, _mixed_sizes(n, seed=0))
+    result: dict = {
+        "batch_size": batch_size,
+        "rows": n,
+        "max_pixels": args.max_pixels,
+        "sizes": [list(s) for s in MIXED_SIZES],
+    }
+    for label, flag in (("on", "true"), ("off", "false")):
+        extra = (f"image.max_pixels={args.max_pixels}", f"batching.bucketing={flag}")
+        cfg = config(f"gpu-bucketing-{label}-out", batch_size, extra, mixed)
+        result[label] = run_runner(cfg, f"bucketing {label:>3} B={batch_size}", cuda)
+    on, off = result["on"], result["off"]
+    result["gain_on_vs_off"] = round(on["steady_rows_per_s"] / off["steady_rows_per_s"], 4)
+    result["padding_fraction_on"] = on["padding"].get("padding_fraction")
+    result["padding_fraction_off"] = off["padding"].get("padding_fraction")
+    result["padding_target_met"] = (result["padding_fraction_on"] or 0) <= 0.10
+    return result
+
+
+def _add_ratios(report: dict) -> None:
+    """Runner and actor figures over the bare engine's at the same batch size."""
+    bare = report.get("bare")
+    for key, rate in (("runner", "steady_rows_per_s"), ("actor", "images_per_s")):
+        if key not in report:
+            continue
+        x = report[key]
+        bare_rate = _bare_figure(bare, x["batch_size"])
+        x["bare_images_per_s"] = bare_rate
+        x["ratio_steady_vs_bare" if key == "runner" else "ratio_vs_bare"] = (
+            round(x[rate] / bare_rate, 4) if bare_rate else None
+        )
+        if key == "runner":
+            e2e = x["e2e_rows_per_s"]
+            x["ratio_e2e_vs_bare"] = round(e2e / bare_rate, 4) if bare_rate else None
+
+
 def bench_gpu(args: argparse.Namespace) -> int:
     import torch
     import transformers
@@ -399,63 +335,39 @@ def bench_gpu(args: argparse.Namespace) -> int:
     rows = _dataset(square, [(side, side)] * args.rows)
     failed = False
 
-    bare = None
-    if "bare" in sections:
-        # The same resolved config as the runner's (engine, prompt, image); batching is unused.
-        unused = work / "gpu-unused"
-        cfg = load_config(args.job, _job_overrides(args, model, square, unused, 1, cuda))
-        bare = bench_bare(cfg, rows, args.batch_sizes, args.bare_max_s)
-    elif args.bare_from:
+    def config(out: str, batch_size: int, extra: tuple[str, ...] = (), data: Path = square):
+        overrides = _job_overrides(args, model, data, work / out, batch_size, cuda, extra)
+        return load_config(args.job, overrides)
+
+    def batch_size() -> int:
+        bare = report.get("bare")
+        return args.runner_batch_size or (
+            bare["best_batch_size"] if bare else max(args.batch_sizes)
+        )
+
+    if args.bare_from and "bare" not in sections:
         bare = json.loads(Path(args.bare_from).read_text().strip().splitlines()[-1]).get("bare")
-        report["bare_from"] = args.bare_from
-    report["bare"] = bare
-    batch_size = args.runner_batch_size or (
-        bare["best_batch_size"] if bare else max(args.batch_sizes)
-    )
-
-    if "runner" in sections:
-        cfg = load_config(
-            args.job,
-            _job_overrides(args, model, square, work / "gpu-runner-out", batch_size, cuda),
-        )
-        runner = run_runner(cfg, f"runner B={batch_size}", cuda)
-        runner["batch_size"] = batch_size
-        bare_rate = _bare_figure(bare, batch_size)
-        runner["bare_images_per_s"] = bare_rate
-        runner["ratio_steady_vs_bare"] = (
-            round(runner["steady_rows_per_s"] / bare_rate, 4) if bare_rate else None
-        )
-        runner["ratio_e2e_vs_bare"] = (
-            round(runner["e2e_rows_per_s"] / bare_rate, 4) if bare_rate else None
-        )
-        report["runner"] = runner
-        failed |= runner["status"] != "succeeded"
-
-    if "bucketing" in sections:
-        n = args.bucket_rows or args.rows
-        mixed = work / f"gpu-mixed-{n}"
-        _dataset(mixed, _mixed_sizes(n, seed=0))
-        bucketing: dict = {
-            "batch_size": batch_size,
-            "rows": n,
-            "max_pixels": args.max_pixels,
-            "sizes": [list(s) for s in MIXED_SIZES],
-        }
-        for label, flag in (("on", "true"), ("off", "false")):
-            extra = (f"image.max_pixels={args.max_pixels}", f"batching.bucketing={flag}")
-            out = work / f"gpu-bucketing-{label}-out"
-            cfg = load_config(
-                args.job, _job_overrides(args, model, mixed, out, batch_size, cuda, extra)
+        report["bare"], report["bare_from"] = bare, args.bare_from
+    for section in sections:  # in the order given: what runs first meets the GPU fresh
+        if section == "bare":
+            # The same resolved config as the runner's (engine, prompt, image).
+            preprocess = tuple(args.bare_preprocess)
+            report["bare"] = bench_bare(
+                config("gpu-unused", 1), rows, args.batch_sizes, args.bare_max_s, preprocess
             )
-            run = run_runner(cfg, f"bucketing {label:>3} B={batch_size}", cuda)
-            bucketing[label] = run
-            failed |= run["status"] != "succeeded"
-        on, off = bucketing["on"], bucketing["off"]
-        bucketing["gain_on_vs_off"] = round(on["steady_rows_per_s"] / off["steady_rows_per_s"], 4)
-        bucketing["padding_fraction_on"] = on["padding"].get("padding_fraction")
-        bucketing["padding_fraction_off"] = off["padding"].get("padding_fraction")
-        bucketing["padding_target_met"] = (bucketing["padding_fraction_on"] or 0) <= 0.10
-        report["bucketing"] = bucketing
+        elif section == "actor":
+            b = batch_size()
+            report["actor"] = bench_in_actor(config("gpu-unused", b), rows, b, args.bare_max_s)
+        elif section == "runner":
+            b = batch_size()
+            runner = run_runner(config("gpu-runner-out", b), f"runner B={b}", cuda)
+            runner["batch_size"] = b
+            report["runner"] = runner
+            failed |= runner["status"] != "succeeded"
+        elif section == "bucketing":
+            report["bucketing"] = bucketing = _bucketing(args, config, batch_size(), cuda)
+            failed |= any(bucketing[k]["status"] != "succeeded" for k in ("on", "off"))
+    _add_ratios(report)
 
     _print_table(report)
     line = json.dumps(report)
@@ -473,6 +385,14 @@ def _print_table(r: dict) -> None:
         print(
             f"bare      B={run['batch_size']:<4} {run['images_per_s']:8.2f} images/s "
             f"{run['output_tokens_per_s']:9.1f} tok/s   floor x{run['floor_fraction']:.3f}"
+            f"   [{run.get('preprocess', '?')} preprocess]{_per_batch(run)}"
+        )
+    if "actor" in r:
+        x = r["actor"]
+        print(
+            f"actor     B={x['batch_size']:<4} {x['images_per_s']:8.2f} images/s "
+            f"(x{x['ratio_vs_bare'] or float('nan'):.3f} of bare; an idle Ray worker, "
+            f"torch threads {x['torch_threads']}){_per_batch(x)}"
         )
     if "runner" in r:
         x = r["runner"]
@@ -484,10 +404,8 @@ def _print_table(r: dict) -> None:
             f"(x{x['ratio_steady_vs_bare'] or float('nan'):.3f} of bare, target >= 0.95), "
             f"{x['e2e_rows_per_s']:.2f} end-to-end   floor x{x['floor_fraction']:.3f}"
         )
-        if "after_first_commit_rows_per_s" in x:
-            print(
-                f"          after the first commit {x['after_first_commit_rows_per_s']:.2f} rows/s"
-            )
+        if x.get("engine_s_per_batch"):
+            print(f"         {_per_batch(x)}")
         stages = ("read", "prepare", "engine", "engine_idle")
         line = "          of pipeline time: " + ", ".join(
             f"{k} {fr[k]:.3f}" for k in stages if k in fr
@@ -513,6 +431,16 @@ def _print_table(r: dict) -> None:
         )
 
 
+def _per_batch(run: dict) -> str:
+    """' | per batch: inputs 0.10s, generate 5.2s, ... | GPU busy 0.45' where known."""
+    stages = run.get("engine_s_per_batch") or {}
+    text = ", ".join(f"{k} {v:.3f}s" for k, v in stages.items())
+    busy = (run.get("gpu") or {}).get("busy_fraction_mean")
+    return (f" | per batch: {text}" if text else "") + (
+        f" | GPU busy {busy:.3f}" if busy is not None else ""
+    )
+
+
 def add_gpu_bench(kinds, common) -> None:
     p = kinds.add_parser("gpu", help="engine alone vs whole runner, and bucketing, on one GPU")
     common(p)
@@ -533,6 +461,13 @@ def add_gpu_bench(kinds, common) -> None:
         type=float,
         default=60.0,
         help="stop timing one batch size after this (0=off)",
+    )
+    p.add_argument(
+        "--bare-preprocess",
+        nargs="+",
+        choices=("device", "processor"),
+        default=["device"],
+        help="engine.hf.preprocess modes the bare section times (one model load)",
     )
     p.add_argument("--bare-from", default=None, help="bare figures from an earlier --json-out")
     p.add_argument("--runner-batch-size", type=int, default=0, help="0 = best bare batch size")

@@ -169,6 +169,13 @@ class HFEngineConfig:
 
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False  # never on unless the job says so: it runs model-repo code
+    # Where pixels are normalised and cut into patches: "device" (torch on the engine's device,
+    # from uint8 pixels) or "processor" (transformers' numpy image processor on the CPU).
+    preprocess: str = "device"
+
+    def __post_init__(self) -> None:
+        modes = ("device", "processor")
+        _check(self.preprocess in modes, "engine.hf.preprocess", f"must be one of {modes}")
 
 
 @dataclass

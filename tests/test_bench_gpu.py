@@ -39,6 +39,9 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
             "4",
             "--image-size",
             "112",
+            "--bare-preprocess",
+            "device",
+            "processor",
             "--json-out",
             str(out),
         ]
@@ -49,11 +52,23 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
     assert json.loads(printed) == report
     assert report["device"]
 
+    assert report["sections"] == ["bare", "actor", "runner", "bucketing"]
     bare = report["bare"]
-    assert [r["batch_size"] for r in bare["runs"]] == [4, 8]
+    runs = [(r["preprocess"], r["batch_size"]) for r in bare["runs"]]
+    assert runs == [("device", 4), ("device", 8), ("processor", 4), ("processor", 8)]
     for run in bare["runs"]:
         assert run["rows"] == 16 and run["errors"] == 0
         assert run["images_per_s"] > 0 and run["output_tokens_per_s"] > 0
+        stages = run["engine_s_per_batch"]
+        assert set(stages) == {"inputs", "generate", "outputs"}
+        # Stage clocks are per timed batch (the warm-up is not in them): they fit in the run.
+        assert 0 < sum(stages.values()) * -(-16 // run["batch_size"]) <= run["seconds"]
+
+    actor = report["actor"]  # the same timing inside an idle Ray actor
+    assert actor["rows"] == 16 and actor["errors"] == 0
+    assert actor["batch_size"] == bare["best_batch_size"]
+    assert actor["ratio_vs_bare"] > 0 and actor["torch_threads"] >= 1
+    assert set(actor["engine_s_per_batch"]) == {"inputs", "generate", "outputs"}
 
     runner = report["runner"]
     assert runner["status"] == "succeeded" and runner["rows"] == 16
@@ -61,6 +76,7 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
     assert runner["steady_rows_per_s"] > 0 and runner["e2e_rows_per_s"] > 0
     assert runner["ratio_steady_vs_bare"] > 0
     assert set(runner["stage_fractions"]) == {"read", "prepare", "engine", "engine_idle"}
+    assert set(runner["engine_s_per_batch"]) == {"inputs", "generate", "outputs"}
     assert "gpu" not in runner  # sampled only where CUDA is present
 
     bucketing = report["bucketing"]

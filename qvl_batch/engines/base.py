@@ -57,6 +57,14 @@ class Engine(ABC):
     # True when generate() constrains answers to cfg.structured.json_schema (guided decoding).
     guided: bool = False
 
+    def stage_times(self) -> dict[str, float]:
+        """Seconds spent so far in the engine's own stages (e.g. inputs, generate), if it
+        keeps them; the actor reports them as ``engine_<stage>_s`` next to its own timings."""
+        return {}
+
+    def reset_stage_times(self) -> None:  # noqa: B027 - optional hook
+        """Start the stage clocks again (after the warm-up)."""
+
     @abstractmethod
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run one batch; return one Result per request (any order, keys echoed)."""

@@ -1,7 +1,10 @@
 """transformers engine: the reference implementation of Qwen2.5-VL inference (CPU and GPU).
 
-One ``model.generate`` call per batch: the model directory's own chat template, its processor
-(images are already on the 28-pixel grid, so the processor is told not to resize), left padding.
+One ``model.generate`` call per batch: the model directory's own chat template and tokenizer,
+left padding. Images arrive already on the 28-pixel grid; ``engine.hf.preprocess`` says where
+they become pixel values: ``device`` (default; torch on the model's device, see ``hf_inputs``)
+or ``processor`` (the model's transformers image processor, numpy on the CPU, told not to resize).
+Both give the same tensors.
 
 Config (``engine.*``):
 
@@ -49,6 +52,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,7 @@ import transformers
 
 from ..config import Config, SamplingConfig, StructuredConfig
 from .base import Engine, Request, Result
+from .hf_inputs import ImageInputs, expand_placeholders
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +372,49 @@ class HFEngine(Engine):
             xgr, cfg.structured, self.tokenizer, int(vocab), sorted(self.eos_ids)
         )
         self.guided = self.guide is not None
+        self._image_inputs = None
+        self._mm_type_ids = False
+        if ecfg.hf.preprocess == "device":
+            self._image_inputs = self._device_preprocessing()
+        self._times = {"inputs": 0.0, "generate": 0.0, "outputs": 0.0}
+
+    def _device_preprocessing(self) -> ImageInputs | None:
+        """The torch image path, if this processor returns only what it knows how to build
+        (token ids and mask, optionally modality ids, pixel values, grids); else None (the
+        processor does it all, with a warning)."""
+        from PIL import Image
+
+        probe = self.processor(
+            text=[self.render("probe", None)],
+            images=[Image.new("RGB", (2 * PATCH, 2 * PATCH))],
+            padding=True,
+            return_tensors="pt",
+            do_resize=False,
+        )
+        known = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"}
+        extra = set(probe.keys()) - known - {"mm_token_type_ids"}
+        if extra:
+            log.warning(
+                "engine.hf.preprocess=device: this processor also returns %s; using the "
+                "processor for images",
+                sorted(extra),
+            )
+            return None
+        self._mm_type_ids = "mm_token_type_ids" in probe
+        return ImageInputs(self.processor.image_processor, self.device, self.dtype)
+
+    def _modality_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per token: 1 for an image's, 0 for text (what the processor returns with them)."""
+        make = getattr(self.processor, "create_mm_token_type_ids", None)
+        if make is not None:
+            return torch.tensor(make(ids.tolist()), dtype=torch.long)
+        return (ids == self.image_token_id).long()
+
+    def stage_times(self) -> dict[str, float]:
+        return dict(self._times)
+
+    def reset_stage_times(self) -> None:
+        self._times = dict.fromkeys(self._times, 0.0)
 
     # ----------------------------------------------------------------- prompts and counting
 
@@ -439,36 +487,54 @@ class HFEngine(Engine):
         ]
         self.generate(requests)
 
-    def _generate(self, batch: list[Request]) -> list[Result]:
+    def model_inputs(self, batch: list[Request]) -> Any:
+        """What ``generate`` takes for ``batch``: token ids and mask (left-padded), pixel
+        values and grids, on the engine's device."""
         texts = [self.render(r.prompt, r.system) for r in batch]
-        inputs = self.processor(
-            text=texts,
-            images=[r.image for r in batch],
-            padding=True,
-            return_tensors="pt",
-            do_resize=False,  # the runner resized to the grid already
-        )
+        images = [r.image for r in batch]
+        if self._image_inputs is not None:
+            pixels, grid = self._image_inputs(images)
+            token = self.processor.image_token
+            texts = expand_placeholders(texts, images, token, self._image_inputs)
+            inputs = self.tokenizer(texts, padding=True, return_tensors="pt")
+            if self._mm_type_ids:  # transformers 5: which tokens are an image's
+                inputs["mm_token_type_ids"] = self._modality_ids(inputs["input_ids"])
+            inputs["pixel_values"], inputs["image_grid_thw"] = pixels, grid
+        else:
+            inputs = self.processor(
+                text=texts,
+                images=images,
+                padding=True,
+                return_tensors="pt",
+                do_resize=False,  # the runner resized to the grid already
+            )
         for req, thw in zip(batch, inputs["image_grid_thw"].tolist()):
             width, height = req.image.size
             if thw != [1, height // PATCH, width // PATCH]:
                 raise ValueError(f"processor grid {thw} for a {width}x{height} image: resized?")
+        inputs = inputs.to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def _generate(self, batch: list[Request]) -> list[Result]:
+        t0 = time.perf_counter()
+        inputs = self.model_inputs(batch)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         prompt_tokens = mask.sum(dim=1).tolist()
         vision_tokens = (ids == self.image_token_id).sum(dim=1).tolist()
         limits = [
             max(1, min(self.sampling.max_tokens, self.max_positions - n)) for n in prompt_tokens
         ]
-        inputs = inputs.to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         extra: dict[str, Any] = {}
         if self.guide is not None:
             processor = self.guide.processor(len(batch))
             extra["logits_processor"] = transformers.LogitsProcessorList([processor])
         torch.manual_seed(self.sampling.seed)
+        t1 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max(limits), **extra)
-        new = out[:, ids.shape[1] :].cpu().tolist()
+        new = out[:, ids.shape[1] :].cpu().tolist()  # waits for the GPU
+        t2 = time.perf_counter()
         results = []
         for req, row, limit, n_prompt, n_vision in zip(
             batch, new, limits, prompt_tokens, vision_tokens
@@ -486,6 +552,9 @@ class HFEngine(Engine):
                     output_tokens=n_out,
                 )
             )
+        self._times["inputs"] += t1 - t0
+        self._times["generate"] += t2 - t1
+        self._times["outputs"] += time.perf_counter() - t2
         return results
 
     def close(self) -> None:

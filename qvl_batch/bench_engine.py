@@ -1,0 +1,214 @@
+"""The engine alone, for ``qvl-batch bench gpu``: in the benchmark's own process (``bare``) or
+inside an idle Ray actor placed as the runner places its actors (``actor``).
+
+Both prepare every row first, exactly as the runner's actor does (decode, orient, resize to the
+grid; the engine's token count), then time ``engine.generate`` over the rows in batches of B
+after one warm-up batch, with the engine's own stage clocks (inputs, generate, outputs) and the
+GPU's busy fraction over the timed window. The runner's figure divided by these says what the
+runner costs; ``actor`` vs ``bare`` says what being a Ray worker costs, with nothing else running.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+from .config import Config
+from .gpu_sampler import GpuSampler
+
+# The issue's compute floor: images/s one H200 can reach for Qwen2.5-VL-7B in bf16 at 448x448
+# with ~50 prompt and 64 output tokens. Only comparable on that GPU with that model.
+FLOOR_IMAGES_PER_S = 126.0
+FLOOR_NOTE = "7B bf16 on one H200, 448x448 images, ~50 prompt + 64 output tokens"
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prepared_requests(engine, cfg: Config, rows: list[dict]) -> list:
+    """Rows prepared as the actor prepares them (``UnitWorker._prepare``), as engine Requests."""
+    from .engines.base import Request
+    from .images import prepare_image
+    from .prompts import render_prompt, template_fields
+
+    fields = template_fields(cfg.prompt.template)
+    system = cfg.prompt.system
+    out = []
+    for i, row in enumerate(rows):
+        prompt = render_prompt(cfg.prompt.template, fields, row)
+        img = prepare_image(row["image"], cfg.image)
+        out.append(
+            Request(
+                key=("bare", i),
+                row_id=row["id"],
+                prompt=prompt,
+                system=system,
+                image=img.image,
+                image_sha256=img.sha256,
+                vision_tokens=img.vision_tokens,
+                text_tokens=engine.count_text_tokens(prompt, system),
+            )
+        )
+    return out
+
+
+def time_batches(engine, requests: list, batch_size: int, max_s: float) -> dict:
+    """One warm-up batch, then ``generate`` over ``requests`` in batches (stops after max_s)."""
+    import torch
+
+    engine.generate(requests[:batch_size])  # warm-up: kernels and allocator for this shape
+    _sync()
+    engine.reset_stage_times()
+    sampler = GpuSampler() if torch.cuda.is_available() else None
+    sampling = sampler.start() if sampler else False
+    done = out_tokens = errors = 0
+    start = time.time()
+    t0 = time.perf_counter()
+    try:
+        for lo in range(0, len(requests), batch_size):
+            results = engine.generate(requests[lo : lo + batch_size])
+            _sync()
+            done += len(results)
+            errors += sum(r.error_code is not None for r in results)
+            out_tokens += sum(r.output_tokens or 0 for r in results)
+            if max_s and time.perf_counter() - t0 >= max_s:
+                break  # the device run is budgeted: time what fits
+        secs = time.perf_counter() - t0
+    finally:
+        if sampler:
+            sampler.stop()
+    batches = -(-done // batch_size)
+    run = {
+        "batch_size": batch_size,
+        "rows": done,
+        "capped": done < len(requests),
+        "seconds": round(secs, 3),
+        "images_per_s": round(done / secs, 3),
+        "output_tokens_per_s": round(out_tokens / secs, 1),
+        "output_tokens_mean": round(out_tokens / max(1, done - errors), 2),
+        "errors": errors,
+        "floor_fraction": round(done / secs / FLOOR_IMAGES_PER_S, 4),
+        # Seconds per batch in each of the engine's stages (hf: inputs, generate, outputs).
+        "engine_s_per_batch": {
+            k: round(v / batches, 4) for k, v in engine.stage_times().items() if batches
+        },
+    }
+    if sampler is not None:
+        run["gpu"] = sampler.summary(start, time.time()) if sampling else {"note": sampler.note}
+    return run
+
+
+def _free(engine) -> None:
+    import torch
+
+    engine.close()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _print_run(label: str, run: dict) -> None:
+    stages = ", ".join(f"{k} {v:.3f}s" for k, v in run["engine_s_per_batch"].items())
+    busy = (run.get("gpu") or {}).get("busy_fraction_mean")
+    print(
+        f"{label} B={run['batch_size']:<4} {run['images_per_s']:8.2f} images/s "
+        f"{run['output_tokens_per_s']:9.1f} output tokens/s ({run['rows']} rows, "
+        f"{run['seconds']:.1f}s{', capped' if run['capped'] else ''}); per batch: {stages}"
+        + (f"; GPU busy {busy:.3f}" if busy is not None else ""),
+        flush=True,
+    )
+
+
+def bench_bare(
+    cfg: Config,
+    rows: list[dict],
+    batch_sizes: list[int],
+    max_s: float,
+    preprocess: tuple[str, ...] = ("device",),
+) -> dict:
+    """The engine alone in this process: load once, then per ``engine.hf.preprocess`` mode and
+    batch size a warm-up batch and a timed pass. ``best_batch_size`` is of the first mode."""
+    from .engines.base import make_engine
+
+    t0 = time.perf_counter()
+    engine = make_engine(cfg)
+    load_s = time.perf_counter() - t0
+    print(f"bare: engine loaded in {load_s:.1f}s", flush=True)
+    try:
+        t0 = time.perf_counter()
+        requests = prepared_requests(engine, cfg, rows)
+        prepare_s = time.perf_counter() - t0
+        device_inputs = getattr(engine, "_image_inputs", None)
+        runs = []
+        for mode in preprocess:
+            if engine.name == "hf":  # the same loaded model, the other image path
+                engine._image_inputs = device_inputs if mode == "device" else None
+            for b in batch_sizes:
+                run = {"preprocess": mode, **time_batches(engine, requests, b, max_s)}
+                runs.append(run)
+                _print_run(f"bare {mode:<9}", run)
+        if engine.name == "hf":
+            engine._image_inputs = device_inputs
+    finally:
+        _free(engine)  # the runner's actor loads its own copy: free this one first
+        del engine
+    first = [r for r in runs if r["preprocess"] == preprocess[0]]
+    best = max(first, key=lambda r: r["images_per_s"])
+    return {
+        "load_s": round(load_s, 1),
+        "prepare_s": round(prepare_s, 2),
+        "vision_tokens_mean": sum(r.vision_tokens for r in requests) / len(requests),
+        "text_tokens_mean": sum(r.text_tokens for r in requests) / len(requests),
+        "runs": runs,
+        "best_batch_size": best["batch_size"],
+    }
+
+
+class EngineInActor:
+    """A Ray actor that loads the engine and times it, with nothing else in the process."""
+
+    def __init__(self, cfg: Config):
+        from .engines.base import make_engine
+
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        self.engine = make_engine(cfg)
+        self.load_s = time.perf_counter() - t0
+
+    def run(self, rows: list[dict], batch_size: int, max_s: float) -> dict:
+        import os
+
+        import torch
+
+        requests = prepared_requests(self.engine, self.cfg, rows)
+        run = time_batches(self.engine, requests, batch_size, max_s)
+        run["load_s"] = round(self.load_s, 1)
+        run["torch_threads"] = torch.get_num_threads()
+        run["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+        _free(self.engine)
+        return run
+
+
+def bench_in_actor(cfg: Config, rows: list[dict], batch_size: int, max_s: float) -> dict:
+    """``time_batches`` inside one Ray actor with the runner's resources (GPU, CPUs)."""
+    import ray
+
+    from .cluster import connect
+
+    started = connect(cfg)
+    try:
+        options = {"num_cpus": cfg.cluster.cpus_per_actor}
+        if ray.cluster_resources().get("GPU", 0) >= cfg.cluster.num_gpus_per_actor > 0:
+            options["num_gpus"] = cfg.cluster.num_gpus_per_actor
+        actor = ray.remote(EngineInActor).options(**options).remote(cfg)
+        run = ray.get(actor.run.remote(rows, batch_size, max_s))
+        ray.kill(actor)
+    finally:
+        if started:
+            ray.shutdown()
+    _print_run("actor (idle Ray worker)", run)
+    return run

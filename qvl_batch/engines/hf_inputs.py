@@ -1,0 +1,98 @@
+"""Model inputs for the hf engine: pixels normalised and patched with torch on the engine's device.
+
+The transformers processor for Qwen2-VL turns each image into patches with numpy on the CPU (the
+PIL backend; its torchvision backend is not installed with the runner): rescale to [0, 1],
+normalise by the CLIP mean and std, cut into 14x14 patches in 2x2 merge order, and repeat each
+patch over the two temporal frames. For a batch of 128 images at 448x448 that is ~400 MB of
+float32 written by one Python thread, on the critical path of every ``generate`` call, and it
+competes for the GIL with the actor's prepare threads. :class:`ImageInputs` does the same
+arithmetic as a few tensor ops on the GPU from the uint8 pixels (77 MB for that batch), and the
+processor only tokenizes the text, with each image's placeholder already expanded to its token
+count. ``tests/test_hf_inputs.py`` checks every tensor equals the processor's own output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class ImageInputs:
+    """The processor's ``pixel_values`` and ``image_grid_thw``, computed with torch.
+
+    Reads the constants (patch, merge and temporal sizes, rescale factor, mean, std) from the
+    model's own image processor, so a checkpoint with other values gets them.
+    """
+
+    def __init__(self, image_processor: Any, device: torch.device, dtype: torch.dtype):
+        ip = image_processor
+        self.patch = int(ip.patch_size)
+        self.merge = int(ip.merge_size)
+        self.temporal = int(ip.temporal_patch_size)
+        self.device = device
+        self.dtype = dtype
+        self.scale = float(ip.rescale_factor) if ip.do_rescale else 1.0
+        shape = (1, -1, 1, 1)
+        if ip.do_normalize:
+            self.mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=device).view(shape)
+            self.std = torch.tensor(ip.image_std, dtype=torch.float32, device=device).view(shape)
+        else:
+            self.mean = self.std = None
+
+    def tokens(self, width: int, height: int) -> int:
+        """Vision tokens of one image already on the grid."""
+        return (height // self.patch) * (width // self.patch) // self.merge**2
+
+    def __call__(self, images: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixel_values`` (patches of every image, in order) and ``image_grid_thw``.
+
+        ``images`` are PIL images whose sides are multiples of patch x merge (the runner
+        resized them). Images of one size are stacked and done together.
+        """
+        side = self.patch * self.merge
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            width, height = image.size
+            if width % side or height % side:
+                raise ValueError(f"image {width}x{height} is not on the {side}-pixel grid")
+            groups.setdefault((height, width), []).append(i)
+        per_image: list[torch.Tensor | None] = [None] * len(images)
+        for (height, width), idx in groups.items():
+            patches = self._patches([images[i] for i in idx], height, width)
+            for j, i in enumerate(idx):
+                per_image[i] = patches[j]
+        pixels = torch.cat(per_image) if len(per_image) > 1 else per_image[0]  # type: ignore[arg-type]
+        grid = [[1, img.size[1] // self.patch, img.size[0] // self.patch] for img in images]
+        return pixels.to(self.dtype), torch.tensor(grid, dtype=torch.long)
+
+    def _patches(self, images: list[Any], height: int, width: int) -> torch.Tensor:
+        """(n, patches, C * T * patch * patch) for ``n`` images of one size."""
+        arrays = [np.asarray(img if img.mode == "RGB" else img.convert("RGB")) for img in images]
+        host = torch.from_numpy(np.stack(arrays))  # n, H, W, C uint8
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32)
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        n, c = x.shape[:2]
+        p, m, t = self.patch, self.merge, self.temporal
+        gh, gw = height // p, width // p
+        x = x.reshape(n, c, gh // m, m, p, gw // m, m, p)
+        x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # n, gh/m, gw/m, m, m, C, p, p
+        x = x.unsqueeze(6).expand(n, gh // m, gw // m, m, m, c, t, p, p)  # each frame repeated
+        return x.reshape(n, gh * gw, c * t * p * p)
+
+
+def expand_placeholders(texts: list[str], images: list[Any], token: str, inputs: ImageInputs):
+    """Each text's one image placeholder repeated to its image's token count (as the processor
+    does before tokenizing)."""
+    out = []
+    for text, image in zip(texts, images):
+        if (found := text.count(token)) != 1:
+            raise ValueError(f"expected one {token} placeholder per prompt, found {found}")
+        out.append(text.replace(token, token * inputs.tokens(*image.size)))
+    return out
