@@ -33,10 +33,6 @@ from .structured import PARSE_ERROR, OutputParser
 
 log = logging.getLogger(__name__)
 
-# Prepared images waiting for the engine, per actor. Each holds a resized RGB image (up to
-# image.max_pixels * 3 bytes: ~3 MB at the Qwen default, ~0.6 MB at 448x448), so this bounds
-# actor memory while leaving several batches of choice to the bucketer.
-MAX_PREPARED_ROWS_PER_BATCH = 4
 SINGLE_ROW_TRIES = 2  # a row alone in a failing call is retried once before it is an error
 # The recorder answers in milliseconds; a stuck one must not hold the engine for long.
 RECORD_TIMEOUT_S = 30
@@ -90,11 +86,17 @@ class UnitWorker:
         threads = cfg.batching.prepare_threads or max(1, round(cfg.cluster.cpus_per_actor))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
         b = cfg.batching
-        self._max_prepared = MAX_PREPARED_ROWS_PER_BATCH * b.max_batch_size
+        self._max_prepared = b.window_batches * b.max_batch_size
         self._slots = threading.Semaphore(self._max_prepared)
         self._cond = threading.Condition()
-        self._bucketer = Bucketer(b.max_batch_size, b.max_tokens_per_batch, b.max_wait_s)
-        self._in_prep = 0
+        self._bucketer = Bucketer(
+            b.max_batch_size,
+            b.max_tokens_per_batch,
+            b.max_wait_s,
+            max_padding=b.max_padding_fraction,
+        )
+        # Rows of the units in flight not yet prepared: waiting for a slot or being prepared.
+        self._unprepared = 0
         self._units: dict[str, _UnitCollector] = {}
         self._fatal: BaseException | None = None
         self._closed = False
@@ -158,6 +160,9 @@ class UnitWorker:
         for row in rows:
             if row.index in skip and not row.error:
                 row.error = ("ENGINE_CRASH", "the engine process died running this row alone")
+        todo = sum(not row.error for row in rows)
+        with self._cond:
+            self._unprepared += todo  # the engine waits for these rather than run a part-batch
         try:
             for row in rows:
                 if row.error:
@@ -169,15 +174,16 @@ class UnitWorker:
                         )
                     continue
                 self._slots.acquire()
-                with self._cond:
-                    self._in_prep += 1
                 self._pool.submit(self._prepare, unit.unit_id, row, row.index in solo)
+                todo -= 1
             while not collector.done.wait(0.5):
                 if self._fatal is not None:
                     raise RuntimeError(f"engine thread died: {self._fatal!r}")
         finally:
             with self._cond:
+                self._unprepared -= todo  # rows never handed to the pool (an error above)
                 self._units.pop(unit.unit_id, None)
+                self._cond.notify_all()
         return self._result_table(unit, rows, collector, table)
 
     def _prepare(self, unit_id: str, row: RowInput, solo: bool = False) -> None:
@@ -239,14 +245,14 @@ class UnitWorker:
             else:
                 key = img.resized_size if self.cfg.batching.bucketing else "arrival"
                 self._bucketer.add(request, key, budget, seq_len)
-            self._in_prep -= 1
+            self._unprepared -= 1
             self._cond.notify_all()
 
     def _finish_early(self, key: tuple[str, int], result: Result, meta: dict | None = None):
         """A row done before the engine (an error, or reused): free its slot, record it."""
         self._slots.release()
         with self._cond:
-            self._in_prep -= 1
+            self._unprepared -= 1
             collector = self._units.get(key[0])
             if collector is not None:
                 collector.meta[key[1]] = meta
@@ -276,9 +282,10 @@ class UnitWorker:
                 if self._solo:
                     self.timings["engine_idle_s"] += time.perf_counter() - idle_since
                     return [self._solo.popleft()]
-                # Nothing more is being prepared (or the window is full): flush partial buckets
-                # now instead of waiting out max_wait_s.
-                force = self._in_prep == 0 or self._bucketer.pending >= self._max_prepared
+                # No more rows can come before this batch (every row in flight is prepared, or
+                # the window is full): flush partial buckets now instead of waiting out
+                # max_wait_s. While rows are still being prepared, only a full batch goes.
+                force = self._unprepared == 0 or self._bucketer.pending >= self._max_prepared
                 batch = self._bucketer.next_batch(force=force)
                 if batch:
                     self.timings["engine_idle_s"] += time.perf_counter() - idle_since

@@ -2,8 +2,13 @@
 
 Rows with the same resized size have the same number of vision tokens, so a batch of them has
 (almost) no padding. A bucket is emitted when it is full (``max_batch_size`` rows or
-``max_tokens`` tokens); a partial bucket is emitted once its oldest row has waited ``max_wait_s``
-or when the caller says nothing more is coming soon (``force``), so no row waits forever.
+``max_tokens`` tokens). A bucket that is not full is topped up with rows of the buckets closest
+in sequence length for as long as the batch's padding stays within ``max_padding`` (a fraction
+of its padded tokens): a batch that fills this way is emitted at once, as a full bucket is, and
+a partial one once its oldest row has waited ``max_wait_s`` or when the caller says nothing more
+is coming soon (``force``), so no row waits forever. Small buckets (rare sizes, portrait and
+landscape twins with the same token count, sizes a few tokens apart) thus ride in full batches
+instead of running as small ones; ``max_padding=0`` keeps exact-size batches only.
 
 The bucketer also keeps the padding it avoids: for the same rows in arrival order, cut into
 batches of the same cap, it counts what padding would have been.
@@ -76,14 +81,17 @@ class Bucketer:
         max_tokens: int,
         max_wait_s: float,
         clock: Callable[[], float] = time.monotonic,
+        max_padding: float = 0.0,
     ):
         self.max_batch_size = max_batch_size
         self.max_tokens = max_tokens
         self.max_wait_s = max_wait_s
+        self.max_padding = max_padding
         self.clock = clock
         # key -> deque of (item, tokens, seq_len, arrival time); insertion order = age order
         self._buckets: OrderedDict[Hashable, deque] = OrderedDict()
         self._bucket_tokens: dict[Hashable, int] = {}
+        self._tokens = 0  # over every bucket
         self._fifo: list[int] = []  # arrival-order sequence lengths for the counterfactual
         self.stats = PaddingStats()
         self.pending = 0
@@ -95,6 +103,7 @@ class Bucketer:
             self._bucket_tokens[key] = 0
         self._buckets[key].append((item, tokens, seq_len, self.clock()))
         self._bucket_tokens[key] += tokens
+        self._tokens += tokens
         self.pending += 1
         self._fifo.append(seq_len)
         if len(self._fifo) == self.max_batch_size:
@@ -114,32 +123,58 @@ class Bucketer:
                 self.stats.fifo_padded_tokens += _pad(self._fifo)
                 self._fifo = []
             return None
-        now = self.clock()
-        chosen = next((k for k in self._buckets if self._full(k)), None)
-        if chosen is None:
-            # Oldest first: the bucket whose head row arrived earliest.
-            oldest = min(self._buckets, key=lambda k: self._buckets[k][0][3])
-            if force or now - self._buckets[oldest][0][3] >= self.max_wait_s:
-                chosen = oldest
-        if chosen is None:
-            return None
-        return self._take(chosen)
+        full = next((k for k in self._buckets if self._full(k)), None)
+        if full is not None:
+            return self._take(self._plan(full, merge=False)[0])
+        # Buckets are in age order; the one whose head row arrived first:
+        oldest = min(self._buckets, key=lambda k: self._buckets[k][0][3])
+        due = force or self.clock() - self._buckets[oldest][0][3] >= self.max_wait_s
+        if not due and self.pending < self.max_batch_size and self._tokens < self.max_tokens:
+            return None  # nothing can fill a batch yet
+        plan, filled = self._plan(oldest, merge=self.max_padding > 0)
+        return self._take(plan) if filled or due else None
 
-    def _take(self, key: Hashable) -> list[Any]:
-        queue = self._buckets[key]
-        items, lengths, budget = [], [], 0
-        while queue and len(items) < self.max_batch_size:
-            item, tokens, seq_len, _ = queue[0]
-            if items and budget + tokens > self.max_tokens:
-                break
-            queue.popleft()
-            items.append(item)
-            lengths.append(seq_len)
-            budget += tokens
-            self._bucket_tokens[key] -= tokens
-        if not queue:
-            del self._buckets[key]
-            del self._bucket_tokens[key]
+    def _plan(self, seed: Hashable, merge: bool) -> tuple[list[tuple[Hashable, int]], bool]:
+        """([(bucket, rows to take)], filled) for a batch started from bucket ``seed``: its
+        rows in arrival order, then (``merge``) rows of the buckets closest in sequence length
+        while the batch's padding stays within ``max_padding``. ``filled``: a cap ended it."""
+        plan: list[tuple[Hashable, int]] = []
+        rows = budget = total = longest = 0
+        keys = [seed]
+        if merge:
+            head = self._buckets[seed][0][2]
+            near = sorted(self._buckets, key=lambda k: abs(self._buckets[k][0][2] - head))
+            keys += [k for k in near if k != seed]
+        for key in keys:
+            taken = 0
+            for _, tokens, seq_len, _ in self._buckets[key]:
+                if rows >= self.max_batch_size or (rows and budget + tokens > self.max_tokens):
+                    plan.append((key, taken))
+                    return plan, True
+                top = max(longest, seq_len)
+                padding = (rows + 1) * top - (total + seq_len)
+                if key != seed and padding > self.max_padding * (rows + 1) * top:
+                    break  # this bucket's rows would pad the batch too much
+                rows, budget, total, longest = rows + 1, budget + tokens, total + seq_len, top
+                taken += 1
+            plan.append((key, taken))
+        return plan, rows >= self.max_batch_size
+
+    def _take(self, plan: list[tuple[Hashable, int]]) -> list[Any]:
+        items, lengths = [], []
+        for key, n in plan:
+            if not n:
+                continue
+            queue = self._buckets[key]
+            for _ in range(n):
+                item, tokens, seq_len, _ = queue.popleft()
+                items.append(item)
+                lengths.append(seq_len)
+                self._bucket_tokens[key] -= tokens
+                self._tokens -= tokens
+            if not queue:
+                del self._buckets[key]
+                del self._bucket_tokens[key]
         self.pending -= len(items)
         self.stats.batches += 1
         self.stats.rows += len(items)

@@ -125,12 +125,20 @@ class BatchingConfig:
     bucketing: bool = True
     # vision + text (+ max output) tokens per batch; bounds activation / KV memory per batch.
     max_tokens_per_batch: int = 65536
+    # A bucket that is not full is topped up with rows of the sizes nearest in tokens while
+    # the batch's padding stays within this fraction (0 = exact-size batches only).
+    max_padding_fraction: float = 0.1
     # A bucket that is not full is flushed once its oldest row waited this long, so no row
     # waits forever behind a size that is rare in the data.
     max_wait_s: float = 2.0
     # Units an actor holds at once: its bucketing window. Two keeps the engine fed while the
     # next unit is read; more widens bucketing but holds more decoded images in memory.
     units_in_flight_per_actor: int = 2
+    # Rows an actor keeps prepared (decoded, resized) for the engine, in batches of
+    # max_batch_size: the window bucketing chooses from. Wider fills more same-size batches
+    # and holds more decoded images in memory. Rows in flight (units_in_flight_per_actor x
+    # unit_rows) must exceed it for the window to fill.
+    window_batches: int = 8
     unit_rows: int = 512  # target rows per work unit (row groups are grouped up to this)
     prepare_threads: int = 0  # image decode threads per actor; 0 = the actor's CPU count
 
@@ -138,6 +146,10 @@ class BatchingConfig:
         _check(self.max_batch_size >= 1, "batching.max_batch_size", "must be >= 1")
         _check(self.max_tokens_per_batch >= 1, "batching.max_tokens_per_batch", "must be >= 1")
         _check(self.max_wait_s >= 0, "batching.max_wait_s", "must be >= 0")
+        _check(self.window_batches >= 1, "batching.window_batches", "must be >= 1")
+        _check(
+            0 <= self.max_padding_fraction < 1, "batching.max_padding_fraction", "must be in [0, 1)"
+        )
         _check(
             self.units_in_flight_per_actor >= 1,
             "batching.units_in_flight_per_actor",

@@ -80,8 +80,8 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
     assert "gpu" not in runner  # sampled only where CUDA is present
 
     bucketing = report["bucketing"]
-    on, off = bucketing["on"], bucketing["off"]
-    for run in (on, off):
+    on, exact, off = bucketing["on"], bucketing["exact"], bucketing["off"]
+    for run in (on, exact, off):
         assert run["status"] == "succeeded" and run["rows"] == 16
         assert run["steady_rows_per_s"] > 0
         for key in ("padding_fraction", "fifo_padding_fraction"):
@@ -89,4 +89,6 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
     assert on["padding"]["padding_fraction"] <= on["padding"]["fifo_padding_fraction"]
     assert on["padding"]["padding_fraction"] <= off["padding"]["padding_fraction"]
     assert off["padding"]["padding_fraction"] > 0  # mixed sizes in arrival order do pad
-    assert bucketing["gain_on_vs_off"] > 0
+    assert exact["padding"]["padding_fraction"] <= on["padding"]["padding_fraction"]
+    assert on["padding"]["padding_fraction"] <= 0.1  # batching.max_padding_fraction
+    assert bucketing["gain_on_vs_off"] > 0 and bucketing["gain_exact_vs_off"] > 0
