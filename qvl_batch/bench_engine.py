@@ -142,17 +142,14 @@ def bench_bare(
         t0 = time.perf_counter()
         requests = prepared_requests(engine, cfg, rows)
         prepare_s = time.perf_counter() - t0
-        device_inputs = getattr(engine, "_image_inputs", None)
         runs = []
         for mode in preprocess:
             if engine.name == "hf":  # the same loaded model, the other image path
-                engine._image_inputs = device_inputs if mode == "device" else None
+                engine.use_preprocess(mode)
             for b in batch_sizes:
                 run = {"preprocess": mode, **time_batches(engine, requests, b, max_s)}
                 runs.append(run)
                 _print_run(f"bare {mode:<9}", run)
-        if engine.name == "hf":
-            engine._image_inputs = device_inputs
     finally:
         _free(engine)  # the runner's actor loads its own copy: free this one first
         del engine

@@ -62,7 +62,8 @@ def test_random_kills_of_actors_and_driver_lose_and_duplicate_nothing(tmp_path, 
         data,
         out,
         ray_head,
-        engine__fake={"batch_latency_s": 0.25},
+        # Slow enough that the job outlives 12 kills 1-4 s apart (batches run full).
+        engine__fake={"batch_latency_s": 0.5},
         **common,
     )
     rng = random.Random(20261125)

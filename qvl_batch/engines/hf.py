@@ -372,10 +372,10 @@ class HFEngine(Engine):
             xgr, cfg.structured, self.tokenizer, int(vocab), sorted(self.eos_ids)
         )
         self.guided = self.guide is not None
-        self._image_inputs = None
         self._mm_type_ids = False
-        if ecfg.hf.preprocess == "device":
-            self._image_inputs = self._device_preprocessing()
+        self._device_inputs = self._device_preprocessing()
+        self._image_inputs: ImageInputs | None = None
+        self.use_preprocess(ecfg.hf.preprocess)
         self._times = {"inputs": 0.0, "generate": 0.0, "outputs": 0.0}
 
     def _device_preprocessing(self) -> ImageInputs | None:
@@ -402,6 +402,10 @@ class HFEngine(Engine):
             return None
         self._mm_type_ids = "mm_token_type_ids" in probe
         return ImageInputs(self.processor.image_processor, self.device, self.dtype)
+
+    def use_preprocess(self, mode: str) -> None:
+        """``device`` or ``processor`` from now on (``engine.hf.preprocess``)."""
+        self._image_inputs = self._device_inputs if mode == "device" else None
 
     def _modality_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Per token: 1 for an image's, 0 for text (what the processor returns with them)."""
