@@ -101,6 +101,7 @@ class UnitWorker:
         self._fatal: BaseException | None = None
         self._closed = False
         self.timings = {"read_s": 0.0, "prepare_s": 0.0, "engine_s": 0.0, "engine_idle_s": 0.0}
+        self._warm_host()
         if cfg.engine.warmup:  # part of start-up, like loading the model: before ready()
             self._warmup()
         self._engine_thread = threading.Thread(target=self._engine_loop, daemon=True)
@@ -293,6 +294,28 @@ class UnitWorker:
                 due = self._bucketer.seconds_until_due()
                 self._cond.wait(0.5 if due is None else min(0.5, max(due, 0.001)))
             return None
+
+    def _warm_host(self) -> None:
+        """Pay the first unit's one-time costs at start-up, before ready(): the first call to
+        the driver's recorder (actor-to-actor connection set-up, ~85 ms) and the image path's
+        first use (Pillow's lazy plugin imports, ~20 ms). Measured in docs/PERFORMANCE.md."""
+        import io
+
+        from PIL import Image
+
+        blob = io.BytesIO()
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(blob, "JPEG")
+        try:
+            prepare_image(blob.getvalue(), self.cfg.image)
+        except Exception as exc:  # only the warm-up is lost
+            log.warning("image warm-up failed: %s: %s", type(exc).__name__, exc)
+        if self._recorder is not None:  # "nothing inside", and wait for it as for a batch
+            import ray
+
+            try:
+                ray.get(self._recorder.note.remote(self.incarnation, []), timeout=RECORD_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("flight recorder unavailable: %s: %s", type(exc).__name__, exc)
 
     def _warmup(self) -> None:
         t0 = time.perf_counter()
