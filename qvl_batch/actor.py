@@ -108,9 +108,15 @@ class UnitWorker:
         self._engine_thread.start()
 
     def ready(self) -> dict:
-        """Identity of this worker, once the engine is loaded."""
+        """Identity of this worker, once the engine is loaded: its process, node and GPUs."""
+        import ray
+
+        context = ray.get_runtime_context()
         return {
             "pid": os.getpid(),
+            "node_id": context.get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "engine": self.engine.name,
             "engine_version": self.engine.version,
             "prepare_threads": self._pool._max_workers,

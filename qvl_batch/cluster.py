@@ -45,7 +45,8 @@ def connect(cfg: Config) -> bool:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, **common)
     else:
-        ray.init(num_cpus=cfg.cluster.local_num_cpus or None, **common)
+        c = cfg.cluster
+        ray.init(num_cpus=c.local_num_cpus or None, num_gpus=c.local_num_gpus or None, **common)
     return True
 
 
@@ -122,12 +123,19 @@ class ActorPool:
             raise ClusterError(f"engine failed to start: {_first_line(exc)}") from None
         self.engine_name = infos[0]["engine"]
         self.engine_version = infos[0]["engine_version"]
+        # Where each actor runs (pid, node, the GPUs Ray gave it): kept in _metrics.json.
+        self.placement = [
+            {k: info.get(k) for k in ("pid", "node_id", "gpu_ids", "cuda_visible_devices")}
+            for info in infos
+        ]
+        gpus = [",".join(info.get("gpu_ids") or []) for info in infos]
         log.info(
-            "%d actors ready (%s %s, %s)",
+            "%d actors ready (%s %s, %s)%s",
             self.size,
             self.engine_name,
             self.engine_version,
             ", ".join(f"{k}={v}" for k, v in self.options.items()),
+            f"; GPUs {' | '.join(gpus)}" if any(gpus) else "",
         )
         self._stats: dict[int, dict] = {}
 

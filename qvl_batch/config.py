@@ -359,10 +359,12 @@ class ClusterConfig:
     num_gpus_per_actor: float = 1.0  # used only when the cluster has GPUs
     cpus_per_actor: float = 1.0
     local_num_cpus: int = 0  # CPUs a local Ray may use; 0 = all
+    local_num_gpus: int = 0  # GPUs a local Ray offers; 0 = those it detects
 
     def __post_init__(self) -> None:
         _check(self.num_actors >= 0, "cluster.num_actors", "must be >= 0 (0 = auto)")
         _check(self.cpus_per_actor > 0, "cluster.cpus_per_actor", "must be > 0")
+        _check(self.local_num_gpus >= 0, "cluster.local_num_gpus", "must be >= 0 (0 = detect)")
 
 
 @dataclass

@@ -117,6 +117,7 @@ class Driver:
         self._reuse = None  # the ReuseIndex of reuse.outputs, built before any work
         self._columns = part_columns(cfg)  # data/ and errors/ columns, before lineage
         self._rows_before = self._errors_before = 0  # committed before this run (resume)
+        self._placement: list[dict] = []  # where the actors run (pid, node, GPUs)
 
     # ---- before any work -------------------------------------------------------------
     def prepare(self) -> tuple[Plan, dict, set[str]]:
@@ -209,6 +210,7 @@ class Driver:
             "padding": padding.as_dict(),
             "actor_peak_rss_mib": timings.pop("peak_rss_mib", None),
             "actor_timings_s": timings,
+            "actors": self._placement,  # pid, node and GPUs of each actor as first started
             "storage": storage,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
@@ -250,6 +252,7 @@ class Driver:
         """
         cfg = self.cfg
         pool = self._make_pool()
+        self._placement = getattr(pool, "placement", [])
         lineage = {
             "job_id": job["job_id"],
             "model": cfg.engine.model,
