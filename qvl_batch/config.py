@@ -332,6 +332,13 @@ class ReuseConfig:
     """
 
     outputs: list[str] = field(default_factory=list)  # earlier job outputs (any fsspec URL)
+    # A listed path that holds no job output: "error" stops before any work; "skip" warns and
+    # goes on without it (a nightly job naming yesterday's output, on its first night).
+    if_missing: str = "error"
+
+    def __post_init__(self) -> None:
+        modes = ("error", "skip")
+        _check(self.if_missing in modes, "reuse.if_missing", f"must be one of {modes}")
 
 
 OUTPUT_MODES = ("resume", "overwrite")

@@ -107,8 +107,9 @@ class ReuseReader:
 def build_index(cfg: Config, storage: Storage | None = None) -> ReuseIndex | None:
     """Read the result keys of ``reuse.outputs``; None when there is nothing to reuse.
 
-    Raises ConfigError (before any work) for a path that is not a job output or whose data
-    files predate result keys.
+    Raises ConfigError (before any work) for a path that is not a job output (unless
+    ``reuse.if_missing`` is ``skip``: then it is left out with a warning) or whose data files
+    predate result keys.
     """
     if not cfg.reuse.outputs:
         return None
@@ -124,7 +125,12 @@ def build_index(cfg: Config, storage: Storage | None = None) -> ReuseIndex | Non
         try:
             job = state.require_job()
         except NotAJobOutput as exc:
-            raise ConfigError(f"reuse.outputs[{i}]: {exc}") from None
+            if cfg.reuse.if_missing == "skip":
+                log.warning("reuse.outputs[%d]: %s; skipped (reuse.if_missing=skip)", i, exc)
+                continue
+            raise ConfigError(
+                f"reuse.outputs[{i}]: {exc} (reuse.if_missing=skip goes on without it)"
+            ) from None
         for marker in state.markers():
             for rel in marker.get("files", []):
                 if rel.startswith(f"{DATA_DIR}/"):
@@ -141,6 +147,9 @@ def build_index(cfg: Config, storage: Storage | None = None) -> ReuseIndex | Non
         column = pf.read(columns=["result_key"]).column(0).to_pylist()
         return np.array([int(k[:16], 16) if k else 0 for k in column], dtype=np.uint64)
 
+    if not files:
+        log.info("reuse: no earlier results to index")
+        return None
     with ThreadPoolExecutor(READ_THREADS) as pool:
         per_file = list(pool.map(keys_of, files))
     sizes = [len(k) for k in per_file]

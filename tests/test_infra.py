@@ -115,6 +115,19 @@ def test_cronjob_creates_the_rayjob_without_overlap():
         for c in cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     )
     assert "kubectl create -f" in script and "rayjob.yaml" in script
+    # Every placeholder of the RayJob is filled in by the scheduler's sed.
+    placeholders = set(re.findall(r"\b[A-Z]+_DATE\b", (INFRA / "kuberay/rayjob.yaml").read_text()))
+    assert placeholders == {"RUN_DATE", "PREV_DATE"}, placeholders
+    for name in placeholders:
+        assert re.search(rf"s/{name}/\$\w+/g", script), f"the CronJob does not fill in {name}"
+
+
+def test_nightly_run_reuses_the_previous_days_output_when_there_is_one():
+    parsed = build_parser().parse_args(["run", *_entrypoint_args()])
+    cfg = load_config(REPO / parsed.job[len(IMAGE_ROOT) :], parsed.overrides)
+    today = cfg.output.path.replace("RUN_DATE", "")
+    assert [u.replace("PREV_DATE", "") for u in cfg.reuse.outputs] == [today]
+    assert cfg.reuse.if_missing == "skip", "a first night has no earlier output"
 
 
 def _entrypoint_args() -> list[str]:
@@ -151,7 +164,9 @@ def test_every_mentioned_subcommand_is_real():
     assert not unknown, f"not qvl-batch subcommands: {unknown}"
 
 
-SECTIONS = "job|input|prompt|image|batching|engine|sampling|output|storage|cluster|limits"
+SECTIONS = (
+    "job|input|prompt|image|batching|engine|sampling|structured|reuse|output|storage|cluster|limits"
+)
 
 
 def test_every_override_mentioned_is_a_real_config_key():

@@ -124,3 +124,20 @@ def test_reuse_of_something_that_is_not_an_output_stops_before_work(tmp_path, da
     job = write_job(tmp_path / "j.yaml", dataset, out, None, reuse__outputs=[str(out)])
     with pytest.raises(ConfigError, match=r"this job's own output\.path"):
         Driver(load_config(job)).prepare()
+
+
+def test_a_missing_earlier_output_is_skipped_when_the_job_says_so(tmp_path, dataset, caplog):
+    """A nightly job names yesterday's output; on its first night there is none."""
+    from qvl_batch.driver import Driver
+
+    out, gone = tmp_path / "out", tmp_path / "yesterday"
+    job = write_job(tmp_path / "j.yaml", dataset, out, None, reuse__outputs=[str(gone)])
+    with pytest.raises(ConfigError, match=r"reuse\.outputs\[0\]: .*if_missing=skip"):
+        Driver(load_config(job)).prepare()
+    driver = Driver(load_config(job, ["reuse.if_missing=skip"]))
+    with caplog.at_level("WARNING", logger="qvl_batch"):
+        driver.prepare()
+    assert driver._reuse is None  # nothing to carry over; the job runs in full
+    assert any("reuse.outputs[0]" in r.message and "skipped" in r.message for r in caplog.records)
+    with pytest.raises(ConfigError, match=r"reuse\.if_missing: must be one of"):
+        load_config(job, ["reuse.if_missing=ignore"])
