@@ -1,5 +1,6 @@
-"""The engine alone, for ``qvl-batch bench gpu``: in the benchmark's own process (``bare``) or
-inside an idle Ray actor placed as the runner places its actors (``actor``).
+"""The engine alone, for ``qvl-batch bench gpu``: in a plain process (``bare``; ``bench gpu``
+runs it in a child process that exits before the next section) or inside an idle Ray actor
+placed as the runner places its actors (``actor``).
 
 Both prepare every row first, exactly as the runner's actor does (decode, orient, resize to the
 grid; the engine's token count), then time ``engine.generate`` over the rows in batches of B
@@ -130,8 +131,8 @@ def bench_bare(
     max_s: float,
     preprocess: tuple[str, ...] = ("device",),
 ) -> dict:
-    """The engine alone in this process: load once, then per ``engine.hf.preprocess`` mode and
-    batch size a warm-up batch and a timed pass. ``best_batch_size`` is of the first mode."""
+    """The engine alone in the calling process: load once, then per ``engine.hf.preprocess``
+    mode and batch size a warm-up batch and a timed pass. ``best_batch_size``: first mode's."""
     from .engines.base import make_engine
 
     t0 = time.perf_counter()
