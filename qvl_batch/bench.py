@@ -25,6 +25,7 @@ import pyarrow.dataset as ds
 
 from .config import ImageConfig, load_config
 from .images import prepare_image
+from .state import METRICS_FILE
 
 
 def _job_overrides(data: Path, out: Path, cores: int, extra: list[str]) -> list[str]:
@@ -101,11 +102,26 @@ def bench_host(args: argparse.Namespace) -> int:
         bare = rows / secs
         steady = summary.rows_this_run / summary.pipeline_s
         e2e = summary.rows_this_run / summary.elapsed_s
-        results.append({"bare": bare, "steady": steady, "e2e": e2e})
+        # Where the actors' time went: prepare threads busy, reads, as fractions of their
+        # thread-time over the pipeline.
+        timings = json.loads((Path(cfg.output.path) / METRICS_FILE).read_text())["actor_timings_s"]
+        threads = cfg.batching.prepare_threads * cfg.cluster.num_actors
+        busy = timings["prepare_s"] / (threads * summary.pipeline_s)
+        reads = timings["read_s"] / timings["prepare_s"]
+        results.append(
+            {
+                "bare": bare,
+                "steady": steady,
+                "e2e": e2e,
+                "prepare_busy": busy,
+                "read_vs_prepare": reads,
+            }
+        )
         print(
             f"run {i + 1}: bare loop {bare:7.1f} rows/s | runner steady {steady:7.1f} rows/s "
             f"(ratio {steady / bare:.3f}) | runner end-to-end incl. Ray start {e2e:7.1f} rows/s "
-            f"(ratio {e2e / bare:.3f})",
+            f"(ratio {e2e / bare:.3f}) | prepare threads busy {busy:.3f} of the pipeline, reads "
+            f"{reads:.3f} of prepare time",
             flush=True,
         )
     best = max(results, key=lambda r: r["steady"] / r["bare"])

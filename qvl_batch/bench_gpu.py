@@ -390,7 +390,8 @@ def bench_gpu(args: argparse.Namespace) -> int:
         if section == "bare":
             # The same resolved config as the runner's (engine, prompt, image).
             preprocess = tuple(args.bare_preprocess)
-            report["bare"] = _in_child(
+            run = _in_child if not args.bare_in_process else (lambda fn, *a: fn(*a))
+            report["bare"] = run(
                 bench_bare,
                 config("gpu-unused", 1),
                 rows,
@@ -522,6 +523,11 @@ def add_gpu_bench(kinds, common) -> None:
         choices=("device", "processor"),
         default=["device"],
         help="engine.hf.preprocess modes the bare section times (one model load)",
+    )
+    p.add_argument(
+        "--bare-in-process",
+        action="store_true",
+        help="run the bare engine in this process (shows how it slows later sections)",
     )
     p.add_argument("--bare-from", default=None, help="bare figures from an earlier --json-out")
     p.add_argument("--runner-batch-size", type=int, default=0, help="0 = best bare batch size")

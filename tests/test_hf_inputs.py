@@ -62,11 +62,7 @@ def engines(tiny_model):
     processor.close()
 
 
-def test_device_inputs_equal_the_processors(engines):
-    device, processor = engines
-    assert device._image_inputs is not None and processor._image_inputs is None
-    batch = _batch()
-    ours, theirs = device.model_inputs(batch), processor.model_inputs(batch)
+def _assert_same_inputs(ours, theirs) -> None:
     assert set(ours.keys()) == set(theirs.keys())
     for key in theirs:
         if key == "pixel_values":
@@ -76,8 +72,20 @@ def test_device_inputs_equal_the_processors(engines):
         else:
             assert ours[key].dtype == theirs[key].dtype, key
             assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_device_inputs_equal_the_processors(engines):
+    device, processor = engines
+    assert device._image_inputs is not None and processor._image_inputs is None
+    batch = _batch()
+    ours = device.model_inputs(batch)
+    _assert_same_inputs(ours, processor.model_inputs(batch))
     # The grids follow the images, in order (the sizes were interleaved on purpose).
     assert ours["image_grid_thw"].tolist() == [[1, h // 14, w // 14] for w, h in SIZES]
+    # One size only: the images are patched as one stack.
+    square = [r for r, (w, h) in zip(batch, SIZES) if (w, h) == (56, 56)]
+    assert len(square) == 3
+    _assert_same_inputs(device.model_inputs(square), processor.model_inputs(square))
 
 
 def test_device_and_processor_generate_the_same_text(engines):

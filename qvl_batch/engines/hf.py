@@ -373,7 +373,7 @@ class HFEngine(Engine):
         )
         self.guided = self.guide is not None
         self._mm_type_ids = False
-        self._device_inputs = self._device_preprocessing()
+        self._device_inputs: ImageInputs | None = None  # built on first use (a probe call)
         self._image_inputs: ImageInputs | None = None
         self.use_preprocess(ecfg.hf.preprocess)
         self._times = {"inputs": 0.0, "generate": 0.0, "outputs": 0.0}
@@ -405,6 +405,8 @@ class HFEngine(Engine):
 
     def use_preprocess(self, mode: str) -> None:
         """``device`` or ``processor`` from now on (``engine.hf.preprocess``)."""
+        if mode == "device" and self._device_inputs is None:
+            self._device_inputs = self._device_preprocessing()
         self._image_inputs = self._device_inputs if mode == "device" else None
 
     def _modality_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -503,7 +505,7 @@ class HFEngine(Engine):
             inputs = self.tokenizer(texts, padding=True, return_tensors="pt")
             if self._mm_type_ids:  # transformers 5: which tokens are an image's
                 inputs["mm_token_type_ids"] = self._modality_ids(inputs["input_ids"])
-            inputs["pixel_values"], inputs["image_grid_thw"] = pixels, grid
+            inputs["pixel_values"], inputs["image_grid_thw"] = pixels, grid  # grids from sizes
         else:
             inputs = self.processor(
                 text=texts,
@@ -512,10 +514,10 @@ class HFEngine(Engine):
                 return_tensors="pt",
                 do_resize=False,  # the runner resized to the grid already
             )
-        for req, thw in zip(batch, inputs["image_grid_thw"].tolist()):
-            width, height = req.image.size
-            if thw != [1, height // PATCH, width // PATCH]:
-                raise ValueError(f"processor grid {thw} for a {width}x{height} image: resized?")
+            for image, thw in zip(images, inputs["image_grid_thw"].tolist()):
+                width, height = image.size
+                if thw != [1, height // PATCH, width // PATCH]:
+                    raise ValueError(f"processor grid {thw} for a {width}x{height} image: resized?")
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs

@@ -58,17 +58,19 @@ class ImageInputs:
             if width % side or height % side:
                 raise ValueError(f"image {width}x{height} is not on the {side}-pixel grid")
             groups.setdefault((height, width), []).append(i)
-        per_image: list[torch.Tensor | None] = [None] * len(images)
+        grid = [[1, img.size[1] // self.patch, img.size[0] // self.patch] for img in images]
+        if len(groups) == 1:  # one size (the common case): already in order
+            pixels = self._patches(images, *next(iter(groups)))
+            return pixels.flatten(0, 1), torch.tensor(grid, dtype=torch.long)
+        per_image: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
         for (height, width), idx in groups.items():
             patches = self._patches([images[i] for i in idx], height, width)
             for j, i in enumerate(idx):
                 per_image[i] = patches[j]
-        pixels = torch.cat(per_image) if len(per_image) > 1 else per_image[0]  # type: ignore[arg-type]
-        grid = [[1, img.size[1] // self.patch, img.size[0] // self.patch] for img in images]
-        return pixels.to(self.dtype), torch.tensor(grid, dtype=torch.long)
+        return torch.cat(per_image), torch.tensor(grid, dtype=torch.long)
 
     def _patches(self, images: list[Any], height: int, width: int) -> torch.Tensor:
-        """(n, patches, C * T * patch * patch) for ``n`` images of one size."""
+        """(n, patches, C * T * patch * patch) in the model's dtype, ``n`` images of one size."""
         arrays = [np.asarray(img if img.mode == "RGB" else img.convert("RGB")) for img in images]
         host = torch.from_numpy(np.stack(arrays))  # n, H, W, C uint8
         if self.device.type == "cuda":
@@ -78,6 +80,7 @@ class ImageInputs:
             x = x * self.scale
         if self.mean is not None:
             x = (x - self.mean) / self.std
+        x = x.to(self.dtype)  # before the copy below, which is then in the model's dtype
         n, c = x.shape[:2]
         p, m, t = self.patch, self.merge, self.temporal
         gh, gw = height // p, width // p
