@@ -1,8 +1,10 @@
-"""The per-GPU worker: read units, prepare images in a thread pool, bucket, feed the engine.
+"""The per-GPU worker: read units, prepare images in a thread pool, feed the engine a stream.
 
 ``process_unit`` is called concurrently for the units the driver keeps in flight on this actor
-(a threaded Ray actor). All their rows meet in one bucketer, so batches form across the window;
-one engine thread runs batches while the prepare pool decodes the next rows (overlap).
+(a threaded Ray actor). Their rows are prepared by a thread pool and wait, prepared, until one
+feeding thread hands them to the engine, keeping ``engine.max_in_flight`` of them inside it;
+results come back row by row as each finishes (any order) and go to their unit. What a batch is
+is the engine's business (the batching adapter's, for lock-step engines).
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from .bucketing import Bucketer
+from .bucketing import PaddingStats
 from .config import Config
 from .engines.base import Engine, Request, Result, make_engine
 from .images import ImageError, prepare_image
@@ -33,9 +35,12 @@ from .structured import PARSE_ERROR, OutputParser
 
 log = logging.getLogger(__name__)
 
-SINGLE_ROW_TRIES = 2  # a row alone in a failing call is retried once before it is an error
 # The recorder answers in milliseconds; a stuck one must not hold the engine for long.
 RECORD_TIMEOUT_S = 30
+# Rows prepared ahead of the engine's bound, per prepare thread: enough that the engine finds
+# rows waiting the moment a slot frees, few enough to keep decoded images in memory bounded.
+PREPARED_AHEAD_PER_THREAD = 4
+EXIT_ENGINE_DEAD = 70  # the process exit status of an actor whose engine died
 
 
 @dataclass
@@ -57,7 +62,8 @@ class _UnitCollector:
 
 
 class UnitWorker:
-    """One engine, one prepare pool, one bucketer. Wrapped with ``ray.remote`` by the driver."""
+    """One engine, one prepare pool, one feeding thread. Wrapped with ``ray.remote`` by the
+    driver. It is also the engine's result sink (``entering``, ``put``, ``fail``)."""
 
     def __init__(
         self,
@@ -68,10 +74,9 @@ class UnitWorker:
     ):
         self.cfg = cfg
         self.incarnation = incarnation
-        # The driver's FlightRecorder: told which rows are inside the engine before each call,
-        # so if a row takes this process down the driver knows which rows to isolate.
+        # The driver's FlightRecorder: told which rows enter the engine (before they can run)
+        # and which left, so if a row takes this process down the driver knows which to isolate.
         self._recorder = recorder
-        self._solo: deque[Request] = deque()  # rows that must run alone (crash suspects)
         self.engine: Engine = make_engine(cfg, incarnation)
         self.storage = Storage.for_input(cfg)
         schema = cfg.structured.json_schema
@@ -85,27 +90,32 @@ class UnitWorker:
         self._reuse = ReuseReader(reuse, Storage.for_output(cfg)) if reuse is not None else None
         threads = cfg.batching.prepare_threads or max(1, round(cfg.cluster.cpus_per_actor))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
-        b = cfg.batching
-        self._max_prepared = b.window_batches * b.max_batch_size
-        self._slots = threading.Semaphore(self._max_prepared)
+        self._bound = max(1, self.engine.max_in_flight)
+        self._group = max(1, min(self.engine.entry_group, self._bound))
+        # Rows between "handed to the prepare pool" and "result back": inside the engine, or
+        # prepared and waiting for it, or being prepared.
+        self._slots = threading.Semaphore(self._bound + PREPARED_AHEAD_PER_THREAD * threads)
         self._cond = threading.Condition()
-        self._bucketer = Bucketer(
-            b.max_batch_size,
-            b.max_tokens_per_batch,
-            b.max_wait_s,
-            max_padding=b.max_padding_fraction,
-        )
+        self._ready: deque[Request] = deque()  # prepared, waiting to enter the engine
+        self._solo: deque[Request] = deque()  # crash suspects: each runs alone in the engine
+        self._alone = False  # a suspect is inside: nothing else enters until it is back
+        self._flushed = False  # the engine was told nothing more is coming
+        self._in_engine = 0  # this actor's rows inside the engine
+        self._left: list[tuple[str, int]] = []  # rows back since the last recorder note
+        self._note_lock = threading.Lock()  # notes reach the recorder in the order sent
         # Rows of the units in flight not yet prepared: waiting for a slot or being prepared.
         self._unprepared = 0
         self._units: dict[str, _UnitCollector] = {}
         self._fatal: BaseException | None = None
         self._closed = False
         self.timings = {"read_s": 0.0, "prepare_s": 0.0, "engine_s": 0.0, "engine_idle_s": 0.0}
+        self._since = time.perf_counter()  # last change of engine busy / idle
         self._warm_host()
         if cfg.engine.warmup:  # part of start-up, like loading the model: before ready()
             self._warmup()
-        self._engine_thread = threading.Thread(target=self._engine_loop, daemon=True)
-        self._engine_thread.start()
+        self.engine.start(self)
+        self._feeder = threading.Thread(target=self._feed_loop, name="feeder", daemon=True)
+        self._feeder.start()
 
     def ready(self) -> dict:
         """Identity of this worker, once the engine is loaded: its process, node and GPUs."""
@@ -120,15 +130,18 @@ class UnitWorker:
             "engine": self.engine.name,
             "engine_version": self.engine.version,
             "prepare_threads": self._pool._max_workers,
+            "max_in_flight": self._bound,
         }
 
     def stats(self) -> dict:
         import resource
 
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        padding = self.engine.padding() or PaddingStats().as_dict()
         with self._cond:
+            self._clock_engine()
             return {
-                "padding": self._bucketer.stats.as_dict(),
+                "padding": padding,
                 "timings": {
                     **self.timings,
                     **{f"engine_{k}_s": v for k, v in self.engine.stage_times().items()},
@@ -185,7 +198,7 @@ class UnitWorker:
                 todo -= 1
             while not collector.done.wait(0.5):
                 if self._fatal is not None:
-                    raise RuntimeError(f"engine thread died: {self._fatal!r}")
+                    raise RuntimeError(f"engine died: {self._fatal!r}")
         finally:
             with self._cond:
                 self._unprepared -= todo  # rows never handed to the pool (an error above)
@@ -232,8 +245,6 @@ class UnitWorker:
             vision_tokens=img.vision_tokens,
             text_tokens=text_tokens,
         )
-        seq_len = img.vision_tokens + text_tokens
-        budget = seq_len + self.cfg.sampling.max_tokens
         meta = {
             "image_width": img.original_size[0],
             "image_height": img.original_size[1],
@@ -247,11 +258,7 @@ class UnitWorker:
             collector = self._units.get(unit_id)
             if collector is not None:
                 collector.meta[row.index] = meta
-            if solo:
-                self._solo.append(request)
-            else:
-                key = img.resized_size if self.cfg.batching.bucketing else "arrival"
-                self._bucketer.add(request, key, budget, seq_len)
+            (self._solo if solo else self._ready).append(request)
             self._unprepared -= 1
             self._cond.notify_all()
 
@@ -282,25 +289,6 @@ class UnitWorker:
         meta = {name: earlier.get(name) for name in IMAGE_COLUMNS}
         self._finish_early(key, result, {**meta, "result_key": rkey})
 
-    def _next_batch(self) -> list[Request] | None:
-        with self._cond:
-            idle_since = time.perf_counter()
-            while not self._closed:
-                if self._solo:
-                    self.timings["engine_idle_s"] += time.perf_counter() - idle_since
-                    return [self._solo.popleft()]
-                # No more rows can come before this batch (every row in flight is prepared, or
-                # the window is full): flush partial buckets now instead of waiting out
-                # max_wait_s. While rows are still being prepared, only a full batch goes.
-                force = self._unprepared == 0 or self._bucketer.pending >= self._max_prepared
-                batch = self._bucketer.next_batch(force=force)
-                if batch:
-                    self.timings["engine_idle_s"] += time.perf_counter() - idle_since
-                    return batch
-                due = self._bucketer.seconds_until_due()
-                self._cond.wait(0.5 if due is None else min(0.5, max(due, 0.001)))
-            return None
-
     def _warm_host(self) -> None:
         """Pay the first unit's one-time costs at start-up, before ready(): the first call to
         the driver's recorder (actor-to-actor connection set-up, ~85 ms) and the image path's
@@ -319,65 +307,137 @@ class UnitWorker:
             import ray
 
             try:
-                ray.get(self._recorder.note.remote(self.incarnation, []), timeout=RECORD_TIMEOUT_S)
+                ray.get(
+                    self._recorder.note.remote(self.incarnation, [], []), timeout=RECORD_TIMEOUT_S
+                )
             except Exception as exc:
                 log.warning("flight recorder unavailable: %s: %s", type(exc).__name__, exc)
 
     def _warmup(self) -> None:
         t0 = time.perf_counter()
         try:
-            self.engine.warmup(self.cfg.batching.max_batch_size)
+            self.engine.warmup()
         except Exception as exc:  # a failed warm-up costs only the warm-up
             log.warning("engine warm-up failed: %s: %s", type(exc).__name__, exc)
         self.timings["warmup_s"] = time.perf_counter() - t0
         self.engine.reset_stage_times()
 
-    def _engine_loop(self) -> None:
-        try:
-            while (batch := self._next_batch()) is not None:
-                t0 = time.perf_counter()
-                results = self._generate_isolating(batch)
-                self.timings["engine_s"] += time.perf_counter() - t0
-                if self._parser is not None:
-                    results = [self._parse(r) for r in results]
-                self._slots.release(len(batch))
-                with self._cond:
-                    for result in results:
-                        collector = self._units.get(result.key[0])
-                        if collector is not None:
-                            collector.put(result.key[1], result)
-        except BaseException as exc:  # surface to every waiting process_unit call
-            log.exception("engine thread died")
-            self._fatal = exc
+    # ---- feeding the engine (one thread) ------------------------------------------------
+    def _next_group(self) -> list[Request] | None:
+        """Under the lock: the rows to hand to the engine now, or None to wait.
 
-    def _generate_isolating(self, batch: list[Request], alone_tries: int = 0) -> list[Result]:
-        """Run a batch; if the engine raises, split it to isolate the failing rows.
-
-        A row is tried at most log2(batch size) + SINGLE_ROW_TRIES times; a row that fails on
-        its own that often becomes an ENGINE_ERROR row, so a poison row never blocks its batch
-        and a transient fault never condemns a row that happened to be alone.
+        A crash suspect runs alone: once the engine is empty it goes in by itself, and nothing
+        follows it until it is back. Otherwise rows enter while the engine holds fewer than its
+        bound; once it holds half, in groups (the recorder's round trip is paid per group).
         """
+        if self._alone:
+            if self._in_engine:
+                return None
+            self._alone = False
+        if self._solo:
+            if self._in_engine:
+                return None  # let the engine drain (flushed below) before the suspect enters
+            self._alone = True
+            return [self._solo.popleft()]
+        free = self._bound - self._in_engine
+        if free <= 0 or not self._ready:
+            return None
+        if (
+            self._in_engine >= self._bound // 2
+            and len(self._ready) < min(free, self._group)
+            and self._unprepared > 0
+        ):
+            return None  # the engine has work; let a group gather
+        return [self._ready.popleft() for _ in range(min(free, len(self._ready)))]
+
+    def _feed_loop(self) -> None:
         try:
-            self._record([r.key for r in batch])
-            results = self.engine.generate(batch)
-        except Exception as exc:
-            self._record([])
-            if len(batch) == 1:
-                if alone_tries + 1 < SINGLE_ROW_TRIES:
-                    return self._generate_isolating(batch, alone_tries + 1)
-                msg = f"{type(exc).__name__}: {exc}"
-                return [Result(batch[0].key, error_code="ENGINE_ERROR", error_message=msg)]
-            mid = len(batch) // 2
-            return self._generate_isolating(batch[:mid]) + self._generate_isolating(batch[mid:])
-        self._record([])
-        by_key = {r.key: r for r in results}
-        out = []
-        for req in batch:
-            result = by_key.get(req.key)
-            if result is None:
-                result = Result(req.key, error_code="ENGINE_ERROR", error_message="no result")
-            out.append(result)
-        return out
+            while True:
+                with self._cond:
+                    group = None
+                    while not self._closed and self._fatal is None:
+                        group = self._next_group()
+                        if group is not None:
+                            break
+                        # Nothing more can come before what the engine holds is back: every row
+                        # in flight is prepared and inside, or a suspect waits for it to drain.
+                        drain = self._in_engine and (
+                            self._solo or self._alone or (not self._ready and not self._unprepared)
+                        )
+                        if drain and not self._flushed:
+                            self._flushed = True
+                            break
+                        self._cond.wait(0.5)
+                    else:
+                        return
+                    if group is not None:
+                        self._flushed = False
+                        self._clock_engine()
+                        self._in_engine += len(group)
+                if group is None:
+                    self.engine.flush()
+                    continue
+                self.engine.submit(group)
+                if len(group) == 1 and self._alone:
+                    self.engine.flush()
+        except BaseException as exc:
+            log.exception("feeding thread died")
+            self.fail(exc)
+
+    def _clock_engine(self) -> None:
+        """Under the lock, before ``_in_engine`` changes: time the engine busy or idle."""
+        now = time.perf_counter()
+        self.timings["engine_s" if self._in_engine else "engine_idle_s"] += now - self._since
+        self._since = now
+
+    # ---- the engine's result sink -------------------------------------------------------
+    def entering(self, keys: Sequence[tuple[str, int]]) -> None:
+        """Rows about to run: on record with the driver before they can (rows back since the
+        last note leave the record with it, so leaving costs no round trip of its own)."""
+        with self._note_lock:
+            with self._cond:
+                left, self._left = self._left, []
+            self._note(list(keys), left)
+
+    def put(self, result: Result) -> None:
+        """One row back from the engine (any thread)."""
+        if self._parser is not None:
+            result = self._parse(result)
+        with self._cond:
+            self._clock_engine()
+            self._in_engine -= 1
+            self._left.append(result.key)
+            idle = self._in_engine == 0
+            collector = self._units.get(result.key[0])
+            if collector is not None:
+                collector.put(result.key[1], result)
+            self._cond.notify_all()
+        self._slots.release()
+        if idle:  # nothing inside: clear the record without waiting for the next group
+            with self._note_lock:
+                with self._cond:
+                    left, self._left = self._left, []
+                if left:
+                    self._note([], left)
+
+    def fail(self, exc: BaseException) -> None:
+        """The engine can run nothing more: this process exits so the driver replaces it and
+        runs its units again (the rows inside stay on record as suspects)."""
+        with self._cond:
+            if self._fatal is not None:
+                return
+            self._fatal = exc
+            self._cond.notify_all()
+        log.error("engine died (%s: %s); this actor exits", type(exc).__name__, exc)
+        threading.Thread(target=self._exit_dead, name="engine-dead", daemon=True).start()
+
+    def _exit_dead(self) -> None:
+        closer = threading.Thread(target=self.engine.close, daemon=True)
+        closer.start()
+        closer.join(timeout=30)  # free the device if the engine still can; never hang on it
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_ENGINE_DEAD)
 
     def _parse(self, result: Result) -> Result:
         """Structured output: typed values, or an OUTPUT_PARSE_ERROR row."""
@@ -387,17 +447,18 @@ class UnitWorker:
                 result.error_code, result.error_message = PARSE_ERROR, problem
         return result
 
-    def _record(self, keys: list[tuple[str, int]]) -> None:
-        """Tell the driver's recorder what is in the engine now (waits for entering rows)."""
+    def _note(self, entering: list, left: list) -> None:
+        """Tell the driver's recorder which rows enter and which left (waits for entering
+        rows: they must be on record before a crash can happen; leaving needs no wait)."""
         if self._recorder is None:
             return
         try:
-            ref = self._recorder.note.remote(self.incarnation, keys)
-            if keys:  # must be on record before a crash can happen; leaving needs no wait
+            ref = self._recorder.note.remote(self.incarnation, entering, left)
+            if entering:
                 import ray
 
                 ray.get(ref, timeout=RECORD_TIMEOUT_S)
-        except Exception as exc:  # only crash isolation is lost for this batch, never its rows
+        except Exception as exc:  # only crash isolation is lost for these rows, never the rows
             log.warning("flight recorder unavailable: %s: %s", type(exc).__name__, exc)
 
     def _result_table(
@@ -439,6 +500,6 @@ class UnitWorker:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._engine_thread.join(timeout=5)
+        self._feeder.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.engine.close()

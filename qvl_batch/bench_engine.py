@@ -133,10 +133,10 @@ def bench_bare(
 ) -> dict:
     """The engine alone in the calling process: load once, then per ``engine.hf.preprocess``
     mode and batch size a warm-up batch and a timed pass. ``best_batch_size``: first mode's."""
-    from .engines.base import make_engine
+    from .engines.base import make_batch_engine
 
     t0 = time.perf_counter()
-    engine = make_engine(cfg)
+    engine = make_batch_engine(cfg)
     load_s = time.perf_counter() - t0
     print(f"bare: engine loaded in {load_s:.1f}s", flush=True)
     try:
@@ -170,11 +170,11 @@ class EngineInActor:
     """A Ray actor that loads the engine and times it, with nothing else in the process."""
 
     def __init__(self, cfg: Config):
-        from .engines.base import make_engine
+        from .engines.base import make_batch_engine
 
         t0 = time.perf_counter()
         self.cfg = cfg
-        self.engine = make_engine(cfg)
+        self.engine = make_batch_engine(cfg)
         self.load_s = time.perf_counter() - t0
 
     def run(self, rows: list[dict], batch_size: int, max_s: float) -> dict:

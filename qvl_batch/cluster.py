@@ -82,23 +82,26 @@ def actor_layout(cfg: Config, resources: dict[str, float]) -> tuple[int, dict[st
 class FlightRecorder:
     """What each actor has inside its engine right now, kept outside the actors.
 
-    A worker notes the row keys of a batch before calling the engine and clears them after.
-    When an actor process dies, the driver reads what it was running: those are the rows that
-    may have killed it. One plain (single-threaded) Ray actor, so notes from one worker are
-    applied in the order they were sent.
+    A worker notes rows as they enter its engine (in groups, waiting for the note) and the
+    rows that came back since its last note (no wait of their own). When an actor process
+    dies, the driver reads what it had inside: those are the rows that may have killed it.
+    One plain (single-threaded) Ray actor, so notes from one worker are applied in the order
+    they were sent.
     """
 
     def __init__(self) -> None:
-        self._inside: dict[int, list] = {}
+        self._inside: dict[int, set] = {}
 
-    def note(self, incarnation: int, keys: list) -> None:
-        if keys:
-            self._inside[incarnation] = keys
-        else:
-            self._inside.pop(incarnation, None)
+    def note(self, incarnation: int, entering: list, left: list) -> None:
+        inside = self._inside.setdefault(incarnation, set())
+        inside.difference_update(tuple(k) for k in left)
+        inside.update(tuple(k) for k in entering)
+        if not inside:
+            del self._inside[incarnation]
 
     def last(self, incarnation: int) -> list | None:
-        return self._inside.pop(incarnation, None)
+        inside = self._inside.pop(incarnation, None)
+        return sorted(inside) if inside else None
 
 
 class ActorPool:

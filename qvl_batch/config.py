@@ -159,6 +159,23 @@ class BatchingConfig:
         _check(self.prepare_threads >= 0, "batching.prepare_threads", "must be >= 0")
 
 
+def parse_lengths(spec: str) -> tuple[str, tuple[float, ...]]:
+    """``fixed:N``, ``uniform:LO:HI`` or ``lognormal:MEAN:CAP`` -> (kind, numbers)."""
+    kind, *args = spec.split(":")
+    want = {"fixed": 1, "uniform": 2, "lognormal": 2}
+    if kind not in want or len(args) != want[kind]:
+        raise ValueError(
+            f"answer lengths {spec!r}: use fixed:N, uniform:LO:HI or lognormal:MEAN:CAP"
+        )
+    try:
+        numbers = tuple(float(a) for a in args)
+    except ValueError:
+        raise ValueError(f"answer lengths {spec!r}: the numbers must be numbers") from None
+    if min(numbers) < 1 or (kind == "uniform" and numbers[0] > numbers[1]):
+        raise ValueError(f"answer lengths {spec!r}: lengths are >= 1 (and LO <= HI)")
+    return kind, numbers
+
+
 @dataclass
 class FakeEngineConfig:
     """The deterministic engine's latency model and fault injection (tests and benchmarks)."""
@@ -173,6 +190,33 @@ class FakeEngineConfig:
     raise_after_rows: int = 0  # raise once from generate() after this many rows (0 = never)
     exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
     exit_incarnations: int = 1  # ...only in actors whose incarnation is below this
+    # "batch": lock-step with the latency model above. "inflight": an in-flight batching
+    # simulator (slots; a step costs step_s + step_per_active_s x active, plus
+    # prefill_per_token_s per prompt token admitted), each row's answer length drawn from
+    # answer_lengths by its image and prompt.
+    mode: str = "batch"
+    feed: str = "stream"  # inflight: "stream" (native) or "batch" (through the batching adapter)
+    slots: int = 64
+    step_s: float = 0.01
+    step_per_active_s: float = 0.0
+    prefill_per_token_s: float = 0.0
+    answer_lengths: str = "fixed:64"  # fixed:N | uniform:LO:HI | lognormal:MEAN:CAP
+    max_in_flight: int = 0  # inflight + stream: rows inside at once; 0 = 2 x slots
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("batch", "inflight"), "engine.fake.mode", "batch or inflight")
+        _check(self.feed in ("stream", "batch"), "engine.fake.feed", "stream or batch")
+        _check(self.slots >= 1, "engine.fake.slots", "must be >= 1")
+        _check(self.max_in_flight >= 0, "engine.fake.max_in_flight", "must be >= 0")
+        _check(
+            min(self.step_s, self.step_per_active_s, self.prefill_per_token_s) >= 0,
+            "engine.fake.step_s",
+            "step and prefill costs must be >= 0",
+        )
+        try:
+            parse_lengths(self.answer_lengths)
+        except ValueError as exc:
+            raise ConfigError(f"engine.fake.answer_lengths: {exc}") from None
 
 
 @dataclass
@@ -202,8 +246,14 @@ class TrtLlmEngineConfig:
     # Off by default: upstream reports wrong outputs with KV block reuse on for several VLMs.
     enable_block_reuse: bool = False
     cuda_graphs: bool = True
-    max_inflight_requests: int = 256  # generate_async calls outstanding per actor
-    submit_threads: int = 8  # its multimodal preprocessing runs in the submitting thread
+    # Requests the actor keeps inside the engine; 0 = 2 x max_batch_size. TensorRT-LLM batches
+    # in flight: a finished sequence's slot is refilled at once, but only from requests already
+    # waiting in its scheduler. Twice the batch keeps a full batch waiting behind the running
+    # one (its prefill and vision encoding overlap the decode), without flooding the queue.
+    max_inflight_requests: int = 0
+    # Seconds one request may take before it is aborted and tried once more (then an
+    # ENGINE_TIMEOUT row): a request that never completes must not hang the actor.
+    request_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check(self.tensor_parallel_size >= 1, "engine.trtllm.tensor_parallel_size", ">= 1")
@@ -212,7 +262,8 @@ class TrtLlmEngineConfig:
             "engine.trtllm.kv_cache_free_gpu_memory_fraction",
             "must be in (0, 1]",
         )
-        _check(self.submit_threads >= 1, "engine.trtllm.submit_threads", "must be >= 1")
+        _check(self.max_inflight_requests >= 0, "engine.trtllm.max_inflight_requests", ">= 0")
+        _check(self.request_timeout_s > 0, "engine.trtllm.request_timeout_s", "must be > 0")
 
 
 ENGINES = ("fake", "hf", "trtllm")

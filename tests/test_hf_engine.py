@@ -23,7 +23,7 @@ from qvl_batch.config import (  # noqa: E402
     load_config,
 )
 from qvl_batch.engines import hf  # noqa: E402
-from qvl_batch.engines.base import Request, make_engine  # noqa: E402
+from qvl_batch.engines.base import Request, make_batch_engine  # noqa: E402
 from qvl_batch.engines.hf import generation_kwargs, load_processor, local_model_dir  # noqa: E402
 from qvl_batch.structured import OutputParser  # noqa: E402
 
@@ -65,7 +65,7 @@ def _config(model: str, structured: StructuredConfig | None = None, **sampling) 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    eng = make_engine(_config(tiny_model))
+    eng = make_batch_engine(_config(tiny_model))
     yield eng
     eng.close()
 
@@ -212,7 +212,7 @@ def test_prompt_over_the_model_limit_is_a_row_error(engine, direct, monkeypatch)
 
 
 def test_sampling_is_seeded_per_batch(tiny_model):
-    eng = make_engine(_config(tiny_model, temperature=1.0, top_p=0.95, seed=1))
+    eng = make_batch_engine(_config(tiny_model, temperature=1.0, top_p=0.95, seed=1))
     try:
         requests = [_request(i, _image(56, 84, seed=i), PROMPTS[i][0]) for i in range(3)]
         first = [r.text for r in eng.generate(requests)]
@@ -277,7 +277,7 @@ def _moderation_requests() -> list[Request]:
 
 def _generate(model: str, guided: str, **sampling) -> tuple[bool, list]:
     """(engine.guided, results in request order) for the moderation rows."""
-    eng = make_engine(
+    eng = make_batch_engine(
         _config(model, _structured(guided), **{"max_tokens": GUIDED_MAX_TOKENS, **sampling})
     )
     try:
@@ -340,7 +340,7 @@ def test_required_without_xgrammar_refuses_before_loading_the_model(tiny_model, 
 
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", no_model_load)
     with pytest.raises(ImportError, match=r"guided=required.*pip install xgrammar"):
-        make_engine(_config(tiny_model, _structured("required")))
+        make_batch_engine(_config(tiny_model, _structured("required")))
 
 
 def test_auto_without_xgrammar_warns_once_and_generates_freely(tiny_model, monkeypatch, caplog):
@@ -349,7 +349,7 @@ def test_auto_without_xgrammar_warns_once_and_generates_freely(tiny_model, monke
     request = _request(0, _image(56, 56, seed=1), "Moderate this image.")
     with caplog.at_level(logging.WARNING, logger=hf.__name__):
         for _ in range(2):  # a replacement actor's engine does not warn again
-            eng = make_engine(_config(tiny_model, _structured("auto")))
+            eng = make_batch_engine(_config(tiny_model, _structured("auto")))
             try:
                 assert eng.guided is False and eng.guide is None
                 (got,) = eng.generate([request])

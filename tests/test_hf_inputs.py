@@ -18,7 +18,7 @@ from qvl_batch.config import (  # noqa: E402
     HFEngineConfig,
     SamplingConfig,
 )
-from qvl_batch.engines.base import Request, make_engine  # noqa: E402
+from qvl_batch.engines.base import Request, make_batch_engine  # noqa: E402
 from qvl_batch.engines.hf_inputs import ImageInputs  # noqa: E402
 
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
@@ -44,7 +44,7 @@ def _batch() -> list[Request]:
 
 
 def _engine(model: str, preprocess: str):
-    return make_engine(
+    return make_batch_engine(
         Config(
             engine=EngineConfig(
                 name="hf", model=model, device="cpu", hf=HFEngineConfig(preprocess=preprocess)

@@ -35,7 +35,7 @@ from qvl_batch.config import (
     TrtLlmEngineConfig,
 )
 from qvl_batch.engines import trtllm
-from qvl_batch.engines.base import EngineError, Request, make_engine
+from qvl_batch.engines.base import EngineDead, EngineError, Request, Result, make_engine
 from qvl_batch.structured import OutputParser
 
 from .conftest import MODERATION, input_rows, read_output, write_job
@@ -86,6 +86,9 @@ def make_model_dir(path: Path) -> Path:
         "eos_token_id": vocab["<|im_end|>"],
     }
     (path / "config.json").write_text(json.dumps(config))
+    # As Qwen2.5-VL-*-Instruct ships it: both end tokens stop generation.
+    eos = [vocab["<|im_end|>"], vocab["<|endoftext|>"]]
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
     return path
 
 
@@ -148,6 +151,57 @@ def make_requests(n: int = 5, prompt: str = "Describe this image.", system: str 
     return requests
 
 
+class Sink:
+    """The actor's side of the stream seam, for engine tests: collects what the engine says."""
+
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+        self.entered: list[list] = []
+        self.failed: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def entering(self, keys) -> None:
+        self.entered.append(list(keys))
+
+    def put(self, result: Result) -> None:
+        with self._cond:
+            self.results.append(result)
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self.failed = exc
+            self._cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 30.0) -> list[Result]:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: len(self.results) >= n or self.failed, timeout)
+        assert ok, f"{len(self.results)} of {n} results after {timeout}s"
+        return list(self.results)
+
+
+def run(engine, requests: list[Request], timeout: float = 30.0) -> list[Result]:
+    """Submit ``requests`` as the actor does (starting the engine once) and wait for them."""
+    sink = getattr(engine, "_test_sink", None)
+    if sink is None:
+        sink = engine._test_sink = Sink()
+        engine.start(sink)
+    before = len(sink.results)
+    engine.submit(requests)
+    results = sink.wait(before + len(requests), timeout)[before:]
+    assert sink.failed is None, sink.failed
+    return results
+
+
+def stub_env(monkeypatch, **behaviour) -> None:
+    """The stand-in's behaviour (``TRTLLM_STUB``) for engines built in this process."""
+    monkeypatch.setenv("TRTLLM_STUB", json.dumps(behaviour))
+
+
+def pixels_sha(request: Request) -> str:
+    return hashlib.sha256(request.image.tobytes()).hexdigest()
+
+
 # --- the engine against the stand-in ------------------------------------------------------------
 
 
@@ -155,7 +209,7 @@ def test_engine_builds_generates_and_maps_outputs(stub, model_dir):
     engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
     assert (engine.name, engine.version) == ("trtllm", "0.0.0+stub")
     requests = make_requests()
-    results = engine.generate(requests)
+    results = run(engine, requests)
     assert sorted(r.key for r in results) == sorted(r.key for r in requests)
     by_key = {r.key: r for r in results}
     for req in requests:
@@ -166,7 +220,7 @@ def test_engine_builds_generates_and_maps_outputs(stub, model_dir):
         assert res.vision_tokens == req.vision_tokens  # counted from prompt_token_ids
         expected_ids = engine.llm.tokenizer.encode(engine.inputs(req)["prompt"], [req.image])
         assert res.prompt_tokens == len(expected_ids) > res.vision_tokens
-    again = {r.key: r for r in engine.generate(requests)}
+    again = {r.key: r for r in run(engine, requests)}
     assert again == by_key, "same requests, same outputs"
     engine.close()
 
@@ -175,7 +229,7 @@ def test_vision_tokens_come_from_prompt_ids_not_the_runner(stub, model_dir):
     engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
     (req,) = make_requests(1)
     req.vision_tokens = 999  # a wrong estimate must not leak into the result
-    (res,) = engine.generate([req])
+    (res,) = run(engine, [req])
     assert res.vision_tokens == (56 // 28) * (84 // 28)
     engine.close()
 
@@ -206,7 +260,7 @@ def test_max_tokens_is_always_explicit_and_honoured(stub, model_dir):
     assert engine._sampling.passed_kwargs["max_tokens"] == 64  # the job default, not TRT's 32
     engine.close()
     engine = trtllm.TrtLlmEngine(make_cfg(model_dir, sampling={"max_tokens": 2}))
-    results = engine.generate(make_requests())
+    results = run(engine, make_requests())
     assert all(r.output_tokens <= 2 for r in results)
     assert {r.finish_reason for r in results} == {"length"}
     engine.close()
@@ -256,7 +310,7 @@ def test_contract_catches_an_engine_passing_an_unknown_name(stub, model_dir, mon
     monkeypatch.setattr(trtllm, "llm_kwargs", real)
     real_sampling = trtllm.sampling_kwargs
     monkeypatch.setattr(
-        trtllm, "sampling_kwargs", lambda cfg: {**real_sampling(cfg), "max_new_tokens": 8}
+        trtllm, "sampling_kwargs", lambda cfg, *a: {**real_sampling(cfg, *a), "max_new_tokens": 8}
     )
     with pytest.raises((TypeError, ValueError), match="max_new_tokens"):
         trtllm.TrtLlmEngine(make_cfg(model_dir))
@@ -275,7 +329,7 @@ def test_guided_decoding_reaches_the_llm_and_every_request(stub, model_dir, monk
             return submit(inputs, sampling_params=sampling_params)
 
         monkeypatch.setattr(engine.llm, "generate_async", spy)
-        results = engine.generate(make_requests(3))
+        results = run(engine, make_requests(3))
         assert [r.error_code for r in results] == [None] * 3
         assert len(seen) == 3
         for sampling in seen:
@@ -314,7 +368,7 @@ def test_contract_catches_guided_decoding_misuse(stub, model_dir, monkeypatch):
 
     monkeypatch.setattr(trtllm, "llm_kwargs", without_backend)
     engine = trtllm.TrtLlmEngine(make_cfg(model_dir, structured={"json_schema": MODERATION}))
-    results = engine.generate(make_requests(2))
+    results = run(engine, make_requests(2))
     engine.close()
     assert {r.error_code for r in results} == {"ENGINE_ERROR"}
     assert all("guided_decoding_backend" in r.error_message for r in results)
@@ -336,59 +390,188 @@ def test_stub_rejects_bad_prompt_inputs(stub, model_dir):
         llm.generate_async({"prompt": "x"}, sampling={"max_tokens": 3})
 
 
-def test_a_failing_row_fails_alone(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+def test_a_failing_row_fails_alone(stub, model_dir, monkeypatch):
     requests = make_requests(4)
+    stub_env(monkeypatch, fail=[pixels_sha(requests[2])])  # upstream's RequestError
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
     real_submit = engine.llm.generate_async
 
-    class Broken:
-        def result(self):
-            raise RuntimeError("request failed in the executor")
-
-    def flaky(inputs, **kwargs):
-        img = inputs["multi_modal_data"]["image"][0]
-        if img is requests[1].image:
+    def refusing(inputs, **kwargs):
+        if inputs["multi_modal_data"]["image"][0] is requests[1].image:
             raise ValueError("prompt too long")  # generate_async itself refuses
-        if img is requests[2].image:
-            return Broken()  # fails when waited on
         return real_submit(inputs, **kwargs)
 
-    engine.llm.generate_async = flaky
-    by_key = {r.key: r for r in engine.generate(requests)}
+    engine.llm.generate_async = refusing
+    by_key = {r.key: r for r in run(engine, requests)}
     assert by_key[requests[1].key].error_code == "ENGINE_ERROR"
     assert "prompt too long" in by_key[requests[1].key].error_message
     assert by_key[requests[2].key].error_code == "ENGINE_ERROR"
-    assert "RuntimeError" in by_key[requests[2].key].error_message
+    assert "RequestError" in by_key[requests[2].key].error_message
     assert by_key[requests[0].key].error_code is None and by_key[requests[3].key].text
+    assert engine._test_sink.failed is None  # per-request failures leave the engine alive
     engine.close()
 
 
-def test_in_flight_requests_are_bounded(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, max_inflight_requests=2, submit_threads=4))
-    real_submit = engine.llm.generate_async
-    lock = threading.Lock()
-    state = {"now": 0, "peak": 0}
+def test_two_threads_inside_generate_async_fail_the_stand_in(stub, model_dir, monkeypatch):
+    """Upstream's submit path is not thread-safe; the stand-in refuses what would corrupt it,
+    so the engine's single submitting thread is what keeps the other tests green."""
+    stub_env(monkeypatch, submit_cpu_s=0.005)
+    llm = stub.LLM(model=str(model_dir))
+    requests = make_requests(10)
+    errors: list[BaseException] = []
 
-    class Slow:
-        def __init__(self, inner):
-            self.inner = inner
+    def hammer() -> None:
+        for req in requests:
+            try:
+                inputs = {
+                    "prompt": f"<|image_pad|> {req.prompt}",
+                    "multi_modal_data": {"image": [req.image]},
+                }
+                llm.generate_async(inputs)
+            except Exception as exc:
+                errors.append(exc)
 
-        def result(self):
-            time.sleep(0.02)
-            with lock:
-                state["now"] -= 1
-            return self.inner.result()
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors and llm.violations == len(errors)
+    assert all("two threads" in str(e) for e in errors)
+    llm.shutdown()
 
-    def counting(inputs, **kwargs):
-        with lock:
-            state["now"] += 1
-            state["peak"] = max(state["peak"], state["now"])
-        return Slow(real_submit(inputs, **kwargs))
 
-    engine.llm.generate_async = counting
-    results = engine.generate(make_requests(12))
-    assert len(results) == 12 and all(r.error_code is None for r in results)
-    assert state["peak"] <= 2
+def test_one_thread_submits_and_results_come_back_as_each_finishes(stub, model_dir, monkeypatch):
+    stub_env(monkeypatch, step_s=0.002)
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, max_batch_size=4))
+    assert engine.max_in_flight == 8  # twice the engine's batch by default
+    requests = make_requests(24, prompt="Describe")
+    results = run(engine, requests)
+    llm = engine.llm
+    assert (llm.submit_threads and len(llm.submit_threads), llm.violations) == (1, 0)
+    assert threading.get_ident() not in llm.submit_threads  # the engine's own submit thread
+    assert llm.peak_in_flight > 4 and llm.peak_running == 4  # requests waited in its scheduler
+    order = [r.key for r in results]
+    assert order != [r.key for r in requests], "finished in submission order: not in flight"
+    assert sorted(order) == sorted(r.key for r in requests)
+    assert engine._test_sink.entered == [[r.key for r in requests]]  # one note per group
+    engine.close()
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, max_inflight_requests=3))
+    assert engine.max_in_flight == 3
+    engine.close()
+
+
+def test_a_request_that_never_completes_is_aborted_retried_then_a_timeout_row(
+    stub, model_dir, monkeypatch
+):
+    requests = make_requests(3)
+    stub_env(monkeypatch, hang=[pixels_sha(requests[0])])
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, request_timeout_s=0.3))
+    by_key = {r.key: r for r in run(engine, requests, timeout=20)}
+    hung = by_key[requests[0].key]
+    assert hung.error_code == "ENGINE_TIMEOUT" and "2 tries" in hung.error_message
+    assert all(by_key[r.key].error_code is None for r in requests[1:])
+    assert engine.llm.submitted == 4  # the hung row went in twice
+    engine.close()
+
+
+def test_a_dead_executor_fails_the_engine_not_the_rows(stub, model_dir, monkeypatch):
+    stub_env(monkeypatch, die_after=3, step_s=0.05)
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    sink = engine._test_sink = Sink()
+    engine.start(sink)
+    engine.submit(make_requests(6))
+    deadline = time.monotonic() + 10
+    while sink.failed is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert isinstance(sink.failed, EngineDead), sink.failed
+    assert engine.llm._dead is not None  # the stand-in's executor did die
+    # No row is condemned for the executor's death: the actor is replaced and they run again.
+    assert not [r for r in sink.results if r.error_code]
+    engine.close()
+
+
+def test_finish_reasons_timeout_and_cancelled_are_error_rows():
+    (req,) = make_requests(1)
+
+    def output(reason: str):
+        completion = SimpleNamespace(text="x", token_ids=[1], finish_reason=reason)
+        return SimpleNamespace(outputs=[completion], prompt_token_ids=[1, 2])
+
+    assert trtllm.to_result(req, output("timeout"), 0, None).error_code == "ENGINE_TIMEOUT"
+    assert trtllm.to_result(req, output("cancelled"), 0, None).error_code == "ENGINE_ERROR"
+    ok = trtllm.to_result(req, output("stop"), 0, None)
+    assert (ok.error_code, ok.text, ok.finish_reason) == (None, "x", "stop")
+
+
+def test_the_processor_never_resizes_what_the_runner_resized(stub, model_dir, monkeypatch):
+    """A 28x28 image (image.min_pixels below the processor's 3136) keeps its one vision token;
+    without ``do_resize=False`` TensorRT-LLM's processor would upsize it to 56x56 (four)."""
+    img = Image.new("RGB", (28, 28), (200, 10, 10))
+    req = Request(("u0", 0), "r0", "Describe", None, img, "", 1, 0)
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    kwargs = engine.inputs(req)["mm_processor_kwargs"]
+    assert kwargs == {"do_resize": False}
+    reserved = SURFACE["Qwen2_5_VL_model_registration"]["mm_processor_kwargs"]["reserved"]
+    assert not set(kwargs) & set(reserved)
+    (res,) = run(engine, [req])
+    assert res.vision_tokens == 1
+    engine.close()
+    monkeypatch.setattr(trtllm, "MM_PROCESSOR_KWARGS", {})
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    (res,) = run(engine, [req])
+    assert res.vision_tokens == 4  # what the check above guards against
+    engine.close()
+
+
+def test_stop_ids_are_every_eos_of_the_generation_config(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    tok = engine._tokenizer
+    want = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    assert engine._sampling.passed_kwargs["stop_token_ids"] == want
+    engine.close()
+    no_files = SimpleNamespace(convert_tokens_to_ids=tok.convert_tokens_to_ids, unk_token_id=0)
+    assert trtllm.eos_token_ids("/nonexistent", no_files) == want  # Qwen's two, by name
+
+
+def test_repetition_penalty_is_applied_or_never_silently_ignored(stub, model_dir, monkeypatch):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, sampling={"repetition_penalty": 1.1}))
+    assert engine.llm.passed_kwargs["sampler_type"] == "TRTLLMSampler"  # 1.2's TorchSampler
+    assert engine._sampling.repetition_penalty == 1.1  # ignores penalties (issue #9442)
+    engine.close()
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    assert "sampler_type" not in engine.llm.passed_kwargs  # the default path when neutral
+    engine.close()
+    monkeypatch.setattr(stub, "__version__", "1.3.0")  # TorchSampler applies them from 1.3
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, sampling={"repetition_penalty": 1.1}))
+    assert "sampler_type" not in engine.llm.passed_kwargs
+    engine.close()
+
+
+def test_max_input_len_follows_max_seq_len(stub, model_dir):
+    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, max_seq_len=4096))
+    assert engine.llm.passed_kwargs["max_input_len"] == 4096 == engine.llm.max_seq_len
+    engine.close()
+
+
+def test_warmup_runs_one_request_then_a_window_of_the_largest_images(stub, model_dir, monkeypatch):
+    stub_env(monkeypatch, step_s=0.05)  # decode slower than submitting: the window overlaps
+    cfg = make_cfg(model_dir, max_batch_size=4)
+    engine = trtllm.TrtLlmEngine(cfg)
+    seen = []
+    submit = engine.llm.generate_async
+
+    def spy(inputs, sampling_params=None):
+        seen.append((inputs["multi_modal_data"]["image"][0].size, len(seen)))
+        return submit(inputs, sampling_params=sampling_params)
+
+    engine.llm.generate_async = spy
+    engine.warmup()
+    largest = trtllm.largest_grid(cfg.image.max_pixels)
+    assert [size for size, _ in seen] == [largest] * (1 + engine.max_in_flight)
+    w, h = largest
+    assert (w, h) == (32 * 28, 40 * 28)  # all 1,280 patches max_pixels allows
+    assert engine.llm.peak_in_flight == engine.max_in_flight  # the window went in together
     engine.close()
 
 
@@ -399,7 +582,7 @@ def test_close_is_idempotent_and_final(stub, model_dir):
     engine.close()
     assert llm.shutdown_calls == 1
     with pytest.raises(EngineError):
-        engine.generate(make_requests(1))
+        run(engine, make_requests(1))
 
 
 def test_count_text_tokens_is_the_templated_prompt_without_image_pads(stub, model_dir):
@@ -594,7 +777,7 @@ def test_builtin_template_equals_qwen_template(model_dir):
 # --- whole jobs ---------------------------------------------------------------------------------
 
 
-def run_cli_job(tmp_path: Path, job: Path, pythonpath: list[Path], timeout: float):
+def run_cli_job(tmp_path: Path, job: Path, pythonpath: list[Path], timeout: float, env_extra=None):
     """``qvl-batch run`` in a subprocess that starts its own local Ray, whose workers inherit
     this environment (PYTHONPATH included); RAY_TMPDIR keeps it off any other local cluster."""
     ray_tmp = tempfile.mkdtemp(prefix="qvlray", dir="/tmp")  # short: Ray's socket paths
@@ -604,6 +787,7 @@ def run_cli_job(tmp_path: Path, job: Path, pythonpath: list[Path], timeout: floa
         PYTHONPATH=os.pathsep.join(p for p in paths if p),
         RAY_TMPDIR=ray_tmp,
         RAY_USAGE_STATS_ENABLED="0",
+        **(env_extra or {}),
     )
     cmd = [sys.executable, "-m", "qvl_batch.cli", "run", str(job), "--no-progress"]
     try:
@@ -621,25 +805,123 @@ def assert_exactly_once(data_dir: Path, output: Path) -> tuple[list[dict], list[
     return data, errors
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_job_with_trtllm_engine_against_stub_is_exactly_once(tmp_path, dataset, model_dir):
-    out = tmp_path / "out"
-    engine = {"name": "trtllm", "model": str(model_dir), "trtllm": {"submit_threads": 2}}
+def prepared_image(image_bytes: bytes):
+    """The image as the runner hands it to the engine (the job's default image settings)."""
+    from qvl_batch.config import ImageConfig
+    from qvl_batch.images import prepare_image
+
+    return prepare_image(image_bytes, ImageConfig()).image
+
+
+def stub_answers(api, model_dir: Path, data_dir: Path) -> dict[str, str]:
+    """id -> the stand-in's deterministic answer for every decodable input row."""
+    surface = api._surface
+    source = trtllm.load_template_source(str(model_dir))
+    prompt = trtllm.render_chat(source, "Describe this image.", None)
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = surface.ToyTokenizer(config["image_token_id"], config["vocab_size"])
+    sampling = api.SamplingParams(max_tokens=64, seed=0)
+    answers = {}
+    for row in input_rows(data_dir):
+        if row["kind"] != "corrupt":
+            image = prepared_image(row["image"])
+            answers[row["id"]] = surface.fake_completion(prompt, [image], sampling, tokenizer).text
+    return answers
+
+
+def good_rows(data_dir: Path, n: int, offset: int) -> list[dict]:
+    rows = [r for r in input_rows(data_dir) if r["kind"] != "corrupt"]
+    return rows[offset : offset + n]
+
+
+def trtllm_job(tmp_path: Path, dataset: Path, model_dir: Path, behaviour: dict, **trt):
+    """Run a job with the trtllm engine on the stand-in; returns (process, output, stats)."""
+    out, stats = tmp_path / "out", tmp_path / "stub-stats"
+    stats.mkdir()
+    trt = {"max_batch_size": 4, "max_inflight_requests": 8, **trt}
+    engine = {"name": "trtllm", "model": str(model_dir), "warmup": False, "trtllm": trt}
     cluster = {"num_actors": 2, "address": None, "local_num_cpus": 2}
     job = write_job(tmp_path / "job.yaml", dataset, out, None, engine=engine, cluster=cluster)
-    proc = run_cli_job(tmp_path, job, [STUB_DIR], timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    behaviour = {"step_s": 0.003, "stats_dir": str(stats), **behaviour}
+    env = {"TRTLLM_STUB": json.dumps(behaviour)}
+    proc = run_cli_job(tmp_path, job, [STUB_DIR], timeout=240, env_extra=env)
+    seen = [json.loads(p.read_text()) for p in stats.glob("*.json")]
+    return proc, out, seen
+
+
+def check_stub_output(api, model_dir, dataset, out, expected_errors: dict[str, str]):
+    """Exactly once; data texts are the stand-in's answers; errors are the corrupt inputs plus
+    ``expected_errors`` (id -> code)."""
     data, errors = assert_exactly_once(dataset, out)
-    inputs = {r["id"]: r for r in input_rows(dataset)}
-    assert {r["id"] for r in errors} == {i for i, r in inputs.items() if r["kind"] == "corrupt"}
-    assert data
+    answers = stub_answers(api, model_dir, dataset)
     for row in data:
+        assert row["text"] == answers[row["id"]], row["id"]
         assert row["engine"] == "trtllm" and row["engine_version"] == "0.0.0+stub"
-        assert row["text"] and row["finish_reason"] in ("stop", "length")
         assert row["output_tokens"] == len(row["text"].split())
         assert row["vision_tokens"] == (row["resized_width"] // 28) * (row["resized_height"] // 28)
         assert row["prompt_tokens"] > row["vision_tokens"]
+    corrupt = {
+        i for i, r in {r["id"]: r for r in input_rows(dataset)}.items() if r["kind"] == "corrupt"
+    }
+    got = {r["id"]: r["error_code"] for r in errors}
+    assert set(got) == corrupt | set(expected_errors)
+    assert {i: got[i] for i in expected_errors} == expected_errors
+    return data, errors
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_job_streams_into_the_trtllm_engine_exactly_once(stub, tmp_path, dataset, model_dir):
+    proc, out, seen = trtllm_job(tmp_path, dataset, model_dir, {})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_stub_output(stub, model_dir, dataset, out, {})
+    assert len(seen) == 2, seen  # one LLM per actor
+    for llm in seen:
+        assert llm["submit_threads"] == 1 and llm["violations"] == 0, llm  # one submitter
+        assert llm["peak_in_flight"] <= 8, llm  # never above engine.trtllm.max_inflight_requests
+    # More than one batch's worth inside at once: requests waited in the scheduler.
+    assert max(llm["peak_in_flight"] for llm in seen) > 4, seen
+    assert max(llm["peak_running"] for llm in seen) == 4, seen
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_dead_executor_mid_job_replaces_the_actor(stub, tmp_path, dataset, model_dir):
+    behaviour = {"die_after": 40, "die_once": str(tmp_path / "died-once")}
+    proc, out, _ = trtllm_job(tmp_path, dataset, model_dir, behaviour)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "died-once").exists(), "the executor never died: the test proves nothing"
+    check_stub_output(stub, model_dir, dataset, out, {})
+    metrics = json.loads((out / "_metrics.json").read_text())["summary"]
+    assert metrics["actor_restarts"] >= 1, metrics
+    assert "executor is dead" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_request_that_never_completes_ends_as_a_timeout_row(stub, tmp_path, dataset, model_dir):
+    (hung,) = good_rows(dataset, 1, offset=7)
+    sha = hashlib.sha256(prepared_image(hung["image"]).tobytes()).hexdigest()
+    proc, out, _ = trtllm_job(tmp_path, dataset, model_dir, {"hang": [sha]}, request_timeout_s=1.0)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _, errors = check_stub_output(stub, model_dir, dataset, out, {hung["id"]: "ENGINE_TIMEOUT"})
+    (row,) = [r for r in errors if r["id"] == hung["id"]]
+    assert "2 tries" in row["error_message"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_poison_row_killing_the_process_while_streaming_is_isolated(
+    stub, tmp_path, dataset, model_dir
+):
+    (poison,) = good_rows(dataset, 1, offset=11)
+    sha = hashlib.sha256(prepared_image(poison["image"]).tobytes()).hexdigest()
+    proc, out, _ = trtllm_job(tmp_path, dataset, model_dir, {"crash": [sha]})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_stub_output(stub, model_dir, dataset, out, {poison["id"]: "ENGINE_CRASH"})
+    metrics = json.loads((out / "_metrics.json").read_text())["summary"]
+    # A death with the stream's rows inside (all suspects then run alone), two deaths alone.
+    assert 2 <= metrics["actor_restarts"] <= 3, metrics
 
 
 # --- the real TensorRT-LLM (NVIDIA's container, a GPU, a Qwen2.5-VL checkpoint) ------------------
@@ -667,7 +949,7 @@ def test_real_tensorrt_llm_engine_generates():
     try:
         assert not engine.version.endswith("+stub")
         requests = make_requests(3, prompt="Describe this image.")
-        results = {r.key: r for r in engine.generate(requests)}
+        results = {r.key: r for r in run(engine, requests)}
         for req in requests:
             res = results[req.key]
             assert res.error_code is None, res.error_message
@@ -698,7 +980,7 @@ def test_real_tensorrt_llm_guided_answers_parse():
     try:
         assert engine.guided
         requests = make_requests(3, prompt="Moderate this image. Answer in JSON.")
-        for res in engine.generate(requests):
+        for res in run(engine, requests):
             assert res.error_code is None, res.error_message
             assert res.finish_reason == "stop", res.text
             _, error = parser.parse(res.text, res.finish_reason)

@@ -1,14 +1,32 @@
-"""The engine seam: ``generate(requests) -> results`` and ``close()``.
+"""The engine seam: a stream of requests in, results out as each finishes.
 
 Engines see images the runner already decoded, oriented and resized to the Qwen grid; they own
 the chat template, tokenisation and decoding. Heavy imports stay inside each engine module.
+
+The seam (:class:`Engine`), used by the actor from one feeding thread:
+
+- ``start(sink)`` once, then ``submit(requests)`` whenever the actor has prepared rows and fewer
+  than ``max_in_flight`` of its rows are inside the engine. ``submit`` never waits for answers.
+- Each request ends with exactly one ``sink.put(result)`` (any order, any thread, key echoed).
+- Before a request can run on the model, the engine calls ``sink.entering(keys)`` (it returns
+  once the rows are on record with the driver's flight recorder, so a process death is blamed on
+  the rows that were really inside). Engines call it once per group, never once per row.
+- ``flush()``: nothing more is coming until results come back; run whatever is held now.
+- An engine that can run nothing more (its executor died) calls ``sink.fail(exc)``; the actor
+  then dies so the driver replaces it and retries its units.
+
+In-flight engines (TensorRT-LLM, the fake engine's in-flight mode) implement the stream
+natively. Lock-step engines (transformers, the fake engine's batch mode) implement
+:class:`BatchEngine` (``generate(batch) -> results``) and reach the seam through the one
+:class:`~qvl_batch.engines.batching.BatchingAdapter`, which buckets rows by size.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import Config
 
@@ -33,7 +51,7 @@ class Result:
 
     key: tuple[str, int]
     text: str | None = None
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None  # "stop" | "length" | "timeout" | "cancelled"
     prompt_tokens: int = 0  # text + vision tokens fed to the model
     vision_tokens: int = 0
     output_tokens: int = 0
@@ -49,12 +67,30 @@ class EngineError(RuntimeError):
     """A whole generate() call failed; the caller may split the batch and retry."""
 
 
-class Engine(ABC):
-    """A model runner owned by one actor."""
+class EngineDead(RuntimeError):
+    """The engine can run nothing more (executor shut down, background error): the actor must
+    be replaced, and the rows inside it run again elsewhere."""
+
+
+class ResultSink(Protocol):
+    """Where an engine reports (the actor implements it)."""
+
+    def entering(self, keys: Sequence[tuple[str, int]]) -> None:
+        """These rows are about to run on the model; returns once they are on record."""
+
+    def put(self, result: Result) -> None:
+        """One request finished (its row leaves the engine)."""
+
+    def fail(self, exc: BaseException) -> None:
+        """The engine is dead; no more results will come."""
+
+
+class _EngineInfo:
+    """What every engine reports about itself, streamed or lock-step."""
 
     name: str = "base"
     version: str = "0"
-    # True when generate() constrains answers to cfg.structured.json_schema (guided decoding).
+    # True when answers are constrained to cfg.structured.json_schema (guided decoding).
     guided: bool = False
 
     def stage_times(self) -> dict[str, float]:
@@ -62,22 +98,58 @@ class Engine(ABC):
         keeps them; the actor reports them as ``engine_<stage>_s`` next to its own timings."""
         return {}
 
-    def reset_stage_times(self) -> None:  # noqa: B027 - optional hook
+    def reset_stage_times(self) -> None:
         """Start the stage clocks again (after the warm-up)."""
-
-    @abstractmethod
-    def generate(self, requests: list[Request]) -> list[Result]:
-        """Run one batch; return one Result per request (any order, keys echoed)."""
 
     def count_text_tokens(self, prompt: str, system: str | None) -> int:
         """Estimate of the text tokens of a prompt (chat template included), for batching."""
         return estimate_text_tokens(prompt, system)
 
-    def warmup(self, batch_size: int) -> None:  # noqa: B027 - optional hook
-        """Run a throwaway batch of ``batch_size`` rows (one-time costs paid up front)."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release the model and any device memory."""
+
+
+class Engine(_EngineInfo, ABC):
+    """A model runner owned by one actor, fed as a stream (see the module docstring)."""
+
+    # While the engine holds at least half its bound, the actor hands rows over in groups of
+    # at least this many: engines that put rows on record at each ``submit`` set it so the
+    # flight recorder is asked once per group, not once per row.
+    entry_group: int = 1
+
+    @property
+    @abstractmethod
+    def max_in_flight(self) -> int:
+        """How many of the actor's rows may be inside the engine at once."""
+
+    @abstractmethod
+    def start(self, sink: ResultSink) -> None:
+        """Where results go; called once, before the first ``submit``."""
+
+    @abstractmethod
+    def submit(self, requests: list[Request]) -> None:
+        """Hand requests over; returns without waiting for their answers."""
+
+    def flush(self) -> None:
+        """No more requests until results come back: run what is held (lock-step engines)."""
+
+    def warmup(self) -> None:
+        """Pay one-time costs (kernels, workspaces) before ``start``, with throwaway requests."""
+
+    def padding(self) -> dict[str, Any] | None:
+        """Padding figures of the batches run (lock-step engines), else None."""
+        return None
+
+
+class BatchEngine(_EngineInfo, ABC):
+    """A lock-step engine: runs one padded batch at a time."""
+
+    @abstractmethod
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run one batch; return one Result per request (any order, keys echoed)."""
+
+    def warmup(self, batch_size: int) -> None:
+        """Run a throwaway batch of ``batch_size`` rows (one-time costs paid up front)."""
 
 
 def estimate_text_tokens(prompt: str, system: str | None) -> int:
@@ -85,19 +157,33 @@ def estimate_text_tokens(prompt: str, system: str | None) -> int:
     return 24 + (len(prompt) + len(system or "")) // 4
 
 
-def make_engine(cfg: Config, incarnation: int = 0) -> Engine:
-    """Build the configured engine. ``incarnation`` counts actor replacements (fault tests)."""
+def make_batch_engine(cfg: Config, incarnation: int = 0) -> BatchEngine:
+    """The lock-step engine the job names (hf, fake): what benchmarks time bare."""
     name = cfg.engine.name
     if name == "fake":
-        from .fake import FakeEngine
+        from .fake import make_fake_batch_engine
 
-        return FakeEngine(cfg, incarnation=incarnation)
+        return make_fake_batch_engine(cfg, incarnation)
     if name == "hf":
         from .hf import HFEngine  # type: ignore[import-not-found]
 
         return HFEngine(cfg)
+    raise ValueError(f"engine {name!r} is not a lock-step engine")
+
+
+def make_engine(cfg: Config, incarnation: int = 0) -> Engine:
+    """The configured engine as a stream. ``incarnation`` counts actor replacements."""
+    name = cfg.engine.name
     if name == "trtllm":
         from .trtllm import TrtLlmEngine  # type: ignore[import-not-found]
 
         return TrtLlmEngine(cfg)
+    if name == "fake" and cfg.engine.fake.mode == "inflight" and cfg.engine.fake.feed == "stream":
+        from .fake import FakeInflightEngine
+
+        return FakeInflightEngine(cfg, incarnation=incarnation)
+    if name in ("fake", "hf"):
+        from .batching import BatchingAdapter
+
+        return BatchingAdapter(make_batch_engine(cfg, incarnation), cfg)
     raise ValueError(f"unknown engine {name!r}")

@@ -1,25 +1,43 @@
 """A deterministic engine for planning, benchmarks and tests.
 
 Output text is a function of the image content hash, the prompt and the seed only
-(:func:`expected_text`), so tests can compute what every row must say. A latency model
-(per batch, per row, per decode step) stands in for a GPU; fault injection fails chosen rows,
-fails every batch that holds a chosen row, answers with broken JSON for chosen rows (structured
-output), SIGKILLs its process on a chosen row, raises once
-after N rows, or SIGKILLs its own process after N rows.
+(:func:`expected_text`), so tests can compute what every row must say. Two modes:
+
+- ``batch`` (lock-step, through the batching adapter): a latency model per batch, per row and
+  per decode step of the batch's longest answer stands in for a padded GPU engine.
+- ``inflight``: an in-flight batching simulator (:class:`InflightSimulator`): ``slots``
+  sequences decode together, each scheduler step costs ``step_s + step_per_active_s * active``
+  seconds plus ``prefill_per_token_s`` per prompt token of the requests it admits, and a
+  request waiting for a slot joins the moment one frees. Each row's answer length is drawn
+  from its image and prompt (:func:`answer_length`, ``answer_lengths``), so the engine pays for
+  long-tailed answers as a real one does; its text stays :func:`expected_text`. ``feed``
+  says how the actor feeds it: ``stream`` (natively) or ``batch`` (one batch at a time through
+  the batching adapter, each waiting for its longest answer: the old way).
+
+Fault injection fails chosen rows, fails every batch that holds a chosen row (a failed row in
+the in-flight mode), answers with broken JSON for chosen rows (structured output), SIGKILLs its
+process on a chosen row, raises once after N rows (batch mode), or SIGKILLs its own process
+after N rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import signal
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from statistics import NormalDist
+from typing import Any
 
-from ..config import Config
+from ..config import Config, parse_lengths
 from ..structured import example_for
-from .base import Engine, EngineError, Request, Result
+from .base import BatchEngine, Engine, EngineError, Request, Result, ResultSink
 
 WORDS = (
     "a",
@@ -73,69 +91,286 @@ def expected_text(
     return " ".join(words), ("stop" if wanted <= max_tokens else "length")
 
 
-class FakeEngine(Engine):
-    """Deterministic stand-in for a VLM with a latency model and fault injection."""
+# Spread of the lognormal answer lengths (sigma of the log): with a mean of ~110 and a cap of
+# 300 this gives a caption-like spread, median ~95 and a few per cent at the cap.
+LOGNORMAL_SIGMA = 0.55
+
+
+def answer_length(spec: str, image_sha256: str, prompt: str) -> int:
+    """The answer length (tokens) of one row: drawn from ``spec`` by a hash of its image and
+    prompt, so every run, actor and feeding mode gives a row the same length."""
+    kind, n = parse_lengths(spec)
+    digest = hashlib.sha256(f"len\0{image_sha256}\0{prompt}".encode()).digest()
+    u = (int.from_bytes(digest[:8], "big") + 0.5) / 2.0**64  # uniform in (0, 1)
+    if kind == "fixed":
+        return int(n[0])
+    if kind == "uniform":
+        return int(n[0] + u * (n[1] - n[0] + 1))
+    mean, cap = n
+    mu = math.log(mean) - LOGNORMAL_SIGMA**2 / 2  # the uncapped mean is `mean`
+    return max(1, min(int(cap), round(math.exp(mu + LOGNORMAL_SIGMA * NormalDist().inv_cdf(u)))))
+
+
+class _Faults:
+    """The fault injection both modes share."""
+
+    def __init__(self, cfg: Config, incarnation: int):
+        self.fake = cfg.engine.fake
+        self.incarnation = incarnation
+        self.fail_ids = set(self.fake.fail_ids)
+        self.raise_ids = set(self.fake.raise_ids)
+        self.crash_ids = set(self.fake.crash_ids)
+        self.bad_json_ids = set(self.fake.bad_json_ids)
+        self.rows_seen = 0
+
+    def entering(self, requests: list[Request]) -> None:
+        """Rows start running: a poison row, or the N-th row, takes the process down."""
+        self.rows_seen += len(requests)
+        self.crash_check(requests)
+        self.exit_check()
+
+    def crash_check(self, requests: list[Request]) -> None:
+        if any(r.row_id in self.crash_ids for r in requests):
+            os.kill(os.getpid(), signal.SIGKILL)  # a poison row that takes the process down
+
+    def exit_check(self) -> None:
+        f = self.fake
+        crash_due = f.exit_after_rows and self.rows_seen >= f.exit_after_rows
+        if crash_due and self.incarnation < f.exit_incarnations:
+            os.kill(os.getpid(), signal.SIGKILL)  # a real hard crash mid-batch
+
+
+def _answer(cfg: Config, faults: _Faults, req: Request, output_tokens: int | None = None):
+    """The fake answer of one row (or its injected failure)."""
+    if req.row_id in faults.fail_ids or req.row_id in faults.raise_ids:
+        return Result(req.key, error_code="ENGINE_ERROR", error_message="injected row failure")
+    s = cfg.sampling
+    text, finish = expected_text(
+        req.image_sha256, req.prompt, s.seed, s.max_tokens, cfg.structured.json_schema
+    )
+    if req.row_id in faults.bad_json_ids:
+        text = text[: len(text) // 2]  # an answer cut short: not JSON
+    return Result(
+        req.key,
+        text=text,
+        finish_reason=finish,
+        prompt_tokens=req.text_tokens + req.vision_tokens,
+        vision_tokens=req.vision_tokens,
+        output_tokens=len(text.split()) if output_tokens is None else output_tokens,
+    )
+
+
+class FakeEngine(BatchEngine):
+    """Deterministic lock-step stand-in for a VLM with a latency model and fault injection."""
 
     name = "fake"
     version = "1"
     guided = True  # with a schema, every answer is a valid instance (bad_json_ids aside)
 
     def __init__(self, cfg: Config, incarnation: int = 0):
+        self.cfg = cfg
         self.fake = cfg.engine.fake
-        self.sampling = cfg.sampling
-        self.schema = cfg.structured.json_schema
-        self._bad_json_ids = set(self.fake.bad_json_ids)
-        self.incarnation = incarnation
-        self.rows_seen = 0
+        self.faults = _Faults(cfg, incarnation)
         self._raised = False
-        self._fail_ids = set(self.fake.fail_ids)
-        self._raise_ids = set(self.fake.raise_ids)
-        self._crash_ids = set(self.fake.crash_ids)
+
+    @property
+    def rows_seen(self) -> int:
+        return self.faults.rows_seen
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        self.rows_seen += len(requests)
         f = self.fake
-        ids = {r.row_id for r in requests}
-        if ids & self._crash_ids:
-            os.kill(os.getpid(), signal.SIGKILL)  # a poison row that takes the process down
-        if poison := sorted(ids & self._raise_ids):
+        self.faults.rows_seen += len(requests)
+        self.faults.crash_check(requests)
+        if poison := sorted({r.row_id for r in requests} & self.faults.raise_ids):
             raise EngineError(f"injected batch failure (poison rows {poison})")
-        crash_due = f.exit_after_rows and self.rows_seen >= f.exit_after_rows
-        if crash_due and self.incarnation < f.exit_incarnations:
-            os.kill(os.getpid(), signal.SIGKILL)  # a real hard crash mid-batch
+        self.faults.exit_check()
         if f.raise_after_rows and not self._raised and self.rows_seen >= f.raise_after_rows:
             self._raised = True
             raise EngineError(f"injected fault after {self.rows_seen} rows")
-        results = []
-        longest = 0
-        for req in requests:
-            if req.row_id in self._fail_ids:
-                results.append(
-                    Result(req.key, error_code="ENGINE_ERROR", error_message="injected row failure")
-                )
-                continue
-            text, finish = expected_text(
-                req.image_sha256,
-                req.prompt,
-                self.sampling.seed,
-                self.sampling.max_tokens,
-                self.schema,
-            )
-            if req.row_id in self._bad_json_ids:
-                text = text[: len(text) // 2]  # an answer cut short: not JSON
-            out_tokens = len(text.split())
-            longest = max(longest, out_tokens)
-            results.append(
-                Result(
-                    req.key,
-                    text=text,
-                    finish_reason=finish,
-                    prompt_tokens=req.text_tokens + req.vision_tokens,
-                    vision_tokens=req.vision_tokens,
-                    output_tokens=out_tokens,
-                )
-            )
+        results = [_answer(self.cfg, self.faults, req) for req in requests]
+        longest = max((r.output_tokens for r in results), default=0)
         delay = f.batch_latency_s + f.row_latency_s * len(requests) + f.token_latency_s * longest
         if delay > 0:
             time.sleep(delay)
         return results
+
+
+class InflightSimulator:
+    """In-flight batching in real time: ``slots`` sequences decode together; a waiting request
+    takes a slot the step after one frees. ``on_done(item)`` is called (from the scheduler
+    thread) as each request's answer completes."""
+
+    def __init__(self, fake: Any, on_done: Callable[[Any], None], on_admit=None):
+        self.slots = fake.slots
+        self.step_s = fake.step_s
+        self.per_active_s = fake.step_per_active_s
+        self.prefill_s = fake.prefill_per_token_s
+        self._on_done = on_done
+        self._on_admit = on_admit or (lambda items: None)
+        self._cond = threading.Condition()
+        self._waiting: deque = deque()  # (item, answer length, prompt tokens)
+        self._active: list[list] = []  # [item, tokens still to decode]
+        self._closed = False
+        # Seconds the scheduler stepped, and slot-seconds (active sequences x step seconds).
+        self.busy_s = 0.0
+        self.slot_s = 0.0
+        self.peak_active = 0
+        self._thread = threading.Thread(target=self._run, name="inflight-sim", daemon=True)
+        self._thread.start()
+
+    def add(self, item: Any, length: int, prompt_tokens: int) -> None:
+        with self._cond:
+            self._waiting.append((item, max(1, length), prompt_tokens))
+            self._cond.notify_all()
+
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._waiting) + len(self._active)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        deadline = time.perf_counter()
+        while True:
+            with self._cond:
+                while not (self._closed or self._waiting or self._active):
+                    self._cond.wait()
+                    deadline = time.perf_counter()
+                if self._closed:
+                    return
+                admitted, prefill_tokens = [], 0
+                while self._waiting and len(self._active) < self.slots:
+                    item, length, tokens = self._waiting.popleft()
+                    self._active.append([item, length])
+                    admitted.append(item)
+                    prefill_tokens += tokens
+                active = len(self._active)
+            if admitted:
+                self._on_admit(admitted)
+            step = self.step_s + self.per_active_s * active + self.prefill_s * prefill_tokens
+            # Sleep to a deadline, so scheduling delays do not add up over thousands of steps.
+            deadline = max(deadline + step, time.perf_counter() - 0.05)
+            pause = deadline - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            done = []
+            with self._cond:
+                self.busy_s += step
+                self.slot_s += step * active
+                self.peak_active = max(self.peak_active, active)
+                for seq in self._active:
+                    seq[1] -= 1
+                done = [seq[0] for seq in self._active if seq[1] <= 0]
+                self._active = [seq for seq in self._active if seq[1] > 0]
+            for item in done:
+                self._on_done(item)
+
+    def stage_times(self) -> dict[str, float]:
+        with self._cond:
+            return {"busy": round(self.busy_s, 4), "slot": round(self.slot_s, 4)}
+
+    def reset(self) -> None:
+        with self._cond:
+            self.busy_s = self.slot_s = 0.0
+
+
+def _length(cfg: Config, req: Request) -> int:
+    drawn = answer_length(cfg.engine.fake.answer_lengths, req.image_sha256, req.prompt)
+    return min(drawn, cfg.sampling.max_tokens)
+
+
+class FakeInflightEngine(Engine):
+    """The in-flight simulator fed as a stream (``engine.fake.mode=inflight``, feed stream)."""
+
+    name = "fake"
+    version = "1"
+    guided = True
+
+    def __init__(self, cfg: Config, incarnation: int = 0):
+        self.cfg = cfg
+        f = cfg.engine.fake
+        # Twice the slots by default: a request always waits to take a slot the moment one
+        # frees, as TensorRT-LLM's scheduler wants (see engine.trtllm.max_inflight_requests).
+        self._bound = f.max_in_flight or 2 * f.slots
+        self.entry_group = max(1, self._bound // 8)
+        self.faults = _Faults(cfg, incarnation)
+        self._sink: ResultSink | None = None
+        self.sim = InflightSimulator(f, self._done, on_admit=self.faults.entering)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._bound
+
+    def start(self, sink: ResultSink) -> None:
+        self._sink = sink
+
+    def submit(self, requests: list[Request]) -> None:
+        assert self._sink is not None, "start() first"
+        self._sink.entering([r.key for r in requests])
+        for r in requests:
+            self.sim.add(r, _length(self.cfg, r), r.text_tokens + r.vision_tokens)
+
+    def _done(self, req: Request) -> None:
+        assert self._sink is not None
+        self._sink.put(_answer(self.cfg, self.faults, req, _length(self.cfg, req)))
+
+    def stage_times(self) -> dict[str, float]:
+        return self.sim.stage_times()
+
+    def reset_stage_times(self) -> None:
+        self.sim.reset()
+
+    def close(self) -> None:
+        self.sim.close()
+
+
+class FakeInflightBatchEngine(BatchEngine):
+    """The same simulator fed one batch at a time (``feed=batch``): each ``generate`` submits
+    its batch and waits for its longest answer, as a batch-synchronous runner does."""
+
+    name = "fake"
+    version = "1"
+    guided = True
+
+    def __init__(self, cfg: Config, incarnation: int = 0):
+        self.cfg = cfg
+        self.faults = _Faults(cfg, incarnation)
+        self._cond = threading.Condition()
+        self._finished: dict[tuple[str, int], Request] = {}
+        self.sim = InflightSimulator(cfg.engine.fake, self._done, on_admit=self.faults.entering)
+
+    def _done(self, req: Request) -> None:
+        with self._cond:
+            self._finished[req.key] = req
+            self._cond.notify_all()
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        for r in requests:
+            self.sim.add(r, _length(self.cfg, r), r.text_tokens + r.vision_tokens)
+        keys = {r.key for r in requests}
+        with self._cond:
+            while not keys <= self._finished.keys():
+                self._cond.wait()
+            for k in keys:
+                del self._finished[k]
+        return [_answer(self.cfg, self.faults, r, _length(self.cfg, r)) for r in requests]
+
+    def stage_times(self) -> dict[str, float]:
+        return self.sim.stage_times()
+
+    def reset_stage_times(self) -> None:
+        self.sim.reset()
+
+    def close(self) -> None:
+        self.sim.close()
+
+
+def make_fake_batch_engine(cfg: Config, incarnation: int = 0) -> BatchEngine:
+    """The fake engine in lock-step: its batch mode, or the in-flight simulator fed by batch."""
+    if cfg.engine.fake.mode == "inflight":
+        return FakeInflightBatchEngine(cfg, incarnation)
+    return FakeEngine(cfg, incarnation)

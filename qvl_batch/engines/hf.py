@@ -60,7 +60,7 @@ import torch
 import transformers
 
 from ..config import Config, SamplingConfig, StructuredConfig
-from .base import Engine, Request, Result
+from .base import BatchEngine, Request, Result
 from .hf_inputs import ImageInputs, expand_placeholders
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def make_guide(
         return None
 
 
-class HFEngine(Engine):
+class HFEngine(BatchEngine):
     """Qwen2.5-VL through ``transformers``; one ``generate`` call per batch."""
 
     name = "hf"

@@ -16,26 +16,48 @@ in the schema (``engine.guided`` is True). xgrammar (0.1.21 and 0.2.8 checked) d
 ``uniqueItems``: the parser reports an answer that repeats an item.
 
 The runner hands over images already resized to the Qwen grid, so the engine only renders the
-chat template of the model directory and submits ``{"prompt", "multi_modal_data"}`` requests.
-TensorRT-LLM runs its multimodal preprocessing inside ``generate_async`` in the caller's thread,
-so requests are submitted from a small thread pool, with a semaphore bounding those in flight.
+chat template of the model directory and submits ``{"prompt", "multi_modal_data",
+"mm_processor_kwargs"}`` requests (``do_resize=False``: TensorRT-LLM's HF processor must not
+resize an image again, which it would below its own ``min_pixels``, changing the vision-token
+count the runner computed).
+
+Feeding (the stream seam, see ``engines/base.py``): every ``generate_async`` call is made from one
+thread, an asyncio event loop the engine owns, as ``trtllm-bench`` does. Upstream's submit path
+is not thread-safe (an unlocked client-id counter, one ZeroMQ socket written without a lock),
+and a request submitted from a running loop gets an async result queue, so each request is one
+task on that loop: submit, then ``await handle.aresult()`` with a deadline. The actor keeps
+``engine.trtllm.max_inflight_requests`` requests inside (default twice the engine's
+``max_batch_size``), so a request is always waiting in TensorRT-LLM's scheduler when a sequence
+finishes; results go back one by one as each finishes.
+
+Faults: a request past ``request_timeout_s`` is aborted and tried once more, then it is an
+ENGINE_TIMEOUT row; a per-request failure (upstream's ``RequestError``, or a refusal by
+``generate_async``) is an ENGINE_ERROR row for that row alone; an executor that is shut down
+("LLM is shutting down", a background error raised from a result) makes the engine dead: the
+actor exits, is replaced, and its units run again.
+
+Sampling fidelity on TensorRT-LLM 1.2.x: generation stops on every EOS id of the model's
+generation_config (``stop_token_ids``; 1.2.x stops on the tokenizer's eos only), and a job with
+``repetition_penalty`` != 1 runs the TRTLLMSampler, since 1.2's default TorchSampler ignores
+penalties (upstream issue #9442; from 1.3 the TorchSampler applies them and the option is gone).
 tensorrt_llm is imported lazily: this module imports (and its pure helpers test) without it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import queue
+import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from ..config import Config
-from .base import Engine, EngineError, Request, Result
+from .base import Engine, EngineDead, EngineError, Request, Result, ResultSink
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +65,13 @@ IMAGE_PAD = "<|image_pad|>"  # Qwen2.5-VL image placeholder; the processor expan
 IMAGE_TOKEN_ID = 151655  # its id in the Qwen2.5-VL vocabulary (config.json: image_token_id)
 DEFAULT_SYSTEM = "You are a helpful assistant."  # what Qwen2.5-VL's template adds without one
 PROMPT_CACHE_SIZE = 4096  # distinct (prompt, system) pairs whose rendering is kept
+QWEN_EOS = ("<|im_end|>", "<|endoftext|>")  # Qwen2.5-VL-Instruct's generation_config eos ids
+# What TensorRT-LLM's Qwen2-VL input processor forwards to the HF processor call: the runner
+# already resized every image to the 28-pixel grid within image.min/max_pixels.
+MM_PROCESSOR_KWARGS = {"do_resize": False}
+REQUEST_TRIES = 2  # a request that times out is aborted and tried once more
+ABORT_GRACE_S = 10.0  # how long an aborted request may take to come back 'cancelled'
+WARMUP_MAX_TOKENS = 8  # the warm-up pays start-up costs, not decode
 
 INSTALL_HINT = (
     "engine 'trtllm' needs TensorRT-LLM: run in NVIDIA's TensorRT-LLM release container "
@@ -94,11 +123,27 @@ def llm_kwargs(cfg: Config, api: ModuleType) -> dict[str, Any]:
         "cuda_graph_config": cuda_graphs,
         "trust_remote_code": False,  # never run model-repo code unless engine.options says so
     }
+    # Versions that check prompts against max_input_len (default 1024) must not refuse a long
+    # vision prompt (up to 1280 image tokens plus text) that max_seq_len allows.
+    kwargs["max_input_len"] = t.max_seq_len
     if guided_schema(cfg) is not None:
         # Without a backend the executor refuses requests that carry GuidedDecodingParams.
         kwargs["guided_decoding_backend"] = "xgrammar"
+    if cfg.sampling.repetition_penalty != 1.0 and penalties_need_trtllm_sampler(api):
+        kwargs["sampler_type"] = "TRTLLMSampler"
     kwargs.update(cfg.engine.options)
     return kwargs
+
+
+def penalties_need_trtllm_sampler(api: ModuleType) -> bool:
+    """True before 1.3: 1.2.x's default TorchSampler accepts repetition_penalty and ignores it
+    (upstream issue #9442; fixed by PR #16485 in 1.3, which also removed ``sampler_type``)."""
+    version = str(getattr(api, "__version__", "0"))
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) < (1, 3)
 
 
 def guided_schema(cfg: Config) -> dict[str, Any] | None:
@@ -109,16 +154,16 @@ def guided_schema(cfg: Config) -> dict[str, Any] | None:
     return structured.json_schema
 
 
-def sampling_kwargs(cfg: Config) -> dict[str, Any]:
+def sampling_kwargs(cfg: Config, stop_ids: list[int] | None = None) -> dict[str, Any]:
     """Keyword arguments of ``SamplingParams(...)``: max_tokens always (its default is 32).
 
-    Temperature 0 means greedy: TensorRT-LLM wants temperature > 0 and treats top_k=1 (with
-    top_p unset) as greedy, so greedy jobs send exactly that. A neutral repetition penalty is
-    left unset, which keeps the runtime on its default path.
+    Greedy (temperature 0) is sent as top_k=1 with temperature and top_p unset, which every
+    1.x version treats as greedy. A neutral repetition penalty is left unset, which keeps the
+    runtime on its default path. ``stop_ids``: the model's EOS ids, each a stop token.
     """
     s = cfg.sampling
     greedy = s.temperature == 0
-    return {
+    kwargs = {
         "max_tokens": s.max_tokens,
         "temperature": None if greedy else s.temperature,
         "top_p": None if greedy else s.top_p,
@@ -126,6 +171,41 @@ def sampling_kwargs(cfg: Config) -> dict[str, Any]:
         "repetition_penalty": None if s.repetition_penalty == 1.0 else s.repetition_penalty,
         "seed": s.seed,
     }
+    if stop_ids:
+        kwargs["stop_token_ids"] = list(stop_ids)
+    return kwargs
+
+
+def eos_token_ids(model: str, tokenizer: Any) -> list[int]:
+    """Every EOS id the model's generation_config.json (and config.json) names; Qwen2.5-VL's
+    two (``<|im_end|>``, ``<|endoftext|>``) from the tokenizer where neither file says."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = json.loads((Path(model) / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    if ids:
+        return ids
+    for token in QWEN_EOS:
+        try:
+            tid = tokenizer.convert_tokens_to_ids(token)
+        except Exception:
+            continue
+        if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
+            ids.append(tid)
+    return ids
+
+
+def largest_grid(max_pixels: int) -> tuple[int, int]:
+    """(width, height) of the largest image the runner can hand over: the most 28x28 patches
+    within ``max_pixels``, the squarest such grid."""
+    patches = max(1, max_pixels // (28 * 28))
+    _, side = max((s * (patches // s), s) for s in range(1, math.isqrt(patches) + 1))
+    return 28 * side, 28 * (patches // side)
 
 
 def chat_messages(prompt: str, system: str | None) -> list[dict[str, Any]]:
@@ -227,8 +307,15 @@ def count_vision_tokens(ids: list[int], image_id: int, vocab: int | None) -> int
 
 
 def to_result(request: Request, output: Any, image_id: int, vocab: int | None) -> Result:
-    """Map a finished RequestOutput to a Result; counts fall back to the runner's own."""
+    """Map a finished RequestOutput to a Result; counts fall back to the runner's own. A request
+    the runtime timed out or cancelled is an error row, not a truncated answer."""
     completion = output.outputs[0]
+    if completion.finish_reason == "timeout":
+        msg = "TensorRT-LLM timed the request out (finish_reason 'timeout')"
+        return Result(request.key, error_code="ENGINE_TIMEOUT", error_message=msg)
+    if completion.finish_reason == "cancelled":
+        msg = "TensorRT-LLM cancelled the request (finish_reason 'cancelled')"
+        return Result(request.key, error_code="ENGINE_ERROR", error_message=msg)
     ids = list(output.prompt_token_ids or [])
     vision = count_vision_tokens(ids, image_id, vocab) or request.vision_tokens
     return Result(
@@ -242,10 +329,21 @@ def to_result(request: Request, output: Any, image_id: int, vocab: int | None) -
 
 
 def error_result(request: Request, exc: BaseException) -> Result:
-    """A failed row: this request only, the rest of the batch is unaffected."""
+    """A failed row: this request only, the others are unaffected."""
     return Result(
         request.key, error_code="ENGINE_ERROR", error_message=f"{type(exc).__name__}: {exc}"
     )
+
+
+def is_request_error(exc: BaseException) -> bool:
+    """Upstream's per-request failure (``tensorrt_llm.executor.utils.RequestError``): the
+    executor lives on. Told by class name, so no executor module need be imported."""
+    return any(cls.__name__ == "RequestError" for cls in type(exc).__mro__)
+
+
+def is_shut_down(exc: BaseException) -> bool:
+    """``generate_async``'s refusal once the executor is shut down ("LLM is shutting down")."""
+    return isinstance(exc, RuntimeError) and "shutting down" in str(exc)
 
 
 class TrtLlmEngine(Engine):
@@ -261,13 +359,13 @@ class TrtLlmEngine(Engine):
         model = cfg.engine.model
         self._template = load_template_source(model)
         self._tokenizer = getattr(self._template, "tokenizer", self._template)
-        self._tokenizer_lock = threading.Lock()  # fast tokenizers dislike concurrent calls
+        self._tokenizer_lock = threading.Lock()  # prepare threads count tokens concurrently
         model_config = read_model_config(model)
         self._image_id = image_token_id(model_config, self._tokenizer)
         self._vocab = vocab_size(model_config)
         self._render = lru_cache(maxsize=PROMPT_CACHE_SIZE)(self._render_uncached)
         self._count = lru_cache(maxsize=PROMPT_CACHE_SIZE)(self._count_uncached)
-        sampling = sampling_kwargs(cfg)
+        sampling = sampling_kwargs(cfg, eos_token_ids(model, self._tokenizer))
         schema = guided_schema(cfg)
         if schema is not None:
             # TensorRT-LLM takes a str, dict or pydantic model and json.dumps a dict itself;
@@ -276,15 +374,22 @@ class TrtLlmEngine(Engine):
             sampling["guided_decoding"] = guide
         self.guided = schema is not None
         self._sampling = api.SamplingParams(**sampling)
+        warm_tokens = min(WARMUP_MAX_TOKENS, cfg.sampling.max_tokens)
+        self._warm_sampling = api.SamplingParams(**{**sampling, "max_tokens": warm_tokens})
         t = cfg.engine.trtllm
-        # At least one: a zero would block every submission forever (config does not check it).
-        self._inflight = threading.Semaphore(max(1, t.max_inflight_requests))
-        self._pool = ThreadPoolExecutor(t.submit_threads, thread_name_prefix="trtllm-submit")
-        try:
-            self.llm: Any = api.LLM(**llm_kwargs(cfg, api))
-        except BaseException:
-            self._pool.shutdown(wait=False)
-            raise
+        self._bound = t.max_inflight_requests or 2 * t.max_batch_size
+        self.entry_group = max(1, self._bound // 8)
+        self._timeout = t.request_timeout_s
+        self._sink: ResultSink | None = None
+        self._dead: BaseException | None = None
+        self._submit_s = 0.0  # seconds inside generate_async (its preprocessing), one thread
+        self._submitted = 0
+        self.llm: Any = api.LLM(**llm_kwargs(cfg, api))
+        # The one thread that calls generate_async: an event loop, as trtllm-bench uses.
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="trtllm-submit")
+        self._thread.daemon = True
+        self._thread.start()
         log.info("TensorRT-LLM %s loaded %s", self.version, model)
 
     def _render_uncached(self, prompt: str, system: str | None) -> str:
@@ -305,49 +410,145 @@ class TrtLlmEngine(Engine):
         return {
             "prompt": self._render(request.prompt, request.system),
             "multi_modal_data": {"image": [request.image]},
+            "mm_processor_kwargs": dict(MM_PROCESSOR_KWARGS),
         }
 
-    def generate(self, requests: list[Request]) -> list[Result]:
-        """Submit every request from the pool, collect them; a failing row fails alone.
+    # ---- the stream seam ----------------------------------------------------------------
+    @property
+    def max_in_flight(self) -> int:
+        return self._bound
 
-        Requests are collected in the order they were handed to TensorRT-LLM (a queue), never
-        in input order: each collected one was already submitted, so waiting on it always ends
-        and frees its in-flight slot; waiting in input order could wait on a request still
-        queued for a slot held by later ones.
-        """
+    def start(self, sink: ResultSink) -> None:
+        self._sink = sink
+        if self._dead is not None:  # it died in the warm-up
+            sink.fail(EngineDead(f"{type(self._dead).__name__}: {self._dead}"))
+
+    def submit(self, requests: list[Request]) -> None:
+        """On record with the driver, then onto the submit loop; returns at once."""
         if self.llm is None:
             raise EngineError("the trtllm engine is closed")
-        done: queue.Queue = queue.Queue()
+        sink = self._sink
+        assert sink is not None, "start() first"
+        sink.entering([r.key for r in requests])
+        self._loop.call_soon_threadsafe(self._spawn, requests, sink.put, self._sampling)
+
+    def stage_times(self) -> dict[str, float]:
+        return {"submit": round(self._submit_s, 4), "submitted": float(self._submitted)}
+
+    def reset_stage_times(self) -> None:
+        self._submit_s, self._submitted = 0.0, 0
+
+    def warmup(self) -> None:
+        """One request alone, then a full window of the largest images the job allows: the
+        first large batch would otherwise pay the vision encoder's workspace resize (1.2.x) and
+        the first concurrent submits in real work."""
+        from PIL import Image
+
+        width, height = largest_grid(self.cfg.image.max_pixels)
+        tokens = (width // 28) * (height // 28)
+        image = Image.new("RGB", (width, height), (128, 128, 128))
+        text = self.count_text_tokens("Describe this image.", self.cfg.prompt.system)
+        for n in (1, self._bound):
+            requests = [
+                Request(
+                    ("warmup", i),
+                    "warmup",
+                    "Describe this image.",
+                    self.cfg.prompt.system,
+                    image,
+                    "",
+                    tokens,
+                    text,
+                )
+                for i in range(n)
+            ]
+            results = self._run_now(requests, self._warm_sampling)
+            failed = [r for r in results if r.error_code]
+            if failed:
+                log.warning("warm-up: %d of %d failed: %s", len(failed), n, failed[0].error_message)
+
+    def _run_now(self, requests: list[Request], sampling: Any) -> list[Result]:
+        """Submit ``requests`` through the loop and wait for all of them (warm-up)."""
+        done = threading.Event()
+        results: list[Result] = []
+
+        def put(result: Result) -> None:
+            results.append(result)  # called on the loop thread only
+            if len(results) == len(requests):
+                done.set()
+
+        self._loop.call_soon_threadsafe(self._spawn, requests, put, sampling)
+        deadline = time.monotonic() + REQUEST_TRIES * (self._timeout + ABORT_GRACE_S)
+        while not done.wait(0.5):
+            if self._dead is not None:
+                raise EngineDead(f"the executor died in warm-up: {self._dead!r}")
+            if time.monotonic() > deadline:
+                raise EngineError("warm-up requests never came back")
+        return results
+
+    # ---- on the submit loop (one thread) ------------------------------------------------
+    def _spawn(self, requests: list[Request], put, sampling: Any) -> None:
         for request in requests:
-            self._pool.submit(self._submit, request, done)
-        return [self._collect(*done.get()) for _ in requests]
+            self._loop.create_task(self._run(request, put, sampling))
 
-    def _submit(self, request: Request, done: queue.Queue) -> None:
-        """Runs in the submit pool: hold an in-flight slot, enqueue (request, handle, error)."""
-        self._inflight.acquire()
+    async def _run(self, request: Request, put, sampling: Any) -> None:
+        """One request: submit (this loop's thread is the only caller of generate_async),
+        await its result with a deadline; abort and retry once on timeout."""
+        for attempt in range(1, REQUEST_TRIES + 1):
+            if self._dead is not None:
+                return  # the actor is going away; its units run again elsewhere
+            t0 = time.perf_counter()
+            try:
+                handle = self.llm.generate_async(self.inputs(request), sampling_params=sampling)
+            except Exception as exc:
+                if is_shut_down(exc):
+                    return self._die(exc)
+                return put(error_result(request, exc))  # refused: this row alone
+            finally:
+                self._submit_s += time.perf_counter() - t0
+                self._submitted += 1
+            try:
+                output = await asyncio.wait_for(handle.aresult(), self._timeout)
+            except asyncio.TimeoutError:
+                await self._abort(handle)
+                log.warning(
+                    "request %s: no answer in %.0fs (try %d)", request.key, self._timeout, attempt
+                )
+                continue
+            except Exception as exc:
+                if is_request_error(exc):
+                    return put(error_result(request, exc))
+                return self._die(exc)  # a background error: the executor is shut down
+            return put(to_result(request, output, self._image_id, self._vocab))
+        msg = (
+            f"no answer within engine.trtllm.request_timeout_s={self._timeout:g}s, "
+            f"{REQUEST_TRIES} tries (each aborted)"
+        )
+        put(Result(request.key, error_code="ENGINE_TIMEOUT", error_message=msg))
+
+    async def _abort(self, handle: Any) -> None:
+        """Abort a request and give it a moment to come back 'cancelled' (freeing its slot)."""
         try:
-            handle = self.llm.generate_async(self.inputs(request), sampling_params=self._sampling)
-        except Exception as exc:
-            self._inflight.release()
-            done.put((request, None, exc))
+            handle.abort()
+            await asyncio.wait_for(handle.aresult(), ABORT_GRACE_S)
+        except Exception as exc:  # it may never come back; its slot is TensorRT-LLM's to free
+            log.debug("aborted request: %s: %s", type(exc).__name__, exc)
+
+    def _die(self, exc: BaseException) -> None:
+        if self._dead is not None:
             return
-        done.put((request, handle, None))
-
-    def _collect(self, request: Request, handle: Any, error: Exception | None) -> Result:
-        """Wait for one submitted request (holding its slot until done) and map it."""
-        if handle is None:
-            return error_result(request, error or RuntimeError("not submitted"))
-        try:
-            return to_result(request, handle.result(), self._image_id, self._vocab)
-        except Exception as exc:
-            return error_result(request, exc)
-        finally:
-            self._inflight.release()
+        self._dead = exc
+        log.error("TensorRT-LLM executor is dead: %s: %s", type(exc).__name__, exc)
+        if self._sink is not None:
+            self._sink.fail(EngineDead(f"{type(exc).__name__}: {exc}"))
 
     def close(self) -> None:
-        """Stop submitting and shut the LLM down (frees the GPU); safe to call twice."""
+        """Shut the LLM down (frees the GPU), then the submit loop; safe to call twice."""
         llm, self.llm = self.llm, None
         if llm is None:
             return
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        llm.shutdown()
+        try:
+            llm.shutdown()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)

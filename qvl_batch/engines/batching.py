@@ -1,0 +1,150 @@
+"""The batching adapter: a lock-step engine (``generate(batch)``) as a stream.
+
+Rows wait in size buckets (:mod:`qvl_batch.bucketing`); one thread forms batches and runs them.
+A batch goes when a bucket fills (rows or tokens), when topping it up with the nearest sizes
+fills it within the padding limit, when its oldest row has waited ``batching.max_wait_s``, or as
+a part-batch once nothing more can come before it: the actor said so (``flush``: every row in
+flight is prepared and handed over) or the adapter holds its whole window. Bucketing pays here,
+in padded engines; in-flight engines take the stream as it is.
+
+A batch that raises is split in halves to isolate the failing rows; a row is tried at most
+log2(batch size) + ``SINGLE_ROW_TRIES`` times, and one that fails on its own that often becomes
+an ENGINE_ERROR row, so a poison row never blocks its batch and a transient fault never condemns
+a row that happened to be alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..bucketing import Bucketer
+from ..config import Config
+from .base import BatchEngine, Engine, Request, Result, ResultSink
+
+log = logging.getLogger(__name__)
+
+SINGLE_ROW_TRIES = 2  # a row alone in a failing call is retried once before it is an error
+
+
+class BatchingAdapter(Engine):
+    """Feeds a :class:`BatchEngine` from the stream, one bucketed batch at a time."""
+
+    def __init__(self, engine: BatchEngine, cfg: Config):
+        self.inner = engine
+        self.name, self.version, self.guided = engine.name, engine.version, engine.guided
+        b = cfg.batching
+        self._batch_size = b.max_batch_size
+        # The prepared window bucketing chooses from, in batches: wider fills more same-size
+        # batches and holds more decoded images in memory.
+        self._window = b.window_batches * b.max_batch_size
+        self._by_size = b.bucketing
+        self._max_tokens = cfg.sampling.max_tokens
+        self._bucketer = Bucketer(
+            b.max_batch_size,
+            b.max_tokens_per_batch,
+            b.max_wait_s,
+            max_padding=b.max_padding_fraction,
+        )
+        self._cond = threading.Condition()
+        self._flush = False
+        self._closed = False
+        self._sink: ResultSink | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- the seam -----------------------------------------------------------------------
+    @property
+    def max_in_flight(self) -> int:
+        return self._window
+
+    def start(self, sink: ResultSink) -> None:
+        self._sink = sink
+        self._thread = threading.Thread(target=self._run, name="batching", daemon=True)
+        self._thread.start()
+
+    def submit(self, requests: list[Request]) -> None:
+        with self._cond:
+            for r in requests:
+                seq_len = r.vision_tokens + r.text_tokens
+                key = r.image.size if self._by_size else "arrival"
+                self._bucketer.add(r, key, seq_len + self._max_tokens, seq_len)
+            self._flush = False
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        with self._cond:
+            self._flush = True
+            self._cond.notify_all()
+
+    def warmup(self) -> None:
+        self.inner.warmup(self._batch_size)
+
+    def padding(self) -> dict:
+        with self._cond:
+            return self._bucketer.stats.as_dict()
+
+    def count_text_tokens(self, prompt: str, system: str | None) -> int:
+        return self.inner.count_text_tokens(prompt, system)
+
+    def stage_times(self) -> dict[str, float]:
+        return self.inner.stage_times()
+
+    def reset_stage_times(self) -> None:
+        self.inner.reset_stage_times()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.inner.close()
+
+    # ---- the batch thread ---------------------------------------------------------------
+    def _next_batch(self) -> list[Request] | None:
+        with self._cond:
+            while not self._closed:
+                force = self._flush or self._bucketer.pending >= self._window
+                batch = self._bucketer.next_batch(force=force)
+                if batch:
+                    return batch
+                due = self._bucketer.seconds_until_due()
+                self._cond.wait(0.5 if due is None else min(0.5, max(due, 0.001)))
+            return None
+
+    def _run(self) -> None:
+        assert self._sink is not None
+        try:
+            while (batch := self._next_batch()) is not None:
+                for result in self._generate_isolating(batch):
+                    self._sink.put(result)
+        except BaseException as exc:  # a bug: the actor dies and is replaced
+            log.exception("batching thread died")
+            self._sink.fail(exc)
+
+    def _generate_isolating(self, batch: list[Request], alone_tries: int = 0) -> list[Result]:
+        """Run a batch; if the engine raises, split it to isolate the failing rows."""
+        assert self._sink is not None
+        # Rows still inside from a failed larger batch stay on record with these (a crash now
+        # blames the whole batch, as a crash in the first call would have).
+        self._sink.entering([r.key for r in batch])
+        try:
+            results = self.inner.generate(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                if alone_tries + 1 < SINGLE_ROW_TRIES:
+                    time.sleep(0)  # let other threads run between tries
+                    return self._generate_isolating(batch, alone_tries + 1)
+                msg = f"{type(exc).__name__}: {exc}"
+                return [Result(batch[0].key, error_code="ENGINE_ERROR", error_message=msg)]
+            mid = len(batch) // 2
+            return self._generate_isolating(batch[:mid]) + self._generate_isolating(batch[mid:])
+        by_key = {r.key: r for r in results}
+        out = []
+        for req in batch:
+            result = by_key.get(req.key)
+            if result is None:
+                result = Result(req.key, error_code="ENGINE_ERROR", error_message="no result")
+            out.append(result)
+        return out
