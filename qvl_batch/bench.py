@@ -7,6 +7,8 @@
   in its own process so peaks do not mix. Flat means bounded by what is in flight.
 - ``storage``: the input read path from an S3 server vs local disk (``bench_storage``).
 - ``gpu``: the hf engine alone vs the whole runner, and bucketing on vs off (``bench_gpu``).
+- ``feed``: an in-flight engine fed as a stream vs batch by batch vs its capacity (``bench_feed``).
+- ``submit``: CPU per request in TensorRT-LLM's one submitting thread (``bench_submit``).
 """
 
 from __future__ import annotations
@@ -261,6 +263,14 @@ def add_bench_parser(sub) -> None:
     from .bench_scale import add_scale_bench
 
     add_scale_bench(kinds, common)
+
+    from .bench_feed import add_feed_bench
+
+    add_feed_bench(kinds, common)
+
+    from .bench_submit import add_submit_bench
+
+    add_submit_bench(kinds, common)
 
     from .bench_gpu import add_gpu_bench
 

@@ -193,7 +193,7 @@ class FakeEngineConfig:
     # "batch": lock-step with the latency model above. "inflight": an in-flight batching
     # simulator (slots; a step costs step_s + step_per_active_s x active, plus
     # prefill_per_token_s per prompt token admitted), each row's answer length drawn from
-    # answer_lengths by its image and prompt.
+    # answer_lengths by its id.
     mode: str = "batch"
     feed: str = "stream"  # inflight: "stream" (native) or "batch" (through the batching adapter)
     slots: int = 64

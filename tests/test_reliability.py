@@ -33,18 +33,27 @@ def test_batches_that_raise_are_split_until_exactly_the_poison_rows_fail(
     assert summary.actor_restarts == 0 and summary.error_codes["ENGINE_ERROR"] == len(poison)
 
 
+# Lock-step batches through the adapter, and a stream into an in-flight engine.
+INFLIGHT = {"mode": "inflight", "slots": 8, "step_s": 0.002, "answer_lengths": "uniform:1:6"}
+
+
+@pytest.mark.parametrize("engine", [{}, INFLIGHT], ids=["batches", "stream"])
 def test_rows_that_kill_the_actor_are_isolated_and_become_engine_crash_rows(
-    tmp_path, dataset, ray_head
+    tmp_path, dataset, ray_head, engine
 ):
     poison = set(_good_ids(dataset, 2, offset=5))
     out = tmp_path / "out"
     job = write_job(
-        tmp_path / "job.yaml", dataset, out, ray_head, engine__fake={"crash_ids": sorted(poison)}
+        tmp_path / "job.yaml",
+        dataset,
+        out,
+        ray_head,
+        engine__fake={"crash_ids": sorted(poison), **engine},
     )
     summary = run_job(load_config(job), progress_bar=False)
     assert summary.exit_code == EXIT_OK, summary.lines()
     _, errors = check_fake_output(dataset, out, dict.fromkeys(poison, "ENGINE_CRASH"))
-    # Each poison row: a death in a batch (suspects then run alone), then two deaths alone.
+    # Each poison row: a death among others (suspects then run alone), then two deaths alone.
     assert 2 * len(poison) <= summary.actor_restarts <= 3 * len(poison), summary.lines()
     assert all("died" in r["error_message"] for r in errors if r["id"] in poison)
 

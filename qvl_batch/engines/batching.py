@@ -52,6 +52,7 @@ class BatchingAdapter(Engine):
         self._closed = False
         self._sink: ResultSink | None = None
         self._thread: threading.Thread | None = None
+        self._run_s = 0.0  # seconds inside the engine's generate (the actor's engine_run_s)
 
     # ---- the seam -----------------------------------------------------------------------
     @property
@@ -88,9 +89,10 @@ class BatchingAdapter(Engine):
         return self.inner.count_text_tokens(prompt, system)
 
     def stage_times(self) -> dict[str, float]:
-        return self.inner.stage_times()
+        return {"run": round(self._run_s, 4), **self.inner.stage_times()}
 
     def reset_stage_times(self) -> None:
+        self._run_s = 0.0
         self.inner.reset_stage_times()
 
     def close(self) -> None:
@@ -129,17 +131,19 @@ class BatchingAdapter(Engine):
         # Rows still inside from a failed larger batch stay on record with these (a crash now
         # blames the whole batch, as a crash in the first call would have).
         self._sink.entering([r.key for r in batch])
+        t0 = time.perf_counter()
         try:
             results = self.inner.generate(batch)
         except Exception as exc:
+            self._run_s += time.perf_counter() - t0
             if len(batch) == 1:
                 if alone_tries + 1 < SINGLE_ROW_TRIES:
-                    time.sleep(0)  # let other threads run between tries
                     return self._generate_isolating(batch, alone_tries + 1)
                 msg = f"{type(exc).__name__}: {exc}"
                 return [Result(batch[0].key, error_code="ENGINE_ERROR", error_message=msg)]
             mid = len(batch) // 2
             return self._generate_isolating(batch[:mid]) + self._generate_isolating(batch[mid:])
+        self._run_s += time.perf_counter() - t0
         by_key = {r.key: r for r in results}
         out = []
         for req in batch:

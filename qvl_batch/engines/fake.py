@@ -96,11 +96,11 @@ def expected_text(
 LOGNORMAL_SIGMA = 0.55
 
 
-def answer_length(spec: str, image_sha256: str, prompt: str) -> int:
-    """The answer length (tokens) of one row: drawn from ``spec`` by a hash of its image and
-    prompt, so every run, actor and feeding mode gives a row the same length."""
+def answer_length(spec: str, row_id: str) -> int:
+    """The answer length (tokens) of one row: drawn from ``spec`` by a hash of its id, so every
+    run, actor and feeding mode gives a row the same length."""
     kind, n = parse_lengths(spec)
-    digest = hashlib.sha256(f"len\0{image_sha256}\0{prompt}".encode()).digest()
+    digest = hashlib.sha256(f"len\0{row_id}".encode()).digest()
     u = (int.from_bytes(digest[:8], "big") + 0.5) / 2.0**64  # uniform in (0, 1)
     if kind == "fixed":
         return int(n[0])
@@ -215,12 +215,15 @@ class InflightSimulator:
         self.busy_s = 0.0
         self.slot_s = 0.0
         self.peak_active = 0
+        self.peak_in_flight = 0  # waiting + active
         self._thread = threading.Thread(target=self._run, name="inflight-sim", daemon=True)
         self._thread.start()
 
     def add(self, item: Any, length: int, prompt_tokens: int) -> None:
         with self._cond:
             self._waiting.append((item, max(1, length), prompt_tokens))
+            in_flight = len(self._waiting) + len(self._active)
+            self.peak_in_flight = max(self.peak_in_flight, in_flight)
             self._cond.notify_all()
 
     def in_flight(self) -> int:
@@ -279,7 +282,7 @@ class InflightSimulator:
 
 
 def _length(cfg: Config, req: Request) -> int:
-    drawn = answer_length(cfg.engine.fake.answer_lengths, req.image_sha256, req.prompt)
+    drawn = answer_length(cfg.engine.fake.answer_lengths, req.row_id)
     return min(drawn, cfg.sampling.max_tokens)
 
 
