@@ -109,10 +109,10 @@ class UnitWorker:
         self._fatal: BaseException | None = None
         self._closed = False
         self.timings = {"read_s": 0.0, "prepare_s": 0.0, "engine_s": 0.0, "engine_idle_s": 0.0}
-        self._since = time.perf_counter()  # last change of engine busy / idle
         self._warm_host()
         if cfg.engine.warmup:  # part of start-up, like loading the model: before ready()
             self._warmup()
+        self._since = time.perf_counter()  # last change of engine busy / idle (after warm-up)
         self.engine.start(self)
         self._feeder = threading.Thread(target=self._feed_loop, name="feeder", daemon=True)
         self._feeder.start()
