@@ -159,7 +159,7 @@ class UnitWorker:
     ) -> pa.Table:
         """Run the rows of ``unit``; returns one ROW_RESULT row per row run, in input order.
 
-        ``solo``: row indices that run in batches of one (they were in a batch when an actor
+        ``solo``: row indices that run alone in the engine (they were inside it when an actor
         died). ``skip``: rows that killed the engine process running alone; they are not run
         again and become ENGINE_CRASH rows. ``only``: run just these row indices (retry-failed).
         """
@@ -182,7 +182,7 @@ class UnitWorker:
                 row.error = ("ENGINE_CRASH", "the engine process died running this row alone")
         todo = sum(not row.error for row in rows)
         with self._cond:
-            self._unprepared += todo  # the engine waits for these rather than run a part-batch
+            self._unprepared += todo  # while any are, a lock-step engine waits to fill batches
         try:
             for row in rows:
                 if row.error:

@@ -643,9 +643,12 @@ def test_every_keyword_the_engine_passes_is_in_the_json(model_dir, overrides):
     if kwargs["cuda_graph_config"] is not None:
         assert set(kwargs["cuda_graph_config"].kwargs) <= set(SURFACE["CudaGraphConfig"]["fields"])
     for sampling in ({}, {"temperature": 0.7, "top_k": 40, "repetition_penalty": 1.1}):
-        names = set(trtllm.sampling_kwargs(make_cfg(model_dir, sampling=sampling)))
+        cfg = make_cfg(model_dir, sampling=sampling)
+        names = set(trtllm.sampling_kwargs(cfg, [151645, 151643]))
         assert names <= set(SURFACE["SamplingParams"]["fields"]), names
-    assert "max_tokens" in names
+        penalised = set(trtllm.llm_kwargs(cfg, api))  # sampler_type when the penalty is on
+        assert penalised <= LLM_NAMES, penalised - LLM_NAMES
+    assert {"max_tokens", "stop_token_ids"} <= names and "sampler_type" in penalised
     guided = trtllm.llm_kwargs(make_cfg(model_dir, structured={"json_schema": MODERATION}), api)
     assert "guided_decoding_backend" in guided and set(guided) <= LLM_NAMES
     # The engine adds these two names to SamplingParams(...) and GuidedDecodingParams(...).
