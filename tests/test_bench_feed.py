@@ -18,11 +18,13 @@ def _args(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(["bench", *argv])
 
 
-def test_bench_feed_streaming_beats_batch_sync(tmp_path, capsys):
+def test_bench_feed_streaming_beats_batch_sync(tmp_path, ray_head, capsys):
     out = tmp_path / "feed.json"
     args = _args(
         [
             "feed",
+            f"cluster.address={ray_head}",  # the session's Ray (a local one in this process
+            # would break the session's connection for later tests)
             "--workdir",
             str(tmp_path),
             "--rows",
