@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -95,6 +96,13 @@ class PromptConfig:
         _check(self.max_prompt_tokens >= 1, "prompt.max_prompt_tokens", "must be >= 1")
 
 
+# Source formats decoded by default (Pillow's names): what photo and web datasets hold. MPO is
+# multi-picture JPEG (phones, 3D cameras); AVIF is decoded by Pillow itself from 11.3. Pillow reads
+# ~40 more, each plugin more attack surface, so the rest are refused (UNSUPPORTED_FORMAT) unless
+# listed in image.formats. HEIF (phones' HEIC) needs the heif extra.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+
+
 @dataclass
 class ImageConfig:
     """Decoding and resizing to the Qwen2.5-VL grid (sides multiples of 28)."""
@@ -104,6 +112,8 @@ class ImageConfig:
     max_image_pixels: int = 100_000_000  # decompression-bomb guard on the *source* image
     min_side: int = 8  # smaller sources are refused (IMAGE_TOO_SMALL)
     draft: bool = True  # JPEG DCT-domain downscale when the target is <= half the source
+    # Source formats decoded, Pillow's names (upper case); others are UNSUPPORTED_FORMAT rows.
+    formats: list[str] = field(default_factory=lambda: list(IMAGE_FORMATS))
 
     def __post_init__(self) -> None:
         _check(self.min_pixels >= 28 * 28, "image.min_pixels", "must be >= 784 (one 28x28 tile)")
@@ -114,6 +124,29 @@ class ImageConfig:
         )
         _check(self.max_image_pixels > 0, "image.max_image_pixels", "must be > 0")
         _check(self.min_side >= 1, "image.min_side", "must be >= 1")
+        self._check_formats()
+
+    def _check_formats(self) -> None:
+        from .images import known_formats
+
+        self.formats = list(dict.fromkeys(str(name).upper() for name in self.formats))
+        _check(bool(self.formats), "image.formats", "must name at least one source format")
+        known = known_formats()
+        unknown = [name for name in self.formats if name not in known]
+        _check(
+            not unknown,
+            "image.formats",
+            f"{unknown}: not source formats Pillow decodes here (EPS never: it runs Ghostscript); "
+            f"choose from {sorted(known)}",
+        )
+        # Checked here, at config load, not at first use: a job that cannot decode HEIF stops
+        # before any work with the install hint, instead of starting actors that fail every row.
+        # find_spec only looks the package up; it is imported where images are decoded.
+        _check(
+            "HEIF" not in self.formats or importlib.util.find_spec("pillow_heif") is not None,
+            "image.formats",
+            "HEIF needs pillow-heif, which is not installed: pip install 'qvl-batch[heif]'",
+        )
 
 
 @dataclass
@@ -190,6 +223,7 @@ class FakeEngineConfig:
     raise_after_rows: int = 0  # raise once from generate() after this many rows (0 = never)
     exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
     exit_incarnations: int = 1  # ...only in actors whose incarnation is below this
+    load_s: float = 0.0  # seconds the engine takes to load (a window for start-up faults)
     # "batch": lock-step with the latency model above. "inflight": an in-flight batching
     # simulator (slots; a step costs step_s + step_per_active_s x active, plus
     # prefill_per_token_s per prompt token admitted), each row's answer length drawn from
@@ -418,9 +452,15 @@ class ClusterConfig:
     cpus_per_actor: float = 1.0
     local_num_cpus: int = 0  # CPUs a local Ray may use; 0 = all
     local_num_gpus: int = 0  # GPUs a local Ray offers; 0 = those it detects
+    # Work starts with the first ready actor and late ones join; the job gives up if fewer
+    # than min_actors are ready start_timeout_s after it began (or, later, after losing them).
+    min_actors: int = 1
+    start_timeout_s: float = 1800.0  # model loads, image pulls and autoscaled nodes take minutes
 
     def __post_init__(self) -> None:
         _check(self.num_actors >= 0, "cluster.num_actors", "must be >= 0 (0 = auto)")
+        _check(self.min_actors >= 1, "cluster.min_actors", "must be >= 1")
+        _check(self.start_timeout_s > 0, "cluster.start_timeout_s", "must be > 0")
         _check(self.cpus_per_actor > 0, "cluster.cpus_per_actor", "must be > 0")
         _check(self.local_num_gpus >= 0, "cluster.local_num_gpus", "must be >= 0 (0 = detect)")
 

@@ -1,19 +1,25 @@
 """Decode, validate and resize one encoded image to the Qwen2.5-VL vision grid.
 
-Every failure that is the row's fault (missing, undecodable, a format outside the allow-list, too
+Every failure that is the row's fault (missing, undecodable, a format outside ``image.formats``, too
 large, too small, too thin) raises :class:`ImageError` with a stable code, so the caller can record
 it on the row and carry on. Only the allowed formats' plugins ever decode pixels; other formats
-are named from their headers and refused.
+are named from their headers and refused. Pillow's warnings about an image become notes on its row.
 The resize rule is Qwen2.5-VL's own (``smart_resize``), so the engine's processor never resizes
 again and the vision-token count is known before the image reaches the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import math
 import struct
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,16 +37,14 @@ ERROR_CODES = (
     "ASPECT_RATIO",
 )
 
-# Source formats decoded: what photo and web datasets hold. Pillow reads ~40 more, each plugin more
-# attack surface and some worse (EPS/PS runs Ghostscript, a PostScript interpreter, on load()), so
-# the rest are refused as UNSUPPORTED_FORMAT. MPO is multi-picture JPEG (phones, 3D cameras).
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-# The plugins Image.open may try. MPO has no opener of its own: the JPEG one returns MPO files.
-_OPEN_WITH = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-
-# Plugins outside the allow-list whose _open already decodes pixels (ICO loads its largest icon,
-# possibly an embedded PNG up to Pillow's bomb limit): named from their magic number alone.
+# Never allowed, whatever image.formats says: EPS/PS runs Ghostscript, a PostScript interpreter, on
+# load(). (The default allow-list is config.IMAGE_FORMATS.)
+_NEVER_ALLOWED = frozenset({"EPS"})
+# Outside the allow-list, named from their magic number alone and never handed to their plugin:
+# ICO's _open already decodes pixels (its largest icon, possibly an embedded PNG up to Pillow's bomb
+# limit); HEIF's plugin (pillow-heif, the heif extra) is registered only where HEIF is allowed.
 _DECODES_ON_OPEN = ("ICO",)
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
 
 # What Pillow raises on corrupt or unsupported input; anything else is a bug and propagates.
 _DECODE_ERRORS = (
@@ -90,7 +94,8 @@ class PreparedImage:
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
     resized_size: tuple[int, int]  # (width, height), multiples of 28
     vision_tokens: int
-    notes: tuple[str, ...] = ()  # e.g. "exif_transposed", "alpha_flattened", "first_frame", "draft"
+    # e.g. "exif_transposed", "alpha_flattened", "first_frame", "draft", "warning:<category>:<text>"
+    notes: tuple[str, ...] = ()
 
 
 def smart_resize(
@@ -124,74 +129,112 @@ def vision_tokens(height: int, width: int) -> int:
     return (height // PATCH) * (width // PATCH)
 
 
+def known_formats() -> frozenset[str]:
+    """Names ``image.formats`` may hold: the formats this Pillow reads, less EPS, plus MPO (read by
+    the JPEG plugin), AVIF (read by Pillow >= 11.3 itself) and HEIF (pillow-heif's plugin)."""
+    Image.init()  # registers every plugin once; later calls return at once
+    return (frozenset(Image.OPEN) | {"MPO", "AVIF", "HEIF"}) - _NEVER_ALLOWED
+
+
+@dataclass(frozen=True)
+class _Formats:
+    """What one allow-list means for Image.open, worked out once per list."""
+
+    allowed: tuple[str, ...]  # image.formats
+    open_with: tuple[str, ...]  # the plugins Image.open may try
+    others: tuple[str, ...]  # the header parsers that name a refused format
+
+
+@functools.lru_cache(maxsize=8)  # a process prepares images for one job: one list, seldom more
+def _formats(allowed: tuple[str, ...]) -> _Formats:
+    """The plugins for one allow-list; registers pillow-heif's the first time HEIF is allowed."""
+    if "HEIF" in allowed:  # config load checked that pillow-heif is installed
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    Image.init()
+    # MPO has no opener of its own: the JPEG one returns MPO files. A plugin this Pillow lacks
+    # (AVIF before 11.3) is left out: Image.open raises KeyError on those.
+    plugins = dict.fromkeys("JPEG" if name == "MPO" else name for name in allowed)
+    open_with = tuple(name for name in plugins if name in Image.OPEN)
+    named_by_magic = (*_DECODES_ON_OPEN, "HEIF")
+    others = tuple(f for f in Image.ID if f in Image.OPEN and f not in open_with + named_by_magic)
+    return _Formats(allowed, open_with, others)
+
+
 def prepare_image(data: bytes | None, cfg, digest: str | None = None) -> PreparedImage:
     """Decode, validate, orient, flatten to RGB and resize one encoded image to the Qwen grid.
 
     ``cfg`` is an :class:`~qvl_batch.config.ImageConfig` (or anything with its attributes).
     Raises :class:`ImageError` for problems with the image itself. ``digest``: the bytes'
-    sha256 when the caller has it already.
+    sha256 when the caller has it already. Pillow's warnings about the image are added to its
+    notes as ``warning:<category>:<message>``; none reach the process's warning machinery.
     """
     if not data:
         raise ImageError("MISSING_IMAGE", "no image bytes")
     digest = digest or hashlib.sha256(data).hexdigest()
-    try:
-        with _open_allowed(data) as src:
-            return _prepare_open(src, digest, cfg)
-    # The warning only arrives as an exception where warnings are errors; otherwise Pillow's
-    # (global) threshold just logs and our own header check against cfg decides.
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError("IMAGE_TOO_LARGE", f"refused by Pillow: {_short(exc)}") from None
-    except _DECODE_ERRORS as exc:
-        raise ImageError("DECODE_ERROR", _short(exc)) from None
+    formats = _formats(tuple(cfg.formats))
+    with _warnings_as_notes() as warned:
+        try:
+            with _open_allowed(data, formats) as src:
+                prepared = _prepare_open(src, digest, cfg)
+        except Image.DecompressionBombError as exc:
+            raise ImageError("IMAGE_TOO_LARGE", f"refused by Pillow: {_short(exc)}") from None
+        except _DECODE_ERRORS as exc:
+            raise ImageError("DECODE_ERROR", _short(exc)) from None
+    prepared.notes += tuple(warned)
+    return prepared
 
 
-def _open_allowed(data: bytes) -> Image.Image:
+def _open_allowed(data: bytes, formats: _Formats) -> Image.Image:
     """Open (header only) with the allowed plugins alone; other formats never reach a decoder.
 
     Raises UNSUPPORTED_FORMAT when Pillow would know the format, else Pillow's own error.
     """
     try:
-        src = Image.open(io.BytesIO(data), formats=_open_formats())
+        src = Image.open(io.BytesIO(data), formats=formats.open_with)
     except UnidentifiedImageError:
-        other = _identify_any(data)
+        other = _identify_any(data, formats)
         if other is not None:
-            raise ImageError("UNSUPPORTED_FORMAT", _unsupported(other)) from None
+            raise ImageError("UNSUPPORTED_FORMAT", _unsupported(other, formats)) from None
         # Pillow's own message names a BytesIO address: different on every run.
         raise UnidentifiedImageError("cannot identify an image format") from None
-    if src.format not in ALLOWED_FORMATS:  # a plugin's factory may return another format
+    if src.format not in formats.allowed:  # a plugin's factory may return another format
         src.close()
-        raise ImageError("UNSUPPORTED_FORMAT", _unsupported(src.format or "unknown"))
+        raise ImageError("UNSUPPORTED_FORMAT", _unsupported(src.format or "unknown", formats))
     return src
 
 
-def _open_formats() -> tuple[str, ...]:
-    """_OPEN_WITH less any plugin this Pillow lacks (Image.open raises KeyError on those)."""
-    Image.init()  # registers every plugin once; later calls return at once
-    return tuple(f for f in _OPEN_WITH if f in Image.OPEN)
-
-
-def _identify_any(data: bytes) -> str | None:
+def _identify_any(data: bytes, formats: _Formats) -> str | None:
     """The other Pillow format these bytes are in, or None; header parsers only, no pixels.
 
     Runs only on bytes the allowed plugins did not recognise, so the common path pays nothing.
     """
     for fmt in _DECODES_ON_OPEN:
         accept = Image.OPEN.get(fmt, (None, None))[1]
-        verdict = accept(data[:16]) if accept else False
+        verdict = accept(data[:16]) if accept and fmt not in formats.allowed else False
         if verdict and not isinstance(verdict, str):  # a str is Pillow's "cannot read" note
             return fmt
-    others = [f for f in Image.ID if f in Image.OPEN and f not in _OPEN_WITH + _DECODES_ON_OPEN]
+    if "HEIF" not in formats.allowed and _is_heif(data):
+        return "HEIF"
     try:
-        with Image.open(io.BytesIO(data), formats=others) as other:
+        with Image.open(io.BytesIO(data), formats=formats.others) as other:
             return other.format or "unknown"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         return "a format whose header is past Pillow's size limit"  # identified, then refused
     except Exception:  # ~40 rarely used header parsers on hostile bytes: only a label is at stake
         return None
 
 
-def _unsupported(fmt: str) -> str:
-    return f"{fmt} is not an allowed source format ({', '.join(ALLOWED_FORMATS)})"
+def _is_heif(data: bytes) -> bool:
+    """An ISO media file whose ftyp box names a HEVC-coded HEIF brand, major or compatible."""
+    end = min(int.from_bytes(data[:4], "big"), 64)  # the box's size, capped
+    brands = (data[i : i + 4] for i in (8, *range(16, end, 4)))  # major, then compatible ones
+    return data[4:8] == b"ftyp" and any(brand in _HEIF_BRANDS for brand in brands)
+
+
+def _unsupported(fmt: str, formats: _Formats) -> str:
+    return f"{fmt} is not an allowed source format (image.formats: {', '.join(formats.allowed)})"
 
 
 def _prepare_open(src: Image.Image, digest: str, cfg) -> PreparedImage:
@@ -310,6 +353,51 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
         return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
     wide = np.clip(arr.astype(np.int64), 0, 65535)
     return (wide >> 8).astype(np.uint8)
+
+
+# Pillow's warnings about one image (corrupt EXIF, invalid APNG, DecompressionBombWarning, ...)
+# belong in its row's notes, not in the job's log. warnings.catch_warnings cannot collect them: it
+# swaps process-wide state (filters, showwarning) under the other prepare threads. A showwarning
+# hook fails too: any catch_warnings (pytest wraps every test in one) swaps it out, and the default
+# filter drops a repeated message before any hook sees it (the next image with that fault would get
+# no note). So warnings.warn itself is wrapped, once, at import: a call from Pillow or pillow-heif
+# on a thread inside prepare_image becomes a note on that thread's list; any other call passes
+# through unchanged (one frame deeper, hence stacklevel + 1). Pillow's C code never warns.
+_WARNING_SOURCES = ("PIL.", "pillow_heif.")
+_collecting = threading.local()  # .notes: the list of the image this thread is preparing
+_passthrough_warn = warnings.warn
+
+
+def _route_warning(message, category=None, stacklevel=1, source=None, **kwargs):
+    notes = getattr(_collecting, "notes", None)
+    caller = sys._getframe(1).f_globals.get("__name__", "")  # the module that called warn()
+    if notes is not None and caller.startswith(_WARNING_SOURCES):
+        note = _warning_note(message, category)
+        if note not in notes:
+            notes.append(note)
+        return
+    _passthrough_warn(message, category, stacklevel + 1, source, **kwargs)
+
+
+warnings.warn = _route_warning
+
+
+@contextlib.contextmanager
+def _warnings_as_notes() -> Iterator[list[str]]:
+    """Collect Pillow's warnings on this thread, as notes, for the duration of the block."""
+    _collecting.notes = notes = []
+    try:
+        yield notes
+    finally:
+        _collecting.notes = None
+
+
+def _warning_note(message, category) -> str:
+    """``warning:<category>:<first 80 characters>``, one line, no commas (image_notes uses them)."""
+    if isinstance(message, Warning):
+        category = type(message)
+    text = " ".join(str(message).split())[:80].replace(",", ";")
+    return f"warning:{(category or UserWarning).__name__}:{text}"
 
 
 def _short(exc: BaseException) -> str:

@@ -1,25 +1,29 @@
 """Tests for qvl_batch.images: Qwen2.5-VL resize parity, orientation, colour modes and row errors.
 
-Every image is made here with Pillow. Parity with transformers' Qwen2-VL processor is checked
-when transformers is installed (it is not part of the dev extra) and skipped otherwise.
+Every image is made here with Pillow (HEIC with pillow-heif, where the heif extra is installed).
+Parity with transformers' Qwen2-VL processor is checked when transformers is installed (it is not
+part of the dev extra) and skipped otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import math
 import pickle
 import random
 import struct
+import threading
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
-from qvl_batch.config import ImageConfig
+from qvl_batch.config import IMAGE_FORMATS, ConfigError, ImageConfig
 from qvl_batch.images import (
     PATCH,
     ImageError,
@@ -482,17 +486,15 @@ def test_too_large_by_config():
 
 def test_too_large_is_decided_from_the_header():
     # The pixel data is bogus: reaching the decoder would give DECODE_ERROR instead.
+    assert error_code(png_header_only(12_000, 12_000)) == "IMAGE_TOO_LARGE"
+    # Pillow's own limit (2x its MAX_IMAGE_PIXELS) is refused whatever the config says.
+    big = ImageConfig(max_image_pixels=10**12)
+    assert error_code(png_header_only(20_000, 20_000), big) == "IMAGE_TOO_LARGE"
+    # Between Pillow's warning threshold (~89.5M) and ours (100M) the config decides, even in a
+    # process that makes warnings errors: Pillow's warning is only a note on the row.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        assert error_code(png_header_only(12_000, 12_000)) == "IMAGE_TOO_LARGE"
-        # Pillow's own limit (2x its MAX_IMAGE_PIXELS) is refused whatever the config says.
-        big = ImageConfig(max_image_pixels=10**12)
-        assert error_code(png_header_only(20_000, 20_000), big) == "IMAGE_TOO_LARGE"
-        # Between Pillow's warning threshold (~89.5M) and ours (100M) the config decides.
+        warnings.simplefilter("error")
         assert error_code(png_header_only(9_500, 9_500)) == "DECODE_ERROR"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        assert error_code(png_header_only(9_500, 9_500)) == "IMAGE_TOO_LARGE"
 
 
 def test_aspect_ratio():
@@ -530,6 +532,153 @@ def test_allowed_plugin_returning_another_format_is_refused(monkeypatch):
     with pytest.raises(ImageError) as info:
         prepare_image(encode(Image.new("RGB", (64, 48), RED)), ImageConfig())
     assert info.value.code == "UNSUPPORTED_FORMAT" and "PCX" in info.value.message
+
+
+# ---------------------------------------------------------------- source formats
+
+
+def red_green(width: int = 168, height: int = 112) -> Image.Image:
+    img = Image.new("RGB", (width, height), RED)
+    img.paste(GREEN, (width // 2, 0, width, height))
+    return img
+
+
+def assert_red_green(prepared: PreparedImage) -> None:
+    width, height = prepared.image.size
+    assert near(prepared.image.getpixel((width // 4, height // 2)), RED)
+    assert near(prepared.image.getpixel((3 * width // 4, height // 2)), GREEN)
+
+
+needs_avif = pytest.mark.skipif(not features.check("avif"), reason="Pillow < 11.3: no AVIF")
+
+
+@needs_avif
+def test_avif_decodes_by_default():
+    """An AVIF made by Pillow itself (img.save(buf, "AVIF")): Pillow's own test images are not
+    installed with the wheel."""
+    prepared = prepare_image(encode(red_green(), "AVIF", quality=90), ImageConfig())
+    assert (prepared.original_size, prepared.resized_size) == ((168, 112), (168, 112))
+    assert_red_green(prepared)
+    assert "AVIF" in ImageConfig().formats
+
+
+@needs_avif
+def test_avif_outside_image_formats_is_unsupported():
+    no_avif = ImageConfig(formats=[name for name in IMAGE_FORMATS if name != "AVIF"])
+    with pytest.raises(ImageError) as info:
+        prepare_image(encode(red_green(), "AVIF", quality=90), no_avif)
+    assert info.value.code == "UNSUPPORTED_FORMAT"
+    assert info.value.message.startswith("AVIF is not an allowed source format (image.formats:")
+
+
+def test_heic_decodes_only_where_heif_is_allowed():
+    """A HEIC written by pillow-heif (the heif extra; skipped without it)."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(red_green()).save(buf, quality=90)
+    data = buf.getvalue()
+    with pytest.raises(ImageError) as info:
+        prepare_image(data, ImageConfig())
+    assert info.value.code == "UNSUPPORTED_FORMAT" and "HEIF" in info.value.message
+    prepared = prepare_image(data, ImageConfig(formats=["JPEG", "heif"]))
+    assert (prepared.original_size, prepared.resized_size) == ((168, 112), (168, 112))
+    assert_red_green(prepared)
+    jpeg_only = ImageConfig(formats=["JPEG"])  # after the HEIF plugin is registered, still refused
+    with pytest.raises(ImageError) as info:
+        prepare_image(data, jpeg_only)
+    assert info.value.code == "UNSUPPORTED_FORMAT" and "HEIF" in info.value.message
+
+
+def test_bad_image_formats_is_a_config_error(monkeypatch):
+    assert ImageConfig(formats=["jpeg", "Png", "JPEG"]).formats == ["JPEG", "PNG"]
+    for bad in (["JPEG", "NOPE"], [], ["EPS"]):  # EPS: Pillow reads it, by running Ghostscript
+        with pytest.raises(ConfigError, match=r"^image\.formats: "):
+            ImageConfig(formats=bad)
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "pillow_heif" else find_spec(name, *args),
+    )
+    with pytest.raises(ConfigError, match=r"^image\.formats: HEIF needs pillow-heif") as info:
+        ImageConfig(formats=["JPEG", "HEIF"])
+    assert "pip install 'qvl-batch[heif]'" in str(info.value)
+
+
+# ---------------------------------------------------------------- Pillow's warnings
+
+
+def corrupt_exif_jpeg(colour=RED) -> bytes:
+    """A JPEG whose EXIF block (APP1) points its first IFD past its own end."""
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 0xFFFFFF00) + bytes(20)
+    jpeg = encode(Image.new("RGB", (112, 84), colour), "JPEG")
+    return jpeg[:2] + struct.pack(">BBH", 0xFF, 0xE1, len(exif) + 2) + exif + jpeg[2:]
+
+
+def warning_notes(prepared: PreparedImage) -> list[str]:
+    return [note for note in prepared.notes if note.startswith("warning:")]
+
+
+def test_corrupt_exif_warning_is_a_row_note(recwarn, capfd):
+    data = corrupt_exif_jpeg()
+    with pytest.warns(UserWarning, match="Corrupt EXIF"), Image.open(io.BytesIO(data)) as img:
+        img.getexif()  # Pillow itself warns on this file
+    recwarn.clear()
+    (note,) = prepare_image(data, ImageConfig()).notes
+    # Pillow's "Corrupt EXIF data.  Expecting to read ...": category, then the message on one line.
+    assert note.startswith("warning:UserWarning:Corrupt EXIF data. Expecting to read"), note
+    assert prepare_image(data, ImageConfig()).notes == (note,), "a repeat gets its note too"
+    assert not recwarn.list, [str(w.message) for w in recwarn]
+    assert capfd.readouterr().err == ""
+
+
+def test_warning_notes_stay_with_their_row_across_threads(recwarn, capfd):
+    corrupt, clean = corrupt_exif_jpeg(), encode(Image.new("RGB", (112, 84), RED), "JPEG")
+    start = threading.Barrier(8)
+
+    def prepare_many(worker: int) -> list[tuple[bool, list[str]]]:
+        start.wait()
+        out = []
+        for i in range(12):
+            bad = (i + worker) % 2 == 0
+            out.append(
+                (bad, warning_notes(prepare_image(corrupt if bad else clean, ImageConfig())))
+            )
+        return out
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [item for done in pool.map(prepare_many, range(8)) for item in done]
+    assert len(results) == 96
+    for bad, notes in results:
+        assert len(notes) == (1 if bad else 0), notes
+        assert all(note.startswith("warning:UserWarning:Corrupt EXIF data") for note in notes)
+    assert not recwarn.list, [str(w.message) for w in recwarn]
+    assert capfd.readouterr().err == ""
+
+
+def test_pillow_bomb_warning_is_a_note_not_an_error(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)  # 90x90 = 8100: warns, under 2x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a process that makes warnings errors does not see it
+        prepared = prepare_image(encode(Image.new("RGB", (90, 90), RED)), ImageConfig())
+    (note,) = warning_notes(prepared)
+    category, text = note.split(":", 2)[1:]
+    assert category == "DecompressionBombWarning"
+    assert text.startswith("Image size (8100 pixels) exceeds limit of 5000 pixels; could be")
+    assert len(text) == 80 and "," not in note  # capped; notes are comma-joined in image_notes
+
+
+def test_other_warnings_pass_through(recwarn):
+    def library_call():
+        warnings.warn("caller's fault", UserWarning, stacklevel=2)
+
+    warnings.warn("plain", RuntimeWarning, stacklevel=1)
+    library_call()
+    assert [(w.category, str(w.message), w.filename) for w in recwarn] == [
+        (RuntimeWarning, "plain", __file__),
+        (UserWarning, "caller's fault", __file__),
+    ]
 
 
 def test_image_error_pickles_and_reads_well():
