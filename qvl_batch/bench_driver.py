@@ -113,7 +113,7 @@ class _BenchDriver(Driver):
         super().__init__(cfg, progress_bar=False)
         self._sim = (actors, latency_s)
 
-    def _make_pool(self):
+    def _make_pool(self, job_id: str):
         return SimulatedPool(*self._sim)
 
 

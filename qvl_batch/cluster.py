@@ -104,48 +104,109 @@ class FlightRecorder:
         return sorted(inside) if inside else None
 
 
-class ActorPool:
-    """The job's actors. Starts Ray if needed; shuts down what it started."""
+@dataclass
+class Start:
+    """How one actor's start ended: ready, or the reason it is not."""
 
-    def __init__(self, cfg: Config, reuse=None):
+    index: int
+    ready: bool = False
+    error: str | None = None
+    # The engine's constructor raised (bad model path, missing package, out of memory at load),
+    # as opposed to the process dying (killed, preempted, its node lost).
+    init_failed: bool = False
+
+
+class ActorPool:
+    """The job's actors, one per slot. Starts Ray if needed; shuts down what it started.
+
+    Starting is elastic: every slot's actor is created at once and each reports ``ready()`` in
+    its own time; the driver waits for those refs (:meth:`starting`) next to its units' and
+    hands work to the slots that are :attr:`live`. A slot whose actor dies or fails to start is
+    started again (:meth:`replace`); an actor that cannot be placed yet (GPUs busy, nodes still
+    being added) simply stays pending until Ray places it.
+    """
+
+    def __init__(self, cfg: Config, reuse=None, job_id: str | None = None):
         self.cfg = cfg
         self._started_ray = connect(cfg)
         # The reuse index goes to the object store once; every actor maps the same copy.
         self._reuse = ray.put(reuse) if reuse is not None else None
         self.size, self.options = actor_layout(cfg, ray.cluster_resources())
-        self._remote = ray.remote(UnitWorker).options(**self.options)
+        options = dict(self.options)
+        if job_id:  # lets operators (and the chaos test) tell this job's actor processes apart
+            options["runtime_env"] = {"env_vars": {"QVL_JOB_ID": job_id}}
+        self._remote = ray.remote(UnitWorker).options(**options)
         # num_cpus=0: bookkeeping only; it must never wait for room the workers hold.
         self.recorder = ray.remote(FlightRecorder).options(num_cpus=0, max_restarts=-1).remote()
         self.incarnations = 0  # actors started so far; an actor's number is its incarnation
-        self.actors = [self._new_actor() for _ in range(self.size)]
-        self.incarnation_of = list(range(self.size))  # slot -> incarnation of its actor
-        try:
-            infos = ray.get([a.ready.remote() for a in self.actors])
-        except (RayTaskError, *ACTOR_DEATH) as exc:
-            self.shutdown()
-            raise ClusterError(f"engine failed to start: {_first_line(exc)}") from None
-        self.engine_name = infos[0]["engine"]
-        self.engine_version = infos[0]["engine_version"]
-        # Where each actor runs (pid, node, the GPUs Ray gave it): kept in _metrics.json.
-        self.placement = [
-            {k: info.get(k) for k in ("pid", "node_id", "gpu_ids", "cuda_visible_devices")}
-            for info in infos
-        ]
-        gpus = [",".join(info.get("gpu_ids") or []) for info in infos]
-        log.info(
-            "%d actors ready (%s %s, %s)%s",
-            self.size,
-            self.engine_name,
-            self.engine_version,
-            ", ".join(f"{k}={v}" for k, v in self.options.items()),
-            f"; GPUs {' | '.join(gpus)}" if any(gpus) else "",
-        )
-        self._stats: dict[int, dict] = {}
+        self.actors: list = [None] * self.size
+        self.incarnation_of = [0] * self.size  # slot -> incarnation of its actor
+        self.live = [False] * self.size
+        self.init_failures = [0] * self.size  # consecutive constructor failures per slot
+        self._starting: dict = {}  # ready() ref -> slot
+        self.engine_name: str | None = None
+        self.engine_version: str | None = None
+        # Where each slot's actor first ran (pid, node, the GPUs Ray gave it): in _metrics.json.
+        self.placement: list[dict | None] = [None] * self.size
+        for index in range(self.size):
+            self._start(index)
 
-    def _new_actor(self):
+    def _start(self, index: int) -> None:
         actor = self._remote.remote(self.cfg, self.incarnations, self.recorder, self._reuse)
+        self.actors[index] = actor
+        self.incarnation_of[index] = self.incarnations
         self.incarnations += 1
-        return actor
+        self.live[index] = False
+        self._starting[actor.ready.remote()] = index
+
+    def starting(self) -> list:
+        """The ``ready()`` refs of actors still starting (wait on them with the units')."""
+        return list(self._starting)
+
+    def is_start(self, ref) -> bool:
+        return ref in self._starting
+
+    def started(self, ref) -> Start:
+        """The outcome of a finished ``ready()`` ref; a ready actor's slot becomes live."""
+        index = self._starting.pop(ref)
+        try:
+            info = ray.get(ref)
+        except ACTOR_DEATH as exc:
+            init_failed = bool(getattr(exc, "actor_init_failed", False))
+            if init_failed:
+                self.init_failures[index] += 1
+            return Start(index, error=_first_line(exc), init_failed=init_failed)
+        except RayTaskError as exc:  # ready() itself raised: treat as a failed start
+            self.init_failures[index] += 1
+            return Start(index, error=_first_line(exc), init_failed=True)
+        self.live[index] = True
+        self.init_failures[index] = 0
+        if self.engine_name is None:
+            self.engine_name, self.engine_version = info["engine"], info["engine_version"]
+        if self.placement[index] is None:
+            keys = ("pid", "node_id", "gpu_ids", "cuda_visible_devices")
+            self.placement[index] = {k: info.get(k) for k in keys}
+        gpus = ",".join(info.get("gpu_ids") or [])
+        log.info(
+            "actor %d ready (%s %s, pid %s%s); %d of %d live",
+            index,
+            info["engine"],
+            info["engine_version"],
+            info.get("pid"),
+            f", GPUs {gpus}" if gpus else "",
+            sum(self.live),
+            self.size,
+        )
+        return Start(index, ready=True)
+
+    def retire(self, index: int) -> None:
+        """Give up on a slot (its engine cannot start there): kill what is left of it."""
+        self.live[index] = False
+        self._starting = {r: i for r, i in self._starting.items() if i != index}
+        try:
+            ray.kill(self.actors[index], no_restart=True)
+        except Exception:
+            pass
 
     def crash_batch(self, index: int) -> list[tuple[str, int]] | None:
         """The (unit id, row index) keys actor ``index`` had in its engine when it died."""
@@ -159,13 +220,9 @@ class ActorPool:
 
     def replace(self, index: int):
         """Kill actor ``index`` (if still alive) and start a fresh one in its place."""
-        try:
-            ray.kill(self.actors[index], no_restart=True)
-        except Exception:
-            pass
-        log.warning("actor %d died; starting a replacement", index)
-        self.incarnation_of[index] = self.incarnations
-        self.actors[index] = self._new_actor()
+        self.retire(index)
+        log.warning("actor %d is gone; starting a replacement", index)
+        self._start(index)
         return self.actors[index]
 
     @staticmethod
@@ -191,7 +248,7 @@ class ActorPool:
         """Padding, stage timings and storage retries summed over the live actors; the
         timings also carry ``peak_rss_mib``, the largest actor's peak memory."""
         padding, timings, storage = PaddingStats(), {}, {}
-        refs = [a.stats.remote() for a in self.actors]
+        refs = [a.stats.remote() for a, live in zip(self.actors, self.live) if live]
         for ref in refs:
             try:
                 stats = ray.get(ref, timeout=STATS_TIMEOUT_S)

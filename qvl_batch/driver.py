@@ -37,6 +37,9 @@ EXIT_FAILED = 4  # retries exhausted or error fraction over the limit; committed
 EXIT_INTERRUPTED = 130
 
 COMMIT_THREADS = 8  # units written at once (part files, then the marker)
+# A slot whose engine constructor raised this many times in a row is a deterministic start
+# failure (bad model path, missing package, out of memory at load), not bad luck.
+START_ATTEMPTS = 2
 MAX_PENDING_COMMITS = 4 * COMMIT_THREADS  # no new units are handed out past this many
 
 
@@ -93,6 +96,7 @@ class _Slot:
     index: int
     actor: object
     generation: int = 0
+    retired: bool = False  # its engine cannot start there: no more attempts
     inflight: set = field(default_factory=set)
     crashes: dict = field(default_factory=dict)  # generation -> keys in its engine at death
 
@@ -118,6 +122,8 @@ class Driver:
         self._columns = part_columns(cfg)  # data/ and errors/ columns, before lineage
         self._rows_before = self._errors_before = 0  # committed before this run (resume)
         self._placement: list[dict] = []  # where the actors run (pid, node, GPUs)
+        self._live_timeline: list[tuple[float, int]] = []  # (seconds, actors live) on change
+        self._units_by_actor: list[int] = []  # results each actor slot returned
 
     # ---- before any work -------------------------------------------------------------
     def prepare(self) -> tuple[Plan, dict, set[str]]:
@@ -211,6 +217,8 @@ class Driver:
             "actor_peak_rss_mib": timings.pop("peak_rss_mib", None),
             "actor_timings_s": timings,
             "actors": self._placement,  # pid, node and GPUs of each actor as first started
+            "actors_live": [[round(t, 2), n] for t, n in self._live_timeline],
+            "units_by_actor": self._units_by_actor,  # results each actor slot returned
             "storage": storage,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
@@ -251,18 +259,14 @@ class Driver:
         Returns (padding, stage timings, actors' storage retries, failure message or None).
         """
         cfg = self.cfg
-        pool = self._make_pool()
-        self._placement = getattr(pool, "placement", [])
-        lineage = {
-            "job_id": job["job_id"],
-            "model": cfg.engine.model,
-            "engine": pool.engine_name,
-            "engine_version": pool.engine_version,
-            "config_fingerprint": job["fingerprint"],
-        }
-        t_ready = time.monotonic()
+        pool = self._make_pool(job["job_id"])
+        lineage: dict = {}  # filled when the first actor is ready (it names the engine)
+        t_ready = t_start = time.monotonic()
         per_actor = cfg.batching.units_in_flight_per_actor
         slots = [_Slot(i, a) for i, a in enumerate(pool.actors)]
+        live = getattr(pool, "live", [True] * len(slots))
+        self._live_timeline = [(0.0, sum(live))]  # (seconds since start, live actors)
+        self._units_by_actor = [0] * len(slots)
         inflight: dict = {}  # ref -> (unit, slot, generation, attempt)
         retries: deque[_Retry] = deque()
         isolation = CrashIsolation(cfg.limits.max_row_crashes)
@@ -318,9 +322,67 @@ class Driver:
             problems = [book(fut) for fut in done]
             return next((p for p in problems if p), None)
 
+        def restarted(reason: str) -> str | None:
+            summary.actor_restarts += 1
+            if summary.actor_restarts > cfg.limits.max_actor_restarts:
+                return (
+                    f"actors died {summary.actor_restarts} times, over "
+                    f"limits.max_actor_restarts={cfg.limits.max_actor_restarts}; last: {reason}"
+                )
+            return None
+
+        def on_start(ref) -> str | None:
+            """An actor's start ended: it joins, or its slot starts another (or gives up)."""
+            nonlocal lineage, t_ready
+            start = pool.started(ref)
+            slot = slots[start.index]
+            if start.ready:
+                slot.actor = pool.actors[start.index]
+                if not lineage:
+                    t_ready = time.monotonic()
+                    lineage = {
+                        "job_id": job["job_id"],
+                        "model": cfg.engine.model,
+                        "engine": pool.engine_name,
+                        "engine_version": pool.engine_version,
+                        "config_fingerprint": job["fingerprint"],
+                    }
+                return None
+            if start.init_failed and pool.init_failures[start.index] >= START_ATTEMPTS:
+                if not any(live):  # before any work: the job cannot run here
+                    from .cluster import ClusterError  # the pool's module: Ray is loaded
+
+                    raise ClusterError(f"engine failed to start: {start.error}")
+                log.error(
+                    "actor %d: engine failed to start twice (%s); going on without it",
+                    start.index,
+                    start.error,
+                )
+                slot.retired = True
+                pool.retire(start.index)
+                return None
+            log.warning("actor %d did not start (%s)", start.index, start.error)
+            slot.actor = pool.replace(start.index)
+            slot.generation += 1
+            return restarted(start.error or "start failed")
+
         try:
             while failure is None:
+                if sum(live) != self._live_timeline[-1][1]:
+                    self._live_timeline.append((time.monotonic() - t_start, sum(live)))
+                    progress.actors(sum(live), len(slots))
+                if sum(live) < cfg.cluster.min_actors and (
+                    time.monotonic() - t_start > cfg.cluster.start_timeout_s
+                ):
+                    failure = (
+                        f"only {sum(live)} of {len(slots)} actors ready after "
+                        f"cluster.start_timeout_s={cfg.cluster.start_timeout_s:g}s "
+                        f"(cluster.min_actors={cfg.cluster.min_actors})"
+                    )
+                    break
                 for slot in slots:
+                    if not live[slot.index]:
+                        continue
                     while (
                         len(slot.inflight) < per_actor
                         and len(commits) < MAX_PENDING_COMMITS
@@ -331,7 +393,11 @@ class Driver:
                         ref = slot.actor.process_unit.remote(unit, *args, **self._run_kwargs(unit))
                         inflight[ref] = (unit, slot, slot.generation, attempt)
                         slot.inflight.add(ref)
-                if not inflight:
+                starting = pool.starting() if hasattr(pool, "starting") else []
+                if not inflight and not starting:
+                    if not any(live):  # nothing live and nothing starting: every slot gave up
+                        failure = "no actor could start (see the errors above)"
+                        break
                     if not retries and not commits:
                         break
                     if commits:
@@ -339,8 +405,13 @@ class Driver:
                     else:
                         time.sleep(0.05)  # only backed-off retries left
                     continue
-                ready = pool.wait(list(inflight), timeout=0.05 if commits else 1.0)
+                ready = pool.wait(list(inflight) + starting, timeout=0.05 if commits else 1.0)
                 for ref in ready:
+                    if ref not in inflight:
+                        failure = on_start(ref)
+                        if failure:
+                            break
+                        continue
                     unit, slot, generation, attempt = inflight.pop(ref)
                     slot.inflight.discard(ref)
                     outcome = pool.get(ref)
@@ -349,14 +420,10 @@ class Driver:
                             slot.crashes[generation] = pool.crash_batch(slot.index)
                             slot.actor = pool.replace(slot.index)
                             slot.generation += 1
-                            summary.actor_restarts += 1
+                            failure = restarted(outcome.error)
                         crash = slot.crashes.get(generation)
-                        if summary.actor_restarts > cfg.limits.max_actor_restarts:
-                            failure = (
-                                f"actors died {summary.actor_restarts} times, over "
-                                f"limits.max_actor_restarts={cfg.limits.max_actor_restarts}; "
-                                f"last: {outcome.error}"
-                            )
+                        if failure:
+                            pass
                         elif crash is None:  # died outside the engine: an ordinary retry
                             failure = requeue(unit, attempt, outcome.error)
                         else:  # an isolation step (or a bystander): no attempt is used up
@@ -366,6 +433,7 @@ class Driver:
                     elif outcome.error:
                         failure = requeue(unit, attempt, outcome.error)
                     else:
+                        self._units_by_actor[slot.index] += 1
                         fut = committer.submit(self._commit, unit, outcome.table, lineage, attempt)
                         commits[fut] = (unit, attempt)
                     if failure:
@@ -377,6 +445,7 @@ class Driver:
                 problem = book(fut)
                 failure = failure or problem
             summary.pipeline_s = time.monotonic() - t_ready
+            self._placement = [p for p in getattr(pool, "placement", []) if p]
             padding, timings, storage = pool.collect_stats()
             return padding, timings, storage, failure
         finally:
@@ -384,11 +453,11 @@ class Driver:
             pool.shutdown()
 
     # ---- seams (retry-failed and the driver benchmark override them) -------------------
-    def _make_pool(self):
+    def _make_pool(self, job_id: str):
         """The actors: a Ray ActorPool (the driver benchmark simulates one in-process)."""
         from .cluster import ActorPool
 
-        return ActorPool(self.cfg, reuse=self._reuse)
+        return ActorPool(self.cfg, reuse=self._reuse, job_id=job_id)
 
     def _run_kwargs(self, unit: WorkUnit) -> dict:
         """Extra keyword arguments for the actor's ``process_unit`` call of ``unit``."""

@@ -20,6 +20,7 @@ class Progress:
         self.start = time.monotonic()
         self.interval_s = interval_s
         self._last_line = self.start
+        self._actors = ""  # "live/total" once the driver reports it
         use_bar = sys.stderr.isatty() if bar is None else bar
         self._bar = None
         if use_bar:
@@ -43,12 +44,20 @@ class Progress:
         self.errors += errors
         if self._bar is not None:
             self._bar.update(rows)
-            self._bar.set_postfix(errors=self.errors, refresh=False)
+            self._bar.set_postfix(errors=self.errors, actors=self._actors or None, refresh=False)
             return
         now = time.monotonic()
         if now - self._last_line >= self.interval_s:
             self._last_line = now
             log.info(self.line())
+
+    def actors(self, live: int, total: int) -> None:
+        """How many actors are live now (shown with the rows; logged as it changes)."""
+        self._actors = f"{live}/{total}"
+        if self._bar is not None:
+            self._bar.set_postfix(errors=self.errors, actors=self._actors, refresh=False)
+        else:
+            log.info("actors live: %s", self._actors)
 
     def line(self) -> str:
         done = self.done_before + self.rows
@@ -58,6 +67,7 @@ class Progress:
         return (
             f"progress: {done:,}/{self.total:,} rows ({pct:.1f}%), {self.rate:,.1f} rows/s, "
             f"ETA {eta_txt}, {self.errors:,} errors"
+            + (f", actors {self._actors}" if self._actors else "")
         )
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ Output text is a function of the image content hash, the prompt and the seed onl
 Fault injection fails chosen rows, fails every batch that holds a chosen row (a failed row in
 the in-flight mode), answers with broken JSON for chosen rows (structured output), SIGKILLs its
 process on a chosen row, raises once after N rows (batch mode), or SIGKILLs its own process
-after N rows.
+after N rows; ``load_s`` makes its construction take that long (start-up faults).
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ class _Faults:
 
     def __init__(self, cfg: Config, incarnation: int):
         self.fake = cfg.engine.fake
+        if self.fake.load_s > 0:  # every fake engine builds one: its "model load"
+            time.sleep(self.fake.load_s)
         self.incarnation = incarnation
         self.fail_ids = set(self.fake.fail_ids)
         self.raise_ids = set(self.fake.raise_ids)
