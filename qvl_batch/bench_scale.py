@@ -142,14 +142,14 @@ class CpuSampler:
 
 
 class _ReadyHook(logging.Handler):
-    """Notes the wall time of the pool's "N actors ready" line (just before pipeline_s starts)."""
+    """Notes the wall time of the pool's first "actor N ready" line (pipeline_s starts there)."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.t_ready: float | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "actors ready" in str(record.msg):
+        if " ready (" in str(record.msg) and self.t_ready is None:
             self.t_ready = time.time()
 
 

@@ -148,6 +148,8 @@ class ActorPool:
         self.engine_version: str | None = None
         # Where each slot's actor first ran (pid, node, the GPUs Ray gave it): in _metrics.json.
         self.placement: list[dict | None] = [None] * self.size
+        self._gpus = [""] * self.size  # each slot's GPU ids, for the all-ready line
+        self._all_ready_logged = False
         for index in range(self.size):
             self._start(index)
 
@@ -187,6 +189,7 @@ class ActorPool:
             keys = ("pid", "node_id", "gpu_ids", "cuda_visible_devices")
             self.placement[index] = {k: info.get(k) for k in keys}
         gpus = ",".join(info.get("gpu_ids") or [])
+        self._gpus[index] = gpus
         log.info(
             "actor %d ready (%s %s, pid %s%s); %d of %d live",
             index,
@@ -197,6 +200,16 @@ class ActorPool:
             sum(self.live),
             self.size,
         )
+        if all(self.live) and not self._all_ready_logged:
+            self._all_ready_logged = True
+            log.info(
+                "%d actors ready (%s %s, %s)%s",
+                self.size,
+                self.engine_name,
+                self.engine_version,
+                ", ".join(f"{k}={v}" for k, v in self.options.items()),
+                f"; GPUs {' | '.join(self._gpus)}" if any(self._gpus) else "",
+            )
         return Start(index, ready=True)
 
     def retire(self, index: int) -> None:

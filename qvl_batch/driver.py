@@ -331,22 +331,29 @@ class Driver:
                 )
             return None
 
+        def know_engine() -> None:
+            """Lineage for every row: known once an actor is ready (it names the engine)."""
+            lineage.update(
+                job_id=job["job_id"],
+                model=cfg.engine.model,
+                engine=pool.engine_name,
+                engine_version=pool.engine_version,
+                config_fingerprint=job["fingerprint"],
+            )
+
+        if pool.engine_name:  # a pool whose actors are ready from the start
+            know_engine()
+
         def on_start(ref) -> str | None:
             """An actor's start ended: it joins, or its slot starts another (or gives up)."""
-            nonlocal lineage, t_ready
+            nonlocal t_ready
             start = pool.started(ref)
             slot = slots[start.index]
             if start.ready:
                 slot.actor = pool.actors[start.index]
                 if not lineage:
                     t_ready = time.monotonic()
-                    lineage = {
-                        "job_id": job["job_id"],
-                        "model": cfg.engine.model,
-                        "engine": pool.engine_name,
-                        "engine_version": pool.engine_version,
-                        "config_fingerprint": job["fingerprint"],
-                    }
+                    know_engine()
                 return None
             if start.init_failed and pool.init_failures[start.index] >= START_ATTEMPTS:
                 if not any(live):  # before any work: the job cannot run here
