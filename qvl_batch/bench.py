@@ -9,6 +9,7 @@
 - ``gpu``: the hf engine alone vs the whole runner, and bucketing on vs off (``bench_gpu``).
 - ``feed``: an in-flight engine fed as a stream vs batch by batch vs its capacity (``bench_feed``).
 - ``submit``: CPU per request in TensorRT-LLM's one submitting thread (``bench_submit``).
+- ``chaos``: a job under random SIGKILLs of its actors and driver, verified (``bench_chaos``).
 """
 
 from __future__ import annotations
@@ -267,6 +268,10 @@ def add_bench_parser(sub) -> None:
     from .bench_feed import add_feed_bench
 
     add_feed_bench(kinds, common)
+
+    from .bench_chaos import add_chaos_bench
+
+    add_chaos_bench(kinds, common)
 
     from .bench_submit import add_submit_bench
 
