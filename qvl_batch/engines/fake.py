@@ -283,12 +283,27 @@ class InflightSimulator:
             self.busy_s = self.slot_s = 0.0
 
 
+class _Simulated:
+    """An engine around an :class:`InflightSimulator` (``self.sim``): its clocks, its end."""
+
+    sim: InflightSimulator
+
+    def stage_times(self) -> dict[str, float]:
+        return self.sim.stage_times()
+
+    def reset_stage_times(self) -> None:
+        self.sim.reset()
+
+    def close(self) -> None:
+        self.sim.close()
+
+
 def _length(cfg: Config, req: Request) -> int:
     drawn = answer_length(cfg.engine.fake.answer_lengths, req.row_id)
     return min(drawn, cfg.sampling.max_tokens)
 
 
-class FakeInflightEngine(Engine):
+class FakeInflightEngine(_Simulated, Engine):
     """The in-flight simulator fed as a stream (``engine.fake.mode=inflight``, feed stream)."""
 
     name = "fake"
@@ -323,17 +338,8 @@ class FakeInflightEngine(Engine):
         assert self._sink is not None
         self._sink.put(_answer(self.cfg, self.faults, req, _length(self.cfg, req)))
 
-    def stage_times(self) -> dict[str, float]:
-        return self.sim.stage_times()
 
-    def reset_stage_times(self) -> None:
-        self.sim.reset()
-
-    def close(self) -> None:
-        self.sim.close()
-
-
-class FakeInflightBatchEngine(BatchEngine):
+class FakeInflightBatchEngine(_Simulated, BatchEngine):
     """The same simulator fed one batch at a time (``feed=batch``): each ``generate`` submits
     its batch and waits for its longest answer, as a batch-synchronous runner does."""
 
@@ -363,15 +369,6 @@ class FakeInflightBatchEngine(BatchEngine):
             for k in keys:
                 del self._finished[k]
         return [_answer(self.cfg, self.faults, r, _length(self.cfg, r)) for r in requests]
-
-    def stage_times(self) -> dict[str, float]:
-        return self.sim.stage_times()
-
-    def reset_stage_times(self) -> None:
-        self.sim.reset()
-
-    def close(self) -> None:
-        self.sim.close()
 
 
 def make_fake_batch_engine(cfg: Config, incarnation: int = 0) -> BatchEngine:
