@@ -453,7 +453,7 @@ class ClusterConfig:
     local_num_cpus: int = 0  # CPUs a local Ray may use; 0 = all
     local_num_gpus: int = 0  # GPUs a local Ray offers; 0 = those it detects
     # Work starts with the first ready actor and late ones join; the job gives up if fewer
-    # than min_actors are ready start_timeout_s after it began (or, later, after losing them).
+    # than min_actors are live for start_timeout_s (from its start, or from losing actors).
     min_actors: int = 1
     start_timeout_s: float = 1800.0  # model loads, image pulls and autoscaled nodes take minutes
 

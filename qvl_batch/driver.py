@@ -373,14 +373,18 @@ class Driver:
             slot.generation += 1
             return restarted(start.error or "start failed")
 
+        below_since: float | None = t_start  # since when fewer than min_actors are live
         try:
             while failure is None:
+                now = time.monotonic()
                 if sum(live) != self._live_timeline[-1][1]:
-                    self._live_timeline.append((time.monotonic() - t_start, sum(live)))
+                    self._live_timeline.append((now - t_start, sum(live)))
                     progress.actors(sum(live), len(slots))
-                if sum(live) < cfg.cluster.min_actors and (
-                    time.monotonic() - t_start > cfg.cluster.start_timeout_s
-                ):
+                if sum(live) >= cfg.cluster.min_actors:
+                    below_since = None
+                elif below_since is None:
+                    below_since = now  # lost actors: their replacements get the same time
+                elif now - below_since > cfg.cluster.start_timeout_s:
                     failure = (
                         f"only {sum(live)} of {len(slots)} actors ready after "
                         f"cluster.start_timeout_s={cfg.cluster.start_timeout_s:g}s "

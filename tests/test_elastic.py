@@ -152,3 +152,26 @@ def test_too_few_actors_by_the_start_timeout_fail_the_job_with_a_clear_message(
     assert proc.returncode == EXIT_FAILED, log
     assert "only 1 of 2 actors ready after cluster.start_timeout_s=4s" in log, log
     assert "cluster.min_actors=2" in log and "actors live: 1/2" in log
+
+
+def test_losing_the_only_actor_late_in_a_job_waits_for_its_replacement(tmp_path, dataset, ray_head):
+    """cluster.start_timeout_s counts from when the job fell below min_actors, not from its
+    start: a death 10 s into a job with a 6 s timeout is replaced, not fatal."""
+    out = tmp_path / "out"
+    job = write_job(
+        tmp_path / "job.yaml",
+        dataset,
+        out,
+        ray_head,
+        engine__fake={"batch_latency_s": 0.4, "exit_after_rows": 200},
+        cluster={"num_actors": 1, "address": ray_head, "min_actors": 1, "start_timeout_s": 6},
+    )
+    proc = start_driver(job)
+    log = proc.communicate(timeout=240)[0].decode()
+    assert proc.returncode == EXIT_OK, log
+    check_fake_output(dataset, out)
+    metrics = json.loads((out / "_metrics.json").read_text())
+    assert metrics["summary"]["actor_restarts"] == 1
+    live = [n for _, n in metrics["actors_live"]]
+    assert live == [0, 1, 0, 1], metrics["actors_live"]  # down to none, then replaced
+    assert metrics["actors_live"][2][0] > 6  # the death came after the start timeout
