@@ -5,6 +5,12 @@
 feeding thread hands them to the engine, keeping ``engine.max_in_flight`` of them inside it;
 results come back row by row as each finishes (any order) and go to their unit. What a batch is
 is the engine's business (the batching adapter's, for lock-step engines).
+
+Units take turns: a unit's rows go to the prepare pool only once every row of the units handed
+out before it has, so the first unit finishes first and a later one is only read ahead (its
+images decoded while the engine is busy). Such a unit has not started and the driver can move
+it to an idle actor (:meth:`UnitWorker.withdraw`); a copy that lost the race to another actor
+is withdrawn the same way (its rows still inside the engine are let run and dropped).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from .reuse import ReuseIndex, ReuseReader, result_key, settings_digest
 from .schema import IMAGE_COLUMNS, ROW_RESULT
 from .storage import Storage
 from .structured import PARSE_ERROR, OutputParser
+from .timeline import StateTimeline
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,18 @@ PREPARED_AHEAD_PER_THREAD = 4
 EXIT_ENGINE_DEAD = 70  # the process exit status of an actor whose engine died
 
 
+def _visible_gpus() -> list[str]:
+    """The GPUs this process can see, as CUDA names them ("NVIDIA H100 80GB HBM3 GPU-5d1e..."),
+    so a job's record shows each actor saw only its own; [] where no engine loaded torch."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return []
+    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    return [f"{p.name} GPU-{getattr(p, 'uuid', '?')}" for p in props]
+
+
 @dataclass
 class _UnitCollector:
     """Results of one unit's rows as they come back, in input order."""
@@ -51,6 +70,9 @@ class _UnitCollector:
     meta: list[dict | None]
     remaining: int
     done: threading.Event = field(default_factory=threading.Event)
+    entered: int = 0  # rows handed to the engine so far
+    inside: int = 0  # rows inside the engine now
+    withdrawn: bool = False  # the driver took the unit back: its call returns None
 
     def put(self, index: int, result: Result) -> None:
         if self.results[index] is not None:
@@ -106,6 +128,8 @@ class UnitWorker:
         # Rows of the units in flight not yet prepared: waiting for a slot or being prepared.
         self._unprepared = 0
         self._units: dict[str, _UnitCollector] = {}
+        self._turns: deque[_UnitCollector] = deque()  # units in hand-out order, rows not all out
+        self._draining: dict[str, int] = {}  # withdrawn unit -> its rows still inside the engine
         self._fatal: BaseException | None = None
         self._closed = False
         self.timings = {"read_s": 0.0, "prepare_s": 0.0, "engine_s": 0.0, "engine_idle_s": 0.0}
@@ -113,6 +137,8 @@ class UnitWorker:
         if cfg.engine.warmup:  # part of start-up, like loading the model: before ready()
             self._warmup()
         self._since = time.perf_counter()  # last change of engine busy / idle (after warm-up)
+        self.timeline = StateTimeline()  # busy / waiting for rows / idle, over wall time
+        self._since_wall = self.timeline.origin
         self.engine.start(self)
         self._feeder = threading.Thread(target=self._feed_loop, name="feeder", daemon=True)
         self._feeder.start()
@@ -129,6 +155,7 @@ class UnitWorker:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "engine": self.engine.name,
             "engine_version": self.engine.version,
+            "visible_gpus": _visible_gpus(),
             "prepare_threads": self._pool._max_workers,
             "max_in_flight": self._bound,
         }
@@ -141,6 +168,8 @@ class UnitWorker:
         with self._cond:
             self._clock_engine()
             return {
+                "incarnation": self.incarnation,
+                "timeline": self.timeline.snapshot(),
                 "padding": padding,
                 "timings": {
                     **self.timings,
@@ -156,8 +185,9 @@ class UnitWorker:
         solo: Collection[int] = (),
         skip: Collection[int] = (),
         only: Collection[int] | None = None,
-    ) -> pa.Table:
-        """Run the rows of ``unit``; returns one ROW_RESULT row per row run, in input order.
+    ) -> pa.Table | None:
+        """Run the rows of ``unit``; returns one ROW_RESULT row per row run, in input order,
+        or None if the driver withdrew the unit meanwhile (:meth:`withdraw`).
 
         ``solo``: row indices that run alone in the engine (they were inside it when an actor
         died). ``skip``: rows that killed the engine process running alone; they are not run
@@ -175,16 +205,27 @@ class UnitWorker:
         collector = _UnitCollector([None] * n, [None] * n, len(rows))
         if not rows:
             collector.done.set()
-        with self._cond:
-            self._units[unit.unit_id] = collector
         for row in rows:
             if row.index in skip and not row.error:
                 row.error = ("ENGINE_CRASH", "the engine process died running this row alone")
         todo = sum(not row.error for row in rows)
         with self._cond:
+            # A withdrawn copy of this unit may still have rows inside the engine: results go
+            # by unit id, so this call waits until they are back (and dropped).
+            while unit.unit_id in self._units or self._draining.get(unit.unit_id):
+                self._cond.wait(0.5)
+            self._clock_engine()
+            self._units[unit.unit_id] = collector
+            self._turns.append(collector)
             self._unprepared += todo  # while any are, a lock-step engine waits to fill batches
         try:
+            with self._cond:  # the units handed out before this one go first
+                while self._turns[0] is not collector and not collector.withdrawn:
+                    self._check_fatal()
+                    self._cond.wait(0.5)
             for row in rows:
+                if collector.withdrawn:
+                    break
                 if row.error:
                     code, message = row.error
                     key = (unit.unit_id, row.index)
@@ -193,20 +234,76 @@ class UnitWorker:
                             row.index, Result(key, error_code=code, error_message=message)
                         )
                     continue
-                self._slots.acquire()
-                self._pool.submit(self._prepare, unit.unit_id, row, row.index in solo)
-                todo -= 1
+                while not self._slots.acquire(timeout=0.5):
+                    self._check_fatal()
+                    if collector.withdrawn:
+                        break
+                else:
+                    self._pool.submit(
+                        self._prepare, collector, unit.unit_id, row, row.index in solo
+                    )
+                    todo -= 1
+            self._end_turn(collector)
             while not collector.done.wait(0.5):
-                if self._fatal is not None:
-                    raise RuntimeError(f"engine died: {self._fatal!r}")
+                self._check_fatal()
         finally:
             with self._cond:
-                self._unprepared -= todo  # rows never handed to the pool (an error above)
-                self._units.pop(unit.unit_id, None)
+                self._unprepared -= todo  # rows never handed to the pool (withdrawn, an error)
+                self._end_turn(collector)
+                if self._units.get(unit.unit_id) is collector:
+                    self._clock_engine()
+                    del self._units[unit.unit_id]
                 self._cond.notify_all()
+        if collector.withdrawn:
+            return None
         return self._result_table(unit, rows, collector, table)
 
-    def _prepare(self, unit_id: str, row: RowInput, solo: bool = False) -> None:
+    def _check_fatal(self) -> None:
+        if self._fatal is not None:
+            raise RuntimeError(f"engine died: {self._fatal!r}")
+
+    def _end_turn(self, collector: _UnitCollector) -> None:
+        """Every row of ``collector``'s unit is out (or it ended): the next unit's turn."""
+        with self._cond:
+            if collector in self._turns:
+                self._turns.remove(collector)
+                self._cond.notify_all()
+
+    def withdraw(self, unit_id: str, unstarted_only: bool = True) -> bool:
+        """Take ``unit_id`` back: its ``process_unit`` call returns None at once, its rows not
+        yet in the engine are dropped, those inside finish and are dropped. With
+        ``unstarted_only``, only if none of its rows entered the engine yet (a move to an idle
+        actor, nothing lost). True if withdrawn."""
+        with self._cond:
+            collector = self._units.get(unit_id)
+            if collector is None or collector.done.is_set():
+                return False
+            if unstarted_only and collector.entered:
+                return False
+            collector.withdrawn = True
+            for queue in (self._ready, self._solo):
+                kept = [r for r in queue if r.key[0] != unit_id]
+                for _ in range(len(queue) - len(kept)):
+                    self._slots.release()
+                queue.clear()
+                queue.extend(kept)
+            if collector.inside:
+                self._draining[unit_id] = collector.inside
+            self._clock_engine()
+            del self._units[unit_id]
+            collector.done.set()
+            self._cond.notify_all()
+        log.info(
+            "unit %s withdrawn (%d of its rows had entered the engine)", unit_id, collector.entered
+        )
+        return True
+
+    def _prepare(
+        self, collector: _UnitCollector, unit_id: str, row: RowInput, solo: bool = False
+    ) -> None:
+        if collector.withdrawn:
+            self._finish_early(collector, (unit_id, row.index), None)
+            return
         t0 = time.perf_counter()
         key = (unit_id, row.index)
         try:
@@ -216,7 +313,7 @@ class UnitWorker:
             digest = hashlib.sha256(data).hexdigest() if data else None
             rkey = digest and result_key(digest, self.cfg.prompt.system, row.prompt, self._settings)
             if rkey and self._reuse is not None and (found := self._reuse.find(rkey)):
-                self._carry_over(key, rkey, *found)
+                self._carry_over(collector, key, rkey, *found)
                 return
             text_tokens = self.engine.count_text_tokens(row.prompt, self.cfg.prompt.system)
             if text_tokens > self.cfg.prompt.max_prompt_tokens:
@@ -227,11 +324,13 @@ class UnitWorker:
                 )
             img = prepare_image(data, self.cfg.image, digest)
         except (ImageError, PromptError) as exc:
-            self._finish_early(key, Result(key, error_code=exc.code, error_message=exc.message))
+            result = Result(key, error_code=exc.code, error_message=exc.message)
+            self._finish_early(collector, key, result)
             return
         except Exception as exc:  # a bug or an unexpected library error: still only this row
             msg = f"{type(exc).__name__}: {exc}"
-            self._finish_early(key, Result(key, error_code="PREPARE_ERROR", error_message=msg))
+            result = Result(key, error_code="PREPARE_ERROR", error_message=msg)
+            self._finish_early(collector, key, result)
             return
         finally:
             self.timings["prepare_s"] += time.perf_counter() - t0
@@ -255,25 +354,34 @@ class UnitWorker:
             "result_key": rkey,
         }
         with self._cond:
-            collector = self._units.get(unit_id)
-            if collector is not None:
-                collector.meta[row.index] = meta
-            (self._solo if solo else self._ready).append(request)
             self._unprepared -= 1
+            if collector.withdrawn:  # taken back while this row was being prepared
+                self._slots.release()
+            else:
+                collector.meta[row.index] = meta
+                (self._solo if solo else self._ready).append(request)
             self._cond.notify_all()
 
-    def _finish_early(self, key: tuple[str, int], result: Result, meta: dict | None = None):
-        """A row done before the engine (an error, or reused): free its slot, record it."""
+    def _finish_early(
+        self,
+        collector: _UnitCollector,
+        key: tuple[str, int],
+        result: Result | None,
+        meta: dict | None = None,
+    ):
+        """A row done before the engine (an error, reused, or its unit withdrawn): free its
+        slot, record it."""
         self._slots.release()
         with self._cond:
             self._unprepared -= 1
-            collector = self._units.get(key[0])
-            if collector is not None:
+            if result is not None and not collector.withdrawn:
                 collector.meta[key[1]] = meta
                 collector.put(key[1], result)
             self._cond.notify_all()
 
-    def _carry_over(self, key: tuple[str, int], rkey: str, earlier: dict, job: str) -> None:
+    def _carry_over(
+        self, collector: _UnitCollector, key: tuple[str, int], rkey: str, earlier: dict, job: str
+    ) -> None:
         """An earlier output has this row's result (same image, prompt and settings)."""
         columns = self._parser.columns.names if self._parser else []
         result = Result(
@@ -287,7 +395,7 @@ class UnitWorker:
             reused_from=earlier.get("reused_from") or job,  # the job that computed it
         )
         meta = {name: earlier.get(name) for name in IMAGE_COLUMNS}
-        self._finish_early(key, result, {**meta, "result_key": rkey})
+        self._finish_early(collector, key, result, {**meta, "result_key": rkey})
 
     def _warm_host(self) -> None:
         """Pay the first unit's one-time costs at start-up, before ready(): the first call to
@@ -374,6 +482,10 @@ class UnitWorker:
                         self._flushed = False
                         self._clock_engine()
                         self._in_engine += len(group)
+                        for request in group:
+                            if collector := self._units.get(request.key[0]):
+                                collector.entered += 1
+                                collector.inside += 1
                 if group is None:
                     self.engine.flush()
                     continue
@@ -385,10 +497,15 @@ class UnitWorker:
             self.fail(exc)
 
     def _clock_engine(self) -> None:
-        """Under the lock, before ``_in_engine`` changes: time the engine busy or idle."""
+        """Under the lock, before ``_in_engine`` or the units held change: time the engine
+        busy or idle (and, on the timeline, idle waiting for rows or with no unit at all)."""
         now = time.perf_counter()
         self.timings["engine_s" if self._in_engine else "engine_idle_s"] += now - self._since
         self._since = now
+        wall = time.time()
+        state = "busy" if self._in_engine else "waiting" if self._units else "idle"
+        self.timeline.add(state, self._since_wall, wall)
+        self._since_wall = wall
 
     # ---- the engine's result sink -------------------------------------------------------
     def entering(self, keys: Sequence[tuple[str, int]]) -> None:
@@ -408,8 +525,13 @@ class UnitWorker:
             self._in_engine -= 1
             self._left.append(result.key)
             idle = self._in_engine == 0
-            collector = self._units.get(result.key[0])
-            if collector is not None:
+            unit_id = result.key[0]
+            if unit_id in self._draining:  # a row of a withdrawn unit: dropped
+                self._draining[unit_id] -= 1
+                if not self._draining[unit_id]:
+                    del self._draining[unit_id]
+            elif (collector := self._units.get(unit_id)) is not None:
+                collector.inside -= 1
                 collector.put(result.key[1], result)
             self._cond.notify_all()
         self._slots.release()

@@ -3,9 +3,11 @@
 Each run makes a fresh output, starts ``qvl-batch run`` and, every ``--min-gap``..``--max-gap``
 seconds, kills one of: an actor while its engine loads (start-up), a working actor, the driver,
 or the driver while a unit is being committed (part files written, marker not yet); a killed
-driver is started again and resumes. After ``--kills`` kills the job runs to its end, then
-``verify`` checks the output and its rows are compared with an uninterrupted run's. Per run it
-prints the kills by phase, the actor restarts the drivers logged, the seconds, and the verdicts.
+driver is started again and resumes (``--phases`` narrows what is hit; overrides after the
+options apply to every run, so ``engine.name=hf`` runs it on GPUs). After ``--kills`` kills the
+job runs to its end, then ``verify`` checks the output and its rows are compared with an
+uninterrupted run's. Per run it prints the kills by phase, the actor restarts the drivers
+logged, the seconds, and the verdicts.
 
 Only this job's processes are killed: its actors carry ``QVL_JOB_ID`` (the ActorPool's
 runtime_env) and are told apart by the title Ray gives them ("ray::UnitWorker.__init__" while
@@ -63,10 +65,12 @@ def job_actors(job_id: str) -> list[tuple[int, str]]:
     return found
 
 
-def start_driver(job: Path, log_path: Path | None = None) -> subprocess.Popen:
-    """``qvl-batch run JOB`` in its own process group; output to ``log_path`` (appended) or a
-    pipe."""
-    cmd = [sys.executable, "-m", "qvl_batch.cli", "run", str(job), "--no-progress"]
+def start_driver(
+    job: Path, log_path: Path | None = None, overrides: list[str] = ()
+) -> subprocess.Popen:
+    """``qvl-batch run JOB [OVERRIDES]`` in its own process group; output to ``log_path``
+    (appended) or a pipe."""
+    cmd = [sys.executable, "-m", "qvl_batch.cli", "run", str(job), *overrides, "--no-progress"]
     out = open(log_path, "ab") if log_path else subprocess.PIPE  # noqa: SIM115 - the child's
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -84,10 +88,20 @@ def uncommitted_part(output: Path) -> bool:
 class Chaos:
     """One job under kills: ``step()`` waits a random gap and kills in a random phase."""
 
-    def __init__(self, job: Path, output: Path, rng: random.Random, gaps=(0.5, 2.5), log=None):
+    def __init__(
+        self,
+        job: Path,
+        output: Path,
+        rng: random.Random,
+        gaps=(0.5, 2.5),
+        log=None,
+        phases: tuple[str, ...] = PHASES,
+        overrides: list[str] = (),
+    ):
         self.job, self.output, self.rng, self.gaps, self.log_path = job, output, rng, gaps, log
+        self.phases, self.overrides = phases, list(overrides)
         self.kills = dict.fromkeys(PHASES, 0)
-        self.proc = start_driver(job, log)
+        self.proc = start_driver(job, log, self.overrides)
         self.job_id = job_id_of(output)
 
     def alive(self) -> bool:
@@ -124,7 +138,7 @@ class Chaos:
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         self.kills[phase] += 1
-        self.proc = start_driver(self.job, self.log_path)
+        self.proc = start_driver(self.job, self.log_path, self.overrides)
 
     def step(self) -> bool:
         """One kill; False if the job ended first."""
@@ -133,7 +147,7 @@ class Chaos:
             time.sleep(0.05)
         if not self.alive():
             return False
-        phase = self.rng.choice(PHASES)
+        phase = self.rng.choice(self.phases)
         if phase == "startup":
             # A loading actor: a fresh driver's, or the replacement of a working one killed now.
             if not self.kill_actor("loading") and self.kill_actor("working"):
@@ -151,7 +165,7 @@ class Chaos:
             text = out.decode(errors="replace") if out else ""
             if self.proc.returncode == 0:
                 break
-            self.proc = start_driver(self.job, self.log_path)
+            self.proc = start_driver(self.job, self.log_path, self.overrides)
         return self.proc.returncode, text
 
 
@@ -194,6 +208,9 @@ def run_chaos(args: argparse.Namespace) -> dict:
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # The user's overrides apply to the reference run and the chaos runs alike (an engine, a
+    # model: `engine.name=hf engine.model=DIR` runs this on GPUs).
+    overrides = list(args.overrides)
     data = work / f"chaos-data-{args.rows}"
     if not (data / ".done").exists():
         spec = SynthSpec(
@@ -203,11 +220,14 @@ def run_chaos(args: argparse.Namespace) -> dict:
         (data / ".done").touch()
     ref = work / "chaos-ref"
     if not (ref / "_SUCCESS").exists():
-        proc = start_driver(_job_file(args, data, ref, "chaos-ref", chaos=False))
+        proc = start_driver(_job_file(args, data, ref, "chaos-ref", chaos=False), None, overrides)
         if proc.wait(timeout=1800) != 0:
             raise RuntimeError(f"the reference run failed: {proc.stdout.read().decode()}")
     want = rows_of(ref)
     rng = random.Random(args.seed)
+    phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
+    if not phases or set(phases) - set(PHASES):
+        raise SystemExit(f"--phases: a comma list of {', '.join(PHASES)}")
     runs = []
     for n in range(1, args.runs + 1):
         out = work / f"chaos-out-{n}"
@@ -222,6 +242,8 @@ def run_chaos(args: argparse.Namespace) -> dict:
             rng,
             (args.min_gap, args.max_gap),
             log,
+            phases,
+            overrides,
         )
         while sum(chaos.kills.values()) < args.kills and chaos.step():
             pass
@@ -237,6 +259,7 @@ def run_chaos(args: argparse.Namespace) -> dict:
             "exit": code,
             "verify_ok": code == 0 and verify_output(str(out)).ok,
             "equal_to_uninterrupted": code == 0 and rows_of(out) == want,
+            "rows_differing": len(set(rows_of(out)) ^ set(want)) // 2 if code == 0 else None,
         }
         runs.append(run)
         print(
@@ -283,5 +306,10 @@ def add_chaos_bench(kinds, common) -> None:
     p.add_argument("--load-s", type=float, default=1.5, help="fake engine load: start-up window")
     p.add_argument("--min-gap", type=float, default=0.5, help="seconds between kills, at least")
     p.add_argument("--max-gap", type=float, default=2.5, help="... and at most")
+    p.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"what a kill may hit, a comma list of {'/'.join(PHASES)} (actor: a working one)",
+    )
     p.add_argument("--json-out", default=None)
     p.set_defaults(func=bench_chaos)

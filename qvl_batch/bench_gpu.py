@@ -13,6 +13,8 @@ side at the end with one JSON line:
   fraction sampled in the background. Steady rows/s over bare images/s is the runner's cost.
 - ``bucketing``: a mixed-size set (:data:`MIXED_SIZES`) run with ``batching.bucketing`` on and
   off: rows/s of each and the padding each leaves.
+- ``scaling``: the same job on 1 and on N GPU actors, short and long, and one actor over N
+  GPUs (``bench_gpu_scaling``); not in the default sections.
 
 The figures are compared with the compute floor of the issue (:data:`FLOOR_IMAGES_PER_S`), which
 only means something for the 7B in bf16 on an H200.
@@ -33,10 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .bench_engine import FLOOR_IMAGES_PER_S, FLOOR_NOTE, bench_bare, bench_in_actor
+from .bench_gpu_scaling import add_scaling_args, scaling
 from .config import Config, load_config
 from .gpu_sampler import GpuSampler
 
-SECTIONS = ("bare", "actor", "runner", "bucketing")
+SECTIONS = ("bare", "actor", "runner", "bucketing", "scaling")
 
 # The bucketing section's image sizes as (width, height, weight): common photo and screen sizes,
 # landscape and portrait. Under image.max_pixels=602112 (768 vision tokens) they resize to 8
@@ -412,6 +415,13 @@ def bench_gpu(args: argparse.Namespace) -> int:
             report["bucketing"] = bucketing = _bucketing(args, config, batch_size(), cuda)
             runs = [bucketing[k] for k, _, _ in BUCKETING_VARIANTS if k in bucketing]
             failed |= any(run["status"] != "succeeded" for run in runs)
+        elif section == "scaling":
+            report["scaling"] = result = scaling(
+                args, config, _dataset, run_runner, batch_size(), cuda
+            )
+            runs = [v for job in result["jobs"] for k, v in job.items() if k.startswith("actors_")]
+            runs += [result["split"]] if "split" in result else []
+            failed |= any(run["status"] != "succeeded" for run in runs)
     _add_ratios(report)
 
     _print_table(report)
@@ -507,7 +517,9 @@ def add_gpu_bench(kinds, common) -> None:
     p.add_argument("--size", choices=("7b", "3b", "tiny"), default="7b", help="size to build")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
-        "--sections", default=",".join(SECTIONS), help="comma list of " + "/".join(SECTIONS)
+        "--sections",
+        default=",".join(SECTIONS[:-1]),
+        help="comma list of " + "/".join(SECTIONS) + " (default: all but scaling)",
     )
     p.add_argument("--json-out", default=None, help="also write the JSON line here")
     p.add_argument("--prepare-threads", type=int, default=8, help="runner decode threads")
@@ -540,4 +552,5 @@ def add_gpu_bench(kinds, common) -> None:
         default=[v[0] for v in BUCKETING_VARIANTS],
         help="on: buckets topped up from near sizes; exact: same-size only; off: arrival order",
     )
+    add_scaling_args(p)
     p.set_defaults(func=bench_gpu)

@@ -240,6 +240,8 @@ def run_point(args: argparse.Namespace, n: int, data: Path) -> dict:
         "rows": rows,
         "units": summary.units_this_run,
         "error_rows": summary.errors_this_run,
+        # tail copies run rows twice: the engine's rows exceed the job's by what they ran
+        "backup_copies": summary.backup_copies,
         "pipeline_s": round(pipe, 3),
         "elapsed_s": round(summary.elapsed_s, 3),
         "startup_s": None,

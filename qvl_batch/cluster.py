@@ -36,6 +36,11 @@ class Outcome:
     error: str | None = None
     actor_died: bool = False
 
+    @property
+    def withdrawn(self) -> bool:
+        """The driver took the unit back (moved, or a copy that lost): no result."""
+        return self.table is None and self.error is None
+
 
 def connect(cfg: Config) -> bool:
     """Join ``cluster.address`` or start a local Ray; returns True if this call started it."""
@@ -73,8 +78,8 @@ def actor_layout(cfg: Config, resources: dict[str, float]) -> tuple[int, dict[st
     if n > capacity:
         log.warning("cluster.num_actors=%d but the cluster fits %d (%s)", n, capacity, what)
         n = capacity
-    # process_unit calls for the window, plus room for ready()/stats() calls.
-    options["max_concurrency"] = cfg.batching.units_in_flight_per_actor + 2
+    # process_unit calls for the window, plus room for ready()/stats()/withdraw() calls.
+    options["max_concurrency"] = cfg.batching.units_in_flight_per_actor + 3
     options["max_restarts"] = 0  # the driver replaces dead actors and re-queues their units
     return n, options
 
@@ -186,7 +191,7 @@ class ActorPool:
         if self.engine_name is None:
             self.engine_name, self.engine_version = info["engine"], info["engine_version"]
         if self.placement[index] is None:
-            keys = ("pid", "node_id", "gpu_ids", "cuda_visible_devices")
+            keys = ("pid", "node_id", "gpu_ids", "cuda_visible_devices", "visible_gpus")
             self.placement[index] = {k: info.get(k) for k in keys}
         gpus = ",".join(info.get("gpu_ids") or [])
         self._gpus[index] = gpus
@@ -257,16 +262,43 @@ class ActorPool:
         except RayTaskError as exc:
             return Outcome(error=_first_line(exc))
 
+    def withdraw(self, index: int, unit_id: str) -> bool:
+        """Take back a unit slot ``index`` holds but has not started (a move); True if so."""
+        try:
+            ref = self.actors[index].withdraw.remote(unit_id, True)
+            return bool(ray.get(ref, timeout=STATS_TIMEOUT_S))
+        except (GetTimeoutError, RayTaskError, *ACTOR_DEATH):
+            return False
+
+    def drop(self, index: int, unit_id: str) -> None:
+        """Stop slot ``index`` working on a unit whose result is no longer wanted (no wait)."""
+        try:
+            self.actors[index].withdraw.remote(unit_id, False)
+        except Exception:  # a dead actor has nothing to drop
+            pass
+
     def collect_stats(self) -> tuple[PaddingStats, dict[str, float], dict]:
         """Padding, stage timings and storage retries summed over the live actors; the
-        timings also carry ``peak_rss_mib``, the largest actor's peak memory."""
+        timings also carry ``peak_rss_mib``, the largest actor's peak memory. Each live
+        slot's timeline (busy / waiting / idle over wall time) is kept in :attr:`timelines`."""
         padding, timings, storage = PaddingStats(), {}, {}
-        refs = [a.stats.remote() for a, live in zip(self.actors, self.live) if live]
-        for ref in refs:
+        self.timelines: list[dict] = []
+        slots = [i for i, live in enumerate(self.live) if live]
+        refs = [self.actors[i].stats.remote() for i in slots]
+        for index, ref in zip(slots, refs):
             try:
                 stats = ray.get(ref, timeout=STATS_TIMEOUT_S)
             except (GetTimeoutError, RayTaskError, *ACTOR_DEATH):
                 continue
+            if "timeline" in stats:
+                self.timelines.append(
+                    {
+                        "actor": index,
+                        "incarnation": stats.get("incarnation"),
+                        "gpus": self._gpus[index],
+                        **stats["timeline"],
+                    }
+                )
             padding.merge(stats["padding"])
             storage = merge_request_stats(storage, stats["storage"])
             for k, v in stats["timings"].items():

@@ -173,6 +173,9 @@ class BatchingConfig:
     # unit_rows) must exceed it for the window to fill.
     window_batches: int = 8
     unit_rows: int = 512  # target rows per work unit (row groups are grouped up to this)
+    # At the tail of a job (nothing left to hand out), an idle actor runs a copy of a unit that
+    # another actor still runs; the first complete result commits, the other is dropped.
+    backup_copies: bool = True
     prepare_threads: int = 0  # image decode threads per actor; 0 = the actor's CPU count
 
     def __post_init__(self) -> None:
@@ -224,6 +227,13 @@ class FakeEngineConfig:
     exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
     exit_incarnations: int = 1  # ...only in actors whose incarnation is below this
     load_s: float = 0.0  # seconds the engine takes to load (a window for start-up faults)
+    # A batch (or scheduler step) holding one of slow_ids first sleeps slow_s: a straggler. With
+    # slow_times > 0, only the first slow_times engines to meet the row do (counted with marker
+    # files in marker_dir, shared by every process), so a copy elsewhere runs at full speed.
+    slow_ids: list[str] = field(default_factory=list)
+    slow_s: float = 0.0
+    slow_times: int = 0
+    marker_dir: str = ""
     # "batch": lock-step with the latency model above. "inflight": an in-flight batching
     # simulator (slots; a step costs step_s + step_per_active_s x active, plus
     # prefill_per_token_s per prompt token admitted), each row's answer length drawn from
@@ -242,6 +252,11 @@ class FakeEngineConfig:
         _check(self.feed in ("stream", "batch"), "engine.fake.feed", "stream or batch")
         _check(self.slots >= 1, "engine.fake.slots", "must be >= 1")
         _check(self.max_in_flight >= 0, "engine.fake.max_in_flight", "must be >= 0")
+        _check(
+            self.slow_times == 0 or bool(self.marker_dir),
+            "engine.fake.marker_dir",
+            "is needed with slow_times > 0 (where the engines count their slow copies)",
+        )
         _check(
             min(self.step_s, self.step_per_active_s, self.prefill_per_token_s) >= 0,
             "engine.fake.step_s",

@@ -18,6 +18,7 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 from .config import Config, fingerprint, fingerprint_fields, saved_config
+from .handout import HandOut, Run, Runs
 from .isolation import CrashIsolation
 from .manifest import Plan, WorkUnit, plan_job
 from .progress import Progress
@@ -64,6 +65,9 @@ class JobSummary:
     elapsed_s: float = 0.0
     rows_per_s: float = 0.0
     pipeline_s: float = 0.0  # actors ready -> last commit: the steady-state part of elapsed_s
+    units_moved: int = 0  # queued units taken back from a busy actor for an idle one
+    backup_copies: int = 0  # copies of running units started on idle actors at the tail
+    backup_wins: int = 0  # ...whose result came first and was committed
     message: str = ""
 
     def lines(self) -> list[str]:
@@ -84,6 +88,11 @@ class JobSummary:
             f"  retries: {self.unit_retries} unit retries, {self.actor_restarts} actor restarts, "
             f"{self.storage_retries} storage retries",
         ]
+        if self.units_moved or self.backup_copies:
+            out.append(
+                f"  tail: {self.units_moved} units moved to idle actors, {self.backup_copies} "
+                f"backup copies ({self.backup_wins} finished first)"
+            )
         if self.error_codes:
             out.append(error_codes_line(self.error_codes))
         if self.message:
@@ -97,7 +106,6 @@ class _Slot:
     actor: object
     generation: int = 0
     retired: bool = False  # its engine cannot start there: no more attempts
-    inflight: set = field(default_factory=set)
     crashes: dict = field(default_factory=dict)  # generation -> keys in its engine at death
 
 
@@ -124,6 +132,10 @@ class Driver:
         self._placement: list[dict] = []  # where the actors run (pid, node, GPUs)
         self._live_timeline: list[tuple[float, int]] = []  # (seconds, actors live) on change
         self._units_by_actor: list[int] = []  # results each actor slot returned
+        self._started_at = time.time()  # this run's start, wall clock (the report's axis)
+        self._t0 = time.monotonic()
+        self._unit_runs: list[dict] = []  # every hand-out: actor, unit, span, outcome
+        self._actor_timeline: dict = {}  # each actor's busy / waiting / idle over the job
 
     # ---- before any work -------------------------------------------------------------
     def prepare(self) -> tuple[Plan, dict, set[str]]:
@@ -163,7 +175,8 @@ class Driver:
 
     # ---- the run -------------------------------------------------------------------
     def run(self) -> JobSummary:
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
+        self._started_at = time.time()
         plan, job, committed = self.prepare()
         summary = JobSummary("running", EXIT_OK, self.state.url, job["job_id"])
         summary.rows_total = plan.total_rows
@@ -219,6 +232,9 @@ class Driver:
             "actors": self._placement,  # pid, node and GPUs of each actor as first started
             "actors_live": [[round(t, 2), n] for t, n in self._live_timeline],
             "units_by_actor": self._units_by_actor,  # results each actor slot returned
+            "started_at": dt.datetime.fromtimestamp(self._started_at, dt.timezone.utc).isoformat(),
+            "actor_timeline": self._actor_timeline,
+            "unit_runs": self._unit_runs,
             "storage": storage,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
@@ -262,24 +278,29 @@ class Driver:
         pool = self._make_pool(job["job_id"])
         lineage: dict = {}  # filled when the first actor is ready (it names the engine)
         t_ready = t_start = time.monotonic()
-        per_actor = cfg.batching.units_in_flight_per_actor
         slots = [_Slot(i, a) for i, a in enumerate(pool.actors)]
         live = getattr(pool, "live", [True] * len(slots))
-        self._live_timeline = [(0.0, sum(live))]  # (seconds since start, live actors)
+        # (seconds since the job started, actors live): the clock of unit_runs and the report
+        self._live_timeline = [(t_start - self._t0, sum(live))]
         self._units_by_actor = [0] * len(slots)
-        inflight: dict = {}  # ref -> (unit, slot, generation, attempt)
+        runs = Runs(len(slots))
+        handout = HandOut(cfg.batching.units_in_flight_per_actor, cfg.batching.backup_copies)
+        can_withdraw = hasattr(pool, "withdraw")  # the driver benchmark's pool cannot
         retries: deque[_Retry] = deque()
         isolation = CrashIsolation(cfg.limits.max_row_crashes)
         failure = None
+        todo_left = True
 
         def next_unit() -> tuple[WorkUnit, int] | None:
+            nonlocal todo_left
             now = time.monotonic()
             for _ in range(len(retries)):
                 r = retries.popleft()
                 if r.not_before <= now:
                     return r.unit, r.attempt
                 retries.append(r)
-            unit = next(todo, None)
+            unit = next(todo, None) if todo_left else None
+            todo_left = unit is not None
             return (unit, 1) if unit is not None else None
 
         def requeue(unit: WorkUnit, attempt: int, reason: str) -> str | None:
@@ -291,10 +312,77 @@ class Driver:
             retries.append(_Retry(unit, attempt + 1, time.monotonic() + backoff))
             return None
 
+        def send(unit: WorkUnit, attempt: int, index: int, copy: bool = False) -> None:
+            slot = slots[index]
+            args = isolation.process_args(unit.unit_id)
+            ref = slot.actor.process_unit.remote(unit, *args, **self._run_kwargs(unit))
+            start = time.monotonic() - self._t0
+            runs.add(ref, Run(unit, index, slot.generation, attempt, copy, start))
+
+        def ended(run: Run, outcome: str) -> None:
+            """One hand-out is over: on the report's per-actor timeline."""
+            self._unit_runs.append(
+                {
+                    "actor": run.slot,
+                    "unit_id": run.unit.unit_id,
+                    "start_s": round(run.start_s, 3),
+                    "end_s": round(time.monotonic() - self._t0, 3),
+                    "outcome": outcome,
+                    "copy": run.copy,
+                }
+            )
+
+        def tail() -> None:
+            """Nothing left to hand out: an idle actor takes a queued unit from a busy one,
+            else (backup_copies) runs a copy of a running one (handout.py says why)."""
+            for idle in HandOut.idle_slots(live, runs):
+                while (ref := HandOut.to_move(runs, idle)) is not None:
+                    run = runs.by_ref[ref]
+                    if not pool.withdraw(run.slot, run.unit.unit_id):
+                        run.started = True  # it began meanwhile: a copy may still help
+                        continue
+                    run.dropped = run.moved = True  # its call returns no result
+                    log.info(
+                        "unit %s moved from actor %d to idle actor %d",
+                        run.unit.unit_id,
+                        run.slot,
+                        idle,
+                    )
+                    summary.units_moved += 1
+                    send(run.unit, run.attempt, idle)
+                    break
+                else:
+                    if (ref := handout.to_copy(runs, idle)) is not None:
+                        run = runs.by_ref[ref]
+                        log.info(
+                            "backup copy of unit %s (running on actor %d) on idle actor %d",
+                            run.unit.unit_id,
+                            run.slot,
+                            idle,
+                        )
+                        summary.backup_copies += 1
+                        send(run.unit, run.attempt, idle, copy=True)
+
         # Commits run in a small pool, so object-store latency (two PUTs a unit) overlaps with
         # handing out work; results wait there for at most MAX_PENDING_COMMITS units.
         committer = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
         commits: dict[Future, tuple[WorkUnit, int]] = {}
+
+        def commit(run: Run, table) -> None:
+            """The first complete result of a unit: to the committer, once; its twins are
+            dropped (a second commit of a unit is refused here and by the ledger)."""
+            unit = run.unit
+            if unit.unit_id in runs.settled:
+                raise RuntimeError(f"unit {unit.unit_id} would be committed twice")
+            runs.settled.add(unit.unit_id)
+            for twin in runs.twins(unit.unit_id):
+                other = runs.by_ref[twin]
+                other.dropped = True
+                pool.drop(other.slot, unit.unit_id)
+            if run.copy:
+                summary.backup_wins += 1
+            fut = committer.submit(self._commit, unit, table, lineage, run.attempt)
+            commits[fut] = (unit, run.attempt)
 
         def book(fut: Future) -> str | None:
             """Account for one finished commit; returns a failure message, if it is one."""
@@ -302,6 +390,7 @@ class Driver:
             try:
                 record, done = fut.result()
             except UnitIncomplete as exc:
+                runs.settled.discard(unit.unit_id)
                 return requeue(unit, attempt, str(exc))
             except StorageError as exc:  # retries exhausted: stop, keep the rest
                 return f"cannot commit unit {unit.unit_id}: {exc}"
@@ -373,12 +462,51 @@ class Driver:
             slot.generation += 1
             return restarted(start.error or "start failed")
 
+        def on_result(ref) -> str | None:
+            """One hand-out came back: commit it, drop it (its twin is settled) or retry it."""
+            run = runs.pop(ref)
+            slot = slots[run.slot]
+            outcome = pool.get(ref)
+            # Another run of the unit settles it (committed, or still running elsewhere).
+            elsewhere = run.unit.unit_id in runs.settled or bool(runs.twins(run.unit.unit_id))
+            problem = None
+            if outcome.actor_died:
+                if slot.generation == run.generation:
+                    slot.crashes[run.generation] = pool.crash_batch(slot.index)
+                    slot.actor = pool.replace(slot.index)
+                    slot.generation += 1
+                    problem = restarted(outcome.error)
+                crash = slot.crashes.get(run.generation)
+                if crash is not None:  # rows that were inside: isolated from now on
+                    isolation.learn(run.unit.unit_id, crash)
+                ended(run, "failed")
+                if problem or run.dropped or elsewhere:
+                    pass
+                elif crash is None:  # died outside the engine: an ordinary retry
+                    problem = requeue(run.unit, run.attempt, outcome.error)
+                else:  # an isolation step (or a bystander): no attempt is used up
+                    summary.unit_retries += 1
+                    retries.append(_Retry(run.unit, run.attempt, time.monotonic()))
+            elif outcome.withdrawn:
+                ended(run, "moved" if run.moved else "discarded")
+            elif outcome.error:
+                ended(run, "failed")
+                if not (run.dropped or elsewhere):
+                    problem = requeue(run.unit, run.attempt, outcome.error)
+            elif run.dropped or run.unit.unit_id in runs.settled:
+                ended(run, "discarded")  # its twin's result was first
+            else:
+                self._units_by_actor[slot.index] += 1
+                ended(run, "committed")
+                commit(run, outcome.table)
+            return problem
+
         below_since: float | None = t_start  # since when fewer than min_actors are live
         try:
             while failure is None:
                 now = time.monotonic()
                 if sum(live) != self._live_timeline[-1][1]:
-                    self._live_timeline.append((now - t_start, sum(live)))
+                    self._live_timeline.append((now - self._t0, sum(live)))
                     progress.actors(sum(live), len(slots))
                 if sum(live) >= cfg.cluster.min_actors:
                     below_since = None
@@ -391,62 +519,32 @@ class Driver:
                         f"(cluster.min_actors={cfg.cluster.min_actors})"
                     )
                     break
-                for slot in slots:
-                    if not live[slot.index]:
-                        continue
-                    while (
-                        len(slot.inflight) < per_actor
-                        and len(commits) < MAX_PENDING_COMMITS
-                        and (item := next_unit()) is not None
-                    ):
-                        unit, attempt = item
-                        args = isolation.process_args(unit.unit_id)
-                        ref = slot.actor.process_unit.remote(unit, *args, **self._run_kwargs(unit))
-                        inflight[ref] = (unit, slot, slot.generation, attempt)
-                        slot.inflight.add(ref)
+                while (
+                    len(commits) < MAX_PENDING_COMMITS
+                    and (index := handout.slot_for_next(live, runs)) is not None
+                    and (item := next_unit()) is not None
+                ):
+                    send(*item, index)
+                if not todo_left and not retries and can_withdraw:
+                    tail()
                 starting = pool.starting() if hasattr(pool, "starting") else []
-                if not inflight and not starting:
+                # Dropped runs (copies whose twin won) are not waited for at the end.
+                if not runs.working() and not starting:
                     if not any(live):  # nothing live and nothing starting: every slot gave up
                         failure = "no actor could start (see the errors above)"
                         break
-                    if not retries and not commits:
+                    if not retries and not commits and not todo_left:
+                        for ref in list(runs):
+                            ended(runs.pop(ref), "discarded")
                         break
                     if commits:
                         failure = settle(timeout=0.05)
                     else:
                         time.sleep(0.05)  # only backed-off retries left
                     continue
-                ready = pool.wait(list(inflight) + starting, timeout=0.05 if commits else 1.0)
+                ready = pool.wait(list(runs) + starting, timeout=0.05 if commits else 1.0)
                 for ref in ready:
-                    if ref not in inflight:
-                        failure = on_start(ref)
-                        if failure:
-                            break
-                        continue
-                    unit, slot, generation, attempt = inflight.pop(ref)
-                    slot.inflight.discard(ref)
-                    outcome = pool.get(ref)
-                    if outcome.actor_died:
-                        if slot.generation == generation:
-                            slot.crashes[generation] = pool.crash_batch(slot.index)
-                            slot.actor = pool.replace(slot.index)
-                            slot.generation += 1
-                            failure = restarted(outcome.error)
-                        crash = slot.crashes.get(generation)
-                        if failure:
-                            pass
-                        elif crash is None:  # died outside the engine: an ordinary retry
-                            failure = requeue(unit, attempt, outcome.error)
-                        else:  # an isolation step (or a bystander): no attempt is used up
-                            isolation.learn(unit.unit_id, crash)
-                            summary.unit_retries += 1
-                            retries.append(_Retry(unit, attempt, time.monotonic()))
-                    elif outcome.error:
-                        failure = requeue(unit, attempt, outcome.error)
-                    else:
-                        self._units_by_actor[slot.index] += 1
-                        fut = committer.submit(self._commit, unit, outcome.table, lineage, attempt)
-                        commits[fut] = (unit, attempt)
+                    failure = on_result(ref) if ref in runs.by_ref else on_start(ref)
                     if failure:
                         break
                 failure = failure or settle(timeout=0)
@@ -458,6 +556,9 @@ class Driver:
             summary.pipeline_s = time.monotonic() - t_ready
             self._placement = [p for p in getattr(pool, "placement", []) if p]
             padding, timings, storage = pool.collect_stats()
+            self._actor_timeline = _job_timeline(
+                getattr(pool, "timelines", []), self._started_at, [s.generation for s in slots]
+            )
             return padding, timings, storage, failure
         finally:
             committer.shutdown(wait=True)
@@ -491,6 +592,29 @@ class Driver:
                 f"limits.max_error_fraction {lim.max_error_fraction}: stopping"
             )
         return None
+
+
+def _job_timeline(timelines: list[dict], started_at: float, generations: list[int]) -> dict:
+    """The actors' busy / waiting / idle bins on the job's axis (seconds since its start), all
+    at the widest actor's bin width (widths double as a job grows, so they divide). An actor's
+    ``incarnation`` counts its slot's processes: 0 for the first, 1 after one replacement."""
+    from .timeline import STATES
+
+    width = max((t["bin_s"] for t in timelines), default=1.0)
+    actors = []
+    for t in timelines:
+        k = round(width / t["bin_s"])
+        entry = {
+            "actor": t["actor"],
+            "incarnation": generations[t["actor"]],
+            "gpus": t["gpus"],
+            "start_s": round(t["origin"] - started_at, 3),
+        }
+        for state in STATES:
+            series = t[state]
+            entry[state] = [round(sum(series[i : i + k]), 3) for i in range(0, len(series), k)]
+        actors.append(entry)
+    return {"bin_s": width, "actors": actors}
 
 
 def run_job(cfg: Config, progress_bar: bool | None = None) -> JobSummary:

@@ -115,4 +115,5 @@ class GpuSampler:
             "busy_fraction_mean": round(sum(utils) / len(utils) / 100, 4),
             "samples": len(utils),
             "memory_used_peak_mib": max(m for _, g, _, m in self.samples if g == busiest),
+            "busy_by_gpu": {g: round(sum(u) / len(u) / 100, 4) for g, u in sorted(by_gpu.items())},
         }

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .report_timeline import job_span, parse_time, timeline_section
 from .state import REPORT_FILE, OutputState
 
 READ_THREADS = 16  # small GETs in parallel: object stores answer each in ~10-50 ms
@@ -56,28 +57,53 @@ def _read_rows(state: OutputState, files: list[str]) -> tuple[dict[str, list[int
     return cols, note
 
 
-def _throughput(times: list[dt.datetime], rows: list[int]):
-    span = (times[-1] - times[0]).total_seconds()
+def _throughput(times: list[dt.datetime], rows: list[int], origin=None, span_s: float = 0.0):
+    """Rows committed over time. ``origin``: the run's start (x = 0 there; commits before it,
+    earlier runs' of a resumed job, are left out); None: x = 0 at the first commit.
+    ``span_s``: the job's length from ``origin``, so the axis reaches the job's end."""
+    earlier = 0
+    if origin is not None:
+        kept = [(t, n) for t, n in zip(times, rows) if t >= origin]
+        earlier = len(times) - len(kept)
+        if kept:
+            times, rows = [t for t, _ in kept], [n for _, n in kept]
+        else:  # this run committed nothing: show the earlier runs' commits from the first one
+            origin = None
+    zero = origin or times[0]
+    span = max((times[-1] - zero).total_seconds(), span_s if origin else 0.0)
     # Bins of a round width giving about 30 or fewer bars: per minute for long jobs.
     step = next((s for s in (0.1, 1, 10, 60, 600) if span / s <= 30), 3600)
     scale, axis = (60, "minutes") if step >= 60 else (1, "seconds")
     per_bin: Counter = Counter()
     for t, n in zip(times, rows):
-        per_bin[int((t - times[0]).total_seconds() // step)] += n
+        per_bin[int((t - zero).total_seconds() // step)] += n
     xs = list(range(max(per_bin) + 1))
     unit = f"{step:g} s" if step < 60 else f"{step // 60:g} min"
+    since = "job start" if origin else "first commit"
 
     def draw(fig):
         ax = fig.add_subplot()
         lefts, heights = [x * step / scale for x in xs], [per_bin[x] for x in xs]
         ax.bar(lefts, heights, width=step / scale * 0.9, align="edge", color="tab:blue")
-        ax.set(xlabel=f"{axis} since first commit", ylabel=f"rows committed per {unit}")
+        ax.set(xlabel=f"{axis} since {since}", ylabel=f"rows committed per {unit}")
+        ax.set_xlim(0, max(span, step) / scale)
         cum = ax.twinx()
-        at = [(t - times[0]).total_seconds() / scale for t in times]
-        cum.plot(at, list(itertools.accumulate(rows)), color="tab:orange", drawstyle="steps-post")
+        at = [0.0] + [(t - zero).total_seconds() / scale for t in times]
+        cum.plot(at, [0, *itertools.accumulate(rows)], color="tab:orange", drawstyle="steps-post")
         cum.set_ylabel("cumulative rows", color="tab:orange")
 
-    return _png(draw), f"Throughput: rows committed per {unit} (bars), cumulative rows (line)."
+    caption = f"Throughput: rows committed per {unit} (bars), cumulative rows (line), "
+    if origin:
+        caption += (
+            "from the start of this run (x = 0: the driver started; the first bars stay empty "
+            "while actors start and load the model)."
+        )
+        if earlier:
+            caption += f" Left out: {earlier:,} unit(s) committed by earlier runs, before it."
+    else:
+        why = "this run committed none" if earlier else "no start time in _metrics.json"
+        caption += f"from the first commit ({why})."
+    return _png(draw), caption
 
 
 def _sizes(cols: dict[str, list[int]], batch_counts: dict) -> str:
@@ -139,7 +165,8 @@ def build_report(state: OutputState) -> bytes:
     metrics = state.metrics()
     markers = state.markers()
     markers.sort(key=lambda m: m["committed_at"])
-    times = [dt.datetime.fromisoformat(m["committed_at"]) for m in markers]
+    timed = [(t, m["num_rows"]) for m in markers if (t := parse_time(m.get("committed_at")))]
+    times = [t for t, _ in timed]
     codes: Counter = Counter()
     for m in markers:
         codes.update(m.get("error_codes", {}))
@@ -165,9 +192,19 @@ def build_report(state: OutputState) -> bytes:
         ("error rows", f"{error_rows:,}"),
     ]
     if summary:
+        run_rows, elapsed = summary.get("rows_this_run"), summary.get("elapsed_s") or 0
+        pipeline = summary.get("pipeline_s") or 0
+        if isinstance(run_rows, int) and elapsed > 0:
+            per_s = f"{run_rows / elapsed:,.1f}"
+            why = f"{run_rows:,} rows this run / {elapsed:,.1f} s from the driver's start"
+            table.append(("rows/s (whole job)", f"{per_s} ({why})"))
+        else:
+            table.append(("rows/s (last run)", f"{summary.get('rows_per_s', 0):,.1f}"))
+        if isinstance(run_rows, int) and pipeline > 0:
+            why = f"first actor ready to last commit, {pipeline:,.1f} s"
+            table.append(("rows/s (steady)", f"{run_rows / pipeline:,.1f} ({why})"))
         table += [
-            ("rows/s (last run)", f"{summary.get('rows_per_s', 0):,.1f}"),
-            ("elapsed (last run)", f"{summary.get('elapsed_s', 0):,.1f} s"),
+            ("elapsed (last run)", f"{elapsed:,.1f} s"),
             ("unit retries", summary.get("unit_retries", 0)),
             ("actor restarts", summary.get("actor_restarts", 0)),
         ]
@@ -198,10 +235,12 @@ def build_report(state: OutputState) -> bytes:
         parts.append("<p class=note>No error rows.</p>")
     parts.append("<h2>Throughput</h2>")
     if times:
-        img, caption = _throughput(times, [m["num_rows"] for m in markers])
+        origin = parse_time((metrics or {}).get("started_at"))
+        img, caption = _throughput(times, [n for _, n in timed], origin, job_span(metrics) or 0)
         parts += [img, f"<p class=note>{caption}</p>"]
     else:
         parts.append("<p class=note>No units committed yet.</p>")
+    parts += timeline_section(metrics, _png)
     parts.append("<h2>Image and batch sizes</h2>")
     if data_rows or padding.get("batch_size_counts"):
         parts.append(_sizes(cols, padding.get("batch_size_counts", {})))

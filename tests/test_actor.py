@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -67,3 +68,68 @@ def test_engine_exception_is_isolated_to_failing_rows(tmp_path, dataset):
         sum(r["ok"] for r in rows)
         == sum(1 for r in input_rows(dataset) if r["kind"] != "corrupt") - 2
     )
+
+
+def _threads(worker, units, results):
+    def run(unit):
+        results[unit.unit_id] = worker.process_unit(unit)
+
+    threads = []
+    for unit in units:
+        t = threading.Thread(target=run, args=(unit,))
+        t.start()
+        threads.append(t)
+        time.sleep(0.05)  # handed out in this order
+    return threads
+
+
+def test_units_take_turns_and_a_queued_one_can_be_moved(tmp_path, dataset):
+    # A slow engine holding one batch of rows at a time: unit 0 is running while unit 1 is
+    # only read ahead (none of its rows in the engine), so it can be withdrawn (moved); unit 0
+    # cannot be, it has started.
+    _, worker, units = _worker(
+        tmp_path, dataset, "engine.fake.batch_latency_s=0.3", "batching.window_batches=1"
+    )
+    results: dict = {}
+    threads = _threads(worker, units[:2], results)
+    deadline = time.monotonic() + 30
+    while not worker._units[units[0].unit_id].entered:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert worker._units[units[1].unit_id].entered == 0, "unit 1 waits for unit 0's turn"
+    assert not worker.withdraw(units[0].unit_id), "a started unit is not moved"
+    assert worker.withdraw(units[1].unit_id), "a unit not started is"
+    for t in threads:
+        t.join(60)
+    assert results[units[1].unit_id] is None
+    table = results[units[0].unit_id]
+    assert table.num_rows == units[0].num_rows
+    # The worker is whole again: the moved unit runs here later, every row once.
+    again = worker.process_unit(units[1])
+    assert again.column("source_row").to_pylist() == list(
+        range(units[1].row_start, units[1].row_start + units[1].num_rows)
+    )
+    worker.close()
+
+
+def test_a_dropped_copy_lets_its_rows_inside_finish_and_the_unit_run_again(tmp_path, dataset):
+    _, worker, units = _worker(tmp_path, dataset, "engine.fake.batch_latency_s=0.3")
+    results: dict = {}
+    (thread,) = _threads(worker, units[:1], results)
+    deadline = time.monotonic() + 30
+    while not worker._units[units[0].unit_id].inside:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert worker.withdraw(units[0].unit_id, unstarted_only=False)
+    thread.join(10)
+    assert not thread.is_alive() and results[units[0].unit_id] is None
+    # Its rows still inside the engine come back and are dropped; the same unit then runs
+    # again in this worker (waiting for them) and every row is answered exactly once.
+    again = worker.process_unit(units[0])
+    assert again.column("source_row").to_pylist() == list(
+        range(units[0].row_start, units[0].row_start + units[0].num_rows)
+    )
+    assert not worker._draining
+    timeline = worker.stats()["timeline"]
+    assert sum(timeline["busy"]) > 0.3 and set(timeline) >= {"busy", "waiting", "idle"}
+    worker.close()

@@ -94,3 +94,51 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
     assert exact["padding"]["padding_fraction"] <= on["padding"]["padding_fraction"]
     assert on["padding"]["padding_fraction"] <= 0.1  # batching.max_padding_fraction
     assert bucketing["gain_on_vs_off"] > 0 and bucketing["gain_exact_vs_off"] > 0
+
+
+def test_bench_gpu_scaling_section_on_cpu(tmp_path, ray_head):
+    """The scaling section's plumbing: one job size on one and on two actors."""
+    out = tmp_path / "scaling.json"
+    args = _args(
+        [
+            "gpu",
+            f"cluster.address={ray_head}",
+            "--workdir",
+            str(tmp_path),
+            "--cores",
+            "1",
+            "--size",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--batch-sizes",
+            "4",
+            "--max-tokens",
+            "2",
+            "--image-size",
+            "56",
+            "--sections",
+            "scaling",
+            "--scaling-units",
+            "2",
+            "--json-out",
+            str(out),
+        ]
+    )
+    assert bench_gpu(args) == 0
+    report = json.loads(out.read_text())
+    scaling = report["scaling"]
+    assert scaling["unit_rows"] == 4
+    (job,) = scaling["jobs"]
+    assert job["units"] == 4 and job["rows"] == 16
+    for actors in (1, 2):
+        run = job[f"actors_{actors}"]
+        assert run["status"] == "succeeded" and run["rows"] == 16
+        spread = run["units_committed_by_actor"]
+        assert len(spread) == actors and sum(spread) == 4
+        assert len(run["gpus_by_actor"]) == actors
+        assert all(0 <= b <= 1 for b in run["engine_busy_fraction_by_actor"])
+    assert sorted(job["actors_2"]["units_committed_by_actor"]) == [2, 2]
+    assert job["scaling_2"] == round(
+        job["actors_2"]["steady_rows_per_s"] / (2 * job["actors_1"]["steady_rows_per_s"]), 4
+    )

@@ -79,13 +79,15 @@ def test_job_outputs_exactly_once_and_match_fake_engine(tmp_path, dataset, ray_h
 
     assert (out / "_SUCCESS").exists()
     report = (out / "_report.html").read_text()
-    assert summary.job_id in report and report.count('src="data:image/png;base64,') == 4
+    assert summary.job_id in report and report.count('src="data:image/png;base64,') == 5
     job_meta = json.loads((out / "_job.json").read_text())
     assert job_meta["config"]["prompt"]["template"] == PROMPT
     assert len(job_meta["fingerprint"]) == 16
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["summary"]["rows_this_run"] == len(inputs)
-    assert metrics["padding"]["rows"] == len(data)
+    # The engine ran every data row once, plus rows of tail backup copies that lost the race.
+    copies = metrics["summary"]["backup_copies"]  # units of at most unit_rows=40 rows
+    assert len(data) <= metrics["padding"]["rows"] <= len(data) + copies * 40
     assert 30 < metrics["actor_peak_rss_mib"] < 4096  # an actor process's peak, in MiB
     assert "peak_rss_mib" not in metrics["actor_timings_s"]
     assert summary.data_rows == len(data) and summary.error_rows == len(errors)

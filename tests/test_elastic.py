@@ -63,7 +63,8 @@ def test_actors_killed_while_loading_are_replaced_also_after_a_driver_restart(
     assert verify_output(str(out)).ok
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["summary"]["actor_restarts"] >= 1
-    assert metrics["actors_live"][0] == [0.0, 0] and metrics["actors_live"][-1][1] == 2
+    first, last = metrics["actors_live"][0], metrics["actors_live"][-1]
+    assert first[1] == 0 and 0 <= first[0] < last[0] and last[1] == 2
 
 
 def test_a_bad_model_path_fails_fast_with_exit_2_and_the_engines_error(tmp_path, dataset, ray_head):

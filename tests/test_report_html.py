@@ -42,7 +42,12 @@ def test_report_has_plots_totals_and_error_codes(finished):
     page = _render(out)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert summary.job_id in page
-    assert page.count(IMG) == 4
+    metrics = json.loads((out / "_metrics.json").read_text())
+    # Actors over time: a plot where the driver recorded a timeline, else a note.
+    assert "<h2>Actors over time</h2>" in page
+    assert page.count(IMG) == 4 + ("actor_timeline" in metrics)
+    if "started_at" in metrics:
+        assert "from the start of this run" in page
     for code, n in summary.error_codes.items():
         assert f"<th>{code}</th><td>{n}</td>" in page
     assert f"<th>data rows</th><td>{summary.data_rows:,}</td>" in page
@@ -62,4 +67,5 @@ def test_report_renders_without_metrics(finished, tmp_path):
     page = _render(copy)
     assert summary.job_id in page and "no _metrics.json" in page
     assert page.count(IMG) == 4  # batch sizes panel says it has no data; the figure stays
+    assert "No actor timeline (no _metrics.json yet" in page
     assert json.loads((copy / "_job.json").read_text())["job_id"] == summary.job_id

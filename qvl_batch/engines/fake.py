@@ -17,7 +17,9 @@ Output text is a function of the image content hash, the prompt and the seed onl
 Fault injection fails chosen rows, fails every batch that holds a chosen row (a failed row in
 the in-flight mode), answers with broken JSON for chosen rows (structured output), SIGKILLs its
 process on a chosen row, raises once after N rows (batch mode), or SIGKILLs its own process
-after N rows; ``load_s`` makes its construction take that long (start-up faults).
+after N rows, or holds a chosen row's batch for ``slow_s`` (a straggler, optionally only in the
+first N engines that meet it); ``load_s`` makes its construction take that long (start-up
+faults).
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class _Faults:
         self.raise_ids = set(self.fake.raise_ids)
         self.crash_ids = set(self.fake.crash_ids)
         self.bad_json_ids = set(self.fake.bad_json_ids)
+        self.slow_ids = set(self.fake.slow_ids)
         self.rows_seen = 0
 
     def entering(self, requests: list[Request]) -> None:
@@ -130,6 +133,26 @@ class _Faults:
         self.rows_seen += len(requests)
         self.crash_check(requests)
         self.exit_check()
+        self.slow_check(requests)
+
+    def slow_check(self, requests: list[Request]) -> None:
+        """A straggler: a slow row holds up its batch (or step) for ``slow_s``; with
+        ``slow_times``, only the first that many engines anywhere that meet it."""
+        for row_id in sorted({r.row_id for r in requests} & self.slow_ids):
+            if self.fake.slow_times and not self._claim_slow(row_id):
+                continue
+            time.sleep(self.fake.slow_s)
+
+    def _claim_slow(self, row_id: str) -> bool:
+        safe = hashlib.sha256(row_id.encode()).hexdigest()[:16]
+        for n in range(self.fake.slow_times):
+            path = os.path.join(self.fake.marker_dir, f"slow-{safe}-{n}")
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return True
+            except FileExistsError:
+                continue
+        return False
 
     def crash_check(self, requests: list[Request]) -> None:
         if any(r.row_id in self.crash_ids for r in requests):
@@ -189,6 +212,7 @@ class FakeEngine(BatchEngine):
         if f.raise_after_rows and not self._raised and self.rows_seen >= f.raise_after_rows:
             self._raised = True
             raise EngineError(f"injected fault after {self.rows_seen} rows")
+        self.faults.slow_check(requests)
         results = [_answer(self.cfg, self.faults, req) for req in requests]
         longest = max((r.output_tokens for r in results), default=0)
         delay = f.batch_latency_s + f.row_latency_s * len(requests) + f.token_latency_s * longest

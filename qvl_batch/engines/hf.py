@@ -312,6 +312,11 @@ class HFEngine(BatchEngine):
         self.tokenizer.padding_side = "left"
         attn = ecfg.hf.attn_implementation
         kwargs = {"dtype": self.dtype, "trust_remote_code": trust, **options}
+        # An actor given several GPUs (cluster.num_gpus_per_actor > 1) splits the model's layers
+        # over them (transformers' device map, through accelerate); inputs go to the first.
+        self.gpus = torch.cuda.device_count() if self.device == torch.device("cuda") else 0
+        if self.gpus > 1:
+            kwargs.setdefault("device_map", "auto")
         try:
             model = AutoModelForImageTextToText.from_pretrained(
                 path, attn_implementation=attn, **kwargs
@@ -323,11 +328,14 @@ class HFEngine(BatchEngine):
             model = AutoModelForImageTextToText.from_pretrained(
                 path, attn_implementation="eager", **kwargs
             )
-        self.model = model.to(self.device).eval()
+        split = getattr(model, "hf_device_map", None)
+        self.model = (model if split else model.to(self.device)).eval()
+        if split:
+            self.device = torch.device("cuda", 0)
         log.info(
             "hf engine: %s on %s as %s, attention %s, transformers %s",
             path,
-            self.device,
+            f"{self.gpus} GPUs (device map)" if split else self.device,
             self.dtype,
             getattr(self.model.config, "_attn_implementation", attn),
             self.version,

@@ -1,0 +1,224 @@
+"""Hand-out across actors: balanced, nothing queued on a busy actor while another idles, backup
+copies at the tail (first result commits, exactly once, also across a driver kill)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from qvl_batch.bench_chaos import job_actors, job_id_of, start_driver
+from qvl_batch.config import load_config
+from qvl_batch.driver import EXIT_OK, run_job
+from qvl_batch.handout import HandOut, Run, Runs
+from qvl_batch.manifest import WorkUnit, plan_job
+from qvl_batch.synth import SynthSpec, make_dataset
+from qvl_batch.verify import verify_output
+
+from .conftest import DATA_KEYS, comparable, input_rows, read_output, write_job
+
+UNIT_ROWS = 40
+
+
+def _unit(n: int) -> WorkUnit:
+    return WorkUnit(f"u{n}", 0, "mem://shard", n * 10, 10)
+
+
+def _run(n: int, slot: int, start: float, copy: bool = False) -> Run:
+    return Run(_unit(n), slot, 0, 1, copy, start)
+
+
+# ---- the policy, without Ray ---------------------------------------------------------------
+def test_each_live_actor_gets_one_before_any_gets_a_second():
+    runs, handout = Runs(3), HandOut(depth=2, backups=True)
+    live = [True, True, True]
+    given = []
+    for n in range(6):
+        slot = handout.slot_for_next(live, runs)
+        given.append(slot)
+        runs.add(f"r{n}", _run(n, slot, n))
+    assert given == [0, 1, 2, 0, 1, 2]
+    assert handout.slot_for_next(live, runs) is None, "every actor holds its window"
+    runs.pop("r1")  # actor 1 finished one: it (the least loaded) takes the next
+    assert handout.slot_for_next(live, runs) == 1
+    assert handout.slot_for_next([True, False, True], Runs(3)) in (0, 2)
+
+
+def test_an_idle_actor_takes_a_queued_unit_first_then_copies_the_newest_running_one():
+    runs = Runs(2)
+    runs.add("a", _run(0, 0, 0.0))  # running on actor 0
+    runs.add("b", _run(1, 0, 1.0))  # queued behind it
+    assert HandOut.idle_slots([True, True], runs) == [1]
+    assert HandOut.to_move(runs, idle=1) == "b"
+    runs.by_ref["b"].started = True  # its actor said it has begun: not movable
+    assert HandOut.to_move(runs, idle=1) is None
+    assert HandOut(2, backups=True).to_copy(runs, idle=1) == "b", "the most work left"
+    assert HandOut(2, backups=False).to_copy(runs, idle=1) is None
+    runs.add("c", _run(1, 1, 2.0, copy=True))
+    assert HandOut(2, backups=True).to_copy(runs, idle=1) == "a", "one copy per unit"
+    runs.settled.add("u0")
+    assert HandOut(2, backups=True).to_copy(runs, idle=1) is None
+
+
+# ---- jobs on a local Ray cluster -----------------------------------------------------------
+@pytest.fixture
+def four_units(tmp_path):
+    """160 rows in one shard, row groups of 40: exactly four units of 40 rows, none corrupt."""
+    spec = SynthSpec(rows=160, shards=1, row_group_rows=UNIT_ROWS, corrupt_fraction=0.0)
+    make_dataset(str(tmp_path / "data"), spec)
+    return tmp_path / "data"
+
+
+def _job(tmp_path, data, out, ray_head, name="job.yaml", **extra):
+    return write_job(
+        tmp_path / name,
+        data,
+        out,
+        ray_head,
+        batching__unit_rows=UNIT_ROWS,
+        batching__bucketing=False,  # full batches of 8 in arrival order: a known amount of work
+        **extra,
+    )
+
+
+def _runs_of(out) -> list[dict]:
+    return json.loads((out / "_metrics.json").read_text())["unit_runs"]
+
+
+def _markers(out) -> list[dict]:
+    return [json.loads(p.read_text()) for p in (out / "_state" / "units").glob("*.json")]
+
+
+def _last_unit_row(data) -> str:
+    return sorted(input_rows(data), key=lambda r: r["id"])[-UNIT_ROWS]["id"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_four_units_on_two_actors_run_two_each_near_the_ideal_time(tmp_path, four_units, ray_head):
+    batch_s = 0.5  # a unit is 5 batches of 8: 2.5 s of engine time
+    out = tmp_path / "out"
+    job = _job(tmp_path, four_units, out, ray_head, engine__fake={"batch_latency_s": batch_s})
+    assert plan_job(load_config(job)).num_units() == 4
+    summary = run_job(load_config(job), progress_bar=False)
+    assert summary.exit_code == EXIT_OK, summary.lines()
+    runs = _runs_of(out)
+    committed = [r for r in runs if r["outcome"] == "committed"]
+    per_actor = sorted(sum(r["actor"] == a for r in committed) for a in (0, 1))
+    assert per_actor == [2, 2], runs
+    # From the moment both actors were live to the last commit; ideal: 2 units x 5 batches.
+    metrics = json.loads((out / "_metrics.json").read_text())
+    both_live = next(t for t, n in metrics["actors_live"] if n == 2)
+    last_end = max(r["end_s"] for r in committed)
+    first_start = min(r["start_s"] for r in committed)
+    span = last_end - max(both_live, first_start)
+    ideal = 2 * (UNIT_ROWS // 8) * batch_s
+    assert span <= 1.1 * ideal, (span, ideal, runs)
+    assert verify_output(str(out)).ok
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backups", [True, False], ids=["backups", "no-backups"])
+def test_a_straggling_last_unit_is_overtaken_by_a_backup_copy(
+    tmp_path, four_units, ray_head, backups
+):
+    slow_s = 30 if backups else 6  # with copies off the job waits this long for the straggler
+    markers = tmp_path / "slow-markers"
+    markers.mkdir()
+    slow_row = _last_unit_row(four_units)
+    out = tmp_path / "out"
+    fake = {
+        "batch_latency_s": 0.05,
+        "slow_ids": [slow_row],
+        "slow_s": slow_s,
+        "slow_times": 1,  # only the first engine to meet the row is slow
+        "marker_dir": str(markers),
+    }
+    job = _job(
+        tmp_path, four_units, out, ray_head, engine__fake=fake, batching__backup_copies=backups
+    )
+    t0 = time.monotonic()
+    summary = run_job(load_config(job), progress_bar=False)
+    elapsed = time.monotonic() - t0
+    assert summary.exit_code == EXIT_OK, summary.lines()
+    slow_unit = next(m["unit_id"] for m in _markers(out) if m["row_start"] == 3 * UNIT_ROWS)
+    runs = [r for r in _runs_of(out) if r["unit_id"] == slow_unit]
+    winner = [r for r in runs if r["outcome"] == "committed"]
+    assert len(winner) == 1, runs
+    if backups:
+        assert winner[0]["copy"], f"the backup copy commits first: {runs}"
+        # A unit sharing a batch with the slow row may be overtaken by its copy too.
+        assert summary.backup_copies >= summary.backup_wins >= 1
+        assert any(r["outcome"] == "discarded" and not r["copy"] for r in runs), runs
+        assert elapsed < slow_s, "the job did not wait for the straggler"
+    else:
+        assert summary.backup_copies == 0 and not any(r["copy"] for r in _runs_of(out))
+        assert winner[0]["end_s"] - winner[0]["start_s"] >= slow_s, "it waited for the slow copy"
+    assert sorted(m["unit_id"] for m in _markers(out)) == sorted(
+        {m["unit_id"] for m in _markers(out)}
+    )
+    assert len(_markers(out)) == 4
+    data, errors = read_output(out)
+    assert sorted(r["id"] for r in data) == sorted(r["id"] for r in input_rows(four_units))
+    assert not errors
+    report = verify_output(str(out))
+    assert report.ok, report.lines()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_driver_killed_while_a_unit_and_its_copy_run_commits_it_once(
+    tmp_path, four_units, ray_head
+):
+    # Reference: the same job, uninterrupted.
+    ref_out = tmp_path / "ref"
+    ref = _job(tmp_path, four_units, ref_out, ray_head, name="ref.yaml")
+    assert run_job(load_config(ref), progress_bar=False).exit_code == EXIT_OK
+
+    markers = tmp_path / "slow-markers"
+    markers.mkdir()
+    out = tmp_path / "out"
+    fake = {
+        "batch_latency_s": 0.05,
+        "slow_ids": [_last_unit_row(four_units)],
+        "slow_s": 600,  # both the unit and its copy hang on the row until the driver dies
+        "slow_times": 2,
+        "marker_dir": str(markers),
+    }
+    job = _job(tmp_path, four_units, out, ray_head, engine__fake=fake)
+    log_path = tmp_path / "driver.log"
+    proc = start_driver(job, log_path)
+    job_id = job_id_of(out)
+    deadline = time.monotonic() + 120
+    while "backup copy of unit" not in log_path.read_text(errors="replace"):
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, "no backup copy started"
+        time.sleep(0.1)
+    while len(list(markers.iterdir())) < 2:  # both copies are inside the slow row
+        assert time.monotonic() < deadline, "the copy never reached the slow row"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "_SUCCESS").exists()
+    assert len(_markers(out)) == 3, "the slow unit was not committed"
+    deadline = time.monotonic() + 60
+    while job_actors(job_id):  # Ray ends a dead driver's actors
+        assert time.monotonic() < deadline, "the killed job's actors outlived it"
+        time.sleep(0.2)
+
+    # The re-run: the slow row is slow no more (both copies used it up); one commit.
+    summary = run_job(load_config(job), progress_bar=False)
+    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.units_this_run == 1
+    ids = [m["unit_id"] for m in _markers(out)]
+    assert len(ids) == len(set(ids)) == 4
+    report = verify_output(str(out))
+    assert report.ok, report.lines()
+    data, errors = read_output(out)
+    ref_data, ref_errors = read_output(ref_out)
+    assert comparable(data, DATA_KEYS) == comparable(ref_data, DATA_KEYS)
+    assert not errors and not ref_errors
