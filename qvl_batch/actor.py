@@ -29,7 +29,9 @@ import pyarrow as pa
 
 from .bucketing import PaddingStats
 from .config import Config
-from .engines.base import Engine, Request, Result, make_engine
+from .engines.base import Engine, Request, Result
+from .engines.build import make_engine
+from .errors import ACTOR_ENGINE_DEAD, RowError
 from .images import ImageError, prepare_image
 from .manifest import WorkUnit
 from .prompts import PromptError
@@ -37,7 +39,7 @@ from .reader import RowInput, fetch_uri, read_unit_table, unit_rows
 from .reuse import ReuseIndex, ReuseReader, result_key, settings_digest
 from .schema import IMAGE_COLUMNS, ROW_RESULT
 from .storage import Storage
-from .structured import PARSE_ERROR, OutputParser
+from .structured import OutputParser
 from .timeline import StateTimeline
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,6 @@ RECORD_TIMEOUT_S = 30
 # Rows prepared ahead of the engine's bound, per prepare thread: enough that the engine finds
 # rows waiting the moment a slot frees, few enough to keep decoded images in memory bounded.
 PREPARED_AHEAD_PER_THREAD = 4
-EXIT_ENGINE_DEAD = 70  # the process exit status of an actor whose engine died
 
 
 def _visible_gpus() -> list[str]:
@@ -207,7 +208,10 @@ class UnitWorker:
             collector.done.set()
         for row in rows:
             if row.index in skip and not row.error:
-                row.error = ("ENGINE_CRASH", "the engine process died running this row alone")
+                row.error = (
+                    RowError.ENGINE_CRASH,
+                    "the engine process died running this row alone",
+                )
         todo = sum(not row.error for row in rows)
         with self._cond:
             # A withdrawn copy of this unit may still have rows inside the engine: results go
@@ -318,7 +322,7 @@ class UnitWorker:
             text_tokens = self.engine.count_text_tokens(row.prompt, self.cfg.prompt.system)
             if text_tokens > self.cfg.prompt.max_prompt_tokens:
                 raise PromptError(
-                    "PROMPT_TOO_LONG",
+                    RowError.PROMPT_TOO_LONG,
                     f"prompt is {text_tokens} tokens; prompt.max_prompt_tokens is "
                     f"{self.cfg.prompt.max_prompt_tokens}",
                 )
@@ -329,7 +333,7 @@ class UnitWorker:
             return
         except Exception as exc:  # a bug or an unexpected library error: still only this row
             msg = f"{type(exc).__name__}: {exc}"
-            result = Result(key, error_code="PREPARE_ERROR", error_message=msg)
+            result = Result(key, error_code=RowError.PREPARE_ERROR, error_message=msg)
             self._finish_early(collector, key, result)
             return
         finally:
@@ -559,14 +563,14 @@ class UnitWorker:
         closer.join(timeout=30)  # free the device if the engine still can; never hang on it
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os._exit(EXIT_ENGINE_DEAD)
+        os._exit(ACTOR_ENGINE_DEAD)
 
     def _parse(self, result: Result) -> Result:
         """Structured output: typed values, or an OUTPUT_PARSE_ERROR row."""
         if result.error_code is None:
             result.values, problem = self._parser.parse(result.text, result.finish_reason)
             if problem:
-                result.error_code, result.error_message = PARSE_ERROR, problem
+                result.error_code, result.error_message = RowError.OUTPUT_PARSE_ERROR, problem
         return result
 
     def _note(self, entering: list, left: list) -> None:

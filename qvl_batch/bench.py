@@ -61,31 +61,9 @@ def _bare_loop(data: Path, cores: int, image_cfg: ImageConfig) -> tuple[int, flo
     return len(images), time.perf_counter() - t0
 
 
-def photo_dataset(
-    data: Path, rows: int, shards: int = 4, max_side: int = 2000, exif_fraction: float = 0.0
-) -> Path:
-    """Photo-like JPEGs (512 to ``max_side`` px, 4 shards) in ``data``, made once and reused."""
-    from .synth import SynthSpec, make_dataset
-
-    if not (data / ".done").exists():
-        print(f"making {rows} photo-like JPEGs, 512-{max_side} px ...", flush=True)
-        spec = SynthSpec(
-            rows=rows,
-            shards=shards,
-            row_group_rows=32,
-            min_side=512,
-            max_side=max_side,
-            corrupt_fraction=0.0,
-            png_fraction=0.0,
-            exif_fraction=exif_fraction,
-        )
-        make_dataset(str(data), spec)
-        (data / ".done").touch()
-    return data
-
-
 def bench_host(args: argparse.Namespace) -> int:
     from .driver import run_job
+    from .synth import photo_dataset
 
     work = Path(args.workdir)
     data = photo_dataset(work / f"host-{args.rows}", args.rows, exif_fraction=0.05)

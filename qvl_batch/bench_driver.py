@@ -20,9 +20,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from .bucketing import PaddingStats
-from .cluster import Outcome
 from .config import load_config
 from .driver import Driver
+from .handout import Outcome
 from .schema import ROW_RESULT
 
 

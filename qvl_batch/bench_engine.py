@@ -133,7 +133,7 @@ def bench_bare(
 ) -> dict:
     """The engine alone in the calling process: load once, then per ``engine.hf.preprocess``
     mode and batch size a warm-up batch and a timed pass. ``best_batch_size``: first mode's."""
-    from .engines.base import make_batch_engine
+    from .engines.build import make_batch_engine
 
     t0 = time.perf_counter()
     engine = make_batch_engine(cfg)
@@ -170,7 +170,7 @@ class EngineInActor:
     """A Ray actor that loads the engine and times it, with nothing else in the process."""
 
     def __init__(self, cfg: Config):
-        from .engines.base import make_batch_engine
+        from .engines.build import make_batch_engine
 
         t0 = time.perf_counter()
         self.cfg = cfg

@@ -55,8 +55,8 @@ def _read_all(cfg, threads: int) -> dict:
 def bench_storage(args: argparse.Namespace) -> int:
     import s3fs
 
-    from .bench import photo_dataset
     from .s3local import MotoServer
+    from .synth import photo_dataset
 
     work = Path(args.workdir)
     data = photo_dataset(

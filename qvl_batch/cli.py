@@ -1,4 +1,7 @@
-"""``qvl-batch``: run a job, make the demo, benchmark. Exit codes are documented in the README."""
+"""``qvl-batch``: run a job, make the demo, benchmark. Exit codes are documented in the README.
+
+Commands import what they need when they run: ``status``, ``verify``, ``doctor`` and ``plan``
+never load Ray (tests/test_imports.py checks it)."""
 
 from __future__ import annotations
 
@@ -6,12 +9,8 @@ import argparse
 import logging
 import sys
 
-from .cluster import ClusterError
-from .config import ConfigError, load_config
-from .driver import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_REFUSED, run_job
-from .manifest import InputError
-from .state import ResumeRefused
-from .storage import StorageError
+from .config import load_config
+from .errors import Exit, QvlError, exit_for
 
 log = logging.getLogger("qvl_batch")
 
@@ -29,6 +28,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.fresh:
         overrides.append("output.mode=overwrite")
+    from .driver import run_job
+
     cfg = load_config(args.job, overrides)
     summary = run_job(cfg, progress_bar=None if not args.no_progress else False)
     for line in summary.lines():
@@ -110,17 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ConfigError, InputError, StorageError, ClusterError) as exc:
-        print(f"qvl-batch: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ResumeRefused as exc:
-        print(f"qvl-batch: refused: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+    except QvlError as exc:
+        code = exit_for(exc)
+        what = "refused" if code == Exit.REFUSED else "error"
+        print(f"qvl-batch: {what}: {exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(
             "qvl-batch: interrupted; committed units are kept, run again to resume", file=sys.stderr
         )
-        return EXIT_INTERRUPTED
+        return Exit.INTERRUPTED
 
 
 if __name__ == "__main__":

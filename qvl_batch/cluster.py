@@ -18,28 +18,15 @@ from ray.exceptions import (
 from .actor import UnitWorker
 from .bucketing import PaddingStats
 from .config import Config
+from .engines import gpus_spanned
+from .errors import ClusterError
+from .handout import Outcome
 from .storage import merge_request_stats
 
 log = logging.getLogger("qvl_batch")
 
 ACTOR_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
 STATS_TIMEOUT_S = 10
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot run this job (no room for an actor, engine failed to load)."""
-
-
-@dataclass
-class Outcome:
-    table: Any = None
-    error: str | None = None
-    actor_died: bool = False
-
-    @property
-    def withdrawn(self) -> bool:
-        """The driver took the unit back (moved, or a copy that lost): no result."""
-        return self.table is None and self.error is None
 
 
 def connect(cfg: Config) -> bool:
@@ -60,10 +47,9 @@ def actor_layout(cfg: Config, resources: dict[str, float]) -> tuple[int, dict[st
     c = cfg.cluster
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
     per_actor = c.num_gpus_per_actor
-    if cfg.engine.name == "trtllm":
-        # A tensor-parallel engine spans tensor_parallel_size GPUs of one node; an actor's
-        # resource request is placed on one node, and Ray sets CUDA_VISIBLE_DEVICES to them.
-        per_actor = max(per_actor, cfg.engine.trtllm.tensor_parallel_size)
+    # A tensor-parallel engine spans several GPUs of one node; an actor's resource request is
+    # placed on one node, and Ray sets CUDA_VISIBLE_DEVICES to them.
+    per_actor = max(per_actor, gpus_spanned(cfg))
     if gpus > 0 and per_actor > 0:
         capacity = int(gpus // per_actor)
         options = {"num_gpus": per_actor, "num_cpus": c.cpus_per_actor}

@@ -21,6 +21,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .engines import ENGINES
+from .errors import ConfigError
 from .prompts import template_fields
 
 _INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
@@ -40,10 +42,6 @@ SECRET_WORDS = {
     "signature",
 }
 REDACTED = "***"
-
-
-class ConfigError(ValueError):
-    """A bad job configuration: raised before any work, with a message that says what to fix."""
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -315,7 +313,6 @@ class TrtLlmEngineConfig:
         _check(self.request_timeout_s > 0, "engine.trtllm.request_timeout_s", "must be > 0")
 
 
-ENGINES = ("fake", "hf", "trtllm")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 

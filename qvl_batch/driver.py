@@ -18,6 +18,7 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 from .config import Config, fingerprint, fingerprint_fields, saved_config
+from .errors import Exit
 from .handout import HandOut, Run, Runs
 from .isolation import CrashIsolation
 from .manifest import Plan, WorkUnit, plan_job
@@ -31,11 +32,6 @@ from .writer import UnitIncomplete, commit_unit
 
 log = logging.getLogger("qvl_batch")
 
-EXIT_OK = 0
-EXIT_CONFIG = 2  # bad config, input or output path: nothing ran
-EXIT_REFUSED = 3  # output holds a job with another fingerprint
-EXIT_FAILED = 4  # retries exhausted or error fraction over the limit; committed units kept
-EXIT_INTERRUPTED = 130
 
 COMMIT_THREADS = 8  # units written at once (part files, then the marker)
 # A slot whose engine constructor raised this many times in a row is a deterministic start
@@ -178,7 +174,7 @@ class Driver:
         t0 = self._t0 = time.monotonic()
         self._started_at = time.time()
         plan, job, committed = self.prepare()
-        summary = JobSummary("running", EXIT_OK, self.state.url, job["job_id"])
+        summary = JobSummary("running", Exit.OK, self.state.url, job["job_id"])
         summary.rows_total = plan.total_rows
         # The ledger is read once (prepare); what this run commits is added as it goes.
         if self.state.success():
@@ -201,7 +197,7 @@ class Driver:
         try:
             return self._close(summary, job, padding, timings, actor_storage, failure)
         except StorageError as exc:  # committed units are safe; only the closing files failed
-            summary.status, summary.exit_code = "failed", EXIT_FAILED
+            summary.status, summary.exit_code = "failed", Exit.FAILED
             summary.message = f"closing files not written ({exc}); run again to finish"
             return summary
 
@@ -239,7 +235,7 @@ class Driver:
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
         if failure:
-            summary.status, summary.exit_code, summary.message = "failed", EXIT_FAILED, failure
+            summary.status, summary.exit_code, summary.message = "failed", Exit.FAILED, failure
             metrics["summary"] = summary.__dict__
             self.state.write_json(METRICS_FILE, metrics)
             self._write_report()

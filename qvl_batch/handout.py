@@ -21,8 +21,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .manifest import WorkUnit
+
+
+@dataclass
+class Outcome:
+    """How one hand-out came back: a result table, an error, or the actor died."""
+
+    table: Any = None
+    error: str | None = None
+    actor_died: bool = False
+
+    @property
+    def withdrawn(self) -> bool:
+        """The driver took the unit back (moved, or a copy that lost): no result."""
+        return self.table is None and self.error is None
 
 
 @dataclass

@@ -25,17 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import RowError
+
 PATCH = 28  # Qwen2.5-VL: 14px patches merged 2x2 -> one vision token per 28x28
 MAX_ASPECT = 200  # Qwen's processor refuses images thinner than this
-
-ERROR_CODES = (
-    "MISSING_IMAGE",
-    "DECODE_ERROR",
-    "UNSUPPORTED_FORMAT",
-    "IMAGE_TOO_LARGE",
-    "IMAGE_TOO_SMALL",
-    "ASPECT_RATIO",
-)
 
 # Never allowed, whatever image.formats says: EPS/PS runs Ghostscript, a PostScript interpreter, on
 # load(). (The default allow-list is config.IMAGE_FORMATS.)
@@ -171,7 +164,7 @@ def prepare_image(data: bytes | None, cfg, digest: str | None = None) -> Prepare
     notes as ``warning:<category>:<message>``; none reach the process's warning machinery.
     """
     if not data:
-        raise ImageError("MISSING_IMAGE", "no image bytes")
+        raise ImageError(RowError.MISSING_IMAGE, "no image bytes")
     digest = digest or hashlib.sha256(data).hexdigest()
     formats = _formats(tuple(cfg.formats))
     with _warnings_as_notes() as warned:
@@ -179,9 +172,11 @@ def prepare_image(data: bytes | None, cfg, digest: str | None = None) -> Prepare
             with _open_allowed(data, formats) as src:
                 prepared = _prepare_open(src, digest, cfg)
         except Image.DecompressionBombError as exc:
-            raise ImageError("IMAGE_TOO_LARGE", f"refused by Pillow: {_short(exc)}") from None
+            raise ImageError(
+                RowError.IMAGE_TOO_LARGE, f"refused by Pillow: {_short(exc)}"
+            ) from None
         except _DECODE_ERRORS as exc:
-            raise ImageError("DECODE_ERROR", _short(exc)) from None
+            raise ImageError(RowError.DECODE_ERROR, _short(exc)) from None
     prepared.notes += tuple(warned)
     return prepared
 
@@ -196,12 +191,14 @@ def _open_allowed(data: bytes, formats: _Formats) -> Image.Image:
     except UnidentifiedImageError:
         other = _identify_any(data, formats)
         if other is not None:
-            raise ImageError("UNSUPPORTED_FORMAT", _unsupported(other, formats)) from None
+            raise ImageError(RowError.UNSUPPORTED_FORMAT, _unsupported(other, formats)) from None
         # Pillow's own message names a BytesIO address: different on every run.
         raise UnidentifiedImageError("cannot identify an image format") from None
     if src.format not in formats.allowed:  # a plugin's factory may return another format
         src.close()
-        raise ImageError("UNSUPPORTED_FORMAT", _unsupported(src.format or "unknown", formats))
+        raise ImageError(
+            RowError.UNSUPPORTED_FORMAT, _unsupported(src.format or "unknown", formats)
+        )
     return src
 
 
@@ -280,16 +277,17 @@ def _check_size(size: tuple[int, int], cfg) -> None:
     width, height = size
     if width * height > cfg.max_image_pixels:
         raise ImageError(
-            "IMAGE_TOO_LARGE",
+            RowError.IMAGE_TOO_LARGE,
             f"{width}x{height} = {width * height} pixels > max_image_pixels {cfg.max_image_pixels}",
         )
     if min(width, height) < cfg.min_side:
         raise ImageError(
-            "IMAGE_TOO_SMALL", f"{width}x{height}: a side is < min_side {cfg.min_side}"
+            RowError.IMAGE_TOO_SMALL, f"{width}x{height}: a side is < min_side {cfg.min_side}"
         )
     if max(width, height) / min(width, height) > MAX_ASPECT:
         raise ImageError(
-            "ASPECT_RATIO", f"{width}x{height}: aspect ratio > {MAX_ASPECT} (Qwen refuses it)"
+            RowError.ASPECT_RATIO,
+            f"{width}x{height}: aspect ratio > {MAX_ASPECT} (Qwen refuses it)",
         )
 
 

@@ -16,13 +16,13 @@ from typing import Any
 
 from .config import Config, ConfigError, load_config
 from .engines.base import estimate_text_tokens
+from .errors import Exit, RowError
 from .images import ImageError, prepare_image
 from .manifest import InputError, WorkUnit, plan_job
 from .prompts import PromptError
 from .reader import fetch_uri, read_unit_table, unit_rows
 from .storage import Storage, StorageError
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_CONFIG = 0, 1, 2
 ROWS_PER_UNIT = 8  # sampled rows per unit read: spreads the sample, bounds the units read
 SIZE_BUCKETS = ((256, "<256"), (512, "256-512"), (1024, "512-1024"), (2048, "1024-2048"))
 TOP_GRIDS = 5
@@ -179,7 +179,7 @@ def _sample_unit(unit: WorkUnit, cfg: Config, storage: Storage) -> list[SampledR
         try:  # the runner's order: fetch, prompt length, image
             data = fetch_uri(row.image, storage) if isinstance(row.image, str) else row.image
             if item.text_tokens > cfg.prompt.max_prompt_tokens:
-                raise PromptError("PROMPT_TOO_LONG", "prompt too long")
+                raise PromptError(RowError.PROMPT_TOO_LONG, "prompt too long")
             img = prepare_image(data, cfg.image)
         except (ImageError, PromptError) as exc:
             item.error = exc.code
@@ -216,18 +216,18 @@ def cmd_plan(args) -> int:
     """``qvl-batch plan``: 0 when the sample looks runnable, 1 on problems, 2 on bad config."""
     if args.sample < 1 or args.gpus < 1 or (args.rate is not None and args.rate <= 0):
         print("qvl-batch: error: --sample and --gpus must be >= 1, --rate > 0", file=sys.stderr)
-        return EXIT_CONFIG
+        return Exit.CONFIG
     try:
         cfg = load_config(args.job, list(args.overrides))
         report = plan_report(cfg, args.sample, args.rate, args.gpus)
     except (ConfigError, InputError, StorageError) as exc:
         print(f"qvl-batch: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return Exit.CONFIG
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print("\n".join(report.lines()))
-    return EXIT_PROBLEMS if report.problems else EXIT_OK
+    return Exit.PROBLEMS if report.problems else Exit.OK
 
 
 def add_plan_parser(sub) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import string
 from typing import Any
 
+from .errors import RowError
+
 _FORMATTER = string.Formatter()
 
 
@@ -47,12 +49,12 @@ def render_prompt(template: str, fields: list[str], row: dict[str, Any]) -> str:
     for name in fields:
         value = row.get(name)
         if value is None:
-            raise PromptError("BAD_PROMPT", f"template field {{{name}}} is null or missing")
+            raise PromptError(RowError.BAD_PROMPT, f"template field {{{name}}} is null or missing")
         values[name] = value
     return template.format_map(values)
 
 
 def prompt_from_column(value: Any) -> str:
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise PromptError("BAD_PROMPT", "prompt column is null or empty")
+        raise PromptError(RowError.BAD_PROMPT, "prompt column is null or empty")
     return str(value)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import Config
+from .errors import RowError
 from .images import ImageError
 from .manifest import WorkUnit, required_columns
 from .prompts import PromptError, prompt_from_column, render_prompt, template_fields
@@ -71,9 +72,9 @@ def fetch_uri(uri: str, storage: Storage) -> bytes:
     try:
         return storage.cat(uri)
     except FileNotFoundError:
-        raise ImageError("FETCH_ERROR", f"not found: {uri}") from None
+        raise ImageError(RowError.FETCH_ERROR, f"not found: {uri}") from None
     except Exception as exc:
-        raise ImageError("FETCH_ERROR", f"{uri}: {describe(exc)}") from None
+        raise ImageError(RowError.FETCH_ERROR, f"{uri}: {describe(exc)}") from None
 
 
 def unit_rows(unit: WorkUnit, table: pa.Table, cfg: Config) -> list[RowInput]:
@@ -95,7 +96,7 @@ def unit_rows(unit: WorkUnit, table: pa.Table, cfg: Config) -> list[RowInput]:
         row = RowInput(i, row_id, None, image_source(images[i]))
         try:
             if inp.id_column and ids[i] is None:
-                raise PromptError("MISSING_ID", f"id column {inp.id_column!r} is null")
+                raise PromptError(RowError.MISSING_ID, f"id column {inp.id_column!r} is null")
             if inp.prompt_column:
                 row.prompt = prompt_from_column(prompt_values[i])
             else:
@@ -103,12 +104,14 @@ def unit_rows(unit: WorkUnit, table: pa.Table, cfg: Config) -> list[RowInput]:
                 row.prompt = render_prompt(cfg.prompt.template, fields, values)
             if len(row.prompt) > CHARS_PER_TOKEN_CAP * cfg.prompt.max_prompt_tokens:
                 raise PromptError(
-                    "PROMPT_TOO_LONG",
+                    RowError.PROMPT_TOO_LONG,
                     f"prompt is {len(row.prompt):,} characters; prompt.max_prompt_tokens is "
                     f"{cfg.prompt.max_prompt_tokens}",
                 )
             if row.image is None:
-                raise PromptError("MISSING_IMAGE", f"image column {inp.image_column!r} is null")
+                raise PromptError(
+                    RowError.MISSING_IMAGE, f"image column {inp.image_column!r} is null"
+                )
         except PromptError as exc:
             row.error = (exc.code, exc.message)
         rows.append(row)

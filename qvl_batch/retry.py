@@ -27,7 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import ConfigError, fingerprint, fingerprint_fields, load_config
-from .driver import EXIT_FAILED, EXIT_OK, Driver, JobSummary
+from .driver import Driver, JobSummary
+from .errors import Exit
 from .manifest import WorkUnit, plan_job
 from .progress import Progress
 from .state import ERRORS_DIR, METRICS_FILE, SUCCESS_FILE, OutputState
@@ -128,7 +129,7 @@ class RetryDriver(Driver):
         t0 = time.monotonic()
         plan, job = self.prepare()
         units = self._select(plan)
-        summary = JobSummary("running", EXIT_OK, self.state.url, job["job_id"])
+        summary = JobSummary("running", Exit.OK, self.state.url, job["job_id"])
         summary.rows_total = plan.total_rows
         rows = sum(self._work[u.unit_id][0].num_rows for u in units)
         if not units:
@@ -155,7 +156,7 @@ class RetryDriver(Driver):
         try:
             self._finish(summary, job, failure)
         except StorageError as exc:
-            summary.status, summary.exit_code = "failed", EXIT_FAILED
+            summary.status, summary.exit_code = "failed", Exit.FAILED
             summary.message += f"; closing files not written ({exc}); run again to finish"
         return summary
 
@@ -183,7 +184,7 @@ class RetryDriver(Driver):
         self.state.write_json(METRICS_FILE, metrics)
         self._write_report()
         if failure:
-            summary.status, summary.exit_code = "failed", EXIT_FAILED
+            summary.status, summary.exit_code = "failed", Exit.FAILED
             summary.message += f"; {failure}"
             return
         summary.status = "succeeded"

@@ -25,6 +25,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
+from .errors import NotAJobOutput, ResumeRefused
 from .storage import Storage, StorageError, atomic_write, describe, is_temporary, join
 
 JOB_FILE = "_job.json"
@@ -37,14 +38,6 @@ ERRORS_DIR = "errors"
 
 
 MARKER_READ_THREADS = 16  # small GETs in parallel: object stores answer each in ~10-50 ms
-
-
-class NotAJobOutput(ValueError):
-    """A path that holds no qvl-batch output (no readable ``_job.json``)."""
-
-
-class ResumeRefused(RuntimeError):
-    """The output belongs to a job with another fingerprint; says what differs and what to do."""
 
 
 def _leaf_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

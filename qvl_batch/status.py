@@ -15,12 +15,12 @@ import sys
 from dataclasses import dataclass, field
 
 from .config import StorageConfig
+from .errors import Exit
 from .report import error_codes_line, totals_of
 from .state import NotAJobOutput, OutputState
 from .storage import Storage, StorageError
 
 RATE_WINDOW_S = 300.0  # the rate is measured over the last 5 minutes of commits
-EXIT_OK, EXIT_NO_JOB = 0, 2
 
 
 @dataclass
@@ -132,9 +132,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = job_status(args.output, storage)
     except (NotAJobOutput, StorageError) as exc:
         print(f"qvl-batch status: {exc}", file=sys.stderr)
-        return EXIT_NO_JOB
+        return Exit.NO_JOB
     print(json.dumps(report.to_dict(), indent=2) if args.json else "\n".join(report.lines()))
-    return EXIT_OK
+    return Exit.OK
 
 
 def add_status_parser(sub) -> None:

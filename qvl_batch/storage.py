@@ -28,6 +28,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
+from .errors import StorageError
+
 log = logging.getLogger("qvl_batch")
 
 T = TypeVar("T")
@@ -81,10 +83,6 @@ PERMANENT_TYPES = (
     IsADirectoryError,
     NotADirectoryError,
 )
-
-
-class StorageError(RuntimeError):
-    """A storage path that cannot be used: says which path and why."""
 
 
 # ---- error classification -----------------------------------------------------------------

@@ -16,7 +16,6 @@ from typing import Any
 
 import pyarrow as pa
 
-PARSE_ERROR = "OUTPUT_PARSE_ERROR"
 _SCALARS = {
     "string": pa.string(),
     "integer": pa.int64(),

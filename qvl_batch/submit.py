@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, StorageConfig, conf_dir, load_config
-from .driver import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from .errors import Exit, SubmitError
 
 log = logging.getLogger("qvl_batch")
 
@@ -66,10 +66,6 @@ ADDRESS_HELP = (
     "the Ray dashboard of the head node, e.g. http://HEAD:8265 (default: $RAY_ADDRESS); "
     "a GCS address HOST:6379 or ray://HOST:10001 also works"
 )
-
-
-class SubmitError(RuntimeError):
-    """The Jobs API cannot be reached, or it refused a request."""
 
 
 @dataclass
@@ -255,10 +251,10 @@ def outcome_code(info) -> int:
     """The exit code a finished job maps to, as ``qvl-batch run`` would have exited."""
     status = str(info.status)
     if status == "SUCCEEDED":
-        return EXIT_OK
+        return Exit.OK
     if status == "STOPPED":
-        return EXIT_INTERRUPTED
-    return info.driver_exit_code or EXIT_FAILED
+        return Exit.INTERRUPTED
+    return info.driver_exit_code or Exit.FAILED
 
 
 def wait_terminal(client, sid: str, timeout: float | None = None):
@@ -287,7 +283,7 @@ def follow(client, sid: str) -> int:
             f"(cancel it with: qvl-batch jobs cancel {sid} --address ...)",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return Exit.INTERRUPTED
     except Exception as exc:  # the stream broke: the job's status still tells how it ended
         log.warning("log stream ended early (%s); waiting for the job to finish", exc)
     info = wait_terminal(client, sid)
@@ -337,7 +333,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan = {**submission.__dict__, "ship_code": not args.no_ship_code}
         print(json.dumps(plan, indent=2))
-        return EXIT_OK
+        return Exit.OK
     client = connect(args.address)
     sid = submit(client, submission, ship_code=not args.no_ship_code)
     print(f"submitted {sid} to {args.address} (job {submission.metadata[META_JOB]})")
@@ -348,7 +344,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"  cancel:  qvl-batch jobs cancel {sid} --address {a}", flush=True)
     if args.wait:
         return follow(client, sid)
-    return EXIT_OK
+    return Exit.OK
 
 
 def status_lines(client, sid: str) -> list[str]:
@@ -394,7 +390,7 @@ def _ledger_lines(output: str, endpoint_url: str | None) -> list[str]:
 
 def cmd_jobs_status(args: argparse.Namespace) -> int:
     print("\n".join(status_lines(connect(args.address), args.id)))
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_jobs_logs(args: argparse.Namespace) -> int:
@@ -402,7 +398,7 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
     if args.follow:
         return follow(client, args.id)
     sys.stdout.write(_call("logs", client.get_job_logs, args.id))
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
@@ -410,7 +406,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     if not _call("cancel", client.stop_job, args.id):
         info = _call("status", client.get_job_info, args.id)
         print(f"job {args.id} is not running ({info.status}); nothing to cancel")
-        return EXIT_OK
+        return Exit.OK
     print(f"cancel requested for {args.id}; the driver gets SIGTERM, then SIGKILL")
     info = wait_terminal(client, args.id, timeout=STOP_WAIT_S)
     print(f"job {args.id}: {info.status}")
@@ -429,7 +425,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
         "  committed units are kept in the output; submit the same job again (or "
         f"`qvl-batch run {meta.get(META_JOB_FILE, 'JOB')}`) to resume"
     )
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -445,7 +441,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    return EXIT_OK
+    return Exit.OK
 
 
 def _guarded(fn):
@@ -456,7 +452,7 @@ def _guarded(fn):
             return fn(args)
         except SubmitError as exc:
             print(f"qvl-batch: error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+            return Exit.CONFIG
 
     return run
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -598,3 +599,24 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def photo_dataset(
+    data: Path, rows: int, shards: int = 4, max_side: int = 2000, exif_fraction: float = 0.0
+) -> Path:
+    """Photo-like JPEGs (512 to ``max_side`` px, 4 shards) in ``data``, made once and reused."""
+    if not (data / ".done").exists():
+        print(f"making {rows} photo-like JPEGs, 512-{max_side} px ...", flush=True)
+        spec = SynthSpec(
+            rows=rows,
+            shards=shards,
+            row_group_rows=32,
+            min_side=512,
+            max_side=max_side,
+            corrupt_fraction=0.0,
+            png_fraction=0.0,
+            exif_fraction=exif_fraction,
+        )
+        make_dataset(str(data), spec)
+        (data / ".done").touch()
+    return data

@@ -25,6 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import REDACTED, Config, ConfigError, StorageConfig, config_from_saved
+from .coverage import coverage
+from .errors import Exit
 from .manifest import InputError, Plan, WorkUnit, plan_job
 from .reader import read_unit_table
 from .report import error_codes_line
@@ -48,7 +50,6 @@ from .structured import columns_of
 VERIFY_THREADS = 8
 MAX_LINES = 50  # violations printed by lines(); --json lists them all
 EXAMPLES = 3  # rows named per violation
-EXIT_OK, EXIT_VIOLATIONS, EXIT_NO_JOB = 0, 1, 2
 COLUMN_TYPES = {f.name: f.type for f in [*ROW_RESULT, *LINEAGE]}
 COLUMN_TYPES.update(source_shard=pa.string(), attempts=pa.int32())
 MARKER_KEYS = ("shard", "row_start", "num_rows", "data_rows", "error_rows", "files")
@@ -423,27 +424,24 @@ class UnitChecker:
 def _exactly_once(unit: WorkUnit, rows: dict, res: UnitResult) -> None:
     """The multiset of source_row over data/ + errors/ is exactly the unit's row range."""
     uid, lo, hi = unit.unit_id, unit.row_start, unit.row_start + unit.num_rows
-    uniq, counts = np.unique(
-        np.concatenate([*rows.values(), np.empty(0, np.int64)]), return_counts=True
-    )
+    found = coverage(np.concatenate([*rows.values(), np.empty(0, np.int64)]), lo, hi)
 
     def where(r: int) -> str:
         return ", ".join(f"{s}/ x{int((v == r).sum())}" for s, v in rows.items() if r in v)
 
-    dup, outside = uniq[counts > 1], uniq[(uniq < lo) | (uniq >= hi)]
-    missing = np.setdiff1d(np.arange(lo, hi), uniq)
-    if dup.size:
+    if found.duplicated.size:
+        dup = found.duplicated
         eg = "; ".join(f"{r} ({where(r)})" for r in dup[:EXAMPLES].tolist())
         res.violations.append(f"unit {uid}: {dup.size} source_row(s) more than once: {eg}")
-    if outside.size:
+    if found.outside.size:
         res.violations.append(
-            f"unit {uid}: {outside.size} source_row(s) outside its rows "
-            f"{lo}-{hi - 1}: {outside[:EXAMPLES].tolist()}"
+            f"unit {uid}: {found.outside.size} source_row(s) outside its rows "
+            f"{lo}-{hi - 1}: {found.outside[:EXAMPLES].tolist()}"
         )
-    if missing.size:
+    if found.missing.size:
         res.violations.append(
-            f"unit {uid}: {missing.size} input row(s) in neither data/ nor "
-            f"errors/: {missing[:EXAMPLES].tolist()}"
+            f"unit {uid}: {found.missing.size} input row(s) in neither data/ nor "
+            f"errors/: {found.missing[:EXAMPLES].tolist()}"
         )
 
 
@@ -508,9 +506,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = verify_output(args.output, allow_incomplete=args.allow_incomplete, storage=storage)
     except (NotAJobOutput, ConfigError, StorageError) as exc:
         print(f"qvl-batch verify: {exc}", file=sys.stderr)
-        return EXIT_NO_JOB
+        return Exit.NO_JOB
     print(json.dumps(report.to_dict(), indent=2) if args.json else "\n".join(report.lines()))
-    return EXIT_OK if report.ok else EXIT_VIOLATIONS
+    return Exit.OK if report.ok else Exit.VIOLATIONS
 
 
 def add_verify_parser(sub) -> None:

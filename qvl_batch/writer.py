@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import io
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .coverage import coverage
 from .manifest import WorkUnit
 from .schema import LINEAGE
 from .state import OutputState, data_file, errors_file
@@ -19,15 +19,15 @@ class UnitIncomplete(RuntimeError):
     """An actor's answer for a unit is missing rows or repeats one: the unit is retried."""
 
 
-def check_exactly_once(unit: WorkUnit, table: pa.Table) -> None:
-    rows = np.sort(table.column("source_row").to_numpy())
-    expected = np.arange(unit.row_start, unit.row_start + unit.num_rows)
-    if len(rows) != len(expected) or not np.array_equal(rows, expected):
-        dupes = int(len(rows) - len(np.unique(rows)))
-        missing = len(np.setdiff1d(expected, rows))
+def check_exactly_once(unit: WorkUnit, table: pa.Table, expected=None) -> None:
+    """Every row of ``unit`` (or just ``expected``) answered once, or :class:`UnitIncomplete`."""
+    rows = table.column("source_row").to_numpy()
+    end = unit.row_start + unit.num_rows
+    found = coverage(rows, unit.row_start, end, expected=expected)
+    if not found.exact:
+        want = unit.num_rows if expected is None else len(expected)
         raise UnitIncomplete(
-            f"unit {unit.unit_id}: {len(rows)} rows back for {unit.num_rows} "
-            f"({missing} missing, {dupes} duplicated)"
+            f"unit {unit.unit_id}: {len(rows)} rows back for {want} ({found.describe()})"
         )
 
 
@@ -124,12 +124,7 @@ def commit_retry(
     commit point); the old errors file is deleted after it. Returns (the new marker record,
     what this pass did).
     """
-    want = retried.column("source_row").to_numpy()
-    got = results.column("source_row").to_numpy()
-    if len(got) != len(want) or set(got.tolist()) != set(want.tolist()):
-        raise UnitIncomplete(
-            f"unit {unit.unit_id}: {len(got)} rows back for {len(want)} retried rows"
-        )
+    check_exactly_once(unit, results, expected=retried.column("source_row").to_numpy())
     data_columns, error_columns = columns
     n = len(marker.get("retries") or []) + 1
     now = dt.datetime.now(dt.timezone.utc)

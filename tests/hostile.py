@@ -1,7 +1,7 @@
 """A hostile image corpus: byte strings a real dataset can hold, each with the outcome it must get.
 
 Every generator below yields :class:`Case` tuples ``(name, data, expected)``; :func:`corpus` chains
-them. ``expected.outcome`` is an :data:`qvl_batch.images.ERROR_CODES` code, or ``"OK"`` with the
+them. ``expected.outcome`` is an :data:`qvl_batch.errors.IMAGE_CODES` code, or ``"OK"`` with the
 upright source size, the notes (as :func:`same_notes` compares them) and a few pixels of the
 prepared image that must hold a colour (so orientation and frame choice are checked, not just
 sizes). Outcomes assume the default

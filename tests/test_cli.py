@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qvl_batch.driver import EXIT_CONFIG, EXIT_REFUSED
+from qvl_batch.errors import Exit
 
 from .conftest import write_job
 
@@ -28,7 +28,7 @@ def test_unknown_key_stops_before_work(tmp_path, dataset):
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", dataset, out, None)
     code, text = cli("run", job, "batching.max_batch_sise=4")
-    assert code == EXIT_CONFIG
+    assert code == Exit.CONFIG
     assert "unknown key 'batching.max_batch_sise'" in text and "max_batch_size" in text
     assert not out.exists(), "nothing may be written before the config is valid"
 
@@ -37,7 +37,7 @@ def test_missing_input_stops_before_work(tmp_path):
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", tmp_path / "nowhere", out, None)
     code, text = cli("run", job)
-    assert code == EXIT_CONFIG
+    assert code == Exit.CONFIG
     assert "no Parquet files match" in text and "nowhere" in text
     assert not out.exists()
 
@@ -48,17 +48,17 @@ def test_unreadable_shard_stops_before_work(tmp_path):
     (data / "part-0.parquet").write_bytes(b"this is not parquet")
     out = tmp_path / "out"
     code, text = cli("run", write_job(tmp_path / "job.yaml", data, out, None))
-    assert code == EXIT_CONFIG
+    assert code == Exit.CONFIG
     assert "cannot read the Parquet footer" in text and "part-0.parquet" in text
     assert not out.exists()
 
 
 def test_missing_job_file_and_bad_value(tmp_path, dataset):
     code, text = cli("run", tmp_path / "nope.yaml")
-    assert code == EXIT_CONFIG and "config file not found" in text
+    assert code == Exit.CONFIG and "config file not found" in text
     job = write_job(tmp_path / "job.yaml", dataset, tmp_path / "out", None)
     code, text = cli("run", job, "sampling.temperature=-1")
-    assert code == EXIT_CONFIG and "sampling.temperature: must be >= 0" in text
+    assert code == Exit.CONFIG and "sampling.temperature: must be >= 0" in text
 
 
 def test_changed_config_is_refused_with_exit_3(tmp_path, dataset):
@@ -68,5 +68,5 @@ def test_changed_config_is_refused_with_exit_3(tmp_path, dataset):
         '{"job_id": "old", "fingerprint": "0", "fingerprint_fields": {}}'
     )
     code, text = cli("run", write_job(tmp_path / "job.yaml", dataset, out, None))
-    assert code == EXIT_REFUSED
+    assert code == Exit.REFUSED
     assert "different config fingerprint" in text and "--fresh" in text

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from qvl_batch.config import load_config
-from qvl_batch.driver import EXIT_FAILED, EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 from qvl_batch.manifest import plan_job
 from qvl_batch.state import ResumeRefused
 from qvl_batch.verify import verify_output
@@ -49,7 +50,7 @@ def reference(tmp_path, dataset, ray_head):
     """An uninterrupted run of the standard job: what every interrupted run must equal."""
     job = write_job(tmp_path / "ref.yaml", dataset, tmp_path / "ref-out", ray_head)
     summary = run(job)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     return read_output(tmp_path / "ref-out")
 
 
@@ -57,7 +58,7 @@ def test_job_outputs_exactly_once_and_match_fake_engine(tmp_path, dataset, ray_h
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", dataset, out, ray_head)
     summary = run(job)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     data, errors = assert_exactly_once(dataset, out)
 
     inputs = {r["id"]: r for r in input_rows(dataset)}
@@ -98,7 +99,7 @@ def test_job_outputs_exactly_once_and_match_fake_engine(tmp_path, dataset, ray_h
 def test_rerun_is_noop_and_changed_prompt_is_refused(tmp_path, dataset, ray_head):
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", dataset, out, ray_head)
-    assert run(job).exit_code == EXIT_OK
+    assert run(job).exit_code == Exit.OK
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
     again = run(job)
@@ -109,7 +110,7 @@ def test_rerun_is_noop_and_changed_prompt_is_refused(tmp_path, dataset, ray_head
     with pytest.raises(ResumeRefused, match=r"prompt\.template"):
         run(job, "prompt.template=Caption this.")
     fresh = run(job, "prompt.template=Caption this.", "output.mode=overwrite")
-    assert fresh.exit_code == EXIT_OK and fresh.rows_this_run == len(input_rows(dataset))
+    assert fresh.exit_code == Exit.OK and fresh.rows_this_run == len(input_rows(dataset))
     data, _ = read_output(out)
     src = {r["id"]: r for r in input_rows(dataset)}
     assert all(r["text"] == expected_for(src[r["id"]]["image"], "Caption this.")[0] for r in data)
@@ -144,7 +145,7 @@ def test_sigkill_driver_then_resume_equals_uninterrupted(tmp_path, dataset, ray_
 
     proc = _cli(job)
     log = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode == EXIT_OK, log
+    assert proc.returncode == Exit.OK, log
     assert "SUCCEEDED" in log
     data, errors = assert_exactly_once(dataset, out)
     ref_data, ref_errors = reference
@@ -166,7 +167,7 @@ def test_actor_killed_mid_batch_job_completes_exactly_once(tmp_path, dataset, ra
         engine__fake={"exit_after_rows": 20, "exit_incarnations": 1},
     )
     summary = run(job)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     assert summary.actor_restarts >= 1 and summary.unit_retries >= 1
     data, errors = assert_exactly_once(dataset, out)
     ref_data, ref_errors = reference
@@ -185,7 +186,7 @@ def test_actors_that_always_die_fail_the_job_cleanly(tmp_path, dataset, ray_head
         limits__max_actor_restarts=3,
     )
     summary = run(job)
-    assert summary.exit_code == EXIT_FAILED
+    assert summary.exit_code == Exit.FAILED
     assert "actors died 4 times, over limits.max_actor_restarts=3" in summary.message
     assert not (out / "_SUCCESS").exists()
     assert (out / "_metrics.json").exists()

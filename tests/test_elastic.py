@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from qvl_batch.driver import EXIT_CONFIG, EXIT_OK
+from qvl_batch.errors import Exit
 from qvl_batch.verify import verify_output
 
 from .conftest import check_fake_output, write_job
@@ -57,7 +57,7 @@ def test_actors_killed_while_loading_are_replaced_also_after_a_driver_restart(
     proc = start_driver(job)
     _kill_a_loading_actor(job_id, proc)  # the new driver's actors carry the same job id
     log = proc.communicate(timeout=240)[0].decode()
-    assert proc.returncode == EXIT_OK, log
+    assert proc.returncode == Exit.OK, log
     assert "did not start" in log  # the death was seen at start-up and replaced
     check_fake_output(dataset, out)
     assert verify_output(str(out)).ok
@@ -75,7 +75,7 @@ def test_a_bad_model_path_fails_fast_with_exit_2_and_the_engines_error(tmp_path,
     t0 = time.monotonic()
     proc = start_driver(job)
     log = proc.communicate(timeout=240)[0].decode()
-    assert proc.returncode == EXIT_CONFIG, log
+    assert proc.returncode == Exit.CONFIG, log
     assert "engine failed to start" in log and "no-such-model" in log, log
     # Two attempts per slot at most, never limits.max_actor_restarts (50) of them.
     assert log.count("did not start") <= 2, log
@@ -119,7 +119,7 @@ def test_a_job_starts_with_the_actors_it_can_place_and_a_late_one_joins(
     finally:
         ray.kill(holder)  # the late actor can now be placed
     log = proc.communicate(timeout=240)[0].decode()
-    assert proc.returncode == EXIT_OK, log
+    assert proc.returncode == Exit.OK, log
     check_fake_output(dataset, out)
     metrics = json.loads((out / "_metrics.json").read_text())
     live = [n for _, n in metrics["actors_live"]]
@@ -132,8 +132,6 @@ def test_too_few_actors_by_the_start_timeout_fail_the_job_with_a_clear_message(
     tmp_path, dataset, ray_head
 ):
     import ray
-
-    from qvl_batch.driver import EXIT_FAILED
 
     out = tmp_path / "out"
     job = write_job(
@@ -150,7 +148,7 @@ def test_too_few_actors_by_the_start_timeout_fail_the_job_with_a_clear_message(
         log = proc.communicate(timeout=240)[0].decode()
     finally:
         ray.kill(holder)
-    assert proc.returncode == EXIT_FAILED, log
+    assert proc.returncode == Exit.FAILED, log
     assert "only 1 of 2 actors ready after cluster.start_timeout_s=4s" in log, log
     assert "cluster.min_actors=2" in log and "actors live: 1/2" in log
 
@@ -169,7 +167,7 @@ def test_losing_the_only_actor_late_in_a_job_waits_for_its_replacement(tmp_path,
     )
     proc = start_driver(job)
     log = proc.communicate(timeout=240)[0].decode()
-    assert proc.returncode == EXIT_OK, log
+    assert proc.returncode == Exit.OK, log
     check_fake_output(dataset, out)
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["summary"]["actor_restarts"] == 1

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from qvl_batch.driver import EXIT_OK
+from qvl_batch.errors import Exit
 from qvl_batch.state import METRICS_FILE
 from qvl_batch.synth import SynthSpec, make_dataset
 
@@ -39,7 +39,7 @@ def test_one_actor_per_declared_gpu_each_with_its_own_device(tmp_path):
     # In a process of its own: this test process stays connected to the session's Ray.
     cmd = [sys.executable, "-m", "qvl_batch.cli", "run", str(job), *overrides, "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == EXIT_OK, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == Exit.OK, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert re.search(r"4 actors ready \(.*\); GPUs \d \| \d \| \d \| \d$", proc.stderr, re.M)
     actors = json.loads((out / METRICS_FILE).read_text())["actors"]
     assert len(actors) == 4

@@ -12,7 +12,8 @@ import pytest
 
 from qvl_batch.bench_chaos import job_actors, job_id_of, start_driver
 from qvl_batch.config import load_config
-from qvl_batch.driver import EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 from qvl_batch.handout import HandOut, Run, Runs
 from qvl_batch.manifest import WorkUnit, plan_job
 from qvl_batch.synth import SynthSpec, make_dataset
@@ -104,7 +105,7 @@ def test_four_units_on_two_actors_run_two_each_near_the_ideal_time(tmp_path, fou
     job = _job(tmp_path, four_units, out, ray_head, engine__fake={"batch_latency_s": batch_s})
     assert plan_job(load_config(job)).num_units() == 4
     summary = run_job(load_config(job), progress_bar=False)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     runs = _runs_of(out)
     committed = [r for r in runs if r["outcome"] == "committed"]
     per_actor = sorted(sum(r["actor"] == a for r in committed) for a in (0, 1))
@@ -144,7 +145,7 @@ def test_a_straggling_last_unit_is_overtaken_by_a_backup_copy(
     t0 = time.monotonic()
     summary = run_job(load_config(job), progress_bar=False)
     elapsed = time.monotonic() - t0
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     slow_unit = next(m["unit_id"] for m in _markers(out) if m["row_start"] == 3 * UNIT_ROWS)
     runs = [r for r in _runs_of(out) if r["unit_id"] == slow_unit]
     winner = [r for r in runs if r["outcome"] == "committed"]
@@ -177,7 +178,7 @@ def test_driver_killed_while_a_unit_and_its_copy_run_commits_it_once(
     # Reference: the same job, uninterrupted.
     ref_out = tmp_path / "ref"
     ref = _job(tmp_path, four_units, ref_out, ray_head, name="ref.yaml")
-    assert run_job(load_config(ref), progress_bar=False).exit_code == EXIT_OK
+    assert run_job(load_config(ref), progress_bar=False).exit_code == Exit.OK
 
     markers = tmp_path / "slow-markers"
     markers.mkdir()
@@ -212,7 +213,7 @@ def test_driver_killed_while_a_unit_and_its_copy_run_commits_it_once(
 
     # The re-run: the slow row is slow no more (both copies used it up); one commit.
     summary = run_job(load_config(job), progress_bar=False)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     assert summary.units_this_run == 1
     ids = [m["unit_id"] for m in _markers(out)]
     assert len(ids) == len(set(ids)) == 4

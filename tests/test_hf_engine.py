@@ -23,8 +23,10 @@ from qvl_batch.config import (  # noqa: E402
     load_config,
 )
 from qvl_batch.engines import hf  # noqa: E402
-from qvl_batch.engines.base import Request, make_batch_engine  # noqa: E402
+from qvl_batch.engines.base import Request  # noqa: E402
+from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 from qvl_batch.engines.hf import generation_kwargs, load_processor, local_model_dir  # noqa: E402
+from qvl_batch.errors import Exit  # noqa: E402
 from qvl_batch.structured import OutputParser  # noqa: E402
 
 from .conftest import MODERATION  # noqa: E402
@@ -367,7 +369,7 @@ def test_auto_without_xgrammar_warns_once_and_generates_freely(tiny_model, monke
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head):
-    from qvl_batch.driver import EXIT_OK, run_job
+    from qvl_batch.driver import run_job
     from qvl_batch.images import prepare_image
     from qvl_batch.synth import SynthSpec, make_dataset
 
@@ -381,7 +383,7 @@ def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head):
     overrides = ["engine.name=hf", f"engine.model={tiny_model}", "sampling.max_tokens=12"]
     cfg = load_config(job, overrides)
     summary = run_job(cfg, progress_bar=False)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
 
     rows, errors = read_output(out)
     inputs = {r["id"]: r for r in input_rows(data)}
@@ -409,7 +411,7 @@ def test_moderation_preset_with_the_tiny_model(tmp_path, tiny_model, ray_head):
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from qvl_batch.driver import EXIT_OK, run_job
+    from qvl_batch.driver import run_job
     from qvl_batch.synth import SynthSpec, make_dataset
     from qvl_batch.verify import verify_output
 
@@ -435,7 +437,7 @@ def test_moderation_preset_with_the_tiny_model(tmp_path, tiny_model, ray_head):
         ]
         cfg = load_config(REPO / "jobs" / "moderation.yaml", overrides)
         summary = run_job(cfg, progress_bar=False)
-        assert summary.exit_code == EXIT_OK, summary.lines()
+        assert summary.exit_code == Exit.OK, summary.lines()
         assert verify_output(str(out)).ok
         return read_output(out)
 

@@ -18,7 +18,8 @@ from qvl_batch.config import (  # noqa: E402
     HFEngineConfig,
     SamplingConfig,
 )
-from qvl_batch.engines.base import Request, make_batch_engine  # noqa: E402
+from qvl_batch.engines.base import Request  # noqa: E402
+from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 from qvl_batch.engines.hf_inputs import ImageInputs  # noqa: E402
 
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture

@@ -18,8 +18,8 @@ import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
 from qvl_batch.config import ImageConfig, load_config
+from qvl_batch.errors import IMAGE_CODES
 from qvl_batch.images import (
-    ERROR_CODES,
     PATCH,
     ImageError,
     prepare_image,
@@ -49,7 +49,7 @@ def grid_size(size: tuple[int, int], cfg: ImageConfig) -> tuple[int, int]:
 
 
 def test_corpus_covers_every_image_code_once_named():
-    assert {case.expected.outcome for case in CASES} == set(ERROR_CODES) | {"OK"}
+    assert {case.expected.outcome for case in CASES} == set(IMAGE_CODES) | {"OK"}
     assert len({case.name for case in CASES}) == len(CASES), "names are row ids end to end"
     assert all(case.expected.size for case in CASES if case.expected.outcome == "OK")
 
@@ -214,7 +214,8 @@ def test_bombs_refused_in_bounded_memory(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_corpus_job_accounts_for_every_row(tmp_path, ray_head):
-    from qvl_batch.driver import EXIT_OK, run_job
+    from qvl_batch.driver import run_job
+    from qvl_batch.errors import Exit
 
     ids = [f"hostile-{i:03d}-{case.name}" for i, case in enumerate(CASES)]
     expected = {row_id: case.expected for row_id, case in zip(ids, CASES)}
@@ -233,7 +234,7 @@ def test_corpus_job_accounts_for_every_row(tmp_path, ray_head):
 
     summary = run_job(load_config(job), progress_bar=False)
 
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     data, errors = read_output(out)
     assert sorted([r["id"] for r in data] + [r["id"] for r in errors]) == sorted(ids)
     assert {r["id"]: r["error_code"] for r in errors} == {

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from qvl_batch.config import load_config
-from qvl_batch.driver import EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 from qvl_batch.verify import verify_output
 
 from .conftest import REPO, check_fake_output
@@ -39,6 +40,6 @@ def test_caption_preset_runs_end_to_end(tmp_path, dataset, ray_head):
     ]
     cfg = load_config(REPO / "jobs" / "caption.yaml", overrides)
     summary = run_job(cfg, progress_bar=False)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     check_fake_output(dataset, out, prompt=cfg.prompt.template, max_tokens=160)
     assert verify_output(str(out)).ok

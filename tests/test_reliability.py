@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qvl_batch.config import load_config
-from qvl_batch.driver import EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 
 from .conftest import check_fake_output, input_rows, read_output, write_job
 
@@ -28,7 +29,7 @@ def test_batches_that_raise_are_split_until_exactly_the_poison_rows_fail(
         tmp_path / "job.yaml", dataset, out, ray_head, engine__fake={"raise_ids": sorted(poison)}
     )
     summary = run_job(load_config(job), progress_bar=False)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     check_fake_output(dataset, out, dict.fromkeys(poison, "ENGINE_ERROR"))
     assert summary.actor_restarts == 0 and summary.error_codes["ENGINE_ERROR"] == len(poison)
 
@@ -51,7 +52,7 @@ def test_rows_that_kill_the_actor_are_isolated_and_become_engine_crash_rows(
         engine__fake={"crash_ids": sorted(poison), **engine},
     )
     summary = run_job(load_config(job), progress_bar=False)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     _, errors = check_fake_output(dataset, out, dict.fromkeys(poison, "ENGINE_CRASH"))
     # Each poison row: a death among others (suspects then run alone), then two deaths alone.
     assert 2 * len(poison) <= summary.actor_restarts <= 3 * len(poison), summary.lines()
@@ -101,7 +102,7 @@ def test_bad_rows_get_their_codes_and_hostile_ids_stay_inside_the_output(tmp_pat
     )
     before = {p for p in tmp_path.rglob("*") if "out" not in p.relative_to(tmp_path).parts}
     summary = run_job(load_config(job), progress_bar=False)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     data, errors = read_output(out)
     got = {r["id"]: "OK" for r in data} | {r["id"]: r["error_code"] for r in errors}
     derived = "part-0.parquet:9"  # a null id is replaced by <shard>:<row> on the error row
@@ -121,7 +122,6 @@ def test_bad_rows_get_their_codes_and_hostile_ids_stay_inside_the_output(tmp_pat
 def test_error_fraction_over_the_limit_fails_cleanly_and_a_rerun_resumes(
     tmp_path, dataset, ray_head
 ):
-    from qvl_batch.driver import EXIT_FAILED
     from qvl_batch.verify import verify_output
 
     failing = _good_ids(dataset, 60)  # with the corrupt rows, about 30% of rows fail
@@ -137,7 +137,7 @@ def test_error_fraction_over_the_limit_fails_cleanly_and_a_rerun_resumes(
         batching__units_in_flight_per_actor=1,
     )
     summary = run_job(load_config(job), progress_bar=False)
-    assert summary.exit_code == EXIT_FAILED, summary.lines()
+    assert summary.exit_code == Exit.FAILED, summary.lines()
     assert "over limits.max_error_fraction 0.2" in summary.message
     assert summary.rows_this_run < len(input_rows(dataset)), "stopped mid-run"
     assert not (out / "_SUCCESS").exists() and (out / "_metrics.json").exists()
@@ -147,11 +147,11 @@ def test_error_fraction_over_the_limit_fails_cleanly_and_a_rerun_resumes(
 
     # A re-run with the same limit counts the rows committed before it: it stops at once.
     same = run_job(load_config(job), progress_bar=False)
-    assert same.exit_code == EXIT_FAILED and same.rows_this_run <= 40, same.lines()  # one unit
+    assert same.exit_code == Exit.FAILED and same.rows_this_run <= 40, same.lines()  # one unit
     summary.rows_this_run += same.rows_this_run
 
     # The limit is a policy, not part of the fingerprint: a re-run with a looser one resumes.
     again = run_job(load_config(job, ["limits.max_error_fraction=0.5"]), progress_bar=False)
-    assert again.exit_code == EXIT_OK, again.lines()
+    assert again.exit_code == Exit.OK, again.lines()
     assert again.rows_this_run == len(input_rows(dataset)) - summary.rows_this_run
     assert verify_output(str(out)).ok

@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from qvl_batch.config import load_config
-from qvl_batch.driver import EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 from qvl_batch.report_html import write_report
 from qvl_batch.state import OutputState
 
@@ -24,7 +25,7 @@ def finished(tmp_path, dataset, ray_head):
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", dataset, out, ray_head)
     summary = run_job(load_config(job), progress_bar=False)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     assert summary.error_codes, "the fixture must contain error rows"
     return out, summary
 

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from qvl_batch.config import ConfigError, load_config
-from qvl_batch.driver import EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 from qvl_batch.retry import RetryDriver
 from qvl_batch.verify import verify_output
 
@@ -51,7 +52,7 @@ def test_retry_failed_turns_fixed_errors_into_data_exactly_once(tmp_path, datase
         limits__max_error_fraction=0.95,
     )
     first = run_job(load_config(job), progress_bar=False)
-    assert first.exit_code == EXIT_OK, first.lines()
+    assert first.exit_code == Exit.OK, first.lines()
     _, errors = read_output(out)
     big = {r["id"] for r in errors if r["error_code"] == "IMAGE_TOO_LARGE"}
     assert len(big) > 10 and not big & set(flaky)
@@ -59,7 +60,7 @@ def test_retry_failed_turns_fixed_errors_into_data_exactly_once(tmp_path, datase
 
     # Pass 1: only IMAGE_TOO_LARGE, with the limit raised; the other errors stay as they are.
     one = _retry(out, "image.max_image_pixels=100000000", codes=["IMAGE_TOO_LARGE"])
-    assert one.exit_code == EXIT_OK, one.lines()
+    assert one.exit_code == Exit.OK, one.lines()
     # truncated JPEGs whose header promises a large image now fail further on: DECODE_ERROR
     corrupt = {r["id"] for r in inputs if r["kind"] == "corrupt"}
     assert one.rows_this_run == len(big) and one.errors_this_run == len(big & corrupt)
@@ -94,7 +95,7 @@ def test_retry_failed_turns_fixed_errors_into_data_exactly_once(tmp_path, datase
     proc.wait()
     assert not (out / "_SUCCESS").exists()  # an output being changed says so
     two = _retry(out, *fixes)
-    assert two.exit_code == EXIT_OK, two.lines()
+    assert two.exit_code == Exit.OK, two.lines()
     # Now it equals a clean run: texts right, only the corrupt inputs in errors/, once each.
     data, errors = check_fake_output(dataset, out)
     assert sorted(r["id"] for r in data) == good
@@ -104,7 +105,7 @@ def test_retry_failed_turns_fixed_errors_into_data_exactly_once(tmp_path, datase
     assert report.data_rows == len(good)
 
     nothing = _retry(out, codes=["ENGINE_ERROR"])
-    assert nothing.status == "nothing_to_retry" and nothing.exit_code == EXIT_OK
+    assert nothing.status == "nothing_to_retry" and nothing.exit_code == Exit.OK
 
 
 def test_retry_refuses_other_input_and_unfinished_jobs(tmp_path, dataset):

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from qvl_batch.config import ConfigError, load_config
-from qvl_batch.driver import EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 from qvl_batch.reuse import ReuseIndex, ReuseReader, result_key
 from qvl_batch.storage import Storage
 from qvl_batch.synth import SynthSpec, make_dataset
@@ -68,13 +69,13 @@ def test_second_run_computes_exactly_the_new_rows(tmp_path, dataset, grown, ray_
     first = run_job(
         load_config(write_job(tmp_path / "j1.yaml", dataset, out1, ray_head)), progress_bar=False
     )
-    assert first.exit_code == EXIT_OK, first.lines()
+    assert first.exit_code == Exit.OK, first.lines()
     assert first.reused_this_run == 0
     day1_data, _ = read_output(out1)
 
     job2 = write_job(tmp_path / "j2.yaml", grown, out2, ray_head, reuse__outputs=[str(out1)])
     second = run_job(load_config(job2), progress_bar=False)
-    assert second.exit_code == EXIT_OK, second.lines()
+    assert second.exit_code == Exit.OK, second.lines()
     new_ids = {r["id"] for r in input_rows(grown) if r["id"].startswith("new-")}
     new_good = {r["id"] for r in input_rows(grown) if r["id"] in new_ids and r["kind"] != "corrupt"}
     assert len(new_ids) == NEW_ROWS and new_good
@@ -104,7 +105,7 @@ def test_second_run_computes_exactly_the_new_rows(tmp_path, dataset, grown, ray_
         sampling__max_tokens=32,
     )
     third = run_job(load_config(job3), progress_bar=False)
-    assert third.exit_code == EXIT_OK and third.reused_this_run == 0, third.lines()
+    assert third.exit_code == Exit.OK and third.reused_this_run == 0, third.lines()
 
 
 def _markers(out):

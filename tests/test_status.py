@@ -10,7 +10,8 @@ import shutil
 import pytest
 
 from qvl_batch.config import load_config
-from qvl_batch.driver import EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 from qvl_batch.status import add_status_parser, cmd_status, commit_rate, job_status
 
 from .conftest import write_job
@@ -30,7 +31,7 @@ def finished(tmp_path, dataset, ray_head):
     summary = run_job(
         load_config(write_job(tmp_path / "job.yaml", dataset, out, ray_head)), progress_bar=False
     )
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     return out, summary
 
 

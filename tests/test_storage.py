@@ -24,7 +24,8 @@ import s3fs
 
 from qvl_batch.cli import main
 from qvl_batch.config import StorageConfig, load_config
-from qvl_batch.driver import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 from qvl_batch.manifest import plan_job
 from qvl_batch.s3local import MotoServer
 from qvl_batch.verify import verify_output
@@ -106,7 +107,7 @@ def test_s3_to_s3_job_exactly_once_with_no_temporary_objects(
     caplog.set_level(logging.DEBUG)  # every logger, the storage libraries' included
     summary = run_job(load_config(job), progress_bar=False)
     assert "qvl-very-secret-value" not in caplog.text
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     assert summary.storage_retries == 0
 
     keys = output_keys(fs, out)
@@ -177,7 +178,7 @@ def test_kill_driver_and_resume_on_s3(tmp_path, dataset, ray_head, s3):
 
     proc = _cli(job)
     log = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode == EXIT_OK, log
+    assert proc.returncode == Exit.OK, log
     keys = output_keys(fs, out)
     assert all(LAYOUT.match(k) for k in keys), keys
     local = download(fs, out, tmp_path / "out")
@@ -238,7 +239,7 @@ def test_faults_between_runner_and_server_are_retried_and_counted(tmp_path, data
         summary = run_job(load_config(job), progress_bar=False)
     finally:
         proxy.stop()
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     counts = faults.counts
     assert counts["slowdown"] > 5 and counts["drop"] > 2 and counts["stall"] > 0, counts
     # 503s and stalls reach the runner's retry loop; a dropped answer on a reused connection
@@ -266,14 +267,14 @@ def test_missing_buckets_fail_fast(tmp_path, dataset, s3, capsys):
     job = s3_job(tmp_path, "s3://no-such-bucket-in/shards", "s3://whatever/out", None, s3.endpoint)
     t0 = time.monotonic()
     code, text = _run_cli(capsys, job)
-    assert code == EXIT_CONFIG
+    assert code == Exit.CONFIG
     assert "bucket 'no-such-bucket-in' does not exist" in text, text
 
     job = s3_job(
         tmp_path, "s3://present-in/shards", "s3://no-such-bucket-out/run", None, s3.endpoint
     )
     code, text = _run_cli(capsys, job)
-    assert code == EXIT_CONFIG
+    assert code == Exit.CONFIG
     assert "output.path s3://no-such-bucket-out/run" in text and "bucket does not exist" in text
     assert time.monotonic() - t0 < 60, "permanent errors must not be retried for long"
 
@@ -285,7 +286,7 @@ def test_denied_access_fails_fast_before_any_unit(tmp_path, dataset, s3, capsys)
             tmp_path, "s3://any-bucket/shards", str(tmp_path / "out"), None, strict.endpoint
         )
         code, text = _run_cli(capsys, job)
-    assert code == EXIT_CONFIG
+    assert code == Exit.CONFIG
     assert "s3://any-bucket/shards" in text and "access denied" in text, text
     assert not (tmp_path / "out").exists()
 
@@ -299,7 +300,7 @@ def test_denied_access_fails_fast_before_any_unit(tmp_path, dataset, s3, capsys)
         code, text = _run_cli(capsys, job)
     finally:
         proxy.stop()
-    assert code == EXIT_CONFIG
+    assert code == Exit.CONFIG
     assert "output.path s3://denied-out/run" in text and "access denied" in text, text
     assert proxy.faults.counts["denied"] == 1, "refused at the first write, not retried"
     assert output_keys(fs, "s3://denied-out/run") == []
@@ -337,7 +338,7 @@ def test_http_image_uris_are_fetched_and_a_404_is_an_error_row(tmp_path, dataset
     finally:
         server.shutdown()
         server.server_close()
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     _, errors = check_fake_output(dataset, out, dict.fromkeys(missing, "FETCH_ERROR"))
     assert all("not found" in r["error_message"] for r in errors if r["id"] in missing)
 
@@ -356,7 +357,7 @@ def test_closing_files_that_cannot_be_written_fail_the_job_and_a_rerun_finishes(
         code, text = _run_cli(capsys, job)
     finally:
         proxy.stop()
-    assert code == EXIT_FAILED, text
+    assert code == Exit.FAILED, text
     assert "closing files not written" in text and "_metrics.json" in text, text
     keys = output_keys(fs, "s3://closing-out/run")
     assert "_SUCCESS" not in keys and any(k.startswith("data/") for k in keys)
@@ -365,6 +366,6 @@ def test_closing_files_that_cannot_be_written_fail_the_job_and_a_rerun_finishes(
         tmp_path, "s3://closing-in/shards", "s3://closing-out/run", ray_head, s3.endpoint
     )
     code, text = _run_cli(capsys, again)
-    assert code == EXIT_OK, text
+    assert code == Exit.OK, text
     assert "this run: 0 rows" in text, "every unit was already committed"
     assert "_SUCCESS" in output_keys(fs, "s3://closing-out/run")

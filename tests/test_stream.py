@@ -13,8 +13,9 @@ from PIL import Image
 from qvl_batch.actor import UnitWorker
 from qvl_batch.cluster import FlightRecorder
 from qvl_batch.config import ConfigError, FakeEngineConfig, load_config, parse_lengths
-from qvl_batch.engines.base import Request, make_engine
+from qvl_batch.engines.base import Request
 from qvl_batch.engines.batching import BatchingAdapter
+from qvl_batch.engines.build import make_engine
 from qvl_batch.engines.fake import FakeEngine, InflightSimulator, answer_length
 from qvl_batch.manifest import plan_job
 

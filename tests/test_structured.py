@@ -10,7 +10,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from qvl_batch.config import ConfigError, load_config
-from qvl_batch.driver import EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 from qvl_batch.structured import OutputParser, SchemaError, columns_of, example_for
 from qvl_batch.verify import verify_output
 
@@ -120,7 +121,7 @@ def test_moderation_preset_typed_columns_and_parse_errors(tmp_path, dataset, ray
         ],
     )
     summary = run_job(cfg, progress_bar=False)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     expected = dict.fromkeys(broken, "OUTPUT_PARSE_ERROR")
     data, errors = check_fake_output(
         dataset, out, expected, prompt=cfg.prompt.template, max_tokens=128, schema=SCHEMA

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import requests
 
-from qvl_batch.driver import EXIT_CONFIG, EXIT_OK
+from qvl_batch.errors import Exit
 from qvl_batch.state import NotAJobOutput
 from qvl_batch.status import job_status
 from qvl_batch.submit import Submission, connect, live_actors, plan_submission, submit
@@ -173,30 +173,30 @@ def test_submitted_job_succeeds_and_reports(tmp_path, dataset, jobs_api):
     out = tmp_path / "out"
     job = job_file(tmp_path, dataset, out, engine__fake__batch_latency_s=0.05)
     code, stdout, stderr = cli("submit", job, "--address", jobs_api, "--wait")
-    assert code == EXIT_OK, stdout + stderr
+    assert code == Exit.OK, stdout + stderr
     sid = submission_id(stdout)
     assert re.search(r"^job test-\S+: SUCCEEDED", stdout, re.MULTILINE), stdout  # the summary
     assert f"qvl-batch jobs status {sid} --address {jobs_api}" in stdout
     assert f"job {sid}: SUCCEEDED" in stderr
 
     code, status, err = cli("jobs", "status", sid, "--address", jobs_api)
-    assert code == EXIT_OK, err
+    assert code == Exit.OK, err
     assert f"submission {sid}: SUCCEEDED  (job test)" in status
     assert f"output: {out}" in status
     assert "ledger: job test-" in status and ": complete" in status, status
     assert "rows: 240 / 240 done" in status, status
 
     code, logs, err = cli("jobs", "logs", sid, "--address", jobs_api)
-    assert code == EXIT_OK, err
+    assert code == Exit.OK, err
     assert re.search(r"^job test-\S+: SUCCEEDED", logs, re.MULTILINE), logs
     assert "this run: 240 rows" in logs, logs
 
     code, listing, err = cli("jobs", "list", "--address", jobs_api)
-    assert code == EXIT_OK, err
+    assert code == Exit.OK, err
     assert re.search(rf"^{re.escape(sid)}\s+SUCCEEDED\s+test\s", listing, re.MULTILINE), listing
 
     code, report, err = cli("verify", out)
-    assert code == EXIT_OK, report + err
+    assert code == Exit.OK, report + err
     check_fake_output(dataset, out)
 
     # The driver and its workers ran the shipped package (conf/ inside it), not the repo's:
@@ -232,7 +232,7 @@ def test_cancel_keeps_committed_units_and_resubmit_resumes(tmp_path, dataset, jo
         batching__units_in_flight_per_actor=1,
     )
     code, stdout, stderr = cli("submit", job, "--address", jobs_api)
-    assert code == EXIT_OK, stdout + stderr
+    assert code == Exit.OK, stdout + stderr
     sid = submission_id(stdout)
 
     deadline = time.monotonic() + 150
@@ -253,7 +253,7 @@ def test_cancel_keeps_committed_units_and_resubmit_resumes(tmp_path, dataset, jo
     assert sorted(a["class_name"] for a in running) == ["FlightRecorder", *["UnitWorker"] * 2]
 
     code, text, err = cli("jobs", "cancel", sid, "--address", jobs_api)
-    assert code == EXIT_OK, text + err
+    assert code == Exit.OK, text + err
     assert f"job {sid}: STOPPED" in text and "actors: all gone" in text, text
     assert str(client.get_job_status(sid)) == "STOPPED"
     assert live_actors(client, ray_job_id) == []  # they went with their driver
@@ -269,13 +269,13 @@ def test_cancel_keeps_committed_units_and_resubmit_resumes(tmp_path, dataset, jo
 
     # The same job again: it resumes and runs only the units that were not committed.
     code, stdout, stderr = cli("submit", job, "--address", jobs_api, "--wait")
-    assert code == EXIT_OK, stdout + stderr
+    assert code == Exit.OK, stdout + stderr
     after = markers(out)
     assert {u: after[u] for u in before} == before, "committed units are not redone"
     match = re.search(r"this run: \d+ rows in (\d+) units", stdout)
     assert match and int(match.group(1)) == len(after) - len(before) > 0, stdout
     code, report, err = cli("verify", out)
-    assert code == EXIT_OK, report + err
+    assert code == Exit.OK, report + err
     check_fake_output(dataset, out)
 
 
@@ -285,28 +285,28 @@ def test_bad_config_and_unreachable_address_exit_2(tmp_path, dataset, jobs_api):
     job = job_file(tmp_path, dataset, tmp_path / "out")
 
     code, stdout, stderr = cli("submit", job, "batching.max_batch_sise=4", "--address", jobs_api)
-    assert code == EXIT_CONFIG, stdout + stderr
+    assert code == Exit.CONFIG, stdout + stderr
     assert "max_batch_sise" in stderr and "submitted" not in stdout
     code, _, stderr = cli("submit", job, "output.path=relative/out", "--address", jobs_api)
-    assert code == EXIT_CONFIG and "output.path 'relative/out' is relative" in stderr
+    assert code == Exit.CONFIG and "output.path 'relative/out' is relative" in stderr
     assert len(client.list_jobs()) == jobs_before, "nothing reached the cluster"
 
     (dead,) = _free_ports(1)
     code, _, stderr = cli("submit", job, "--address", f"http://127.0.0.1:{dead}", timeout=60)
-    assert code == EXIT_CONFIG and "cannot reach the Ray Jobs API" in stderr, stderr
+    assert code == Exit.CONFIG and "cannot reach the Ray Jobs API" in stderr, stderr
     assert "check:" in stderr
     code, _, stderr = cli("jobs", "status", "x", "--address", f"http://127.0.0.1:{dead}")
-    assert code == EXIT_CONFIG and "cannot reach" in stderr, stderr
+    assert code == Exit.CONFIG and "cannot reach" in stderr, stderr
     code, _, stderr = cli("submit", job)
-    assert code == EXIT_CONFIG and "no cluster address" in stderr, stderr
+    assert code == Exit.CONFIG and "no cluster address" in stderr, stderr
     code, _, stderr = cli("jobs", "status", "no-such-job", "--address", jobs_api)
-    assert code == EXIT_CONFIG and "no such job" in stderr, stderr
+    assert code == Exit.CONFIG and "no such job" in stderr, stderr
 
     # A job that fails on the cluster (its input matches nothing there): --wait exits with the
     # driver's code, and `jobs status` shows it.
     missing = f"input.paths=[{tmp_path}/nowhere/*.parquet]"
     code, stdout, stderr = cli("submit", job, missing, "--address", jobs_api, "--wait")
-    assert code == EXIT_CONFIG, stdout + stderr
+    assert code == Exit.CONFIG, stdout + stderr
     sid = submission_id(stdout)
     assert f"job {sid}: FAILED" in stderr
     code, status, _ = cli("jobs", "status", sid, "--address", jobs_api)
@@ -315,4 +315,4 @@ def test_bad_config_and_unreachable_address_exit_2(tmp_path, dataset, jobs_api):
 
     # RAY_ADDRESS is the address when --address is absent.
     code, listing, stderr = cli("jobs", "list", env=_env(RAY_ADDRESS=jobs_api))
-    assert code == EXIT_OK and listing.startswith("SUBMISSION ID"), listing + stderr
+    assert code == Exit.OK and listing.startswith("SUBMISSION ID"), listing + stderr

@@ -35,7 +35,8 @@ from qvl_batch.config import (
     TrtLlmEngineConfig,
 )
 from qvl_batch.engines import trtllm
-from qvl_batch.engines.base import EngineDead, EngineError, Request, Result, make_engine
+from qvl_batch.engines.base import EngineDead, EngineError, Request, Result
+from qvl_batch.engines.build import make_engine
 from qvl_batch.structured import OutputParser
 
 from .conftest import MODERATION, input_rows, read_output, write_job

@@ -11,11 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from qvl_batch.config import load_config
-from qvl_batch.driver import EXIT_OK, run_job
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
 from qvl_batch.synth import SynthSpec, make_dataset
 from qvl_batch.verify import (
-    EXIT_NO_JOB,
-    EXIT_VIOLATIONS,
     NotAJobOutput,
     add_verify_parser,
     verify_output,
@@ -36,7 +35,7 @@ def made(tmp_path_factory, ray_head):
     make_dataset(str(base / "data"), spec)
     job = write_job(base / "job.yaml", base / "data", base / "out", ray_head)
     summary = run_job(load_config(job), progress_bar=False)
-    assert summary.exit_code == EXIT_OK, summary.lines()
+    assert summary.exit_code == Exit.OK, summary.lines()
     return base
 
 
@@ -88,8 +87,8 @@ def test_clean_output_passes_with_right_counts(out, capsys):
     assert report.error_codes == {
         c: sum(r["error_code"] == c for r in errors) for c in {r["error_code"] for r in errors}
     }
-    assert cli(out) == EXIT_OK and ": OK" in capsys.readouterr().out
-    assert cli(out, "--json") == EXIT_OK
+    assert cli(out) == Exit.OK and ": OK" in capsys.readouterr().out
+    assert cli(out, "--json") == Exit.OK
     assert json.loads(capsys.readouterr().out)["data_rows"] == len(data)
 
 
@@ -100,7 +99,7 @@ def test_deleted_data_part(out, capsys):
     text = problems(out)
     assert f"data/part-{unit}.parquet is listed in its marker but missing" in text
     assert f"unit {unit}: 32 input row(s) in neither data/ nor errors/" in text
-    assert cli(out) == EXIT_VIOLATIONS and f"part-{unit}" in capsys.readouterr().out
+    assert cli(out) == Exit.VIOLATIONS and f"part-{unit}" in capsys.readouterr().out
 
 
 @slow
@@ -217,14 +216,14 @@ def test_deleted_marker_is_pending_only_with_allow_incomplete(out, capsys):
     assert report.ok, report.violations
     assert (report.units_committed, report.units_pending, report.rows_pending) == (8, 1, 32)
     assert report.data_rows + report.error_rows == 240 - 32
-    assert cli(out, "--allow-incomplete") == EXIT_OK
+    assert cli(out, "--allow-incomplete") == Exit.OK
     assert "1 pending (32 rows)" in capsys.readouterr().out
 
 
 @slow
 def test_changed_input_shard(tmp_path, dataset, ray_head):
     job = write_job(tmp_path / "job.yaml", dataset, tmp_path / "own-out", ray_head)
-    assert run_job(load_config(job), progress_bar=False).exit_code == EXIT_OK
+    assert run_job(load_config(job), progress_bar=False).exit_code == Exit.OK
     assert verify_output(str(tmp_path / "own-out")).ok
     rewrite(sorted(dataset.glob("*.parquet"))[1], lambda t: t.slice(0, t.num_rows - 1))
     text = problems(tmp_path / "own-out")
@@ -262,6 +261,6 @@ def test_wrong_column_type(out):
 def test_path_without_job_exits_2(tmp_path, capsys):
     with pytest.raises(NotAJobOutput, match=r"no _job\.json"):
         verify_output(str(tmp_path))
-    assert cli(tmp_path) == EXIT_NO_JOB
+    assert cli(tmp_path) == Exit.NO_JOB
     assert "not the output of a qvl-batch job" in capsys.readouterr().err
-    assert cli(tmp_path / "missing") == EXIT_NO_JOB
+    assert cli(tmp_path / "missing") == Exit.NO_JOB

@@ -18,7 +18,8 @@ The seam (:class:`Engine`), used by the actor from one feeding thread:
 In-flight engines (TensorRT-LLM, the fake engine's in-flight mode) implement the stream
 natively. Lock-step engines (transformers, the fake engine's batch mode) implement
 :class:`BatchEngine` (``generate(batch) -> results``) and reach the seam through the one
-:class:`~qvl_batch.engines.batching.BatchingAdapter`, which buckets rows by size.
+:class:`~qvl_batch.engines.batching.BatchingAdapter`, which buckets rows by size. Which engine
+a job gets: the registry (``qvl_batch.engines``) and :mod:`qvl_batch.engines.build`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-
-from ..config import Config
 
 
 @dataclass
@@ -155,35 +154,3 @@ class BatchEngine(_EngineInfo, ABC):
 def estimate_text_tokens(prompt: str, system: str | None) -> int:
     """Text tokens of a prompt with the chat template, without a tokenizer: 24 + chars / 4."""
     return 24 + (len(prompt) + len(system or "")) // 4
-
-
-def make_batch_engine(cfg: Config, incarnation: int = 0) -> BatchEngine:
-    """The lock-step engine the job names (hf, fake): what benchmarks time bare."""
-    name = cfg.engine.name
-    if name == "fake":
-        from .fake import make_fake_batch_engine
-
-        return make_fake_batch_engine(cfg, incarnation)
-    if name == "hf":
-        from .hf import HFEngine  # type: ignore[import-not-found]
-
-        return HFEngine(cfg)
-    raise ValueError(f"engine {name!r} is not a lock-step engine")
-
-
-def make_engine(cfg: Config, incarnation: int = 0) -> Engine:
-    """The configured engine as a stream. ``incarnation`` counts actor replacements."""
-    name = cfg.engine.name
-    if name == "trtllm":
-        from .trtllm import TrtLlmEngine  # type: ignore[import-not-found]
-
-        return TrtLlmEngine(cfg)
-    if name == "fake" and cfg.engine.fake.mode == "inflight" and cfg.engine.fake.feed == "stream":
-        from .fake import FakeInflightEngine
-
-        return FakeInflightEngine(cfg, incarnation=incarnation)
-    if name in ("fake", "hf"):
-        from .batching import BatchingAdapter
-
-        return BatchingAdapter(make_batch_engine(cfg, incarnation), cfg)
-    raise ValueError(f"unknown engine {name!r}")

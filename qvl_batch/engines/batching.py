@@ -21,6 +21,7 @@ import time
 
 from ..bucketing import Bucketer
 from ..config import Config
+from ..errors import RowError
 from .base import BatchEngine, Engine, Request, Result, ResultSink
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class BatchingAdapter(Engine):
                 if alone_tries + 1 < SINGLE_ROW_TRIES:
                     return self._generate_isolating(batch, alone_tries + 1)
                 msg = f"{type(exc).__name__}: {exc}"
-                return [Result(batch[0].key, error_code="ENGINE_ERROR", error_message=msg)]
+                return [Result(batch[0].key, error_code=RowError.ENGINE_ERROR, error_message=msg)]
             mid = len(batch) // 2
             return self._generate_isolating(batch[:mid]) + self._generate_isolating(batch[mid:])
         self._run_s += time.perf_counter() - t0
@@ -149,6 +150,8 @@ class BatchingAdapter(Engine):
         for req in batch:
             result = by_key.get(req.key)
             if result is None:
-                result = Result(req.key, error_code="ENGINE_ERROR", error_message="no result")
+                result = Result(
+                    req.key, error_code=RowError.ENGINE_ERROR, error_message="no result"
+                )
             out.append(result)
         return out

@@ -38,6 +38,7 @@ from statistics import NormalDist
 from typing import Any
 
 from ..config import Config, parse_lengths
+from ..errors import RowError
 from ..structured import example_for
 from .base import BatchEngine, Engine, EngineError, Request, Result, ResultSink
 
@@ -168,7 +169,9 @@ class _Faults:
 def _answer(cfg: Config, faults: _Faults, req: Request, output_tokens: int | None = None):
     """The fake answer of one row (or its injected failure)."""
     if req.row_id in faults.fail_ids or req.row_id in faults.raise_ids:
-        return Result(req.key, error_code="ENGINE_ERROR", error_message="injected row failure")
+        return Result(
+            req.key, error_code=RowError.ENGINE_ERROR, error_message="injected row failure"
+        )
     s = cfg.sampling
     text, finish = expected_text(
         req.image_sha256, req.prompt, s.seed, s.max_tokens, cfg.structured.json_schema
@@ -400,3 +403,12 @@ def make_fake_batch_engine(cfg: Config, incarnation: int = 0) -> BatchEngine:
     if cfg.engine.fake.mode == "inflight":
         return FakeInflightBatchEngine(cfg, incarnation)
     return FakeEngine(cfg, incarnation)
+
+
+def make_fake_engine(cfg: Config, incarnation: int = 0) -> Engine | BatchEngine:
+    """The registry's builder: in-flight mode fed as a stream is a stream engine; otherwise a
+    lock-step engine (batch mode, or the simulator fed batch by batch)."""
+    fake = cfg.engine.fake
+    if fake.mode == "inflight" and fake.feed == "stream":
+        return FakeInflightEngine(cfg, incarnation=incarnation)
+    return make_fake_batch_engine(cfg, incarnation)

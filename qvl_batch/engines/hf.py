@@ -60,6 +60,7 @@ import torch
 import transformers
 
 from ..config import Config, SamplingConfig, StructuredConfig
+from ..errors import RowError
 from .base import BatchEngine, Request, Result
 from .hf_inputs import ImageInputs, expand_placeholders
 
@@ -480,7 +481,7 @@ class HFEngine(BatchEngine):
             need = self.count_text_tokens(req.prompt, req.system) + (height // 28) * (width // 28)
             if need >= self.max_positions:
                 msg = f"prompt is {need} tokens; the model takes at most {self.max_positions}"
-                results.append(Result(req.key, error_code="ENGINE_ERROR", error_message=msg))
+                results.append(Result(req.key, error_code=RowError.ENGINE_ERROR, error_message=msg))
             else:
                 batch.append(req)
         if batch:
@@ -581,3 +582,8 @@ class HFEngine(BatchEngine):
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()
+
+
+def make_hf_engine(cfg: Config, incarnation: int = 0) -> HFEngine:
+    """The registry's builder (a model load does not depend on the incarnation)."""
+    return HFEngine(cfg)

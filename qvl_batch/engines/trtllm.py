@@ -57,6 +57,7 @@ from types import ModuleType
 from typing import Any
 
 from ..config import Config
+from ..errors import RowError
 from .base import Engine, EngineDead, EngineError, Request, Result, ResultSink
 
 log = logging.getLogger(__name__)
@@ -312,10 +313,10 @@ def to_result(request: Request, output: Any, image_id: int, vocab: int | None) -
     completion = output.outputs[0]
     if completion.finish_reason == "timeout":
         msg = "TensorRT-LLM timed the request out (finish_reason 'timeout')"
-        return Result(request.key, error_code="ENGINE_TIMEOUT", error_message=msg)
+        return Result(request.key, error_code=RowError.ENGINE_TIMEOUT, error_message=msg)
     if completion.finish_reason == "cancelled":
         msg = "TensorRT-LLM cancelled the request (finish_reason 'cancelled')"
-        return Result(request.key, error_code="ENGINE_ERROR", error_message=msg)
+        return Result(request.key, error_code=RowError.ENGINE_ERROR, error_message=msg)
     ids = list(output.prompt_token_ids or [])
     vision = count_vision_tokens(ids, image_id, vocab) or request.vision_tokens
     return Result(
@@ -331,7 +332,7 @@ def to_result(request: Request, output: Any, image_id: int, vocab: int | None) -
 def error_result(request: Request, exc: BaseException) -> Result:
     """A failed row: this request only, the others are unaffected."""
     return Result(
-        request.key, error_code="ENGINE_ERROR", error_message=f"{type(exc).__name__}: {exc}"
+        request.key, error_code=RowError.ENGINE_ERROR, error_message=f"{type(exc).__name__}: {exc}"
     )
 
 
@@ -524,7 +525,7 @@ class TrtLlmEngine(Engine):
             f"no answer within engine.trtllm.request_timeout_s={self._timeout:g}s, "
             f"{REQUEST_TRIES} tries (each aborted)"
         )
-        put(Result(request.key, error_code="ENGINE_TIMEOUT", error_message=msg))
+        put(Result(request.key, error_code=RowError.ENGINE_TIMEOUT, error_message=msg))
 
     async def _abort(self, handle: Any) -> None:
         """Abort a request and give it a moment to come back 'cancelled' (freeing its slot)."""
@@ -552,3 +553,8 @@ class TrtLlmEngine(Engine):
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+
+
+def make_trtllm_engine(cfg: Config, incarnation: int = 0) -> TrtLlmEngine:
+    """The registry's builder (a model load does not depend on the incarnation)."""
+    return TrtLlmEngine(cfg)
