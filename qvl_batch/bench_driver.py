@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from .bucketing import PaddingStats
 from .config import load_config
-from .driver import Driver
+from .driver import COMMIT_THREADS, Driver
 from .handout import Outcome
 from .schema import ROW_RESULT
 
@@ -109,15 +109,15 @@ class SimulatedPool:
 
 
 class _BenchDriver(Driver):
-    def __init__(self, cfg, actors: int, latency_s: float):
-        super().__init__(cfg, progress_bar=False)
+    def __init__(self, cfg, actors: int, latency_s: float, commit_threads: int):
+        super().__init__(cfg, progress_bar=False, commit_threads=commit_threads)
         self._sim = (actors, latency_s)
 
     def _make_pool(self, job_id: str):
         return SimulatedPool(*self._sim)
 
 
-def _run(data: Path, out: str, args, extra: list[str]) -> dict:
+def _run(data: Path, out: str, args, extra: list[str], commit_threads: int) -> dict:
     cfg = load_config(
         args.job,
         [
@@ -133,7 +133,7 @@ def _run(data: Path, out: str, args, extra: list[str]) -> dict:
         ],
     )
     t0 = time.perf_counter()
-    summary = _BenchDriver(cfg, args.actors, args.latency_s).run()
+    summary = _BenchDriver(cfg, args.actors, args.latency_s, commit_threads).run()
     wall = time.perf_counter() - t0
     assert summary.exit_code == 0, summary.lines()
     return {
@@ -146,11 +146,9 @@ def _run(data: Path, out: str, args, extra: list[str]) -> dict:
 
 
 def bench_driver(args: argparse.Namespace) -> int:
-    from . import driver as driver_module
     from .synth import make_tiny_rows_dataset
 
-    default_threads = driver_module.COMMIT_THREADS
-    args.commit_threads = args.commit_threads or [default_threads]
+    args.commit_threads = args.commit_threads or [COMMIT_THREADS]
 
     work = Path(args.workdir)
     data = work / f"driver-{args.rows}"
@@ -176,8 +174,7 @@ def bench_driver(args: argparse.Namespace) -> int:
     try:
         for name, out, extra in targets:
             for threads in args.commit_threads:
-                driver_module.COMMIT_THREADS = threads
-                runs = [_run(data, out, args, extra) for _ in range(args.repeat)]
+                runs = [_run(data, out, args, extra, threads) for _ in range(args.repeat)]
                 best = max(runs, key=lambda r: r["rows_per_s"])
                 figures[f"{name}/{threads}"] = {"best": best, "runs": runs}
                 shown = ", ".join(f"{r['rows_per_s']:,.0f}" for r in runs)
@@ -189,7 +186,6 @@ def bench_driver(args: argparse.Namespace) -> int:
                     flush=True,
                 )
     finally:
-        driver_module.COMMIT_THREADS = default_threads
         if server is not None:
             server.stop()
     print(

@@ -239,13 +239,15 @@ def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
 
 def _commit_times(out: Path) -> list[tuple[float, int]]:
     """(commit time as a Unix timestamp, rows) of every unit marker of a local output, sorted."""
+    from .marker import Marker
     from .state import UNITS_DIR
 
     commits = []
-    for marker in (out / UNITS_DIR).glob("*.json"):
-        record = json.loads(marker.read_text())
-        when = dt.datetime.fromisoformat(record["committed_at"]).timestamp()
-        commits.append((when, int(record["num_rows"])))
+    for path in (out / UNITS_DIR).glob("*.json"):
+        marker = Marker.parse(path.read_bytes())
+        if marker is not None:
+            when = dt.datetime.fromisoformat(marker.committed_at).timestamp()
+            commits.append((when, marker.num_rows))
     return sorted(commits)
 
 

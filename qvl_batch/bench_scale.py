@@ -188,10 +188,10 @@ def point_overrides(args: argparse.Namespace, n: int, data: Path, out: Path) -> 
     ]
 
 
-def _timeline(markers: list[dict], t_ready: float | None, n: int) -> dict:
+def _timeline(markers: list, t_ready: float | None, n: int) -> dict:
     """First commit after ready and the tail (spread of the last N commits), from the commit
     markers' wall times."""
-    times = sorted(dt.datetime.fromisoformat(m["committed_at"]).timestamp() for m in markers)
+    times = sorted(dt.datetime.fromisoformat(m.committed_at).timestamp() for m in markers)
     if not times:
         return {}
     # The last N commits are each actor's last unit when the work ends evenly: their spread is

@@ -88,7 +88,8 @@ class Bucketer:
         self.max_wait_s = max_wait_s
         self.max_padding = max_padding
         self.clock = clock
-        # key -> deque of (item, tokens, seq_len, arrival time); insertion order = age order
+        # key -> deque of (item, tokens, seq_len, arrival time); rows of a bucket in arrival
+        # order (the buckets themselves are not: a drained bucket's key comes back at the end)
         self._buckets: OrderedDict[Hashable, deque] = OrderedDict()
         self._bucket_tokens: dict[Hashable, int] = {}
         self._tokens = 0  # over every bucket
@@ -126,7 +127,7 @@ class Bucketer:
         full = next((k for k in self._buckets if self._full(k)), None)
         if full is not None:
             return self._take(self._plan(full, merge=False)[0])
-        # Buckets are in age order; the one whose head row arrived first:
+        # The bucket whose head row arrived first:
         oldest = min(self._buckets, key=lambda k: self._buckets[k][0][3])
         due = force or self.clock() - self._buckets[oldest][0][3] >= self.max_wait_s
         if not due and self.pending < self.max_batch_size and self._tokens < self.max_tokens:

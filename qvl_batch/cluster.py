@@ -168,10 +168,10 @@ class ActorPool:
             init_failed = bool(getattr(exc, "actor_init_failed", False))
             if init_failed:
                 self.init_failures[index] += 1
-            return Start(index, error=_first_line(exc), init_failed=init_failed)
+            return Start(index, error=_last_line(exc), init_failed=init_failed)
         except RayTaskError as exc:  # ready() itself raised: treat as a failed start
             self.init_failures[index] += 1
-            return Start(index, error=_first_line(exc), init_failed=True)
+            return Start(index, error=_last_line(exc), init_failed=True)
         self.live[index] = True
         self.init_failures[index] = 0
         if self.engine_name is None:
@@ -244,9 +244,9 @@ class ActorPool:
         try:
             return Outcome(table=ray.get(ref))
         except ACTOR_DEATH as exc:
-            return Outcome(error=_first_line(exc), actor_died=True)
+            return Outcome(error=_last_line(exc), actor_died=True)
         except RayTaskError as exc:
-            return Outcome(error=_first_line(exc))
+            return Outcome(error=_last_line(exc))
 
     def withdraw(self, index: int, unit_id: str) -> bool:
         """Take back a unit slot ``index`` holds but has not started (a move); True if so."""
@@ -303,7 +303,9 @@ class ActorPool:
             ray.shutdown()
 
 
-def _first_line(exc: BaseException) -> str:
+def _last_line(exc: BaseException) -> str:
+    """The exception's type and the last non-empty line of its text (Ray puts the cause, after
+    the remote traceback, at the end)."""
     text = str(exc).strip().splitlines()
     tail = [ln for ln in text if ln.strip()][-1:] if text else []
     return f"{type(exc).__name__}: {tail[0] if tail else ''}"

@@ -85,7 +85,7 @@ class PromptConfig:
     """The user prompt: a fixed text, or a template with ``{column}`` fields filled per row."""
 
     template: str = "Describe this image."
-    system: str | None = None
+    system: str | None = None  # None or "": no system turn (the model template's default)
     # Longer prompts (text tokens, chat template included) are PROMPT_TOO_LONG rows; prompts
     # over CHARS_PER_TOKEN_CAP x this many characters are refused before tokenizing.
     max_prompt_tokens: int = 4096
@@ -321,7 +321,9 @@ class EngineConfig:
     """Which engine runs the model; engine-specific knobs pass through ``options``."""
 
     name: str = "fake"
-    model: str = "fake://qwen2.5-vl"  # a model directory (local or fsspec URL) for hf/trtllm
+    # hf: a model directory, local or an fsspec URL (copied to local disk first); trtllm: a
+    # local model directory (its config.json and tokenizer are read before the LLM loads)
+    model: str = "fake://qwen2.5-vl"
     dtype: str = "auto"
     device: str = "auto"  # hf: auto | cpu | cuda
     # One throwaway batch when an actor starts (hf), as part of start-up (like loading the

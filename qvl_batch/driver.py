@@ -17,32 +17,34 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
+from .closing import close_output, error_fraction_problem
 from .config import Config, fingerprint, fingerprint_fields, saved_config
 from .errors import Exit
 from .handout import HandOut, Run, Runs
 from .isolation import CrashIsolation
 from .manifest import Plan, WorkUnit, plan_job
+from .marker import Marker
 from .progress import Progress
 from .report import error_codes_line, totals_of, versions
 from .reuse import build_index
 from .schema import part_columns
-from .state import METRICS_FILE, SUCCESS_FILE, OutputState
+from .state import OutputState
 from .storage import Storage, StorageError, merge_request_stats
 from .writer import UnitIncomplete, commit_unit
 
 log = logging.getLogger("qvl_batch")
 
 
-COMMIT_THREADS = 8  # units written at once (part files, then the marker)
+COMMIT_THREADS = 8  # default: units written at once (part files, then the marker)
 # A slot whose engine constructor raised this many times in a row is a deterministic start
 # failure (bad model path, missing package, out of memory at load), not bad luck.
 START_ATTEMPTS = 2
-MAX_PENDING_COMMITS = 4 * COMMIT_THREADS  # no new units are handed out past this many
+PENDING_COMMITS_PER_THREAD = 4  # no new units are handed out past this many per thread
 
 
 @dataclass
 class JobSummary:
-    status: str  # succeeded | already_complete | failed
+    status: str  # running | succeeded | already_complete | failed | nothing_to_retry (retry)
     exit_code: int
     output: str
     job_id: str
@@ -115,13 +117,16 @@ class _Retry:
 class Driver:
     """Runs one job to completion (or to a clean failure)."""
 
-    def __init__(self, cfg: Config, progress_bar: bool | None = None):
+    def __init__(
+        self, cfg: Config, progress_bar: bool | None = None, commit_threads: int = COMMIT_THREADS
+    ):
         self.cfg = cfg
         self.progress_bar = progress_bar
+        self.commit_threads = commit_threads
         self.input_storage = Storage.for_input(cfg)
         self.state = OutputState(cfg.output.path, Storage.for_output(cfg))
         # Commit markers by unit id: read at start, then this run's as they are written.
-        self._records: dict[str, dict] = {}
+        self._records: dict[str, Marker] = {}
         self._reuse = None  # the ReuseIndex of reuse.outputs, built before any work
         self._columns = part_columns(cfg)  # data/ and errors/ columns, before lineage
         self._rows_before = self._errors_before = 0  # committed before this run (resume)
@@ -161,7 +166,7 @@ class Driver:
             except OSError as exc:
                 raise StorageError(f"output.path {self.state.url}: cannot write: {exc}") from None
             return plan, job, set()
-        self._records = {r["unit_id"]: r for r in self.state.markers()}
+        self._records = {m.unit_id: m for m in self.state.markers()}
         committed = set(self._records)
         if not self.state.success():
             removed = self.state.clean_orphans(list(self._records.values()))
@@ -213,12 +218,9 @@ class Driver:
 
         storage = storage_stats()
         summary.storage_retries = storage["retries"]
-        err_frac = summary.error_rows / summary.rows_total if summary.rows_total else 0.0
-        if failure is None and err_frac > self.cfg.limits.max_error_fraction:
-            failure = (
-                f"error fraction {err_frac:.3f} is over limits.max_error_fraction "
-                f"{self.cfg.limits.max_error_fraction}"
-            )
+        failure = failure or error_fraction_problem(
+            summary.error_rows, summary.rows_total, self.cfg.limits
+        )
         metrics = {
             "job_id": job["job_id"],
             "summary": summary.__dict__,
@@ -236,27 +238,14 @@ class Driver:
         }
         if failure:
             summary.status, summary.exit_code, summary.message = "failed", Exit.FAILED, failure
-            metrics["summary"] = summary.__dict__
-            self.state.write_json(METRICS_FILE, metrics)
-            self._write_report()
         else:
             summary.status = "succeeded"
-            metrics["summary"] = summary.__dict__
-            self.state.write_json(METRICS_FILE, metrics)
-            self._write_report()
-            self.state.write_json(SUCCESS_FILE, {"job_id": job["job_id"], **metrics["summary"]})
+        metrics["summary"] = summary.__dict__
+        success = None if failure else {"job_id": job["job_id"], **metrics["summary"]}
+        close_output(self.state, metrics, success)
         # The closing writes may have been retried too: the returned summary counts them.
         summary.storage_retries = storage_stats()["retries"]
         return summary
-
-    def _write_report(self) -> None:
-        """``_report.html`` with plots; a report that cannot be made never fails the job."""
-        try:
-            from .report_html import write_report
-
-            write_report(self.state)
-        except Exception as exc:  # matplotlib missing, a plot failing on odd data, ...
-            log.warning("no _report.html: %s: %s", type(exc).__name__, exc)
 
     def _fill_totals(self, summary: JobSummary) -> None:
         totals = totals_of(list(self._records.values()))
@@ -360,8 +349,9 @@ class Driver:
                         send(run.unit, run.attempt, idle, copy=True)
 
         # Commits run in a small pool, so object-store latency (two PUTs a unit) overlaps with
-        # handing out work; results wait there for at most MAX_PENDING_COMMITS units.
-        committer = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
+        # handing out work; results wait there for at most max_pending units.
+        committer = ThreadPoolExecutor(self.commit_threads, thread_name_prefix="commit")
+        max_pending = PENDING_COMMITS_PER_THREAD * self.commit_threads
         commits: dict[Future, tuple[WorkUnit, int]] = {}
 
         def commit(run: Run, table) -> None:
@@ -391,7 +381,7 @@ class Driver:
             except StorageError as exc:  # retries exhausted: stop, keep the rest
                 return f"cannot commit unit {unit.unit_id}: {exc}"
             isolation.forget(unit.unit_id)
-            self._records[record["unit_id"]] = record
+            self._records[record.unit_id] = record
             summary.rows_this_run += done["num_rows"]
             summary.errors_this_run += done["error_rows"]
             summary.reused_this_run += done["reused_rows"]
@@ -516,7 +506,7 @@ class Driver:
                     )
                     break
                 while (
-                    len(commits) < MAX_PENDING_COMMITS
+                    len(commits) < max_pending
                     and (index := handout.slot_for_next(live, runs)) is not None
                     and (item := next_unit()) is not None
                 ):
@@ -571,23 +561,18 @@ class Driver:
         """Extra keyword arguments for the actor's ``process_unit`` call of ``unit``."""
         return {}
 
-    def _commit(self, unit: WorkUnit, table, lineage: dict, attempt: int) -> tuple[dict, dict]:
-        """Write one unit's results; returns (its marker record, what this run added)."""
-        record = commit_unit(
+    def _commit(self, unit: WorkUnit, table, lineage: dict, attempt: int) -> tuple[Marker, dict]:
+        """Write one unit's results; returns (its marker, what this run added)."""
+        marker = commit_unit(
             self.state, unit, table, lineage, attempt, self._columns, self.cfg.output.compression
         )
-        return record, record
+        done = {"num_rows": marker.num_rows, "error_rows": marker.error_rows}
+        return marker, {**done, "reused_rows": marker.reused_rows}
 
     def _error_check(self, summary: JobSummary) -> str | None:
-        lim = self.cfg.limits
         rows = self._rows_before + summary.rows_this_run
         errors = self._errors_before + summary.errors_this_run
-        if rows >= lim.min_rows_for_error_check and errors / rows > lim.max_error_fraction:
-            return (
-                f"error fraction {errors / rows:.3f} after {rows:,} rows is over "
-                f"limits.max_error_fraction {lim.max_error_fraction}: stopping"
-            )
-        return None
+        return error_fraction_problem(errors, rows, self.cfg.limits, running=True)
 
 
 def _job_timeline(timelines: list[dict], started_at: float, generations: list[int]) -> dict:

@@ -22,7 +22,7 @@ class Marker:
     data_rows: int
     error_rows: int
     files: list[str]  # data/ and errors/ part files, relative to the output
-    committed_at: str  # ISO time of the commit (of the last retry-failed pass, if any)
+    committed_at: str = ""  # ISO time of the commit (retry-failed passes add theirs to retries)
     attempts: int = 1
     reused_rows: int = 0  # data rows carried over from reuse.outputs
     error_codes: dict[str, int] = field(default_factory=dict)

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .closing import error_fraction_problem
 from .config import Config, ConfigError, load_config
 from .engines.base import estimate_text_tokens
 from .errors import Exit, RowError
@@ -202,11 +203,8 @@ def plan_report(
     for unit in _spread(units, sample):
         report.sample += _sample_unit(unit, cfg, storage)
     bad = len(report.sample) - len(report.prepared)
-    if report.sample and bad / len(report.sample) > report.max_error_fraction:
-        report.problems.append(
-            f"{bad / len(report.sample):.1%} of the sampled rows are errors, over "
-            f"limits.max_error_fraction {report.max_error_fraction}"
-        )
+    if problem := error_fraction_problem(bad, len(report.sample), cfg.limits):
+        report.problems.append(f"the sample's {problem}: the job would fail")
     if not report.prepared:
         report.problems.append("no row in the sample could be prepared")
     return report

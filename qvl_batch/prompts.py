@@ -58,3 +58,15 @@ def prompt_from_column(value: Any) -> str:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise PromptError(RowError.BAD_PROMPT, "prompt column is null or empty")
     return str(value)
+
+
+def chat_messages(prompt: str, system: str | None) -> list[dict[str, Any]]:
+    """The chat every engine renders with the model's template: an optional system turn, then
+    one user turn with the image and the prompt. No system text (None or "") means no system
+    turn: the template's own default applies (Qwen2.5-VL: "You are a helpful assistant.")."""
+    messages: list[dict[str, Any]] = []
+    if system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    user = [{"type": "image"}, {"type": "text", "text": prompt}]
+    messages.append({"role": "user", "content": user})
+    return messages

@@ -6,6 +6,8 @@ import importlib.metadata
 import platform
 from collections import Counter
 
+from .marker import Marker
+
 PACKAGES = (
     "qvl-batch",
     "ray",
@@ -32,17 +34,17 @@ def versions() -> dict[str, str]:
     return found
 
 
-def totals_of(records: list[dict]) -> dict:
-    """Units, rows, data rows, error rows and errors by code over commit marker records."""
+def totals_of(markers: list[Marker]) -> dict:
+    """Units, rows, data rows, error rows and errors by code over commit markers."""
     codes: Counter[str] = Counter()
-    for r in records:
-        codes.update(r.get("error_codes") or {})
+    for m in markers:
+        codes.update(m.error_codes)
     return {
-        "units": len(records),
-        "rows": sum(r["num_rows"] for r in records),
-        "data_rows": sum(r["data_rows"] for r in records),
-        "reused_rows": sum(r.get("reused_rows", 0) for r in records),
-        "error_rows": sum(r["error_rows"] for r in records),
+        "units": len(markers),
+        "rows": sum(m.num_rows for m in markers),
+        "data_rows": sum(m.data_rows for m in markers),
+        "reused_rows": sum(m.reused_rows for m in markers),
+        "error_rows": sum(m.error_rows for m in markers),
         "error_codes": dict(sorted(codes.items())),
     }
 

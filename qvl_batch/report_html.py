@@ -164,17 +164,17 @@ def build_report(state: OutputState) -> bytes:
     job = state.job() or {}
     metrics = state.metrics()
     markers = state.markers()
-    markers.sort(key=lambda m: m["committed_at"])
-    timed = [(t, m["num_rows"]) for m in markers if (t := parse_time(m.get("committed_at")))]
+    markers.sort(key=lambda m: m.committed_at)
+    timed = [(t, m.num_rows) for m in markers if (t := parse_time(m.committed_at))]
     times = [t for t, _ in timed]
     codes: Counter = Counter()
     for m in markers:
-        codes.update(m.get("error_codes", {}))
-    data_files = sorted(f for m in markers for f in m.get("files", []) if f.startswith("data/"))
+        codes.update(m.error_codes)
+    data_files = sorted(f for m in markers for f in m.files if f.startswith("data/"))
     cols, sample_note = _read_rows(state, data_files)
-    rows = sum(m["num_rows"] for m in markers)
-    data_rows = sum(m["data_rows"] for m in markers)
-    error_rows = sum(m["error_rows"] for m in markers)
+    rows = sum(m.num_rows for m in markers)
+    data_rows = sum(m.data_rows for m in markers)
+    error_rows = sum(m.error_rows for m in markers)
     summary = (metrics or {}).get("summary", {})
     padding = (metrics or {}).get("padding", {})
     cfg = job.get("config", {})

@@ -26,12 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .closing import close_output, error_fraction_problem
 from .config import ConfigError, fingerprint, fingerprint_fields, load_config
 from .driver import Driver, JobSummary
 from .errors import Exit
 from .manifest import WorkUnit, plan_job
 from .progress import Progress
-from .state import ERRORS_DIR, METRICS_FILE, SUCCESS_FILE, OutputState
+from .state import ERRORS_DIR, SUCCESS_FILE, OutputState
 from .storage import Storage, StorageError
 from .verify import config_from_job
 from .writer import commit_retry
@@ -81,7 +82,7 @@ class RetryDriver(Driver):
         plan = plan_job(self.cfg, self.input_storage)
         fields = self._check_same_rows(plan)
         records = self.state.markers()
-        self._records = {r["unit_id"]: r for r in records}
+        self._records = {m.unit_id: m for m in records}
         pending = [u.unit_id for u in plan.units() if u.unit_id not in self._records]
         if pending:
             raise ConfigError(
@@ -104,13 +105,13 @@ class RetryDriver(Driver):
         units = []
         for unit in plan.units():
             marker = self._records[unit.unit_id]
-            if not marker["error_rows"]:
+            if not marker.error_rows:
                 continue
-            if self.codes and not self.codes & set(marker.get("error_codes") or {}):
+            if self.codes and not self.codes & set(marker.error_codes):
                 continue
             errors = [
                 pq.read_table(io.BytesIO(self.state.read_path(self.state.path(f))))
-                for f in marker["files"]
+                for f in marker.files
                 if f.startswith(f"{ERRORS_DIR}/")
             ]
             table = pa.concat_tables(errors)
@@ -175,20 +176,16 @@ class RetryDriver(Driver):
         )
         totals = {k: getattr(summary, k) for k in ("data_rows", "error_rows", "error_codes")}
         metrics["summary"] = {**(metrics.get("summary") or {}), **totals}
-        err_frac = summary.error_rows / summary.rows_total if summary.rows_total else 0.0
-        if failure is None and err_frac > self.cfg.limits.max_error_fraction:
-            failure = (
-                f"error fraction {err_frac:.3f} is still over limits.max_error_fraction "
-                f"{self.cfg.limits.max_error_fraction}"
-            )
-        self.state.write_json(METRICS_FILE, metrics)
-        self._write_report()
+        failure = failure or error_fraction_problem(
+            summary.error_rows, summary.rows_total, self.cfg.limits, still=True
+        )
+        success = None if failure else {"job_id": self.job["job_id"], **metrics["summary"]}
+        close_output(self.state, metrics, success)
         if failure:
             summary.status, summary.exit_code = "failed", Exit.FAILED
             summary.message += f"; {failure}"
             return
         summary.status = "succeeded"
-        self.state.write_json(SUCCESS_FILE, {"job_id": self.job["job_id"], **metrics["summary"]})
 
     # ---- seams -------------------------------------------------------------------------
     def _run_kwargs(self, unit: WorkUnit) -> dict:

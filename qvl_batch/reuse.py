@@ -132,7 +132,7 @@ def build_index(cfg: Config, storage: Storage | None = None) -> ReuseIndex | Non
                 f"reuse.outputs[{i}]: {exc} (reuse.if_missing=skip goes on without it)"
             ) from None
         for marker in state.markers():
-            for rel in marker.get("files", []):
+            for rel in marker.files:
                 if rel.startswith(f"{DATA_DIR}/"):
                     files.append((state, rel, str(job.get("job_id"))))
 

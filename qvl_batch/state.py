@@ -26,6 +26,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import NotAJobOutput, ResumeRefused
+from .marker import Marker
 from .storage import Storage, StorageError, atomic_write, describe, is_temporary, join
 
 JOB_FILE = "_job.json"
@@ -182,26 +183,19 @@ class OutputState:
         with ThreadPoolExecutor(MARKER_READ_THREADS) as pool:
             return list(zip(paths, pool.map(self.read_path, paths)))
 
-    def markers(self) -> list[dict]:
-        """Every commit marker record that parses; see :meth:`marker_blobs` for the rest."""
-        records = []
-        for _, blob in self.marker_blobs():
-            try:
-                record = json.loads(blob)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
+    def markers(self) -> list[Marker]:
+        """Every commit marker that parses; see :meth:`marker_blobs` for the rest."""
+        return [m for _, blob in self.marker_blobs() if (m := Marker.parse(blob)) is not None]
 
-    def mark_committed(self, unit_id: str, record: dict) -> None:
-        self.write_json(posixpath.join(UNITS_DIR, f"{unit_id}.json"), record)
+    def mark_committed(self, marker: Marker) -> None:
+        """The commit point of a unit: its marker, written after its part files."""
+        self.write_json(posixpath.join(UNITS_DIR, f"{marker.unit_id}.json"), marker.to_json())
 
-    def clean_orphans(self, markers: list[dict]) -> list[str]:
+    def clean_orphans(self, markers: list[Marker]) -> list[str]:
         """Delete part files no marker names (a commit that died before its marker, or the
         files a retry replaced) and temporaries."""
-        named = {self.path(rel) for m in markers for rel in m.get("files", [])}
-        committed = {m.get("unit_id") for m in markers}
+        named = {self.path(rel) for m in markers for rel in m.files}
+        committed = {m.unit_id for m in markers}
         removed = [p for sub in (DATA_DIR, ERRORS_DIR) for p in self._list(sub) if p not in named]
         removed += [
             p for p in self._list(UNITS_DIR) if is_temporary(p) or unit_id_of(p) not in committed

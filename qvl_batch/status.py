@@ -103,9 +103,7 @@ def job_status(url: str, storage: StorageConfig | None = None) -> StatusReport:
     report.rows_done, report.error_codes = totals["rows"], totals["error_codes"]
     report.data_rows, report.error_rows = totals["data_rows"], totals["error_rows"]
     commits = [
-        (dt.datetime.fromisoformat(m["committed_at"]), int(m["num_rows"]))
-        for m in markers
-        if m.get("committed_at")
+        (dt.datetime.fromisoformat(m.committed_at), m.num_rows) for m in markers if m.committed_at
     ]
     report.units_committed = totals["units"]
     if commits:

@@ -1,7 +1,7 @@
 """Structured output: a JSON schema in the job becomes typed Parquet columns.
 
 :func:`columns_of` maps the schema's top-level properties to Arrow types (checked when the job
-loads); :func:`parse_output` turns a model's answer into a dict of typed values or an
+loads); :meth:`OutputParser.parse` turns a model's answer into a dict of typed values or an
 OUTPUT_PARSE_ERROR message; :func:`example_for` makes a deterministic valid instance (the fake
 engine answers with it). Validation is jsonschema's (draft 2020-12), so keywords such as
 ``minimum``, ``maxItems`` or ``pattern`` hold for every data row.

@@ -28,6 +28,7 @@ from .config import REDACTED, Config, ConfigError, StorageConfig, config_from_sa
 from .coverage import coverage
 from .errors import Exit
 from .manifest import InputError, Plan, WorkUnit, plan_job
+from .marker import Marker
 from .reader import read_unit_table
 from .report import error_codes_line
 from .schema import LINEAGE, ROW_RESULT, part_columns
@@ -52,7 +53,6 @@ MAX_LINES = 50  # violations printed by lines(); --json lists them all
 EXAMPLES = 3  # rows named per violation
 COLUMN_TYPES = {f.name: f.type for f in [*ROW_RESULT, *LINEAGE]}
 COLUMN_TYPES.update(source_shard=pa.string(), attempts=pa.int32())
-MARKER_KEYS = ("shard", "row_start", "num_rows", "data_rows", "error_rows", "files")
 READ_COLUMNS = ["id", "source_row", "source_shard", "error_code", "job_id", "config_fingerprint"]
 
 
@@ -165,19 +165,16 @@ def _id_projection(cfg: Config) -> Config | None:
 # ---- the ledger and its files ---------------------------------------------------------------
 
 
-def _read_markers(state: OutputState, report: VerifyReport) -> dict[str, dict]:
+def _read_markers(state: OutputState, report: VerifyReport) -> dict[str, Marker]:
     """Every commit marker by unit id; unreadable or incomplete ones are violations."""
     markers = {}
     for path, blob in state.marker_blobs():
         uid, name = unit_id_of(path), f"{UNITS_DIR}/{posixpath.basename(path)}"
-        try:
-            record = json.loads(blob)
-        except ValueError:
-            record = {}
-        if record.get("unit_id") != uid or any(k not in record for k in MARKER_KEYS):
+        marker = Marker.parse(blob)
+        if marker is None or marker.unit_id != uid:
             report.violations.append(f"marker {name}: not JSON, incomplete or of another unit")
         else:
-            markers[uid] = record
+            markers[uid] = marker
     return markers
 
 
@@ -185,8 +182,9 @@ def _check_units(plan, markers, report: VerifyReport, allow_incomplete: bool) ->
     """Markers against the plan; returns the committed units, whose rows are checked next."""
     if plan is None:
         report.units_committed = len(markers)
-        rows = lambda r: (r["shard"], r["row_start"], r["num_rows"])  # noqa: E731
-        return [WorkUnit(u, -1, *rows(r)) for u, r in sorted(markers.items())]
+        return [
+            WorkUnit(u, -1, m.shard, m.row_start, m.num_rows) for u, m in sorted(markers.items())
+        ]
     planned = {u.unit_id: u for u in plan.units()}
     for uid in sorted(set(markers) - set(planned)):
         report.violations.append(f"marker {UNITS_DIR}/{uid}.json: unit {uid} is not in the plan")
@@ -204,9 +202,9 @@ def _check_units(plan, markers, report: VerifyReport, allow_incomplete: bool) ->
     for u in units:
         planned_fields = {"shard": u.shard_url, "row_start": u.row_start, "num_rows": u.num_rows}
         for key, want in planned_fields.items():
-            if markers[u.unit_id][key] != want:
+            if getattr(markers[u.unit_id], key) != want:
                 report.violations.append(
-                    f"marker of unit {u.unit_id}: {key} is {markers[u.unit_id][key]!r}, "
+                    f"marker of unit {u.unit_id}: {key} is {getattr(markers[u.unit_id], key)!r}, "
                     f"the plan says {want!r}"
                 )
     report.units_committed = len(units)
@@ -227,7 +225,7 @@ def _check_files(state, markers, report: VerifyReport, tolerate_leftovers: bool)
                 report.violations.append(f"{rel}: not a part file; unexpected in {sub}/")
             elif uid not in markers:
                 leftovers.append(f"{rel}: orphan part file (no marker for unit {uid})")
-            elif rel not in markers[uid]["files"]:
+            elif rel not in markers[uid].files:
                 report.violations.append(f"{rel}: not listed in the marker of unit {uid}")
             present.add(rel)
     if tolerate_leftovers and leftovers:  # a resumed run deletes them
@@ -235,23 +233,23 @@ def _check_files(state, markers, report: VerifyReport, tolerate_leftovers: bool)
     else:
         report.violations += leftovers
     for uid, record in sorted(markers.items()):
-        files = record["files"]
+        files = record.files
         data = [f for f in files if f.startswith(f"{DATA_DIR}/")]
         errors = [f for f in files if f.startswith(f"{ERRORS_DIR}/")]
-        retries = len(record.get("retries") or [])
+        retries = len(record.retries)
         named = {data_file(uid, n) for n in range(retries + 1)}
         named |= {errors_file(uid, n) for n in range(retries + 1)}
         if (
-            bool(data) != (record["data_rows"] > 0)
-            or len(errors) != (record["error_rows"] > 0)
+            bool(data) != (record.data_rows > 0)
+            or len(errors) != (record.error_rows > 0)
             or len(data) + len(errors) != len(files)
             or not set(files) <= named
         ):
             report.violations.append(
-                f"marker of unit {uid}: files {record['files']} do not "
-                f"match its counts {record['data_rows']}/{record['error_rows']}"
+                f"marker of unit {uid}: files {record.files} do not "
+                f"match its counts {record.data_rows}/{record.error_rows}"
             )
-        for rel in record["files"]:
+        for rel in record.files:
             if rel not in present:
                 report.violations.append(f"unit {uid}: {rel} is listed in its marker but missing")
     return present
@@ -298,7 +296,7 @@ class UnitChecker:
         self.projection = _id_projection(cfg)
         self.input_storage = Storage.for_input(cfg)
 
-    def check(self, unit: WorkUnit, marker: dict) -> UnitResult:
+    def check(self, unit: WorkUnit, marker: Marker) -> UnitResult:
         res = UnitResult()
         try:
             ids, input_schema = self._input_ids(unit, res)
@@ -309,7 +307,7 @@ class UnitChecker:
             parts = {sub: self._read_parts(marker, sub, types, res) for sub in self.columns}
             self._check_counts(unit, marker, parts, res)
             lineage = {k: {v} for k, v in self.lineage.items()}
-            for retry in marker.get("retries") or []:  # rows retry-failed computed
+            for retry in marker.retries:  # rows retry-failed computed
                 lineage["job_id"].add(retry.get("job_id"))
                 lineage["config_fingerprint"].add(retry.get("fingerprint"))
             rows = {
@@ -340,11 +338,11 @@ class UnitChecker:
             ids = [d if v is None else str(v) for d, v in zip(ids, values)]
         return ids, table.schema
 
-    def _read_parts(self, marker: dict, sub: str, types: dict, res):
+    def _read_parts(self, marker: Marker, sub: str, types: dict, res):
         """The columns verify needs of the unit's part files in ``sub`` (None if none): those
         its marker names and any other present (readers of ``sub/*.parquet`` see them too)."""
-        uid = marker["unit_id"]
-        rels = {f for f in marker["files"] if f.startswith(f"{sub}/")}
+        uid = marker.unit_id
+        rels = {f for f in marker.files if f.startswith(f"{sub}/")}
         rels |= {f for f in self.present if f.startswith(f"{sub}/") and unit_id_of(f) == uid}
         tables = [
             t for rel in sorted(rels) if (t := self._read_part(rel, sub, types, res)) is not None
@@ -369,7 +367,7 @@ class UnitChecker:
         return pf.read(columns=[c for c in READ_COLUMNS if c in pf.schema_arrow.names])
 
     @staticmethod
-    def _check_counts(unit: WorkUnit, marker: dict, parts: dict, res: UnitResult) -> None:
+    def _check_counts(unit: WorkUnit, marker: Marker, parts: dict, res: UnitResult) -> None:
         """Rows and error codes in the part files against the marker and the unit's size."""
         uid, errors = unit.unit_id, parts[ERRORS_DIR]
         res.data_rows = parts[DATA_DIR].num_rows if parts[DATA_DIR] is not None else 0
@@ -380,13 +378,13 @@ class UnitChecker:
             if codes.null_count:
                 res.violations.append(f"{errors_file(uid)}: {codes.null_count} null error_code(s)")
         for key, got in (("data_rows", res.data_rows), ("error_rows", res.error_rows)):
-            if marker[key] != got:
+            if getattr(marker, key) != got:
                 res.violations.append(
-                    f"unit {uid}: marker says {key}={marker[key]}, files have {got}"
+                    f"unit {uid}: marker says {key}={getattr(marker, key)}, files have {got}"
                 )
-        if marker.get("error_codes") != dict(res.error_codes):
+        if marker.error_codes != dict(res.error_codes):
             res.violations.append(
-                f"unit {uid}: marker error_codes {marker.get('error_codes')} "
+                f"unit {uid}: marker error_codes {marker.error_codes} "
                 f"!= files {dict(res.error_codes)}"
             )
         if res.data_rows + res.error_rows != unit.num_rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 
 from .coverage import coverage
 from .manifest import WorkUnit
+from .marker import Marker
 from .schema import LINEAGE
 from .state import OutputState, data_file, errors_file
 
@@ -68,7 +70,7 @@ def commit_unit(
     attempts: int,
     columns: tuple[list[str], list[str]],
     compression: str = "zstd",
-) -> dict:
+) -> Marker:
     """Write ``data/`` and ``errors/`` part files for a unit, then its ledger marker.
 
     ``columns``: the data/ and errors/ columns before lineage (:func:`schema.part_columns`).
@@ -87,21 +89,21 @@ def commit_unit(
         bad = _with_lineage(bad.select(error_columns), lineage, now)
         state.write_bytes(errors_file(unit.unit_id), _parquet_bytes(bad, compression))
         files.append(errors_file(unit.unit_id))
-    record = {
-        "unit_id": unit.unit_id,
-        "shard": unit.shard_url,
-        "row_start": unit.row_start,
-        "num_rows": unit.num_rows,
-        "data_rows": good.num_rows,
-        "reused_rows": good.num_rows - good.column("reused_from").null_count,
-        "error_rows": bad.num_rows,
-        "error_codes": _code_counts(bad),
-        "files": files,
-        "attempts": attempts,
-        "committed_at": now.isoformat(),
-    }
-    state.mark_committed(unit.unit_id, record)
-    return record
+    marker = Marker(
+        unit_id=unit.unit_id,
+        shard=unit.shard_url,
+        row_start=unit.row_start,
+        num_rows=unit.num_rows,
+        data_rows=good.num_rows,
+        reused_rows=good.num_rows - good.column("reused_from").null_count,
+        error_rows=bad.num_rows,
+        error_codes=_code_counts(bad),
+        files=files,
+        attempts=attempts,
+        committed_at=now.isoformat(),
+    )
+    state.mark_committed(marker)
+    return marker
 
 
 def commit_retry(
@@ -109,12 +111,12 @@ def commit_retry(
     unit: WorkUnit,
     results: pa.Table,
     lineage: dict,
-    marker: dict,
+    marker: Marker,
     retried: pa.Table,
     kept: pa.Table | None,
     columns: tuple[list[str], list[str]],
     compression: str = "zstd",
-) -> tuple[dict, dict]:
+) -> tuple[Marker, dict]:
     """Fold a retry of some of a unit's error rows into the unit (retry-failed).
 
     ``results``: the actor's answers for the rows of ``retried`` (the error rows that ran
@@ -126,10 +128,10 @@ def commit_retry(
     """
     check_exactly_once(unit, results, expected=retried.column("source_row").to_numpy())
     data_columns, error_columns = columns
-    n = len(marker.get("retries") or []) + 1
+    n = len(marker.retries) + 1
     now = dt.datetime.now(dt.timezone.utc)
     good, bad = _split(unit, results)
-    old_files = list(marker["files"])
+    old_files = list(marker.files)
     files = [f for f in old_files if f.startswith("data/")]
     if good.num_rows:
         good = _with_lineage(good.select(data_columns), lineage, now)
@@ -145,14 +147,14 @@ def commit_retry(
         bad = bad.sort_by("source_row")
         state.write_bytes(errors_file(unit.unit_id, n), _parquet_bytes(bad, compression))
         files.append(errors_file(unit.unit_id, n))
-    record = {
-        **marker,
-        "data_rows": marker["data_rows"] + good.num_rows,
-        "error_rows": bad.num_rows,
-        "error_codes": _code_counts(bad),
-        "files": files,
-        "retries": [
-            *(marker.get("retries") or []),
+    record = dataclasses.replace(
+        marker,
+        data_rows=marker.data_rows + good.num_rows,
+        error_rows=bad.num_rows,
+        error_codes=_code_counts(bad),
+        files=files,
+        retries=[
+            *marker.retries,
             {
                 "job_id": lineage["job_id"],
                 "fingerprint": lineage["config_fingerprint"],
@@ -161,8 +163,8 @@ def commit_retry(
                 "committed_at": now.isoformat(),
             },
         ],
-    }
-    state.mark_committed(unit.unit_id, record)
+    )
+    state.mark_committed(record)
     replaced = [f for f in old_files if f not in files]
     state.remove([state.path(f) for f in replaced])
     done = {"num_rows": retried.num_rows, "error_rows": retried.num_rows - good.num_rows}

@@ -13,6 +13,7 @@ from html.parser import HTMLParser
 
 import pytest
 
+from qvl_batch.marker import Marker
 from qvl_batch.report_html import build_report, write_report
 from qvl_batch.state import METRICS_FILE, OutputState
 
@@ -99,16 +100,17 @@ def out(tmp_path):
         },
     )
     for unit, (rows, at) in COMMITS.items():
-        record = {
-            "unit_id": unit,
-            "num_rows": rows,
-            "data_rows": rows,
-            "error_rows": 0,
-            "error_codes": {},
-            "files": [],
-            "committed_at": (STARTED + dt.timedelta(seconds=at)).isoformat(),
-        }
-        state.mark_committed(unit, record)
+        marker = Marker(
+            unit_id=unit,
+            shard="mem://shard",
+            row_start=0,
+            num_rows=rows,
+            data_rows=rows,
+            error_rows=0,
+            files=[],
+            committed_at=(STARTED + dt.timedelta(seconds=at)).isoformat(),
+        )
+        state.mark_committed(marker)
     state.write_json(METRICS_FILE, _metrics(**FULL))
     return state
 

@@ -43,9 +43,14 @@ def test_units_group_whole_row_groups_and_split_big_ones():
 
 
 def test_units_are_stable_across_plans():
-    a = [u.unit_id for u in cut_units(_shard([7] * 20), 30)]
-    b = [u.unit_id for u in cut_units(_shard([7] * 20), 30)]
-    assert a == b and len(set(a)) == len(a)
+    # A unit's id names its shard and its place in it, so a resumed run (another plan of the
+    # same input) finds the same units in the ledger: 20 groups of 7 rows, 4 groups a unit.
+    units = list(cut_units(_shard([7] * 20), 30))
+    assert [u.unit_id for u in units] == [f"00003-{k:05d}" for k in range(5)]
+    assert [(u.row_start, u.num_rows) for u in units] == [(28 * k, 28) for k in range(5)]
+    # The same shard under another index (a shard added before it) keeps its row ranges.
+    moved = list(cut_units(Shard(4, "mem://s.parquet", 0, "v", (7,) * 20), 30))
+    assert [(u.row_start, u.num_rows) for u in moved] == [(u.row_start, u.num_rows) for u in units]
 
 
 def test_plan_lists_sorted_shards_and_checks_columns(tmp_path, dataset):
@@ -289,8 +294,21 @@ def test_commit_writes_parts_then_marker_and_cleans_orphans():
     unit = WorkUnit("00000-00000", 0, "s", 0, 3)
     table = pa.concat_tables([_results([0, 2]), _results([1], ok=False)])
     lineage = dict(job_id="j", model="m", engine="fake", engine_version="1", config_fingerprint="f")
+    writes = []  # every file written, in order: the marker must come after both part files
+    write_bytes = state.write_bytes
+
+    def logged(rel, blob):
+        writes.append(rel)
+        return write_bytes(rel, blob)
+
+    state.write_bytes = logged
     record = commit_unit(state, unit, table, lineage, 1, (DATA_COLUMNS, ERROR_COLUMNS))
-    assert record["data_rows"] == 2 and record["error_codes"] == {"DECODE_ERROR": 1}
+    assert record.data_rows == 2 and record.error_codes == {"DECODE_ERROR": 1}
+    assert writes == [
+        "data/part-00000-00000.parquet",
+        "errors/part-00000-00000.parquet",
+        "_state/units/00000-00000.json",
+    ], writes
     assert state.committed_units() == {"00000-00000"}
     # an interrupted commit of another unit: part file written, marker missing
     fs.pipe_file("/commit-test/data/part-00000-00001.parquet", b"partial")

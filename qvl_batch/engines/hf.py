@@ -61,6 +61,7 @@ import transformers
 
 from ..config import Config, SamplingConfig, StructuredConfig
 from ..errors import RowError
+from ..prompts import chat_messages
 from .base import BatchEngine, Request, Result
 from .hf_inputs import ImageInputs, expand_placeholders
 
@@ -435,13 +436,8 @@ class HFEngine(BatchEngine):
 
     def render(self, prompt: str, system: str | None) -> str:
         """The templated text of one request, with one image placeholder."""
-        messages: list[dict[str, Any]] = []
-        if system is not None:
-            messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
-        content = [{"type": "image"}, {"type": "text", "text": prompt}]
-        messages.append({"role": "user", "content": content})
         return self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            chat_messages(prompt, system), tokenize=False, add_generation_prompt=True
         )
 
     def _encode_len(self, text: str, specials: bool = False) -> int:

@@ -58,6 +58,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import RowError
+from ..prompts import chat_messages
 from .base import Engine, EngineDead, EngineError, Request, Result, ResultSink
 
 log = logging.getLogger(__name__)
@@ -207,16 +208,6 @@ def largest_grid(max_pixels: int) -> tuple[int, int]:
     patches = max(1, max_pixels // (28 * 28))
     _, side = max((s * (patches // s), s) for s in range(1, math.isqrt(patches) + 1))
     return 28 * side, 28 * (patches // side)
-
-
-def chat_messages(prompt: str, system: str | None) -> list[dict[str, Any]]:
-    """One user turn with one image then the prompt, after an optional system turn."""
-    messages: list[dict[str, Any]] = []
-    if system:
-        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
-    user = [{"type": "image"}, {"type": "text", "text": prompt}]
-    messages.append({"role": "user", "content": user})
-    return messages
 
 
 def qwen_chat_text(prompt: str, system: str | None) -> str:

@@ -1,0 +1,43 @@
+"""The chat every engine renders (qvl_batch/prompts.py): hf and trtllm send the same messages,
+also for an empty system prompt (they used to disagree)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from qvl_batch.prompts import chat_messages
+
+
+class _Template:
+    """A processor/tokenizer stand-in that records what it was asked to render."""
+
+    def __init__(self):
+        self.seen = []
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        self.seen.append(messages)
+        return "rendered"
+
+
+def test_no_system_text_means_no_system_turn():
+    for system in (None, ""):
+        assert [m["role"] for m in chat_messages("Describe.", system)] == ["user"]
+    messages = chat_messages("Describe.", "Be brief.")
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[0]["content"] == [{"type": "text", "text": "Be brief."}]
+    assert messages[1]["content"] == [{"type": "image"}, {"type": "text", "text": "Describe."}]
+
+
+@pytest.mark.parametrize("system", [None, "", "Be brief."])
+def test_hf_and_trtllm_render_the_same_chat(system):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from qvl_batch.engines.hf import HFEngine
+    from qvl_batch.engines.trtllm import render_chat
+
+    hf, trt = _Template(), _Template()
+    HFEngine.render(SimpleNamespace(processor=hf), "Describe.", system)
+    render_chat(trt, "Describe.", system)
+    assert hf.seen == trt.seen == [chat_messages("Describe.", system)]
