@@ -85,7 +85,7 @@ class PromptConfig:
     """The user prompt: a fixed text, or a template with ``{column}`` fields filled per row."""
 
     template: str = "Describe this image."
-    system: str | None = None  # None or "": no system turn (the model template's default)
+    system: str | None = None  # None: the model template's default system text; "": none
     # Longer prompts (text tokens, chat template included) are PROMPT_TOO_LONG rows; prompts
     # over CHARS_PER_TOKEN_CAP x this many characters are refused before tokenizing.
     max_prompt_tokens: int = 4096

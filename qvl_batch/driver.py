@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import random
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .closing import close_output, error_fraction_problem
@@ -27,6 +24,7 @@ from .marker import Marker
 from .progress import Progress
 from .report import error_codes_line, totals_of, versions
 from .reuse import build_index
+from .schedule import Committer, UnitQueue
 from .schema import part_columns
 from .state import OutputState
 from .storage import Storage, StorageError, merge_request_stats
@@ -105,13 +103,6 @@ class _Slot:
     generation: int = 0
     retired: bool = False  # its engine cannot start there: no more attempts
     crashes: dict = field(default_factory=dict)  # generation -> keys in its engine at death
-
-
-@dataclass
-class _Retry:
-    unit: WorkUnit
-    attempt: int
-    not_before: float
 
 
 class Driver:
@@ -271,31 +262,18 @@ class Driver:
         runs = Runs(len(slots))
         handout = HandOut(cfg.batching.units_in_flight_per_actor, cfg.batching.backup_copies)
         can_withdraw = hasattr(pool, "withdraw")  # the driver benchmark's pool cannot
-        retries: deque[_Retry] = deque()
+        queue = UnitQueue(todo, cfg.limits.max_unit_attempts)
         isolation = CrashIsolation(cfg.limits.max_row_crashes)
         failure = None
-        todo_left = True
-
-        def next_unit() -> tuple[WorkUnit, int] | None:
-            nonlocal todo_left
-            now = time.monotonic()
-            for _ in range(len(retries)):
-                r = retries.popleft()
-                if r.not_before <= now:
-                    return r.unit, r.attempt
-                retries.append(r)
-            unit = next(todo, None) if todo_left else None
-            todo_left = unit is not None
-            return (unit, 1) if unit is not None else None
 
         def requeue(unit: WorkUnit, attempt: int, reason: str) -> str | None:
-            summary.unit_retries += 1
-            if attempt >= cfg.limits.max_unit_attempts:
-                return f"unit {unit.unit_id} failed {attempt} times; last error: {reason}"
-            log.warning("unit %s attempt %d failed (%s); retrying", unit.unit_id, attempt, reason)
-            backoff = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
-            retries.append(_Retry(unit, attempt + 1, time.monotonic() + backoff))
-            return None
+            problem = queue.retry(unit, attempt, reason)
+            summary.unit_retries = queue.retried
+            if problem is None:
+                log.warning(
+                    "unit %s attempt %d failed (%s); retrying", unit.unit_id, attempt, reason
+                )
+            return problem
 
         def send(unit: WorkUnit, attempt: int, index: int, copy: bool = False) -> None:
             slot = slots[index]
@@ -348,11 +326,7 @@ class Driver:
                         summary.backup_copies += 1
                         send(run.unit, run.attempt, idle, copy=True)
 
-        # Commits run in a small pool, so object-store latency (two PUTs a unit) overlaps with
-        # handing out work; results wait there for at most max_pending units.
-        committer = ThreadPoolExecutor(self.commit_threads, thread_name_prefix="commit")
-        max_pending = PENDING_COMMITS_PER_THREAD * self.commit_threads
-        commits: dict[Future, tuple[WorkUnit, int]] = {}
+        committer = Committer(self.commit_threads, PENDING_COMMITS_PER_THREAD)
 
         def commit(run: Run, table) -> None:
             """The first complete result of a unit: to the committer, once; its twins are
@@ -367,12 +341,11 @@ class Driver:
                 pool.drop(other.slot, unit.unit_id)
             if run.copy:
                 summary.backup_wins += 1
-            fut = committer.submit(self._commit, unit, table, lineage, run.attempt)
-            commits[fut] = (unit, run.attempt)
+            committer.submit(self._commit, unit, table, lineage, run.attempt, key=run)
 
-        def book(fut: Future) -> str | None:
+        def book(fut: Future, run: Run) -> str | None:
             """Account for one finished commit; returns a failure message, if it is one."""
-            unit, attempt = commits.pop(fut)
+            unit, attempt = run.unit, run.attempt
             try:
                 record, done = fut.result()
             except UnitIncomplete as exc:
@@ -388,14 +361,6 @@ class Driver:
             summary.units_this_run += 1
             progress.update(done["num_rows"], done["error_rows"])
             return self._error_check(summary)
-
-        def settle(timeout: float) -> str | None:
-            """Book the commits that are done (waiting up to ``timeout`` for a first one)."""
-            if not commits:
-                return None
-            done, _ = futures_wait(list(commits), timeout=timeout, return_when=FIRST_COMPLETED)
-            problems = [book(fut) for fut in done]
-            return next((p for p in problems if p), None)
 
         def restarted(reason: str) -> str | None:
             summary.actor_restarts += 1
@@ -471,8 +436,8 @@ class Driver:
                 elif crash is None:  # died outside the engine: an ordinary retry
                     problem = requeue(run.unit, run.attempt, outcome.error)
                 else:  # an isolation step (or a bystander): no attempt is used up
-                    summary.unit_retries += 1
-                    retries.append(_Retry(run.unit, run.attempt, time.monotonic()))
+                    queue.again(run.unit, run.attempt)
+                    summary.unit_retries = queue.retried
             elif outcome.withdrawn:
                 ended(run, "moved" if run.moved else "discarded")
             elif outcome.error:
@@ -506,12 +471,12 @@ class Driver:
                     )
                     break
                 while (
-                    len(commits) < max_pending
+                    not committer.full
                     and (index := handout.slot_for_next(live, runs)) is not None
-                    and (item := next_unit()) is not None
+                    and (item := queue.next()) is not None
                 ):
                     send(*item, index)
-                if not todo_left and not retries and can_withdraw:
+                if queue.empty and can_withdraw:
                     tail()
                 starting = pool.starting() if hasattr(pool, "starting") else []
                 # Dropped runs (copies whose twin won) are not waited for at the end.
@@ -519,26 +484,25 @@ class Driver:
                     if not any(live):  # nothing live and nothing starting: every slot gave up
                         failure = "no actor could start (see the errors above)"
                         break
-                    if not retries and not commits and not todo_left:
+                    if queue.empty and not len(committer):
                         for ref in list(runs):
                             ended(runs.pop(ref), "discarded")
                         break
-                    if commits:
-                        failure = settle(timeout=0.05)
+                    if len(committer):
+                        failure = committer.settle(book, timeout=0.05)
                     else:
                         time.sleep(0.05)  # only backed-off retries left
                     continue
-                ready = pool.wait(list(runs) + starting, timeout=0.05 if commits else 1.0)
-                for ref in ready:
+                waiting = 0.05 if len(committer) else 1.0
+                for ref in pool.wait(list(runs) + starting, timeout=waiting):
                     failure = on_result(ref) if ref in runs.by_ref else on_start(ref)
                     if failure:
                         break
-                failure = failure or settle(timeout=0)
+                failure = failure or committer.settle(book, timeout=0)
             # After a failure, results already handed to the committer are still written and
             # booked (the loop only ends without a failure once nothing is left to commit).
-            for fut in futures_wait(list(commits)).done:
-                problem = book(fut)
-                failure = failure or problem
+            problem = committer.drain(book)  # always: what was handed over is written
+            failure = failure or problem
             summary.pipeline_s = time.monotonic() - t_ready
             self._placement = [p for p in getattr(pool, "placement", []) if p]
             padding, timings, storage = pool.collect_stats()
@@ -547,7 +511,7 @@ class Driver:
             )
             return padding, timings, storage, failure
         finally:
-            committer.shutdown(wait=True)
+            committer.shutdown()
             pool.shutdown()
 
     # ---- seams (retry-failed and the driver benchmark override them) -------------------

@@ -62,10 +62,11 @@ def prompt_from_column(value: Any) -> str:
 
 def chat_messages(prompt: str, system: str | None) -> list[dict[str, Any]]:
     """The chat every engine renders with the model's template: an optional system turn, then
-    one user turn with the image and the prompt. No system text (None or "") means no system
-    turn: the template's own default applies (Qwen2.5-VL: "You are a helpful assistant.")."""
+    one user turn with the image and the prompt. ``None``: no system turn, so the template's
+    own default applies (Qwen2.5-VL: "You are a helpful assistant."); ``""``: an empty system
+    turn, the way to have no system text at all."""
     messages: list[dict[str, Any]] = []
-    if system:
+    if system is not None:
         messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
     user = [{"type": "image"}, {"type": "text", "text": prompt}]
     messages.append({"role": "user", "content": user})

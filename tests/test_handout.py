@@ -194,10 +194,11 @@ def test_driver_killed_while_a_unit_and_its_copy_run_commits_it_once(
     log_path = tmp_path / "driver.log"
     proc = start_driver(job, log_path)
     job_id = job_id_of(out)
+    slow_unit = "00000-00003"  # rows 120-159: the slow row's unit
     deadline = time.monotonic() + 120
-    while "backup copy of unit" not in log_path.read_text(errors="replace"):
+    while f"backup copy of unit {slow_unit}" not in log_path.read_text(errors="replace"):
         assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, "no backup copy started"
+        assert time.monotonic() < deadline, "no backup copy of the slow unit started"
         time.sleep(0.1)
     while len(list(markers.iterdir())) < 2:  # both copies are inside the slow row
         assert time.monotonic() < deadline, "the copy never reached the slow row"
@@ -205,7 +206,9 @@ def test_driver_killed_while_a_unit_and_its_copy_run_commits_it_once(
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (out / "_SUCCESS").exists()
-    assert len(_markers(out)) == 3, "the slow unit was not committed"
+    before = [m["unit_id"] for m in _markers(out)]
+    # (a unit that shared the slow row's batch is stuck with it and may be uncommitted too)
+    assert slow_unit not in before and len(before) >= 2, before
     deadline = time.monotonic() + 60
     while job_actors(job_id):  # Ray ends a dead driver's actors
         assert time.monotonic() < deadline, "the killed job's actors outlived it"
@@ -214,7 +217,7 @@ def test_driver_killed_while_a_unit_and_its_copy_run_commits_it_once(
     # The re-run: the slow row is slow no more (both copies used it up); one commit.
     summary = run_job(load_config(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
-    assert summary.units_this_run == 1
+    assert summary.units_this_run == 4 - len(before)  # the slow unit among them, once
     ids = [m["unit_id"] for m in _markers(out)]
     assert len(ids) == len(set(ids)) == 4
     report = verify_output(str(out))

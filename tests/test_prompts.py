@@ -1,5 +1,5 @@
 """The chat every engine renders (qvl_batch/prompts.py): hf and trtllm send the same messages,
-also for an empty system prompt (they used to disagree)."""
+also for an empty system prompt (they used to disagree: trtllm dropped it)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ class _Template:
         return "rendered"
 
 
-def test_no_system_text_means_no_system_turn():
-    for system in (None, ""):
-        assert [m["role"] for m in chat_messages("Describe.", system)] == ["user"]
+def test_none_is_the_template_default_and_empty_is_an_empty_system_turn():
+    assert [m["role"] for m in chat_messages("Describe.", None)] == ["user"]
+    empty = chat_messages("Describe.", "")
+    assert [m["role"] for m in empty] == ["system", "user"]
+    assert empty[0]["content"] == [{"type": "text", "text": ""}]
     messages = chat_messages("Describe.", "Be brief.")
     assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[0]["content"] == [{"type": "text", "text": "Be brief."}]

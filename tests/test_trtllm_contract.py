@@ -773,7 +773,7 @@ def test_builtin_template_equals_qwen_template(model_dir):
     """The jinja-less fallback renders exactly what the model's own template renders."""
     pytest.importorskip("jinja2")
     source = trtllm.load_template_source(str(model_dir))
-    for prompt, system in [("Describe this image.", None), ("Caption", "Be brief.")]:
+    for prompt, system in [("Describe this image.", None), ("Caption", "Be brief."), ("Hi", "")]:
         rendered = trtllm.render_chat(source, prompt, system)
         assert rendered == trtllm.qwen_chat_text(prompt, system)
 

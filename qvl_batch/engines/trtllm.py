@@ -217,7 +217,7 @@ def qwen_chat_text(prompt: str, system: str | None) -> str:
     it for chat templates; every torch install brings it, so a GPU host never takes this path).
     """
     return (
-        f"<|im_start|>system\n{system or DEFAULT_SYSTEM}<|im_end|>\n"
+        f"<|im_start|>system\n{DEFAULT_SYSTEM if system is None else system}<|im_end|>\n"
         f"<|im_start|>user\n<|vision_start|>{IMAGE_PAD}<|vision_end|>{prompt}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
