@@ -70,6 +70,15 @@ def test_engine_exception_is_isolated_to_failing_rows(tmp_path, dataset):
     )
 
 
+def _collector(worker, unit_id, ready=lambda c: True, timeout=30.0):
+    """The worker's record of ``unit_id`` once it is registered and ``ready(record)``."""
+    deadline = time.monotonic() + timeout
+    while (c := worker._units.get(unit_id)) is None or not ready(c):
+        assert time.monotonic() < deadline, f"unit {unit_id} never got there"
+        time.sleep(0.01)
+    return c
+
+
 def _threads(worker, units, results):
     def run(unit):
         results[unit.unit_id] = worker.process_unit(unit)
@@ -87,16 +96,15 @@ def test_units_take_turns_and_a_queued_one_can_be_moved(tmp_path, dataset):
     # A slow engine holding one batch of rows at a time: unit 0 is running while unit 1 is
     # only read ahead (none of its rows in the engine), so it can be withdrawn (moved); unit 0
     # cannot be, it has started.
+    # (unit 1 can enter only once 28 of unit 0's rows are back: 3 batches, 3 s)
     _, worker, units = _worker(
-        tmp_path, dataset, "engine.fake.batch_latency_s=0.3", "batching.window_batches=1"
+        tmp_path, dataset, "engine.fake.batch_latency_s=1.0", "batching.window_batches=1"
     )
     results: dict = {}
     threads = _threads(worker, units[:2], results)
-    deadline = time.monotonic() + 30
-    while not worker._units[units[0].unit_id].entered:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert worker._units[units[1].unit_id].entered == 0, "unit 1 waits for unit 0's turn"
+    _collector(worker, units[0].unit_id, lambda c: c.entered > 0)
+    second = _collector(worker, units[1].unit_id)
+    assert second.entered == 0, "unit 1 waits for unit 0's turn"
     assert not worker.withdraw(units[0].unit_id), "a started unit is not moved"
     assert worker.withdraw(units[1].unit_id), "a unit not started is"
     for t in threads:
@@ -116,10 +124,7 @@ def test_a_dropped_copy_lets_its_rows_inside_finish_and_the_unit_run_again(tmp_p
     _, worker, units = _worker(tmp_path, dataset, "engine.fake.batch_latency_s=0.3")
     results: dict = {}
     (thread,) = _threads(worker, units[:1], results)
-    deadline = time.monotonic() + 30
-    while not worker._units[units[0].unit_id].inside:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _collector(worker, units[0].unit_id, lambda c: c.inside > 0)
     assert worker.withdraw(units[0].unit_id, unstarted_only=False)
     thread.join(10)
     assert not thread.is_alive() and results[units[0].unit_id] is None
