@@ -162,8 +162,9 @@ class BatchingConfig:
     # A bucket that is not full is flushed once its oldest row waited this long, so no row
     # waits forever behind a size that is rare in the data.
     max_wait_s: float = 2.0
-    # Units an actor holds at once: its bucketing window. Two keeps the engine fed while the
-    # next unit is read; more widens bucketing but holds more decoded images in memory.
+    # Units an actor holds at once. They run in turn (handout.py): the first runs, the next are
+    # read and decoded ahead, so two keep the engine fed; more widen the rows bucketing picks
+    # from but hold more decoded images in memory, and sit queued where a move must fetch them.
     units_in_flight_per_actor: int = 2
     # Rows an actor keeps prepared (decoded, resized) for the engine, in batches of
     # max_batch_size: the window bucketing chooses from. Wider fills more same-size batches
