@@ -66,7 +66,17 @@ def scaling(
     side = args.image_size
     # Every actor gets the same share of the machine on every actor count (the runner section
     # gives its one actor all --cores).
-    cpus = f"cluster.cpus_per_actor={max(1, args.cores // top)}"
+    cpus = max(1, args.cores // top)
+
+    def layout(actors: int, gpus: int = 1) -> tuple[str, ...]:
+        return (
+            f"cluster.num_actors={actors}",
+            f"cluster.num_gpus_per_actor={gpus}",
+            f"cluster.cpus_per_actor={cpus}",
+            f"batching.unit_rows={unit_rows}",
+            "batching.units_in_flight_per_actor=2",
+        )
+
     result: dict = {"batch_size": batch_size, "unit_rows": unit_rows, "jobs": []}
     for per_actor in args.scaling_units:
         rows = per_actor * top * unit_rows
@@ -74,13 +84,7 @@ def scaling(
         dataset(data, [(side, side)] * rows)
         job: dict = {"units_per_actor": per_actor, "units": per_actor * top, "rows": rows}
         for actors in args.scaling_actors:
-            extra = (
-                f"cluster.num_actors={actors}",
-                cpus,
-                f"batching.unit_rows={unit_rows}",
-                "batching.units_in_flight_per_actor=2",
-            )
-            cfg = config(f"gpu-scaling-{actors}-out", batch_size, extra, data)
+            cfg = config(f"gpu-scaling-{actors}-out", batch_size, layout(actors), data)
             run = run_runner(cfg, f"scaling {rows} rows on {actors} actor(s)", cuda)
             run.update(actor_figures(Path(cfg.output.path)))
             job[f"actors_{actors}"] = run
@@ -99,14 +103,7 @@ def scaling(
         per_actor = min(args.scaling_units)
         rows = per_actor * top * unit_rows
         data = Path(args.workdir) / f"gpu-scaling-{rows}-{side}"
-        extra = (
-            "cluster.num_actors=1",
-            f"cluster.num_gpus_per_actor={args.scaling_split}",
-            cpus,
-            f"batching.unit_rows={unit_rows}",
-            "batching.units_in_flight_per_actor=2",
-        )
-        cfg = config("gpu-scaling-split-out", batch_size, extra, data)
+        cfg = config("gpu-scaling-split-out", batch_size, layout(1, args.scaling_split), data)
         run = run_runner(cfg, f"one actor over {args.scaling_split} GPUs, {rows} rows", cuda)
         run.update(actor_figures(Path(cfg.output.path)))
         result["split"] = {"gpus_per_actor": args.scaling_split, "rows": rows, **run}

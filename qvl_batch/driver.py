@@ -430,7 +430,7 @@ class Driver:
                 crash = slot.crashes.get(run.generation)
                 if crash is not None:  # rows that were inside: isolated from now on
                     isolation.learn(run.unit.unit_id, crash)
-                ended(run, "failed")
+                ended(run, "discarded" if run.dropped else "failed")
                 if problem or run.dropped or elsewhere:
                     pass
                 elif crash is None:  # died outside the engine: an ordinary retry
@@ -441,7 +441,7 @@ class Driver:
             elif outcome.withdrawn:
                 ended(run, "moved" if run.moved else "discarded")
             elif outcome.error:
-                ended(run, "failed")
+                ended(run, "discarded" if run.dropped else "failed")
                 if not (run.dropped or elsewhere):
                     problem = requeue(run.unit, run.attempt, outcome.error)
             elif run.dropped or run.unit.unit_id in runs.settled:
