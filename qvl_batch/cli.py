@@ -38,13 +38,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .commands.demo import run_demo
 
     return run_demo(args.data, args.output, args.rows, args.shards, list(args.overrides))
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:
-    from .modelgen import make_test_model
+    from .tooling.modelgen import make_test_model
 
     path = make_test_model(args.out, size=args.size, seed=args.seed)
     print(f"wrote a random-weight Qwen2.5-VL ({args.size}) to {path}")
@@ -52,7 +52,7 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import run_doctor
+    from .commands.doctor import run_doctor
 
     return run_doctor()
 
@@ -88,11 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="report engine, CUDA and GPU versions; what is missing")
     doctor.set_defaults(func=cmd_doctor)
 
-    from .plan import add_plan_parser
-    from .retry import add_retry_parser
-    from .status import add_status_parser
-    from .submit import add_submit_parser
-    from .verify import add_verify_parser
+    from .commands.plan import add_plan_parser
+    from .commands.retry import add_retry_parser
+    from .commands.status import add_status_parser
+    from .commands.submit import add_submit_parser
+    from .commands.verify import add_verify_parser
 
     add_plan_parser(sub)
     add_status_parser(sub)

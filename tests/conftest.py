@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from qvl_batch.engines.fake import expected_text
-from qvl_batch.synth import SynthSpec, make_dataset
+from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,6 +3,6 @@ carry ``QVL_JOB_ID``, so a test kills only what its own job started."""
 
 from __future__ import annotations
 
-from qvl_batch.bench_chaos import job_actors, job_id_of, start_driver
+from qvl_batch.bench.chaos import job_actors, job_id_of, start_driver
 
 __all__ = ["job_actors", "job_id_of", "start_driver"]

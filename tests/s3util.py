@@ -1,4 +1,5 @@
-"""A fault-injecting proxy in front of the local S3 server (``qvl_batch.s3local.MotoServer``).
+"""A fault-injecting proxy in front of the local S3 server
+(``qvl_batch.tooling.s3local.MotoServer``).
 
 Tests reach the server through the same s3fs path users take (``storage.endpoint_url``).
 The proxy forwards requests on loopback and, by a seeded draw per request, answers 503

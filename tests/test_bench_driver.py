@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qvl_batch.cli import main
-from qvl_batch.verify import verify_output
+from qvl_batch.commands.verify import verify_output
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from qvl_batch.bench_feed import bench_feed
+from qvl_batch.bench.feed import bench_feed
 from qvl_batch.cli import build_parser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from qvl_batch.bench_gpu import bench_gpu
+from qvl_batch.bench.gpu import bench_gpu
 from qvl_batch.cli import build_parser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from qvl_batch.bench_scale import bench_scale
+from qvl_batch.bench.scale import bench_scale
 from qvl_batch.cli import build_parser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

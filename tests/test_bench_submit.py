@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from qvl_batch.bench_submit import bench_submit
+from qvl_batch.bench.submit import bench_submit
 from qvl_batch.cli import build_parser
 
 pytest_plugins = ["tests.models"]

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from qvl_batch.bench_chaos import bench_chaos
+from qvl_batch.bench.chaos import bench_chaos
 from qvl_batch.cli import build_parser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from qvl_batch import doctor
 from qvl_batch.cli import main
+from qvl_batch.commands import doctor
 
 
 def fake_versions(monkeypatch, **versions: str | None) -> None:

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
+from qvl_batch.commands.verify import verify_output
 from qvl_batch.config import load_config
 from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
 from qvl_batch.manifest import plan_job
 from qvl_batch.state import ResumeRefused
-from qvl_batch.verify import verify_output
 
 from .conftest import (
     DATA_KEYS,

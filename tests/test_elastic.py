@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from qvl_batch.commands.verify import verify_output
 from qvl_batch.errors import Exit
-from qvl_batch.verify import verify_output
 
 from .conftest import check_fake_output, write_job
 from .jobprocs import job_actors, job_id_of, start_driver

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from qvl_batch.bench_chaos import job_actors, job_id_of, start_driver
+from qvl_batch.bench.chaos import job_actors, job_id_of, start_driver
+from qvl_batch.commands.verify import verify_output
 from qvl_batch.config import load_config
 from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
 from qvl_batch.handout import HandOut, Run, Runs
 from qvl_batch.manifest import WorkUnit, plan_job
-from qvl_batch.synth import SynthSpec, make_dataset
-from qvl_batch.verify import verify_output
+from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
 from .conftest import DATA_KEYS, comparable, input_rows, read_output, write_job
 

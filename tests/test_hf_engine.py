@@ -371,7 +371,7 @@ def test_auto_without_xgrammar_warns_once_and_generates_freely(tiny_model, monke
 def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head):
     from qvl_batch.driver import run_job
     from qvl_batch.images import prepare_image
-    from qvl_batch.synth import SynthSpec, make_dataset
+    from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
     from .conftest import input_rows, read_output, write_job
 
@@ -411,9 +411,9 @@ def test_moderation_preset_with_the_tiny_model(tmp_path, tiny_model, ray_head):
     import pyarrow as pa
     import pyarrow.dataset as ds
 
+    from qvl_batch.commands.verify import verify_output
     from qvl_batch.driver import run_job
-    from qvl_batch.synth import SynthSpec, make_dataset
-    from qvl_batch.verify import verify_output
+    from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
     from .conftest import REPO, read_output
 

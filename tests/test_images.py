@@ -32,7 +32,7 @@ from qvl_batch.images import (
     smart_resize,
     vision_tokens,
 )
-from qvl_batch.synth import stored_as
+from qvl_batch.tooling.synth import stored_as
 
 QWEN_DEFAULT = (56 * 56, 28 * 28 * 1280)  # 3136, 1003520
 QWEN_RECOMMENDED = (256 * 28 * 28, 1280 * 28 * 28)

@@ -99,10 +99,33 @@ def test_light_commands_import_no_ray():
     code = (
         "import sys, qvl_batch.cli as cli\n"
         "cli.build_parser()\n"
-        "import qvl_batch.status, qvl_batch.verify, qvl_batch.doctor, qvl_batch.plan\n"
+        "from qvl_batch.commands import doctor, plan, status, verify\n"
         "print(sorted(m for m in ('ray', 'torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_no_job_run_imports_the_benchmarks_or_the_tooling():
+    graph = import_graph()
+    assert "qvl_batch.tooling.synth" in reachable(graph, "qvl_batch.commands.demo")  # can see
+    job_run = ("qvl_batch.driver", "qvl_batch.actor", "qvl_batch.commands.retry")
+    for start in job_run:
+        extra = sorted(
+            m
+            for m in reachable(graph, start)
+            if m.startswith(("qvl_batch.bench", "qvl_batch.tooling"))
+        )
+        assert extra == [], f"{start} imports {extra}"

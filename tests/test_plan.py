@@ -7,10 +7,10 @@ import json
 
 import pytest
 
+from qvl_batch.commands.plan import add_plan_parser, plan_report
 from qvl_batch.config import load_config
 from qvl_batch.manifest import plan_job
-from qvl_batch.plan import add_plan_parser, plan_report
-from qvl_batch.synth import SynthSpec, make_dataset
+from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
 from .conftest import input_rows, write_job
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from qvl_batch.commands.verify import verify_output
 from qvl_batch.config import load_config
 from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
-from qvl_batch.verify import verify_output
 
 from .conftest import REPO, check_fake_output
 

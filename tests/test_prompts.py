@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qvl_batch.prompts import chat_messages
+from qvl_batch.prompts import PromptError, chat_messages, render_prompt, template_fields
 
 
 class _Template:
@@ -43,3 +43,14 @@ def test_hf_and_trtllm_render_the_same_chat(system):
     HFEngine.render(SimpleNamespace(processor=hf), "Describe.", system)
     render_chat(trt, "Describe.", system)
     assert hf.seen == trt.seen == [chat_messages("Describe.", system)]
+
+
+def test_template_fields_and_rendering():
+    assert template_fields("Q: {question} ({lang})") == ["question", "lang"]
+    assert render_prompt("Q: {q}", ["q"], {"q": "why?"}) == "Q: why?"
+    with pytest.raises(PromptError) as err:
+        render_prompt("Q: {q}", ["q"], {"q": None})
+    assert err.value.code == "BAD_PROMPT"
+    for unsafe in ("{q.__class__}", "{q[0]}", "{q!r}", "{q:>10}"):
+        with pytest.raises(ValueError, match="not allowed"):
+            template_fields(unsafe)

@@ -64,7 +64,7 @@ def test_bad_rows_get_their_codes_and_hostile_ids_stay_inside_the_output(tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qvl_batch.synth import encode_jpeg, photo_like
+    from qvl_batch.tooling.synth import encode_jpeg, photo_like
 
     rng = np.random.default_rng(3)
     jpeg = [encode_jpeg(photo_like(rng, 96 + 8 * i, 80)) for i in range(4)]
@@ -122,7 +122,7 @@ def test_bad_rows_get_their_codes_and_hostile_ids_stay_inside_the_output(tmp_pat
 def test_error_fraction_over_the_limit_fails_cleanly_and_a_rerun_resumes(
     tmp_path, dataset, ray_head
 ):
-    from qvl_batch.verify import verify_output
+    from qvl_batch.commands.verify import verify_output
 
     failing = _good_ids(dataset, 60)  # with the corrupt rows, about 30% of rows fail
     out = tmp_path / "out"

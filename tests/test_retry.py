@@ -11,11 +11,11 @@ import time
 
 import pytest
 
+from qvl_batch.commands.retry import RetryPass
+from qvl_batch.commands.verify import verify_output
 from qvl_batch.config import ConfigError, load_config
 from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
-from qvl_batch.retry import RetryDriver
-from qvl_batch.verify import verify_output
 
 from .conftest import check_fake_output, input_rows, read_output, write_job
 
@@ -29,7 +29,7 @@ def _markers(out):
 
 
 def _retry(out, *overrides, codes=()):
-    return RetryDriver(str(out), list(overrides), list(codes), progress_bar=False).run()
+    return RetryPass(str(out), list(overrides), list(codes), progress_bar=False).run()
 
 
 @pytest.mark.slow
@@ -116,6 +116,6 @@ def test_retry_refuses_other_input_and_unfinished_jobs(tmp_path, dataset):
 
     Driver(cfg).prepare()  # _job.json written, no unit committed
     with pytest.raises(ConfigError, match="not committed yet"):
-        RetryDriver(str(out), [], []).prepare()
+        RetryPass(str(out), [], []).prepare()
     with pytest.raises(ConfigError, match="the job's input changed"):
-        RetryDriver(str(out), [f"input.paths=[{dataset}/part-00000.parquet]"], []).prepare()
+        RetryPass(str(out), [f"input.paths=[{dataset}/part-00000.parquet]"], []).prepare()

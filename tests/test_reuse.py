@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qvl_batch.commands.verify import verify_output
 from qvl_batch.config import ConfigError, load_config
 from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
 from qvl_batch.reuse import ReuseIndex, ReuseReader, result_key
 from qvl_batch.storage import Storage
-from qvl_batch.synth import SynthSpec, make_dataset
-from qvl_batch.verify import verify_output
+from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
 from .conftest import check_fake_output, input_rows, read_output, write_job
 

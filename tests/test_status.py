@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 
+from qvl_batch.commands.status import add_status_parser, cmd_status, commit_rate, job_status
 from qvl_batch.config import load_config
 from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
-from qvl_batch.status import add_status_parser, cmd_status, commit_rate, job_status
 
 from .conftest import write_job
 

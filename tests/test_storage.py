@@ -23,12 +23,12 @@ import pytest
 import s3fs
 
 from qvl_batch.cli import main
+from qvl_batch.commands.verify import verify_output
 from qvl_batch.config import StorageConfig, load_config
 from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
 from qvl_batch.manifest import plan_job
-from qvl_batch.s3local import MotoServer
-from qvl_batch.verify import verify_output
+from qvl_batch.tooling.s3local import MotoServer
 
 from .conftest import check_fake_output, input_rows, write_job
 from .s3util import FaultProxy, Faults

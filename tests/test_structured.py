@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
+from qvl_batch.commands.verify import verify_output
 from qvl_batch.config import ConfigError, load_config
 from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
 from qvl_batch.structured import OutputParser, SchemaError, columns_of, example_for
-from qvl_batch.verify import verify_output
 
 from .conftest import REPO, check_fake_output, input_rows, read_output
 

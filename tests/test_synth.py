@@ -1,4 +1,4 @@
-"""Tests for qvl_batch.synth: shard layout, determinism, row kinds, formats and filesystems."""
+"""Tests for qvl_batch.tooling.synth: shard layout, determinism, row kinds, formats, filesystems."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from qvl_batch import synth
-from qvl_batch.synth import SynthSpec, encode_jpeg, make_dataset, make_tiny_rows_dataset
+from qvl_batch.tooling import synth
+from qvl_batch.tooling.synth import SynthSpec, encode_jpeg, make_dataset, make_tiny_rows_dataset
 
 ORIENTATION = 0x0112
 SPEC = SynthSpec(

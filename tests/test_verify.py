@@ -10,15 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qvl_batch.config import load_config
-from qvl_batch.driver import run_job
-from qvl_batch.errors import Exit
-from qvl_batch.synth import SynthSpec, make_dataset
-from qvl_batch.verify import (
+from qvl_batch.commands.verify import (
     NotAJobOutput,
     add_verify_parser,
     verify_output,
 )
+from qvl_batch.config import load_config
+from qvl_batch.driver import run_job
+from qvl_batch.errors import Exit
+from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
 from .conftest import read_output, write_job
 

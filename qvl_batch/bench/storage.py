@@ -15,10 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .config import load_config
-from .manifest import plan_job
-from .reader import read_unit_table, unit_rows
-from .storage import Storage
+from ..config import load_config
+from ..manifest import plan_job
+from ..reader import read_unit_table, unit_rows
+from ..storage import Storage
 
 
 def _read_all(cfg, threads: int) -> dict:
@@ -55,8 +55,8 @@ def _read_all(cfg, threads: int) -> dict:
 def bench_storage(args: argparse.Namespace) -> int:
     import s3fs
 
-    from .s3local import MotoServer
-    from .synth import photo_dataset
+    from ..tooling.s3local import MotoServer
+    from ..tooling.synth import photo_dataset
 
     work = Path(args.workdir)
     data = photo_dataset(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-from .config import conf_dir, load_config
-from .driver import run_job
-from .synth import SynthSpec, make_dataset
+from ..config import conf_dir, load_config
+from ..driver import run_job
+from ..tooling.synth import SynthSpec, make_dataset
 
 log = logging.getLogger("qvl_batch")
 
@@ -32,7 +32,7 @@ def run_demo(data_dir: str, output: str, rows: int, shards: int, overrides: list
     if cfg.engine.name == "hf" and not os.path.exists(
         os.path.join(cfg.engine.model, "config.json")
     ):
-        from .modelgen import make_test_model
+        from ..tooling.modelgen import make_test_model
 
         log.info("building a tiny random-weight Qwen2.5-VL in %s", cfg.engine.model)
         make_test_model(cfg.engine.model, size="tiny")

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .bucketing import PaddingStats
-from .config import load_config
-from .driver import COMMIT_THREADS, Driver
-from .handout import Outcome
-from .schema import ROW_RESULT
+from ..bucketing import PaddingStats
+from ..config import load_config
+from ..dispatch import COMMIT_THREADS
+from ..driver import Driver
+from ..handout import Outcome
+from ..schema import ROW_RESULT
+from .common import job_io, tiny_rows
 
 
 def _template(rows: int) -> pa.Table:
@@ -108,22 +110,11 @@ class SimulatedPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class _BenchDriver(Driver):
-    def __init__(self, cfg, actors: int, latency_s: float, commit_threads: int):
-        super().__init__(cfg, progress_bar=False, commit_threads=commit_threads)
-        self._sim = (actors, latency_s)
-
-    def _make_pool(self, job_id: str):
-        return SimulatedPool(*self._sim)
-
-
 def _run(data: Path, out: str, args, extra: list[str], commit_threads: int) -> dict:
     cfg = load_config(
         args.job,
         [
-            f"input.paths=[{data}/*.parquet]",
-            f"output.path={out}",
-            "output.mode=overwrite",
+            *job_io(data, out),
             f"batching.unit_rows={args.unit_rows}",
             f"batching.units_in_flight_per_actor={args.window}",
             "limits.min_rows_for_error_check=1000000000",
@@ -133,7 +124,11 @@ def _run(data: Path, out: str, args, extra: list[str], commit_threads: int) -> d
         ],
     )
     t0 = time.perf_counter()
-    summary = _BenchDriver(cfg, args.actors, args.latency_s, commit_threads).run()
+
+    def simulated(cfg, reuse, job_id):
+        return SimulatedPool(args.actors, args.latency_s)
+
+    summary = Driver(cfg, False, commit_threads, make_pool=simulated).run()
     wall = time.perf_counter() - t0
     assert summary.exit_code == 0, summary.lines()
     return {
@@ -146,21 +141,16 @@ def _run(data: Path, out: str, args, extra: list[str], commit_threads: int) -> d
 
 
 def bench_driver(args: argparse.Namespace) -> int:
-    from .synth import make_tiny_rows_dataset
-
     args.commit_threads = args.commit_threads or [COMMIT_THREADS]
 
     work = Path(args.workdir)
-    data = work / f"driver-{args.rows}"
-    if not (data / ".done").exists():
-        make_tiny_rows_dataset(str(data), rows=args.rows, shards=max(1, args.rows // 50_000))
-        (data / ".done").touch()
+    data = tiny_rows(work / f"driver-{args.rows}", args.rows)
     targets = [("local", str(work / "driver-out"), [])]
     server = None
     if args.s3:
         import s3fs
 
-        from .s3local import MotoServer
+        from ..tooling.s3local import MotoServer
 
         server = MotoServer()
         s3fs.S3FileSystem(endpoint_url=server.endpoint, key="bench", secret="bench").mkdir(

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config
+from ..config import Config
 
 
 def actor_figures(out: Path) -> dict:

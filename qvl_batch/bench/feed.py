@@ -26,25 +26,19 @@ import threading
 import time
 from pathlib import Path
 
-from .config import load_config
+from ..config import load_config
+from .common import FAKE_ENGINE, job_io, tiny_rows
 
 CAPTION_LENGTHS = "lognormal:110:300"  # caption-like: mean ~110 tokens, capped at 300
 
 
 def _dataset(work: Path, rows: int, unit_rows: int) -> Path:
-    from .synth import make_tiny_rows_dataset
-
-    data = work / f"feed-tiny-{rows}-u{unit_rows}"
-    if not (data / ".done").exists():
-        make_tiny_rows_dataset(str(data), rows=rows, shards=2, row_group_rows=unit_rows)
-        (data / ".done").touch()
-    return data
+    return tiny_rows(work / f"feed-tiny-{rows}-u{unit_rows}", rows, 2, unit_rows)
 
 
 def _engine_overrides(args: argparse.Namespace, lengths: str) -> list[str]:
     return [
-        "engine.name=fake",
-        "engine.model=fake://qwen2.5-vl",
+        *FAKE_ENGINE,
         "engine.fake.mode=inflight",
         f"engine.fake.slots={args.slots}",
         f"engine.fake.step_s={args.step_s}",
@@ -59,8 +53,8 @@ def capacity(args: argparse.Namespace, data: Path, lengths: str) -> dict:
     """The engine alone, every row handed over at once: always full until the final drain."""
     import pyarrow.dataset as ds
 
-    from .engines.base import estimate_text_tokens
-    from .engines.fake import InflightSimulator, answer_length
+    from ..engines.base import estimate_text_tokens
+    from ..engines.fake import InflightSimulator, answer_length
 
     ids = ds.dataset(str(data)).to_table(columns=["id"]).column("id").to_pylist()
     cfg = load_config(args.job, _engine_overrides(args, lengths))
@@ -92,13 +86,11 @@ def capacity(args: argparse.Namespace, data: Path, lengths: str) -> dict:
 
 def runner(args: argparse.Namespace, data: Path, lengths: str, feed: str) -> dict:
     """The whole runner on a local Ray it starts itself, with the simulator fed by ``feed``."""
-    from .driver import run_job
+    from ..driver import run_job
 
     out = Path(args.workdir) / f"feed-out-{feed}"
     overrides = [
-        f"input.paths=[{data}/*.parquet]",
-        f"output.path={out}",
-        "output.mode=overwrite",
+        *job_io(data, out),
         *_engine_overrides(args, lengths),
         f"engine.fake.feed={feed}",
         f"batching.max_batch_size={args.slots}",  # batch-sync: one engine-full batch at a time

@@ -14,15 +14,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .closing import error_fraction_problem
-from .config import Config, ConfigError, load_config
-from .engines.base import estimate_text_tokens
-from .errors import Exit, RowError
-from .images import ImageError, prepare_image
-from .manifest import InputError, WorkUnit, plan_job
-from .prompts import PromptError
-from .reader import fetch_uri, read_unit_table, unit_rows
-from .storage import Storage, StorageError
+from ..closing import error_fraction_problem
+from ..config import Config, ConfigError, load_config
+from ..engines.base import estimate_text_tokens
+from ..errors import Exit, RowError
+from ..images import ImageError, prepare_image
+from ..manifest import InputError, WorkUnit, plan_job
+from ..prompts import PromptError
+from ..reader import fetch_uri, read_unit_table, unit_rows
+from ..storage import Storage, StorageError
 
 ROWS_PER_UNIT = 8  # sampled rows per unit read: spreads the sample, bounds the units read
 SIZE_BUCKETS = ((256, "<256"), (512, "256-512"), (1024, "512-1024"), (2048, "1024-2048"))

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from . import __version__
+from .. import __version__
 
 # (label, distribution names to try): NVIDIA publishes TensorRT under several names.
 PACKAGES: list[tuple[str, tuple[str, ...]]] = [

@@ -34,10 +34,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .bench_engine import FLOOR_IMAGES_PER_S, FLOOR_NOTE, bench_bare, bench_in_actor
-from .bench_gpu_scaling import add_scaling_args, scaling
-from .config import Config, load_config
-from .gpu_sampler import GpuSampler
+from ..config import Config, load_config
+from ..tooling.gpu_sampler import GpuSampler
+from .common import job_io
+from .engine import FLOOR_IMAGES_PER_S, FLOOR_NOTE, bench_bare, bench_in_actor
+from .gpu_scaling import add_scaling_args, scaling
 
 SECTIONS = ("bare", "actor", "runner", "bucketing", "scaling")
 
@@ -64,7 +65,7 @@ MIXED_MAX_PIXELS = 768 * 28 * 28  # 602112: the largest image stays at 768 visio
 
 def _synth_rows(sizes: list[tuple[int, int]], seed: int) -> list[dict]:
     """One photo-like JPEG per size, each from its own seeded stream: id, image, source."""
-    from .synth import SOURCES, encode_jpeg, photo_like
+    from ..tooling.synth import SOURCES, encode_jpeg, photo_like
 
     def make(i: int) -> dict:
         w, h = sizes[i]
@@ -123,7 +124,7 @@ def _ensure_model(args: argparse.Namespace) -> str:
     # is an interrupted build, though config.json is there.
     weights = ("model.safetensors", "model.safetensors.index.json")
     if not Path(model, "config.json").exists() or not any(Path(model, w).exists() for w in weights):
-        from .modelgen import make_test_model
+        from ..tooling.modelgen import make_test_model
 
         print(f"building a random-weight Qwen2.5-VL {args.size} in {model} ...", flush=True)
         t0 = time.perf_counter()
@@ -146,9 +147,7 @@ def _job_overrides(
 ) -> list[str]:
     """Overrides of the job file for one run: this benchmark's settings, then the user's."""
     return [
-        f"input.paths=[{data}/*.parquet]",
-        f"output.path={out}",
-        "output.mode=overwrite",
+        *job_io(data, out),
         "engine.name=hf",
         f"engine.model={model}",
         f"engine.dtype={args.dtype}",
@@ -172,8 +171,8 @@ def _job_overrides(
 
 def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
     """One whole job; rates, stage fractions, padding and (on a GPU) its busy fraction."""
-    from .driver import run_job
-    from .state import METRICS_FILE
+    from ..driver import run_job
+    from ..state import METRICS_FILE
 
     sampler = GpuSampler() if cuda else None
     sampling = sampler.start() if sampler else False
@@ -239,8 +238,8 @@ def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
 
 def _commit_times(out: Path) -> list[tuple[float, int]]:
     """(commit time as a Unix timestamp, rows) of every unit marker of a local output, sorted."""
-    from .marker import Marker
-    from .state import UNITS_DIR
+    from ..marker import Marker
+    from ..state import UNITS_DIR
 
     commits = []
     for path in (out / UNITS_DIR).glob("*.json"):

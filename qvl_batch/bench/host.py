@@ -1,15 +1,10 @@
-"""``qvl-batch bench``: benchmarks that print figures and ratios measured side by side.
+"""``qvl-batch bench host`` and ``driver-memory``: the runner's own cost on the host.
 
 - ``host``: the whole runner (fake engine, zero latency) vs a bare decode+resize loop over the
   same images on the same number of cores. The ratio says how much the runner costs on top of
   the image work it cannot avoid.
 - ``driver-memory``: peak RSS of the driver process for jobs of growing size (tiny rows), each
   in its own process so peaks do not mix. Flat means bounded by what is in flight.
-- ``storage``: the input read path from an S3 server vs local disk (``bench_storage``).
-- ``gpu``: the hf engine alone vs the whole runner, and bucketing on vs off (``bench_gpu``).
-- ``feed``: an in-flight engine fed as a stream vs batch by batch vs its capacity (``bench_feed``).
-- ``submit``: CPU per request in TensorRT-LLM's one submitting thread (``bench_submit``).
-- ``chaos``: a job under random SIGKILLs of its actors and driver, verified (``bench_chaos``).
 """
 
 from __future__ import annotations
@@ -26,18 +21,16 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from .config import ImageConfig, load_config
-from .images import prepare_image
-from .state import METRICS_FILE
+from ..config import ImageConfig, load_config
+from ..images import prepare_image
+from ..state import METRICS_FILE
+from .common import FAKE_ENGINE, job_io, tiny_rows
 
 
 def _job_overrides(data: Path, out: Path, cores: int, extra: list[str]) -> list[str]:
     return [
-        f"input.paths=[{data}/*.parquet]",
-        f"output.path={out}",
-        "output.mode=overwrite",
-        "engine.name=fake",  # the runner's own cost: an engine that takes no time
-        "engine.model=fake://qwen2.5-vl",
+        *job_io(data, out),
+        *FAKE_ENGINE,  # the runner's own cost: an engine that takes no time
         "engine.fake.batch_latency_s=0",
         "engine.fake.token_latency_s=0",
         f"cluster.local_num_cpus={cores}",
@@ -62,8 +55,8 @@ def _bare_loop(data: Path, cores: int, image_cfg: ImageConfig) -> tuple[int, flo
 
 
 def bench_host(args: argparse.Namespace) -> int:
-    from .driver import run_job
-    from .synth import photo_dataset
+    from ..driver import run_job
+    from ..tooling.synth import photo_dataset
 
     work = Path(args.workdir)
     data = photo_dataset(work / f"host-{args.rows}", args.rows, exif_fraction=0.05)
@@ -126,7 +119,7 @@ def bench_host(args: argparse.Namespace) -> int:
 
 def _driver_rss_child(args: argparse.Namespace) -> int:
     """One job in this process; print the driver's peak RSS (MiB) as JSON."""
-    from .driver import run_job
+    from ..driver import run_job
 
     cfg = load_config(
         args.job,
@@ -134,7 +127,7 @@ def _driver_rss_child(args: argparse.Namespace) -> int:
     )
     summary = run_job(cfg, progress_bar=False)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    from .state import OutputState
+    from ..state import OutputState
 
     metrics = OutputState(cfg.output.path).metrics() or {}
     print(
@@ -152,15 +145,10 @@ def _driver_rss_child(args: argparse.Namespace) -> int:
 
 
 def bench_driver_memory(args: argparse.Namespace) -> int:
-    from .synth import make_tiny_rows_dataset
-
     work = Path(args.workdir)
     figures = []
     for rows in args.rows:
-        data = work / f"tiny-{rows}"
-        if not (data / ".done").exists():
-            make_tiny_rows_dataset(str(data), rows=rows, shards=max(1, rows // 50_000))
-            (data / ".done").touch()
+        data = tiny_rows(work / f"tiny-{rows}", rows)
         cmd = [
             sys.executable,
             "-m",
@@ -206,18 +194,7 @@ def bench_driver_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_parser(sub) -> None:
-    from .demo import demo_job_file
-
-    bench = sub.add_parser("bench", help="benchmarks (see docs/PERFORMANCE.md)")
-    kinds = bench.add_subparsers(dest="bench", required=True)
-
-    def common(p):
-        p.add_argument("--workdir", default="bench-out")
-        p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
-        p.add_argument("--job", default=demo_job_file())
-        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-
+def add_host_bench(kinds, common) -> None:
     host = kinds.add_parser("host", help="runner vs bare decode+resize loop (fake engine)")
     common(host)
     host.add_argument("--rows", type=int, default=400)
@@ -230,34 +207,6 @@ def add_bench_parser(sub) -> None:
     common(mem)
     mem.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     mem.set_defaults(func=bench_driver_memory)
-
-    from .bench_storage import add_storage_bench
-
-    add_storage_bench(kinds, common)
-
-    from .bench_driver import add_driver_bench
-
-    add_driver_bench(kinds, common)
-
-    from .bench_scale import add_scale_bench
-
-    add_scale_bench(kinds, common)
-
-    from .bench_feed import add_feed_bench
-
-    add_feed_bench(kinds, common)
-
-    from .bench_chaos import add_chaos_bench
-
-    add_chaos_bench(kinds, common)
-
-    from .bench_submit import add_submit_bench
-
-    add_submit_bench(kinds, common)
-
-    from .bench_gpu import add_gpu_bench
-
-    add_gpu_bench(kinds, common)
 
     child = kinds.add_parser("_driver-rss", help=argparse.SUPPRESS)
     common(child)

@@ -26,24 +26,55 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .closing import close_output, error_fraction_problem
-from .config import ConfigError, fingerprint, fingerprint_fields, load_config
-from .driver import Driver, JobSummary
-from .errors import Exit
-from .manifest import WorkUnit, plan_job
-from .progress import Progress
-from .state import ERRORS_DIR, SUCCESS_FILE, OutputState
-from .storage import Storage, StorageError
+from ..closing import close_output, error_fraction_problem
+from ..config import ConfigError, fingerprint, fingerprint_fields, load_config
+from ..dispatch import Dispatcher
+from ..driver import JobSummary, fill_totals, ray_pool
+from ..errors import Exit
+from ..manifest import WorkUnit, plan_job
+from ..marker import Marker
+from ..progress import Progress
+from ..schema import part_columns
+from ..state import ERRORS_DIR, SUCCESS_FILE, OutputState
+from ..storage import Storage, StorageError
+from ..writer import commit_retry
 from .verify import config_from_job
-from .writer import commit_retry
 
 log = logging.getLogger("qvl_batch")
 
 
-class RetryDriver(Driver):
-    """A Driver whose units are the error rows of a finished output."""
+class RetryWork:
+    """The error rows of a finished job as units (the :class:`~qvl_batch.dispatch.Work` of
+    retry-failed): only those rows run; a commit folds them into the unit's files."""
 
-    def __init__(self, url: str, overrides: list[str], codes: list[str], progress_bar=None):
+    def __init__(self, state: OutputState, records: dict[str, Marker], columns, compression):
+        self.state, self.records = state, records
+        self.columns, self.compression = columns, compression
+        self.rows: dict[str, tuple[pa.Table, pa.Table | None]] = {}  # unit -> (retry, keep)
+
+    def run_kwargs(self, unit: WorkUnit) -> dict:
+        retry, _ = self.rows[unit.unit_id]
+        rows = pc.subtract(retry["source_row"], unit.row_start).to_pylist()
+        return {"only": sorted(rows)}
+
+    def commit(self, unit: WorkUnit, table, lineage: dict, attempt: int):
+        retry, keep = self.rows[unit.unit_id]
+        marker = self.records[unit.unit_id]
+        return commit_retry(
+            self.state, unit, table, lineage, marker, retry, keep, self.columns, self.compression
+        )
+
+    def error_check(self, rows: int, errors: int) -> str | None:
+        return None  # a pass fixes errors; the fraction is judged at its end
+
+
+class RetryPass:
+    """One retry-failed pass over a finished output: its units with error rows, run by the
+    same loop as a job (``dispatch.Dispatcher``), then the output closed again."""
+
+    def __init__(
+        self, url: str, overrides: list[str], codes: list[str], progress_bar=None, make_pool=None
+    ):
         # storage.* overrides (an endpoint, a region) are needed to read _job.json at all.
         reach = [o for o in overrides if o.startswith("storage.")]
         reach += ["input.paths=[-]", f"output.path={url}"]
@@ -53,9 +84,14 @@ class RetryDriver(Driver):
             cfg = config_from_job(self.job, url, overrides=overrides)
         except ConfigError as exc:
             raise ConfigError(f"retry-failed: {exc}") from None
-        super().__init__(cfg, progress_bar)
+        self.cfg = cfg
+        self.progress_bar = progress_bar
+        self.make_pool = make_pool or ray_pool
+        self.input_storage = Storage.for_input(cfg)
+        self.state = OutputState(cfg.output.path, Storage.for_output(cfg))
         self.codes = set(codes)
-        self._work: dict[str, tuple[pa.Table, pa.Table | None]] = {}  # unit -> (retry, keep)
+        self._records: dict[str, Marker] = {}  # every unit's marker, rewritten as units commit
+        self.work = RetryWork(self.state, self._records, part_columns(cfg), cfg.output.compression)
 
     # ---- before any work ---------------------------------------------------------------
     def _check_same_rows(self, plan) -> dict:
@@ -82,7 +118,7 @@ class RetryDriver(Driver):
         plan = plan_job(self.cfg, self.input_storage)
         fields = self._check_same_rows(plan)
         records = self.state.markers()
-        self._records = {m.unit_id: m for m in records}
+        self._records.update({m.unit_id: m for m in records})
         pending = [u.unit_id for u in plan.units() if u.unit_id not in self._records]
         if pending:
             raise ConfigError(
@@ -121,7 +157,7 @@ class RetryDriver(Driver):
             else:
                 retry, keep = table, None
             if retry.num_rows:
-                self._work[unit.unit_id] = (retry, keep)
+                self.work.rows[unit.unit_id] = (retry, keep)
                 units.append(unit)
         return units
 
@@ -132,19 +168,23 @@ class RetryDriver(Driver):
         units = self._select(plan)
         summary = JobSummary("running", Exit.OK, self.state.url, job["job_id"])
         summary.rows_total = plan.total_rows
-        rows = sum(self._work[u.unit_id][0].num_rows for u in units)
+        rows = sum(self.work.rows[u.unit_id][0].num_rows for u in units)
         if not units:
             summary.status = "nothing_to_retry"
             summary.message = "no error rows"
             if self.codes:
                 summary.message += f" with codes {sorted(self.codes)}"
-            self._fill_totals(summary)
+            fill_totals(summary, self._records)
             return summary
         log.info("retrying %d error rows in %d units", rows, len(units))
         self.state.remove([self.state.path(SUCCESS_FILE)])
         progress = Progress(rows, 0, bar=self.progress_bar)
         try:
-            _, _, _, failure = self._schedule(iter(units), job, summary, progress)
+            pool = self.make_pool(self.cfg, None, job["job_id"])
+            dispatcher = Dispatcher(
+                self.cfg, pool, self.work, job, summary, progress, self._records, t0
+            )
+            failure = dispatcher.run(iter(units)).failure
         finally:
             progress.close()
         summary.elapsed_s = time.monotonic() - t0
@@ -162,7 +202,7 @@ class RetryDriver(Driver):
         return summary
 
     def _finish(self, summary: JobSummary, job: dict, failure: str | None) -> None:
-        self._fill_totals(summary)
+        fill_totals(summary, self._records)
         metrics = self.state.metrics() or {}
         metrics.setdefault("retries", []).append(
             {
@@ -187,34 +227,10 @@ class RetryDriver(Driver):
             return
         summary.status = "succeeded"
 
-    # ---- seams -------------------------------------------------------------------------
-    def _run_kwargs(self, unit: WorkUnit) -> dict:
-        retry, _ = self._work[unit.unit_id]
-        rows = pc.subtract(retry["source_row"], unit.row_start).to_pylist()
-        return {"only": sorted(rows)}
-
-    def _commit(self, unit: WorkUnit, table, lineage: dict, attempt: int):
-        retry, keep = self._work[unit.unit_id]
-        marker = self._records[unit.unit_id]
-        return commit_retry(
-            self.state,
-            unit,
-            table,
-            lineage,
-            marker,
-            retry,
-            keep,
-            self._columns,
-            self.cfg.output.compression,
-        )
-
-    def _error_check(self, summary: JobSummary) -> str | None:
-        return None  # a pass fixes errors; the fraction is judged at its end
-
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
     codes = [c.strip() for c in (args.codes or "").split(",") if c.strip()]
-    driver = RetryDriver(
+    driver = RetryPass(
         args.output, list(args.overrides), codes, None if not args.no_progress else False
     )
     summary = driver.run()

@@ -24,15 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import REDACTED, Config, ConfigError, StorageConfig, config_from_saved
-from .coverage import coverage
-from .errors import Exit
-from .manifest import InputError, Plan, WorkUnit, plan_job
-from .marker import Marker
-from .reader import read_unit_table
-from .report import error_codes_line
-from .schema import LINEAGE, ROW_RESULT, part_columns
-from .state import (
+from ..config import REDACTED, Config, ConfigError, StorageConfig, config_from_saved
+from ..coverage import coverage
+from ..errors import Exit
+from ..manifest import InputError, Plan, WorkUnit, plan_job
+from ..marker import Marker
+from ..reader import read_unit_table
+from ..report import error_codes_line
+from ..schema import LINEAGE, ROW_RESULT, part_columns
+from ..state import (
     DATA_DIR,
     ERRORS_DIR,
     JOB_FILE,
@@ -43,8 +43,8 @@ from .state import (
     errors_file,
     unit_id_of,
 )
-from .storage import Storage, StorageError, describe, is_temporary
-from .structured import columns_of
+from ..storage import Storage, StorageError, describe, is_temporary
+from ..structured import columns_of
 
 # Units checked at once: each is a few GETs of tens of ms on object stores and holds one unit's
 # ids and row numbers, so this bounds both open connections and memory.

@@ -203,21 +203,19 @@ def _job_file(args, data: Path, output: Path, name: str, chaos: bool) -> Path:
 
 def run_chaos(args: argparse.Namespace) -> dict:
     """Every run; returns the report (also printed as one JSON line)."""
-    from .synth import SynthSpec, make_dataset
-    from .verify import verify_output
+    from ..commands.verify import verify_output
+    from ..tooling.synth import SynthSpec, make_dataset
+    from .common import made_once
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     # The user's overrides apply to the reference run and the chaos runs alike (an engine, a
     # model: `engine.name=hf engine.model=DIR` runs this on GPUs).
     overrides = list(args.overrides)
-    data = work / f"chaos-data-{args.rows}"
-    if not (data / ".done").exists():
-        spec = SynthSpec(
-            rows=args.rows, shards=4, row_group_rows=16, max_side=160, corrupt_fraction=0.03
-        )
-        make_dataset(str(data), spec)
-        (data / ".done").touch()
+    spec = SynthSpec(
+        rows=args.rows, shards=4, row_group_rows=16, max_side=160, corrupt_fraction=0.03
+    )
+    data = made_once(work / f"chaos-data-{args.rows}", lambda path: make_dataset(path, spec))
     ref = work / "chaos-ref"
     if not (ref / "_SUCCESS").exists():
         proc = start_driver(_job_file(args, data, ref, "chaos-ref", chaos=False), None, overrides)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import gc
 import time
 
-from .config import Config
-from .gpu_sampler import GpuSampler
+from ..config import Config
+from ..tooling.gpu_sampler import GpuSampler
 
 # The issue's compute floor: images/s one H200 can reach for Qwen2.5-VL-7B in bf16 at 448x448
 # with ~50 prompt and 64 output tokens. Only comparable on that GPU with that model.
@@ -32,9 +32,9 @@ def _sync() -> None:
 
 def prepared_requests(engine, cfg: Config, rows: list[dict]) -> list:
     """Rows prepared as the actor prepares them (``UnitWorker._prepare``), as engine Requests."""
-    from .engines.base import Request
-    from .images import prepare_image
-    from .prompts import render_prompt, template_fields
+    from ..engines.base import Request
+    from ..images import prepare_image
+    from ..prompts import render_prompt, template_fields
 
     fields = template_fields(cfg.prompt.template)
     system = cfg.prompt.system
@@ -133,7 +133,7 @@ def bench_bare(
 ) -> dict:
     """The engine alone in the calling process: load once, then per ``engine.hf.preprocess``
     mode and batch size a warm-up batch and a timed pass. ``best_batch_size``: first mode's."""
-    from .engines.build import make_batch_engine
+    from ..engines.build import make_batch_engine
 
     t0 = time.perf_counter()
     engine = make_batch_engine(cfg)
@@ -170,7 +170,7 @@ class EngineInActor:
     """A Ray actor that loads the engine and times it, with nothing else in the process."""
 
     def __init__(self, cfg: Config):
-        from .engines.build import make_batch_engine
+        from ..engines.build import make_batch_engine
 
         t0 = time.perf_counter()
         self.cfg = cfg
@@ -195,7 +195,7 @@ def bench_in_actor(cfg: Config, rows: list[dict], batch_size: int, max_s: float)
     """``time_batches`` inside one Ray actor with the runner's resources (GPU, CPUs)."""
     import ray
 
-    from .cluster import connect
+    from ..cluster import connect
 
     started = connect(cfg)
     try:

@@ -554,9 +554,10 @@ def make_tiny_rows_dataset(
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Parse the command line of `python -m qvl_batch.synth`."""
+    """Parse the command line of `python -m qvl_batch.tooling.synth`."""
     parser = argparse.ArgumentParser(
-        prog="python -m qvl_batch.synth", description="Write a synthetic image Parquet dataset."
+        prog="python -m qvl_batch.tooling.synth",
+        description="Write a synthetic image Parquet dataset.",
     )
     parser.add_argument("out_dir", help="output directory or fsspec URL")
     parser.add_argument("--rows", type=int, default=SynthSpec.rows)

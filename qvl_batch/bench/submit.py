@@ -41,8 +41,8 @@ def bench_submit(args: argparse.Namespace) -> int:
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
-    from .engines.hf import load_processor
-    from .engines.trtllm import MM_PROCESSOR_KWARGS, render_chat
+    from ..engines.hf import load_processor
+    from ..engines.trtllm import MM_PROCESSOR_KWARGS, render_chat
 
     torch.set_num_threads(1)  # one submitting thread
     side = args.size // 28 * 28

@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, StorageConfig, conf_dir, load_config
-from .errors import Exit, SubmitError
+from ..config import ConfigError, StorageConfig, conf_dir, load_config
+from ..errors import Exit, SubmitError
 
 log = logging.getLogger("qvl_batch")
 
@@ -374,9 +374,9 @@ def status_lines(client, sid: str) -> list[str]:
 
 
 def _ledger_lines(output: str, endpoint_url: str | None) -> list[str]:
-    from .state import NotAJobOutput
+    from ..state import NotAJobOutput
+    from ..storage import StorageError
     from .status import job_status
-    from .storage import StorageError
 
     storage = StorageConfig(endpoint_url=endpoint_url) if endpoint_url else None
     try:

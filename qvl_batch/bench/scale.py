@@ -35,7 +35,8 @@ import threading
 import time
 from pathlib import Path
 
-from .config import load_config
+from ..config import load_config
+from .common import FAKE_ENGINE, job_io, tiny_rows
 
 SAMPLE_S = 0.5  # /proc sampling period during a point
 
@@ -155,25 +156,15 @@ class _ReadyHook(logging.Handler):
 
 # ----------------------------------------------------------------------------- one point
 def _dataset(work: Path, rows: int, unit_rows: int) -> Path:
-    """Tiny-image rows (16 distinct 56x56 JPEGs), one row group per unit; made once."""
-    from .synth import make_tiny_rows_dataset
-
-    data = work / f"scale-tiny-{rows}-u{unit_rows}"
-    if not (data / ".done").exists():
-        make_tiny_rows_dataset(
-            str(data), rows=rows, shards=max(1, min(16, rows // 4096)), row_group_rows=unit_rows
-        )
-        (data / ".done").touch()
-    return data
+    """Tiny-image rows, one row group per unit; made once."""
+    shards = max(1, min(16, rows // 4096))
+    return tiny_rows(work / f"scale-tiny-{rows}-u{unit_rows}", rows, shards, unit_rows)
 
 
 def point_overrides(args: argparse.Namespace, n: int, data: Path, out: Path) -> list[str]:
     return [
-        f"input.paths=[{data}/*.parquet]",
-        f"output.path={out}",
-        "output.mode=overwrite",
-        "engine.name=fake",
-        "engine.model=fake://qwen2.5-vl",
+        *job_io(data, out),
+        *FAKE_ENGINE,
         f"engine.fake.batch_latency_s={args.batch_latency}",
         "engine.fake.row_latency_s=0",
         "engine.fake.token_latency_s=0",
@@ -209,8 +200,8 @@ def _timeline(markers: list, t_ready: float | None, n: int) -> dict:
 
 
 def run_point(args: argparse.Namespace, n: int, data: Path) -> dict:
-    from .driver import run_job
-    from .state import OutputState
+    from ..driver import run_job
+    from ..state import OutputState
 
     out = Path(args.workdir) / f"scale-out-{n}"
     cfg = load_config(args.job, point_overrides(args, n, data, out))
