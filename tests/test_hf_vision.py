@@ -20,7 +20,7 @@ PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal_patch_size x patch x patch
 # 11x7, not a multiple of the 4x4 merged window, so windows of 64, 48 and 36 patches.
 SQUARE = [(1, 32, 32)] * 4
 NON_SQUARE = [(1, 22, 14)] * 3
-MIXED = [(1, 32, 32), (1, 22, 14), (1, 8, 8), (1, 22, 14), (1, 14, 22), (1, 32, 32)]
+MIXED = [(1, 32, 32), (1, 32, 32), (1, 22, 14), (1, 8, 8), (1, 22, 14), (1, 22, 14), (1, 14, 22)]
 # What every refusal says to do.
 HINT = r"set engine\.hf\.vision: stock"
 
@@ -126,15 +126,49 @@ def test_enable_counts_blocks_and_disable_restores_stock(model, tiny_model):
             assert "forward" in vars(block.attn)
             assert block.attn.forward.__func__.stock.__func__ is stock_forward
         assert type(tower.blocks[0].attn).forward is stock_forward
+        assert set(vars(tower)) & set(hf_vision._TOWER_OVERRIDES)  # positions tiled
         assert not hf_vision.is_dense(other)
         assert all("forward" not in vars(b.attn) for b in hf_vision.vision_tower(other).blocks)
     finally:
         assert hf_vision.disable_dense_vision(model) == len(tower.blocks)
     assert not hf_vision.is_dense(model)
+    assert not set(vars(tower)) & set(hf_vision._TOWER_OVERRIDES)
     for block in tower.blocks:
         assert "forward" not in vars(block.attn)
         assert block.attn.forward.__func__ is stock_forward
     assert hf_vision.disable_dense_vision(model) == 0
+
+
+def test_tiled_positions_and_windows_equal_stock(model):
+    """Rotary positions and window index computed once per run of equal grids and tiled are the
+    ones the stock tower computes image by image (4.57: its methods; 5.x: vision_utils)."""
+    tower = hf_vision.vision_tower(model)
+    grid_thw = torch.tensor(MIXED + SQUARE)
+    if "rot_pos_emb" in vars(type(tower)):  # 4.57
+        stock = (
+            type(tower).rot_pos_emb(tower, grid_thw),
+            *type(tower).get_window_index(tower, grid_thw),
+        )
+        hf_vision.enable_dense_vision(model)
+        try:
+            tiled = (tower.rot_pos_emb(grid_thw), *tower.get_window_index(grid_thw))
+        finally:
+            hf_vision.disable_dense_vision(model)
+    else:  # 5.x: what the tower's forward is given as precomputed kwargs
+        from transformers import vision_utils
+
+        size, window = tower.spatial_merge_size, (tower.window_size, tower.patch_size)
+        index, cu = vision_utils.get_vision_window_index(grid_thw, size, *window)
+        stock = (vision_utils.get_vision_position_ids(grid_thw, size), index, cu.tolist())
+        tiled = hf_vision._tiled(
+            tower,
+            grid_thw,
+            lambda one: vision_utils.get_vision_position_ids(one, size),
+            lambda one: vision_utils.get_vision_window_index(one, size, *window),
+        )
+    assert torch.equal(tiled[0], stock[0])
+    assert torch.equal(tiled[1], stock[1])
+    assert list(tiled[2]) == list(stock[2])
 
 
 def test_flash_attention_is_left_stock(tiny_model):
