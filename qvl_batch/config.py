@@ -276,10 +276,27 @@ class HFEngineConfig:
     # Where pixels are normalised and cut into patches: "device" (torch on the engine's device,
     # from uint8 pixels) or "processor" (transformers' numpy image processor on the CPU).
     preprocess: str = "device"
+    # Benchmark-only, for random-weight models (which never emit EOS): each row's answer ends at
+    # a length drawn from its id, fixed:N | uniform:LO:HI | lognormal:MEAN:CAP (as the fake
+    # engine's). A batch still decodes until its longest row ends. "" = off: the model decides.
+    answer_lengths: str = ""
+    # Decode with a static KV cache and a torch.compile'd decode step (CUDA graphs on GPU); one
+    # graph per batch-size rung, compiled at warm-up (see qvl_batch.engines.hf).
+    compile: bool = False
+    # The vision tower's attention: "stock" (transformers' own) or "dense" (hf_vision.py; not
+    # wired into the engine yet).
+    vision: str = "stock"
 
     def __post_init__(self) -> None:
         modes = ("device", "processor")
         _check(self.preprocess in modes, "engine.hf.preprocess", f"must be one of {modes}")
+        visions = ("dense", "stock")
+        _check(self.vision in visions, "engine.hf.vision", f"must be one of {visions}")
+        if self.answer_lengths:
+            try:
+                parse_lengths(self.answer_lengths)
+            except ValueError as exc:
+                raise ConfigError(f'engine.hf.answer_lengths: {exc} (or "": off)') from None
 
 
 @dataclass

@@ -16,7 +16,8 @@ from qvl_batch.config import ConfigError, FakeEngineConfig, load_config, parse_l
 from qvl_batch.engines.base import Request
 from qvl_batch.engines.batching import BatchingAdapter
 from qvl_batch.engines.build import make_engine
-from qvl_batch.engines.fake import FakeEngine, InflightSimulator, answer_length
+from qvl_batch.engines.fake import FakeEngine, InflightSimulator
+from qvl_batch.engines.lengths import answer_length
 from qvl_batch.manifest import plan_job
 
 from .conftest import expected_for, input_rows, write_job

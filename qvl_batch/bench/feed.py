@@ -54,7 +54,8 @@ def capacity(args: argparse.Namespace, data: Path, lengths: str) -> dict:
     import pyarrow.dataset as ds
 
     from ..engines.base import estimate_text_tokens
-    from ..engines.fake import InflightSimulator, answer_length
+    from ..engines.fake import InflightSimulator
+    from ..engines.lengths import answer_length
 
     ids = ds.dataset(str(data)).to_table(columns=["id"]).column("id").to_pylist()
     cfg = load_config(args.job, _engine_overrides(args, lengths))

@@ -9,10 +9,11 @@ Output text is a function of the image content hash, the prompt and the seed onl
   sequences decode together, each scheduler step costs ``step_s + step_per_active_s * active``
   seconds plus ``prefill_per_token_s`` per prompt token of the requests it admits, and a
   request waiting for a slot joins the moment one frees. Each row's answer length is drawn
-  from its image and prompt (:func:`answer_length`, ``answer_lengths``), so the engine pays for
-  long-tailed answers as a real one does; its text stays :func:`expected_text`. ``feed``
-  says how the actor feeds it: ``stream`` (natively) or ``batch`` (one batch at a time through
-  the batching adapter, each waiting for its longest answer: the old way).
+  from its id (``answer_lengths``, :func:`qvl_batch.engines.lengths.answer_length`), so the
+  engine pays for long-tailed answers as a real one does; its text stays
+  :func:`expected_text`. ``feed`` says how the actor feeds it: ``stream`` (natively) or
+  ``batch`` (one batch at a time through the batching adapter, each waiting for its longest
+  answer: the old way).
 
 Fault injection fails chosen rows, fails every batch that holds a chosen row (a failed row in
 the in-flight mode), answers with broken JSON for chosen rows (structured output), SIGKILLs its
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import signal
@@ -34,13 +34,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from statistics import NormalDist
 from typing import Any
 
-from ..config import Config, parse_lengths
+from ..config import Config
 from ..errors import RowError
 from ..structured import example_for
 from .base import BatchEngine, Engine, EngineError, Request, Result, ResultSink
+from .lengths import answer_length
 
 WORDS = (
     "a",
@@ -92,26 +92,6 @@ def expected_text(
     n = min(wanted, max_tokens)
     words = [WORDS[b % len(WORDS)] for b in digest[1 : 1 + n]]
     return " ".join(words), ("stop" if wanted <= max_tokens else "length")
-
-
-# Spread of the lognormal answer lengths (sigma of the log): with a mean of ~110 and a cap of
-# 300 this gives a caption-like spread, median ~95 and a few per cent at the cap.
-LOGNORMAL_SIGMA = 0.55
-
-
-def answer_length(spec: str, row_id: str) -> int:
-    """The answer length (tokens) of one row: drawn from ``spec`` by a hash of its id, so every
-    run, actor and feeding mode gives a row the same length."""
-    kind, n = parse_lengths(spec)
-    digest = hashlib.sha256(f"len\0{row_id}".encode()).digest()
-    u = (int.from_bytes(digest[:8], "big") + 0.5) / 2.0**64  # uniform in (0, 1)
-    if kind == "fixed":
-        return int(n[0])
-    if kind == "uniform":
-        return int(n[0] + u * (n[1] - n[0] + 1))
-    mean, cap = n
-    mu = math.log(mean) - LOGNORMAL_SIGMA**2 / 2  # the uncapped mean is `mean`
-    return max(1, min(int(cap), round(math.exp(mu + LOGNORMAL_SIGMA * NormalDist().inv_cdf(u)))))
 
 
 class _Faults:

@@ -39,6 +39,32 @@ property order and can end only where the JSON is complete. A row cut by ``max_t
 unfinished (finish_reason "length"). xgrammar does not enforce ``uniqueItems`` (0.2.8); the
 parser catches such rows. Without xgrammar, ``auto`` warns once and generates freely
 (``engine.guided`` False), ``required`` refuses to build the engine.
+
+Stage clocks: ``stage_times()`` holds ``inputs``, ``generate``, ``outputs`` and, inside generate,
+``vision`` (the vision tower's forward), ``prefill`` (the first forward, vision included, up to
+the first token's logits) and ``decode`` (the rest); ``last_stages()`` the last batch's figures.
+See :class:`StageClock` (CUDA events, no host sync in the decode loop).
+
+Benchmark answer lengths (``engine.hf.answer_lengths``, off by default): a random-weight model
+never emits EOS, so each row's answer ends at a length drawn from its id
+(:func:`qvl_batch.engines.lengths.answer_length`, as the fake engine's) by a per-row stopping
+criterion; the batch runs until its longest row ends, its finished rows padded. Such a row is
+finish_reason "stop" with its drawn length (one whose drawn length passes max_tokens: "length").
+
+Compiled decode (``engine.hf.compile``, transformers >= 4.57.3, one GPU): the decode step runs
+through transformers' own ``torch.compile`` (``compile_config``; CUDA graphs on GPU) on a static
+KV cache the engine owns and passes to ``generate`` (reset per batch, never reallocated). A
+graph is specialised to the cache's batch size and length, so the engine fixes both per job:
+
+* length: ``prompt.max_prompt_tokens`` + ``image.max_pixels`` / 784 + ``sampling.max_tokens``
+  (at most the model's positions). Every decode step attends over the whole cache, so a job
+  with short prompts under a large ``max_prompt_tokens`` / ``max_pixels`` pays for the room;
+  lower them to shrink it. A batch that would not fit runs eagerly (warned).
+* batch size: rungs ``B, B/2, B/4, B/8`` (rounded up, ``B = batching.max_batch_size``); a
+  batch is padded up to the next rung with dummy rows (one attended token, no image, ended after
+  one token), one cache per rung. So a job compiles at most 4 decode graphs, all at
+  warm-up (``engine.warmup``), which logs the seconds; the prefill runs eagerly, as
+  transformers does. Greedy float32 output equals eager token for token (CPU tests).
 """
 
 from __future__ import annotations
@@ -46,6 +72,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -64,6 +91,7 @@ from ..errors import RowError
 from ..prompts import chat_messages
 from .base import BatchEngine, Request, Result
 from .hf_inputs import ImageInputs, expand_placeholders
+from .lengths import answer_length
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +208,22 @@ class GrammarLogitsProcessor(transformers.LogitsProcessor):
     token is finished (transformers pads it from then on) and left unmasked.
     """
 
-    def __init__(self, xgr: Any, compiled: Any, batch_size: int, vocab_size: int):
+    def __init__(
+        self,
+        xgr: Any,
+        compiled: Any,
+        batch_size: int,
+        vocab_size: int,
+        lengths: list[int] | None = None,
+    ):
         self._xgr = xgr
         self.matchers = [xgr.GrammarMatcher(compiled) for _ in range(batch_size)]
         self.bitmask = xgr.allocate_token_bitmask(batch_size, vocab_size)
         self.vocab_size = vocab_size
         self.prompt_len: int | None = None
         self.accepted = [0] * batch_size  # generated tokens each matcher has consumed
+        # Rows a stopping criterion ends after this many tokens (then padded, like a finished row)
+        self.lengths = lengths
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prompt_len is None:
@@ -194,13 +231,17 @@ class GrammarLogitsProcessor(transformers.LogitsProcessor):
         start = min(self.accepted)  # only the tokens not yet seen cross to the CPU
         new = input_ids[:, self.prompt_len + start :].tolist()
         for i, matcher in enumerate(self.matchers):
-            for token in new[i][self.accepted[i] - start :]:
+            ended = self.lengths is not None and self.accepted[i] >= self.lengths[i]
+            unseen = new[i][self.accepted[i] - start :]
+            if self.lengths is not None:
+                unseen = unseen[: max(0, self.lengths[i] - self.accepted[i])]
+            for token in unseen:
                 if matcher.is_terminated():
                     break  # after its stop token a finished row only gets padding
                 if not matcher.accept_token(token):
                     raise RuntimeError(f"row {i}: the JSON grammar refused token {token}")
             self.accepted[i] = start + len(new[i])
-            if matcher.is_terminated():
+            if ended or matcher.is_terminated():
                 self.bitmask[i].fill_(-1)  # all allowed: the row's token is discarded anyway
             else:
                 matcher.fill_next_token_bitmask(self.bitmask, i)
@@ -229,9 +270,14 @@ class JsonSchemaGuide:
             json.dumps(schema), any_whitespace=False
         )
 
-    def processor(self, batch_size: int) -> GrammarLogitsProcessor:
-        """A fresh processor for one ``generate`` call over ``batch_size`` rows."""
-        return GrammarLogitsProcessor(self._xgr, self.compiled, batch_size, self.vocab_size)
+    def processor(
+        self, batch_size: int, lengths: list[int] | None = None
+    ) -> GrammarLogitsProcessor:
+        """A fresh processor for one ``generate`` call over ``batch_size`` rows (``lengths``:
+        where a stopping criterion ends each row, if one does)."""
+        return GrammarLogitsProcessor(
+            self._xgr, self.compiled, batch_size, self.vocab_size, lengths
+        )
 
 
 @functools.lru_cache(maxsize=1)
@@ -284,6 +330,146 @@ def make_guide(
         return None
 
 
+def vision_tower(model: Any) -> torch.nn.Module | None:
+    """Qwen2.5-VL's vision tower: ``model.model.visual`` (transformers 4.52+ and 5.x), else a
+    top-level ``visual`` (older layouts); None when the model has neither."""
+    inner = getattr(model, "model", None)
+    for owner in (inner, model):
+        tower = getattr(owner, "visual", None) if owner is not None else None
+        if isinstance(tower, torch.nn.Module):
+            return tower
+    return None
+
+
+class StageClock:
+    """Splits one ``generate`` call into vision tower, prefill and decode seconds.
+
+    Marks: ``start`` (before ``generate``), the vision tower's forward entry and exit (hooks),
+    the first logits (:class:`FirstLogits`, the prefill's end) and ``end`` (``generate`` has
+    returned). On CUDA a mark is a ``torch.cuda.Event`` recorded on the current stream, so the
+    decode loop gets no host sync; the events are read in :meth:`split`, after the outputs were
+    copied to the host (which waits for the GPU anyway). On CPU marks are ``time.perf_counter``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, Any] | None = None  # None: not inside a timed generate
+        self.vision: list[tuple[Any, Any]] = []
+
+    def _mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.vision = []
+        self.marks = {"start": self._mark()}
+
+    def vision_enter(self, *_: Any) -> None:
+        if self.marks is not None:
+            self.vision.append((self._mark(), None))
+
+    def vision_exit(self, *_: Any) -> None:
+        if self.marks is not None and self.vision and self.vision[-1][1] is None:
+            self.vision[-1] = (self.vision[-1][0], self._mark())
+
+    def first_logits(self) -> None:
+        if self.marks is not None and "first" not in self.marks:
+            self.marks["first"] = self._mark()
+
+    def stop(self) -> None:
+        if self.marks is not None:
+            self.marks["end"] = self._mark()
+
+    def _seconds(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) / 1000.0 if self.cuda else b - a
+
+    def split(self) -> dict[str, float]:
+        """``vision``, ``prefill`` (vision included) and ``decode`` seconds of the call."""
+        marks, self.marks = self.marks or {}, None
+        if "start" not in marks or "end" not in marks:
+            return {"vision": 0.0, "prefill": 0.0, "decode": 0.0}
+        if self.cuda:
+            marks["end"].synchronize()
+        first = marks.get("first", marks["end"])
+        vision = sum(self._seconds(a, b) for a, b in self.vision if b is not None)
+        return {
+            "vision": vision,
+            "prefill": self._seconds(marks["start"], first),
+            "decode": self._seconds(first, marks["end"]),
+        }
+
+
+class FirstLogits(transformers.LogitsProcessor):
+    """Leaves the scores as they are; its first call marks the prefill's end on the clock."""
+
+    def __init__(self, clock: StageClock):
+        self.clock = clock
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.clock.first_logits()
+        return scores
+
+
+# Oldest transformers the compiled decode was checked on (static cache + compiled decode step
+# with Qwen2.5-VL, greedy output equal to eager): 4.57.3 and 5.x.
+COMPILE_MIN_TRANSFORMERS = (4, 57, 3)
+COMPILE_RUNGS = 4  # batch-size rungs of the compiled decode: B, B/2, B/4, B/8 (rounded up)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_compile_supported(version: str, gpus: int) -> None:
+    """Refuse ``engine.hf.compile`` where it was not checked: older transformers, or a model
+    split over several GPUs (a device map)."""
+    if _version_tuple(version) < COMPILE_MIN_TRANSFORMERS:
+        oldest = ".".join(map(str, COMPILE_MIN_TRANSFORMERS))
+        raise ValueError(
+            f"engine.hf.compile: transformers {version} is older than {oldest}, the oldest "
+            "whose static cache and compiled decode were checked with Qwen2.5-VL; set "
+            "engine.hf.compile=false or upgrade transformers"
+        )
+    if gpus > 1:
+        raise ValueError(
+            f"engine.hf.compile: not supported with the model split over {gpus} GPUs (device "
+            "map); set engine.hf.compile=false or give the actor one GPU"
+        )
+
+
+def batch_rungs(max_batch_size: int) -> list[int]:
+    """The batch sizes the compiled decode runs at (ascending): a batch is padded up to the
+    next rung with dummy rows, so a job compiles at most :data:`COMPILE_RUNGS` decode graphs."""
+    return sorted({-(-max_batch_size // 2**k) for k in range(COMPILE_RUNGS)})
+
+
+def static_cache_len(cfg: Config, max_positions: int) -> int:
+    """Tokens of the static KV cache: the longest prompt the job can have (text up to
+    ``prompt.max_prompt_tokens``, vision up to ``image.max_pixels`` / 784) plus
+    ``sampling.max_tokens``, at most the model's positions."""
+    longest_prompt = cfg.prompt.max_prompt_tokens + cfg.image.max_pixels // (4 * PATCH * PATCH)
+    return min(max_positions, longest_prompt + cfg.sampling.max_tokens)
+
+
+class RowLengths(transformers.StoppingCriteria):
+    """Ends each row once it has its own number of new tokens: a per-row bool tensor, computed
+    on the device (no host sync). ``generate`` pads a finished row while the batch runs on until
+    its longest row ends: what a lock-step engine pays for a long answer."""
+
+    def __init__(self, prompt_width: int, lengths: list[int], device: torch.device):
+        self.ends = torch.tensor([prompt_width + n for n in lengths], device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return self.ends <= input_ids.shape[1]
+
+
 class HFEngine(BatchEngine):
     """Qwen2.5-VL through ``transformers``; one ``generate`` call per batch."""
 
@@ -295,6 +481,11 @@ class HFEngine(BatchEngine):
 
         ecfg = cfg.engine
         self.sampling = cfg.sampling
+        self.answer_lengths = ecfg.hf.answer_lengths  # "" = the model decides
+        self._max_pixels = cfg.image.max_pixels
+        self.compiled = bool(ecfg.hf.compile)
+        if self.compiled:
+            check_compile_supported(transformers.__version__, 0)
         xgr = import_xgrammar(cfg.structured)  # before the model loads: required may refuse
         options = dict(ecfg.options or {})
         processor_kwargs = dict(options.pop("processor_kwargs", None) or {})
@@ -317,6 +508,8 @@ class HFEngine(BatchEngine):
         # An actor given several GPUs (cluster.num_gpus_per_actor > 1) splits the model's layers
         # over them (transformers' device map, through accelerate); inputs go to the first.
         self.gpus = torch.cuda.device_count() if self.device == torch.device("cuda") else 0
+        if self.compiled:
+            check_compile_supported(transformers.__version__, self.gpus)
         if self.gpus > 1:
             kwargs.setdefault("device_map", "auto")
         try:
@@ -364,6 +557,7 @@ class HFEngine(BatchEngine):
             pad_token_id=self.pad_id,
             **generation_kwargs(self.sampling),
         )
+        self._setup_compile(cfg)
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         self._counter = None
         if backend is not None:  # a private copy: the processor's one gets padding set per call
@@ -386,7 +580,16 @@ class HFEngine(BatchEngine):
         self._device_inputs: ImageInputs | None = None  # built on first use (a probe call)
         self._image_inputs: ImageInputs | None = None
         self.use_preprocess(ecfg.hf.preprocess)
-        self._times = {"inputs": 0.0, "generate": 0.0, "outputs": 0.0}
+        stages = ("inputs", "generate", "outputs", "vision", "prefill", "decode")
+        self._times = dict.fromkeys(stages, 0.0)
+        self._last: dict[str, float] = {}
+        self._clock = StageClock(self.device)
+        tower = vision_tower(self.model)
+        if tower is None:
+            log.warning("hf engine: no vision tower found (model.model.visual); vision time is 0")
+        else:
+            tower.register_forward_pre_hook(self._clock.vision_enter)
+            tower.register_forward_hook(self._clock.vision_exit)
 
     def _device_preprocessing(self) -> ImageInputs | None:
         """The torch image path, if this processor returns only what it knows how to build
@@ -426,11 +629,77 @@ class HFEngine(BatchEngine):
             return torch.tensor(make(ids.tolist()), dtype=torch.long)
         return (ids == self.image_token_id).long()
 
+    def _setup_compile(self, cfg: Config) -> None:
+        """``engine.hf.compile``: one static cache length for the job, the batch-size rungs and
+        transformers' own compiled decode step (``compile_config``; CUDA graphs on GPU)."""
+        self._rungs: list[int] = []
+        self._caches: dict[int, Any] = {}  # rung -> its StaticCache, reused batch after batch
+        self.cache_len = 0
+        if not self.compiled:
+            return
+        from transformers.generation.configuration_utils import CompileConfig
+
+        self.cache_len = static_cache_len(cfg, self.max_positions)
+        self._rungs = batch_rungs(cfg.batching.max_batch_size)
+        on_cuda = self.device.type == "cuda"
+        compile_config = CompileConfig(
+            fullgraph=False, dynamic=False, mode="reduce-overhead" if on_cuda else "default"
+        )
+        if not on_cuda:  # transformers compiles on accelerators only unless told to
+            compile_config._compile_all_devices = True
+        self.model.generation_config.compile_config = compile_config
+        # 5.x renamed generate's and forward's past_key_values to cache
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 2 * len(self._rungs)))
+        log.info(
+            "hf engine: compiled decode, static cache of %d tokens, batch rungs %s",
+            self.cache_len,
+            self._rungs,
+        )
+
+    def _static_cache(self, rung: int) -> Any:
+        """The rung's static cache, emptied (called inside inference mode)."""
+        from transformers import StaticCache
+
+        cache = self._caches.get(rung)
+        if cache is None:
+            text_config = self.model.config.get_text_config(decoder=True)
+            cache = self._caches[rung] = StaticCache(
+                config=text_config, max_cache_len=self.cache_len
+            )
+        cache.reset()
+        return cache
+
+    def _pad_rows(self, inputs: Any, n: int) -> None:
+        """Append ``n`` dummy rows to the batch: one attended token each (the first row's last,
+        so no row ends in padding: transformers would warn of right padding), no image."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        dummy_mask = torch.zeros((n, mask.shape[1]), dtype=mask.dtype, device=mask.device)
+        dummy_mask[:, -1] = 1
+        dummy = torch.full((n, ids.shape[1]), self.pad_id, dtype=ids.dtype, device=ids.device)
+        dummy[:, -1] = ids[0, -1]
+        inputs["input_ids"] = torch.cat([ids, dummy])
+        inputs["attention_mask"] = torch.cat([mask, dummy_mask])
+        if "mm_token_type_ids" in inputs:
+            types = inputs["mm_token_type_ids"]
+            inputs["mm_token_type_ids"] = torch.cat(
+                [types, torch.zeros_like(types[:1]).expand(n, -1)]
+            )
+
     def stage_times(self) -> dict[str, float]:
         return dict(self._times)
 
     def reset_stage_times(self) -> None:
         self._times = dict.fromkeys(self._times, 0.0)
+
+    def last_stages(self) -> dict[str, float]:
+        """The last batch's figures: seconds in each stage (as :meth:`stage_times`), ``rows``
+        (the batch's requests), ``batch`` (rows run, dummy rows of the compiled decode included)
+        and ``steps`` (decode steps: new tokens of its longest row)."""
+        return dict(self._last)
 
     # ----------------------------------------------------------------- prompts and counting
 
@@ -487,16 +756,34 @@ class HFEngine(BatchEngine):
     def warmup(self, batch_size: int) -> None:
         """A batch of gray 448x448 images at the job's sampling: CUDA kernel selection for
         every decode length, cuBLAS workspaces and the caching allocator's first blocks happen
-        here, not in real work."""
+        here, not in real work. With ``engine.hf.compile``, one batch per rung (largest first),
+        each compiling its decode graph; the seconds it took are logged."""
         from PIL import Image
 
-        image = Image.new("RGB", (448, 448), (128, 128, 128))
-        side = 448 // (2 * PATCH)
-        requests = [
-            Request(("warmup", i), "warmup", "Describe this image.", None, image, "", side**2, 0)
-            for i in range(batch_size)
-        ]
-        self.generate(requests)
+        side = 448 // (2 * PATCH)  # in 28-pixel tiles; smaller if image.max_pixels is
+        while side > 1 and (side * 2 * PATCH) ** 2 > self._max_pixels:
+            side -= 1
+        image = Image.new("RGB", (side * 2 * PATCH,) * 2, (128, 128, 128))
+        sizes = [batch_size]
+        if self.compiled:
+            sizes = sorted({*self._rungs, min(batch_size, self._rungs[-1])}, reverse=True)
+        t0 = time.perf_counter()
+        for size in sizes:
+            requests = [
+                Request(
+                    ("warmup", i), "warmup", "Describe this image.", None, image, "", side**2, 0
+                )
+                for i in range(size)
+            ]
+            self.generate(requests)
+        if self.compiled:
+            log.info(
+                "hf engine: warm-up compiled the decode for batch rungs %s x %d cache tokens "
+                "in %.1f s",
+                sizes,
+                self.cache_len,
+                time.perf_counter() - t0,
+            )
 
     def model_inputs(self, batch: list[Request]) -> Any:
         """What ``generate`` takes for ``batch``: token ids and mask (left-padded), pixel
@@ -527,6 +814,24 @@ class HFEngine(BatchEngine):
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
 
+    def _rung(self, rows: int, length: int) -> int | None:
+        """The batch size a batch of ``rows`` runs at under the compiled decode, or None: run
+        it eagerly (compile off, or a batch the static caches cannot hold: warned)."""
+        if not self.compiled:
+            return None
+        rung = next((r for r in self._rungs if r >= rows), None)
+        if rung is None or length > self.cache_len:
+            log.warning(
+                "engine.hf.compile: a batch of %d rows x %d tokens does not fit the static "
+                "caches (%s rows x %d tokens); it runs eagerly",
+                rows,
+                length,
+                self._rungs[-1],
+                self.cache_len,
+            )
+            return None
+        return rung
+
     def _generate(self, batch: list[Request]) -> list[Result]:
         t0 = time.perf_counter()
         inputs = self.model_inputs(batch)
@@ -536,36 +841,62 @@ class HFEngine(BatchEngine):
         limits = [
             max(1, min(self.sampling.max_tokens, self.max_positions - n)) for n in prompt_tokens
         ]
-        extra: dict[str, Any] = {}
+        drawn = None  # benchmark answer lengths: where each row's answer ends
+        if self.answer_lengths:
+            drawn = [answer_length(self.answer_lengths, r.row_id) for r in batch]
+        ends = None if drawn is None else [min(n, limit) for n, limit in zip(drawn, limits)]
+        rung = self._rung(len(batch), ids.shape[1] + max(limits))
+        rows = ends
+        if rung is not None and rung > len(batch):  # dummy rows end after one token
+            self._pad_rows(inputs, rung - len(batch))
+            rows = (ends or limits) + [1] * (rung - len(batch))
+        processors: list[Any] = [FirstLogits(self._clock)]
         if self.guide is not None:
-            processor = self.guide.processor(len(batch))
-            extra["logits_processor"] = transformers.LogitsProcessorList([processor])
+            processors.append(self.guide.processor(rung or len(batch), rows))
+        extra: dict[str, Any] = {"logits_processor": transformers.LogitsProcessorList(processors)}
+        if rows is not None:
+            stop_rule = RowLengths(ids.shape[1], rows, self.device)
+            extra["stopping_criteria"] = transformers.StoppingCriteriaList([stop_rule])
+        if rung is None and self.compiled:
+            extra["disable_compile"] = True
         torch.manual_seed(self.sampling.seed)
         t1 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=max(limits), **extra)
+        self._clock.start()
+        try:
+            with torch.inference_mode():
+                if rung is not None:
+                    extra[self._cache_kwarg] = self._static_cache(rung)
+                out = self.model.generate(**inputs, max_new_tokens=max(limits), **extra)
+        finally:
+            self._clock.stop()
         new = out[:, ids.shape[1] :].cpu().tolist()  # waits for the GPU
         t2 = time.perf_counter()
+        stages = self._clock.split()
         results = []
-        for req, row, limit, n_prompt, n_vision in zip(
-            batch, new, limits, prompt_tokens, vision_tokens
+        for k, (req, row, limit, n_prompt, n_vision) in enumerate(
+            zip(batch, new, limits, prompt_tokens, vision_tokens)
         ):
-            row = row[:limit]
+            row = row[: limit if ends is None else ends[k]]
             stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
             n_out = len(row) if stop is None else stop + 1
+            # Ended by the answer-length rule (not by max_tokens): a finished answer.
+            ruled = stop is None and drawn is not None and drawn[k] <= limit
             results.append(
                 Result(
                     req.key,
                     text=self.tokenizer.decode(row[:n_out], skip_special_tokens=True),
-                    finish_reason="length" if stop is None else "stop",
+                    finish_reason="length" if stop is None and not ruled else "stop",
                     prompt_tokens=int(n_prompt),
                     vision_tokens=int(n_vision),
                     output_tokens=n_out,
                 )
             )
-        self._times["inputs"] += t1 - t0
-        self._times["generate"] += t2 - t1
-        self._times["outputs"] += time.perf_counter() - t2
+        last = {"inputs": t1 - t0, "generate": t2 - t1, "outputs": time.perf_counter() - t2}
+        last.update(stages)
+        for stage, seconds in last.items():
+            self._times[stage] += seconds
+        steps = out.shape[1] - ids.shape[1]
+        self._last = {**last, "rows": len(batch), "batch": out.shape[0], "steps": steps}
         return results
 
     def close(self) -> None:

@@ -1,0 +1,284 @@
+"""The transformers engine's decode side on CPU with the tiny random Qwen2.5-VL: the stage
+clocks (vision tower, prefill, decode), benchmark answer lengths (``engine.hf.answer_lengths``)
+and the compiled decode (``engine.hf.compile``: static cache + torch.compile, greedy output equal
+to eager token for token)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from qvl_batch.config import (  # noqa: E402
+    BatchingConfig,
+    Config,
+    EngineConfig,
+    HFEngineConfig,
+    ImageConfig,
+    PromptConfig,
+    SamplingConfig,
+)
+from qvl_batch.engines import hf  # noqa: E402
+from qvl_batch.engines.base import Request  # noqa: E402
+from qvl_batch.engines.build import make_batch_engine  # noqa: E402
+from qvl_batch.engines.lengths import answer_length  # noqa: E402
+
+pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
+pytestmark = pytest.mark.timeout(300)
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _requests(n: int, prompt: str = "Describe this image.") -> list[Request]:
+    sizes = [(112, 84), (84, 140), (56, 56)]
+    out = []
+    for i in range(n):
+        image = _image(*sizes[i % 3], seed=i)
+        width, height = image.size
+        out.append(
+            Request(
+                key=("unit", i),
+                row_id=f"row-{i}",
+                prompt=prompt + " Be brief." * (i % 2),  # different prompt lengths: left padding
+                system=None,
+                image=image,
+                image_sha256="0" * 64,
+                vision_tokens=(width // 28) * (height // 28),
+                text_tokens=0,
+            )
+        )
+    return out
+
+
+def _engine(model: str, max_tokens: int, **hf_knobs):
+    return make_batch_engine(
+        Config(
+            engine=EngineConfig(
+                name="hf", model=model, device="cpu", hf=HFEngineConfig(**hf_knobs)
+            ),
+            sampling=SamplingConfig(max_tokens=max_tokens),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    eng = _engine(tiny_model, 16)
+    yield eng
+    eng.close()
+
+
+# ------------------------------------------------------------------------------ stage clocks
+
+
+def test_vision_tower_is_found(engine):
+    tower = hf.vision_tower(engine.model)
+    assert tower is not None and "Vision" in type(tower).__name__
+    assert tower is engine.model.model.visual
+
+
+def test_stage_clocks_split_generate(engine):
+    engine.reset_stage_times()
+    engine.generate(_requests(3))
+    last = engine.last_stages()
+    assert last["rows"] == 3 and 1 <= last["steps"] <= 16
+    for stage in ("vision", "prefill", "decode", "generate", "inputs", "outputs"):
+        assert last[stage] > 0, stage
+    assert last["vision"] < last["prefill"]  # the first forward holds the vision tower
+    # prefill (vision included) + decode is generate, but for what runs after the end mark
+    assert last["prefill"] + last["decode"] == pytest.approx(last["generate"], rel=0.05, abs=0.02)
+    totals = engine.stage_times()
+    assert {"inputs", "generate", "outputs", "vision", "prefill", "decode"} <= set(totals)
+    assert totals["decode"] == pytest.approx(last["decode"])
+    engine.generate(_requests(2))
+    assert engine.stage_times()["decode"] > totals["decode"]  # clocks add up over batches
+    engine.reset_stage_times()
+    assert set(engine.stage_times().values()) == {0.0}
+
+
+def test_decode_time_grows_with_max_tokens(tiny_model):
+    """Same rows, 16 vs 64 new tokens: prefill is the same work, decode runs longer. The best of
+    three interleaved runs each, as the CPU may be shared."""
+    requests = _requests(2, prompt="Write a long story about this picture.")
+    long = _engine(tiny_model, 64, answer_lengths="fixed:64")
+    short = _engine(tiny_model, 16, answer_lengths="fixed:16")
+    runs: dict[str, list[dict]] = {"long": [], "short": []}
+    try:
+        for eng in (long, short):  # a first call pays one-time costs
+            eng.generate(requests)
+        for _ in range(3):
+            for name, eng in (("long", long), ("short", short)):
+                eng.generate(requests)
+                runs[name].append(eng.last_stages())
+    finally:
+        long.close()
+        short.close()
+    s_steps = {r["steps"] for r in runs["short"]}
+    l_steps = {r["steps"] for r in runs["long"]}
+    assert s_steps == {16} and min(l_steps) >= 32  # the tiny model may stop on its own
+    best = {name: min(r["decode"] for r in rs) for name, rs in runs.items()}
+    assert best["long"] > 1.3 * best["short"]
+
+
+# ---------------------------------------------------------------------------- answer lengths
+
+
+def test_rows_end_at_their_drawn_lengths(tiny_model):
+    """uniform:3:14 over six rows of one batch: each row's answer is its drawn length (unless the
+    tiny model's own EOS comes first), and the batch decodes to its longest row, not max_tokens."""
+    spec = "uniform:3:14"
+    requests = _requests(6)
+    drawn = {r.key: answer_length(spec, r.row_id) for r in requests}
+    assert len(set(drawn.values())) > 2  # rows of one batch end at different steps
+    eng = _engine(tiny_model, 40, answer_lengths=spec)
+    free = _engine(tiny_model, 40)  # the model decides: the reference tokens
+    try:
+        results = {r.key: r for r in eng.generate(requests)}
+        steps = eng.last_stages()["steps"]
+        reference = {r.key: r for r in free.generate(requests)}
+    finally:
+        eng.close()
+        free.close()
+    ruled = 0
+    for key, want in drawn.items():
+        got, ref = results[key], reference[key]
+        assert got.error_code is None and got.finish_reason == "stop"
+        if ref.finish_reason == "stop" and ref.output_tokens <= want:  # its EOS came first
+            assert (got.output_tokens, got.text) == (ref.output_tokens, ref.text)
+        else:
+            ruled += 1
+            assert got.output_tokens == want, key
+            assert ref.text.startswith(got.text)  # the same greedy tokens, cut at its length
+    assert ruled >= 3
+    assert steps == max(r.output_tokens for r in results.values()) < 40
+
+
+def test_fixed_length_is_exact_and_capped_by_max_tokens(tiny_model):
+    requests = _requests(3, prompt="Write a long story about this picture.")
+    eng = _engine(tiny_model, 8, answer_lengths="fixed:5")
+    capped = _engine(tiny_model, 4, answer_lengths="fixed:5")
+    try:
+        fixed = eng.generate(requests)
+        cut = capped.generate(requests)
+    finally:
+        eng.close()
+        capped.close()
+    assert {(r.output_tokens, r.finish_reason) for r in fixed} <= {(5, "stop")} | {
+        (n, "stop")
+        for n in range(1, 5)  # the tiny model's own EOS, if it came first
+    }
+    assert sum(r.output_tokens == 5 for r in fixed) >= 2
+    # a drawn length past max_tokens: cut by max_tokens, as any answer is
+    assert {(r.output_tokens, r.finish_reason) for r in cut if r.finish_reason == "length"} == {
+        (4, "length")
+    }
+
+
+def test_answer_lengths_config_is_validated():
+    from qvl_batch.errors import ConfigError
+
+    assert HFEngineConfig().answer_lengths == ""  # off: the model decides
+    assert HFEngineConfig(answer_lengths="lognormal:110:300").answer_lengths
+    with pytest.raises(ConfigError, match=r"engine\.hf\.answer_lengths"):
+        HFEngineConfig(answer_lengths="uniform:9:3")
+    with pytest.raises(ConfigError, match=r"engine\.hf\.vision"):
+        HFEngineConfig(vision="fast")
+
+
+# ---------------------------------------------------------------------------- compiled decode
+
+
+def _compiled_config(model: str, compile: bool, **hf_knobs) -> Config:
+    """A small job: max_batch_size 4 (rungs 1, 2, 4), a short static cache (text up to 64
+    tokens, images up to 112x140 -> 20 vision tokens, 12 new tokens: 96)."""
+    return Config(
+        engine=EngineConfig(
+            name="hf", model=model, device="cpu", hf=HFEngineConfig(compile=compile, **hf_knobs)
+        ),
+        sampling=SamplingConfig(max_tokens=12),
+        prompt=PromptConfig(max_prompt_tokens=64),
+        image=ImageConfig(max_pixels=112 * 140),
+        batching=BatchingConfig(max_batch_size=4),
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_model):
+    """The engine with ``engine.hf.compile`` on, warmed up (every rung compiled)."""
+    from torch._dynamo.utils import counters
+
+    eng = make_batch_engine(_compiled_config(tiny_model, True))
+    counters.clear()
+    t0 = time.perf_counter()
+    eng.warmup(4)
+    eng.compile_s = time.perf_counter() - t0  # reported by the test below
+    eng.graphs_after_warmup = counters["stats"]["unique_graphs"]
+    yield eng
+    eng.close()
+
+
+def test_compiled_sizes_its_cache_and_rungs_from_the_job(compiled):
+    assert compiled.compiled and compiled.cache_len == 64 + 20 + 12
+    assert compiled._rungs == [1, 2, 4]
+    assert hf.batch_rungs(32) == [4, 8, 16, 32] and hf.batch_rungs(6) == [1, 2, 3, 6]
+    assert sorted(compiled._caches) == [1, 2, 4]  # warm-up ran every rung
+    # one decode graph per rung (a rung's first call compiles it)
+    assert compiled.graphs_after_warmup == 3, compiled.compile_s
+    print(f"\nwarm-up compile of 3 rungs: {compiled.compile_s:.1f} s")
+
+
+def test_compiled_greedy_output_equals_eager(compiled, tiny_model):
+    """float32 greedy, token for token: batches of 3 (padded to 4 with a dummy row) and 1,
+    different prompt widths; then no graph was compiled beyond the warm-up's."""
+    from torch._dynamo.utils import counters
+
+    eager = make_batch_engine(_compiled_config(tiny_model, False))
+    try:
+        for requests in (_requests(3), _requests(1, prompt="Hi")):
+            want = {r.key: r for r in eager.generate(requests)}
+            got = {r.key: r for r in compiled.generate(requests)}
+            assert compiled.last_stages()["batch"] in (1, 4)
+            for key, ref in want.items():
+                assert (got[key].text, got[key].output_tokens, got[key].finish_reason) == (
+                    ref.text,
+                    ref.output_tokens,
+                    ref.finish_reason,
+                ), key
+                assert got[key].prompt_tokens == ref.prompt_tokens
+            assert any(r.finish_reason == "length" for r in want.values()) or len(want) == 1
+    finally:
+        eager.close()
+    assert counters["stats"]["unique_graphs"] == compiled.graphs_after_warmup
+
+
+def test_compiled_with_answer_lengths_and_a_batch_past_the_cache(compiled, tiny_model, caplog):
+    """Answer lengths end rows under the compiled decode too; a prompt longer than the static
+    cache was sized for runs eagerly, with a warning."""
+    compiled.answer_lengths = "fixed:3"
+    try:
+        results = compiled.generate(_requests(2))
+        assert all(r.output_tokens <= 3 and r.finish_reason == "stop" for r in results)
+        long = _requests(1, prompt="word " * 80)  # past max_prompt_tokens: the caller's job
+        with caplog.at_level(logging.WARNING, logger=hf.__name__):
+            (got,) = compiled.generate(long)
+        assert got.error_code is None and "runs eagerly" in caplog.text
+    finally:
+        compiled.answer_lengths = ""
+
+
+def test_compile_refuses_old_transformers_and_device_maps():
+    with pytest.raises(ValueError, match=r"engine\.hf\.compile: transformers 4\.56\.2 is older"):
+        hf.check_compile_supported("4.56.2", 0)
+    with pytest.raises(ValueError, match=r"engine\.hf\.compile: .*2 GPUs"):
+        hf.check_compile_supported(transformers.__version__, 2)
+    hf.check_compile_supported("4.57.3", 1)
+    hf.check_compile_supported("5.0.0.dev0", 0)
