@@ -280,11 +280,12 @@ class HFEngineConfig:
     # a length drawn from its id, fixed:N | uniform:LO:HI | lognormal:MEAN:CAP (as the fake
     # engine's). A batch still decodes until its longest row ends. "" = off: the model decides.
     answer_lengths: str = ""
-    # Decode with a static KV cache and a torch.compile'd decode step (CUDA graphs on GPU); one
-    # graph per batch-size rung, compiled at warm-up (see qvl_batch.engines.hf).
+    # Decode with static KV caches and a torch.compile'd decode step (CUDA graphs on GPU); one
+    # graph per batch-size rung and cache length step, the rungs compiled at warm-up (see
+    # qvl_batch.engines.hf).
     compile: bool = False
-    # The vision tower's attention: "stock" (transformers' own) or "dense" (hf_vision.py; not
-    # wired into the engine yet).
+    # The vision tower's attention: "stock" (transformers' own: one call per window and image)
+    # or "dense" (qvl_batch.engines.hf_vision: a few batched calls per block, same output).
     vision: str = "stock"
 
     def __post_init__(self) -> None:

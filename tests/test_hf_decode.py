@@ -198,8 +198,8 @@ def test_answer_lengths_config_is_validated():
 
 
 def _compiled_config(model: str, compile: bool, **hf_knobs) -> Config:
-    """A small job: max_batch_size 4 (rungs 1, 2, 4), a short static cache (text up to 64
-    tokens, images up to 112x140 -> 20 vision tokens, 12 new tokens: 96)."""
+    """A small job: max_batch_size 4 (rungs 1, 2, 4), images up to 112x140, 12 new tokens: every
+    batch fits the shortest static cache (256 tokens)."""
     return Config(
         engine=EngineConfig(
             name="hf", model=model, device="cpu", hf=HFEngineConfig(compile=compile, **hf_knobs)
@@ -226,11 +226,19 @@ def compiled(tiny_model):
     eng.close()
 
 
-def test_compiled_sizes_its_cache_and_rungs_from_the_job(compiled):
-    assert compiled.compiled and compiled.cache_len == 64 + 20 + 12
-    assert compiled._rungs == [1, 2, 4]
+def test_compiled_sizes_its_caches_from_the_batch_and_rungs_from_the_job(compiled):
+    assert compiled.compiled and compiled._rungs == [1, 2, 4]
     assert hf.batch_rungs(32) == [4, 8, 16, 32] and hf.batch_rungs(6) == [1, 2, 3, 6]
-    assert sorted(compiled._caches) == [1, 2, 4]  # warm-up ran every rung
+    # lengths double from CACHE_MIN_LEN, capped by the model's positions
+    assert [hf.static_cache_len(n, 4096) for n in (1, 256, 257, 600, 5000)] == [
+        256,
+        256,
+        512,
+        1024,
+        4096,
+    ]
+    # warm-up ran every rung, at its image's length (16 vision tokens + text + 12 new: 256)
+    assert sorted(compiled._caches) == [(1, 256), (2, 256), (4, 256)]
     # one decode graph per rung (a rung's first call compiles it)
     assert compiled.graphs_after_warmup == 3, compiled.compile_s
     print(f"\nwarm-up compile of 3 rungs: {compiled.compile_s:.1f} s")
@@ -260,17 +268,18 @@ def test_compiled_greedy_output_equals_eager(compiled, tiny_model):
     assert counters["stats"]["unique_graphs"] == compiled.graphs_after_warmup
 
 
-def test_compiled_with_answer_lengths_and_a_batch_past_the_cache(compiled, tiny_model, caplog):
-    """Answer lengths end rows under the compiled decode too; a prompt longer than the static
-    cache was sized for runs eagerly, with a warning."""
+def test_compiled_with_answer_lengths_and_a_batch_past_the_rungs(compiled, tiny_model, caplog):
+    """Answer lengths end rows under the compiled decode too; a longer batch gets a longer
+    cache (the next power of two); a batch past the largest rung runs eagerly, warned."""
     compiled.answer_lengths = "fixed:3"
     try:
         results = compiled.generate(_requests(2))
         assert all(r.output_tokens <= 3 and r.finish_reason == "stop" for r in results)
-        long = _requests(1, prompt="word " * 80)  # past max_prompt_tokens: the caller's job
+        assert compiled._rung(1, 300) == (1, 512) and compiled._rung(3, 40) == (4, 256)
         with caplog.at_level(logging.WARNING, logger=hf.__name__):
-            (got,) = compiled.generate(long)
-        assert got.error_code is None and "runs eagerly" in caplog.text
+            got = compiled.generate(_requests(5))  # the rungs are 1, 2, 4
+        assert len(got) == 5 and all(r.error_code is None for r in got)
+        assert "runs eagerly" in caplog.text
     finally:
         compiled.answer_lengths = ""
 

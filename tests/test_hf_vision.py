@@ -236,3 +236,37 @@ def test_self_check_catches_a_forward_that_differs(tiny_model, monkeypatch):
 def test_not_qwen_vl_raises():
     with pytest.raises(ValueError, match=HINT):
         hf_vision.enable_dense_vision(torch.nn.Linear(2, 2))
+
+
+def test_the_engine_runs_the_dense_tower_when_the_job_says_so(tiny_model):
+    """engine.hf.vision=dense switches the loaded model's tower; greedy fp32 answers equal the
+    stock tower's; use_vision switches back on the same model."""
+    from PIL import Image
+
+    from qvl_batch.config import Config, EngineConfig, HFEngineConfig, SamplingConfig
+    from qvl_batch.engines.base import Request
+    from qvl_batch.engines.build import make_batch_engine
+    from qvl_batch.engines.hf_vision import is_dense
+
+    cfg = Config(
+        engine=EngineConfig(
+            name="hf", model=tiny_model, device="cpu", hf=HFEngineConfig(vision="dense")
+        ),
+        sampling=SamplingConfig(max_tokens=6),
+    )
+    engine = make_batch_engine(cfg)
+    try:
+        assert is_dense(engine.model)
+        rng = torch.Generator().manual_seed(3)
+        requests = []
+        for i, (w, h) in enumerate([(112, 84), (112, 84), (56, 140)]):  # two sizes: a mixed batch
+            pixels = torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8)
+            image = Image.fromarray(pixels.numpy())
+            requests.append(Request(("u", i), f"r{i}", "Describe.", None, image, "", 0, 0))
+        dense = [(r.text, r.output_tokens) for r in engine.generate(requests)]
+        engine.use_vision("stock")
+        assert not is_dense(engine.model)
+        stock = [(r.text, r.output_tokens) for r in engine.generate(requests)]
+        assert dense == stock
+    finally:
+        engine.close()

@@ -52,19 +52,27 @@ criterion; the batch runs until its longest row ends, its finished rows padded. 
 finish_reason "stop" with its drawn length (one whose drawn length passes max_tokens: "length").
 
 Compiled decode (``engine.hf.compile``, transformers >= 4.57.3, one GPU): the decode step runs
-through transformers' own ``torch.compile`` (``compile_config``; CUDA graphs on GPU) on a static
-KV cache the engine owns and passes to ``generate`` (reset per batch, never reallocated). A
-graph is specialised to the cache's batch size and length, so the engine fixes both per job:
+through transformers' own ``torch.compile`` (``compile_config``; CUDA graphs on GPU) on static
+KV caches the engine owns and passes to ``generate`` (reset per batch, never reallocated: a graph
+is specialised to its cache's batch size, length and addresses). So the shapes come in steps:
 
-* length: ``prompt.max_prompt_tokens`` + ``image.max_pixels`` / 784 + ``sampling.max_tokens``
-  (at most the model's positions). Every decode step attends over the whole cache, so a job
-  with short prompts under a large ``max_prompt_tokens`` / ``max_pixels`` pays for the room;
-  lower them to shrink it. A batch that would not fit runs eagerly (warned).
 * batch size: rungs ``B, B/2, B/4, B/8`` (rounded up, ``B = batching.max_batch_size``); a
   batch is padded up to the next rung with dummy rows (one attended token, no image, ended after
-  one token), one cache per rung. So a job compiles at most 4 decode graphs, all at
-  warm-up (``engine.warmup``), which logs the seconds; the prefill runs eagerly, as
-  transformers does. Greedy float32 output equals eager token for token (CPU tests).
+  one token).
+* length: the batch's prompt width + its longest answer, rounded up to a power of two from
+  :data:`CACHE_MIN_LEN` (at most the model's positions). Every decode step attends over the
+  whole cache, so the cache follows the batch instead of the job's worst case (a 5,440-token
+  cache for the defaults' largest prompt made every step of a 448x448 batch attend over 15x
+  its ~370 tokens, and 40 GB of cache at B=128 on a 7B).
+
+One cache and one decode graph per (rung, length) met. The warm-up (``engine.warmup``) compiles
+every rung at the warm-up image's length and logs the seconds; a job of one image size and
+answer budget compiles nothing after it, a mixed-size job one graph per further length step it
+meets (each costs a compile, logged, and its cache's memory). The prefill runs eagerly, as
+transformers does. Greedy float32 output equals eager token for token (CPU tests).
+
+Dense vision (``engine.hf.vision: dense``): the vision tower's window and full attention run as
+a few batched calls (``hf_vision.py``); ``stock`` is transformers' one call per window and image.
 """
 
 from __future__ import annotations
@@ -413,6 +421,7 @@ class FirstLogits(transformers.LogitsProcessor):
         return scores
 
 
+CACHE_MIN_LEN = 256  # shortest static cache (tokens); lengths double from here
 # Oldest transformers the compiled decode was checked on (static cache + compiled decode step
 # with Qwen2.5-VL, greedy output equal to eager): 4.57.3 and 5.x.
 COMPILE_MIN_TRANSFORMERS = (4, 57, 3)
@@ -450,12 +459,13 @@ def batch_rungs(max_batch_size: int) -> list[int]:
     return sorted({-(-max_batch_size // 2**k) for k in range(COMPILE_RUNGS)})
 
 
-def static_cache_len(cfg: Config, max_positions: int) -> int:
-    """Tokens of the static KV cache: the longest prompt the job can have (text up to
-    ``prompt.max_prompt_tokens``, vision up to ``image.max_pixels`` / 784) plus
-    ``sampling.max_tokens``, at most the model's positions."""
-    longest_prompt = cfg.prompt.max_prompt_tokens + cfg.image.max_pixels // (4 * PATCH * PATCH)
-    return min(max_positions, longest_prompt + cfg.sampling.max_tokens)
+def static_cache_len(tokens: int, max_positions: int) -> int:
+    """The static cache length for a batch needing ``tokens`` (prompt width + longest answer):
+    the power of two from :data:`CACHE_MIN_LEN` that holds it, at most the model's positions."""
+    length = CACHE_MIN_LEN
+    while length < tokens:
+        length *= 2
+    return min(length, max_positions)
 
 
 class RowLengths(transformers.StoppingCriteria):
@@ -525,6 +535,8 @@ class HFEngine(BatchEngine):
             )
         split = getattr(model, "hf_device_map", None)
         self.model = (model if split else model.to(self.device)).eval()
+        self.vision = "stock"
+        self.use_vision(ecfg.hf.vision)
         if split:
             self.device = torch.device("cuda", 0)
         log.info(
@@ -630,17 +642,24 @@ class HFEngine(BatchEngine):
         return (ids == self.image_token_id).long()
 
     def _setup_compile(self, cfg: Config) -> None:
-        """``engine.hf.compile``: one static cache length for the job, the batch-size rungs and
-        transformers' own compiled decode step (``compile_config``; CUDA graphs on GPU)."""
-        self._rungs: list[int] = []
-        self._caches: dict[int, Any] = {}  # rung -> its StaticCache, reused batch after batch
-        self.cache_len = 0
-        if not self.compiled:
+        """``engine.hf.compile``: the batch-size rungs and transformers' own compiled decode step
+        (``compile_config``; CUDA graphs on GPU)."""
+        self._rungs = batch_rungs(cfg.batching.max_batch_size)
+        # (rung, length) -> its StaticCache, reused batch after batch
+        self._caches: dict[tuple[int, int], Any] = {}
+        if self.compiled:
+            self.use_compile(True)
+
+    def use_compile(self, on: bool) -> None:
+        """The compiled decode on or off from now on (``engine.hf.compile``; the GPU benchmark
+        switches it on one loaded model). Compiled graphs and caches are kept for later."""
+        if on:
+            check_compile_supported(transformers.__version__, self.gpus)
+        self.compiled = on
+        if not on or getattr(self, "_cache_kwarg", None):
             return
         from transformers.generation.configuration_utils import CompileConfig
 
-        self.cache_len = static_cache_len(cfg, self.max_positions)
-        self._rungs = batch_rungs(cfg.batching.max_batch_size)
         on_cuda = self.device.type == "cuda"
         compile_config = CompileConfig(
             fullgraph=False, dynamic=False, mode="reduce-overhead" if on_cuda else "default"
@@ -653,22 +672,34 @@ class HFEngine(BatchEngine):
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         dynamo = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo, limit, max(getattr(dynamo, limit), 2 * len(self._rungs)))
-        log.info(
-            "hf engine: compiled decode, static cache of %d tokens, batch rungs %s",
-            self.cache_len,
-            self._rungs,
-        )
+        # Each (rung, length) is its own graph: room for a mixed-size job's steps.
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+        log.info("hf engine: compiled decode, batch rungs %s", self._rungs)
 
-    def _static_cache(self, rung: int) -> Any:
-        """The rung's static cache, emptied (called inside inference mode)."""
+    def use_vision(self, mode: str) -> None:
+        """``dense`` or ``stock`` vision attention from now on (``engine.hf.vision``)."""
+        from .hf_vision import disable_dense_vision, enable_dense_vision
+
+        if mode == "dense" and enable_dense_vision(self.model) == 0:
+            log.warning("engine.hf.vision=dense: this attention implementation stays stock")
+        elif mode == "stock":
+            disable_dense_vision(self.model)
+        self.vision = mode
+
+    def use_answer_lengths(self, spec: str) -> None:
+        """Benchmark answer lengths from now on (``engine.hf.answer_lengths``; "" = off)."""
+        self.answer_lengths = spec
+
+    def _static_cache(self, rung: int, length: int) -> Any:
+        """The (rung, length) static cache, emptied (called inside inference mode)."""
         from transformers import StaticCache
 
-        cache = self._caches.get(rung)
+        cache = self._caches.get((rung, length))
         if cache is None:
+            log.info("hf engine: a static cache of %d rows x %d tokens (compiles)", rung, length)
             text_config = self.model.config.get_text_config(decoder=True)
-            cache = self._caches[rung] = StaticCache(
-                config=text_config, max_cache_len=self.cache_len
+            cache = self._caches[rung, length] = StaticCache(
+                config=text_config, max_cache_len=length
             )
         cache.reset()
         return cache
@@ -768,6 +799,7 @@ class HFEngine(BatchEngine):
         if self.compiled:
             sizes = sorted({*self._rungs, min(batch_size, self._rungs[-1])}, reverse=True)
         t0 = time.perf_counter()
+        lengths, self.answer_lengths = self.answer_lengths, ""  # the longest answers' cache
         for size in sizes:
             requests = [
                 Request(
@@ -775,13 +807,14 @@ class HFEngine(BatchEngine):
                 )
                 for i in range(size)
             ]
-            self.generate(requests)
+            try:
+                self.generate(requests)
+            finally:
+                self.answer_lengths = lengths
         if self.compiled:
             log.info(
-                "hf engine: warm-up compiled the decode for batch rungs %s x %d cache tokens "
-                "in %.1f s",
+                "hf engine: warm-up compiled the decode for batch rungs %s in %.1f s",
                 sizes,
-                self.cache_len,
                 time.perf_counter() - t0,
             )
 
@@ -814,23 +847,25 @@ class HFEngine(BatchEngine):
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
 
-    def _rung(self, rows: int, length: int) -> int | None:
-        """The batch size a batch of ``rows`` runs at under the compiled decode, or None: run
-        it eagerly (compile off, or a batch the static caches cannot hold: warned)."""
+    def _rung(self, rows: int, tokens: int) -> tuple[int, int] | None:
+        """(batch size, cache length) a batch of ``rows`` needing ``tokens`` runs at under the
+        compiled decode, or None: run it eagerly (compile off, or a batch no static cache can
+        hold: warned)."""
         if not self.compiled:
             return None
         rung = next((r for r in self._rungs if r >= rows), None)
-        if rung is None or length > self.cache_len:
+        length = static_cache_len(tokens, self.max_positions)
+        if rung is None or tokens > length:
             log.warning(
-                "engine.hf.compile: a batch of %d rows x %d tokens does not fit the static "
-                "caches (%s rows x %d tokens); it runs eagerly",
+                "engine.hf.compile: a batch of %d rows x %d tokens does not fit a static cache "
+                "(at most %s rows x %d tokens); it runs eagerly",
                 rows,
-                length,
+                tokens,
                 self._rungs[-1],
-                self.cache_len,
+                length,
             )
             return None
-        return rung
+        return rung, length
 
     def _generate(self, batch: list[Request]) -> list[Result]:
         t0 = time.perf_counter()
@@ -845,7 +880,8 @@ class HFEngine(BatchEngine):
         if self.answer_lengths:
             drawn = [answer_length(self.answer_lengths, r.row_id) for r in batch]
         ends = None if drawn is None else [min(n, limit) for n, limit in zip(drawn, limits)]
-        rung = self._rung(len(batch), ids.shape[1] + max(limits))
+        shape = self._rung(len(batch), ids.shape[1] + max(ends or limits))
+        rung = shape[0] if shape else None
         rows = ends
         if rung is not None and rung > len(batch):  # dummy rows end after one token
             self._pad_rows(inputs, rung - len(batch))
@@ -864,8 +900,8 @@ class HFEngine(BatchEngine):
         self._clock.start()
         try:
             with torch.inference_mode():
-                if rung is not None:
-                    extra[self._cache_kwarg] = self._static_cache(rung)
+                if shape is not None:
+                    extra[self._cache_kwarg] = self._static_cache(*shape)
                 out = self.model.generate(**inputs, max_new_tokens=max(limits), **extra)
         finally:
             self._clock.stop()

@@ -156,12 +156,18 @@ class _PlanCache:
         self.size = size
         self.entries: list[tuple[torch.Tensor, int, _Plan]] = []
 
+    @staticmethod
+    def _version(tensor: torch.Tensor) -> int | None:
+        # Inference-mode tensors (the engine's generate) keep no version counter.
+        return None if tensor.is_inference() else tensor._version
+
     def get(self, cu_seqlens: torch.Tensor) -> _Plan:
         for tensor, version, plan in self.entries:
-            if tensor is cu_seqlens and tensor._version == version:
+            if tensor is cu_seqlens and self._version(tensor) == version:
                 return plan
         plan = _Plan(cu_seqlens)
-        self.entries = [(cu_seqlens, cu_seqlens._version, plan), *self.entries][: self.size]
+        entry = (cu_seqlens, self._version(cu_seqlens), plan)
+        self.entries = [entry, *self.entries][: self.size]
         return plan
 
 
