@@ -60,15 +60,17 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
         assert run["rows"] == 16 and run["errors"] == 0
         assert run["images_per_s"] > 0 and run["output_tokens_per_s"] > 0
         stages = run["engine_s_per_batch"]
-        assert set(stages) == {"inputs", "generate", "outputs"}
+        assert set(stages) == {"inputs", "generate", "outputs", "vision", "prefill", "decode"}
         # Stage clocks are per timed batch (the warm-up is not in them): they fit in the run.
-        assert 0 < sum(stages.values()) * -(-16 // run["batch_size"]) <= run["seconds"]
+        whole = sum(stages[k] for k in ("inputs", "generate", "outputs"))
+        assert 0 < whole * -(-16 // run["batch_size"]) <= run["seconds"]
+        assert 0 < stages["vision"] < stages["prefill"] <= stages["generate"]
 
     actor = report["actor"]  # the same timing inside an idle Ray actor
     assert actor["rows"] == 16 and actor["errors"] == 0
     assert actor["batch_size"] == bare["best_batch_size"]
     assert actor["ratio_vs_bare"] > 0 and actor["torch_threads"] >= 1
-    assert set(actor["engine_s_per_batch"]) == {"inputs", "generate", "outputs"}
+    assert {"inputs", "generate", "outputs", "decode"} <= set(actor["engine_s_per_batch"])
 
     runner = report["runner"]
     assert runner["status"] == "succeeded" and runner["rows"] == 16
@@ -77,7 +79,7 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
     assert runner["ratio_steady_vs_bare"] > 0
     assert set(runner["stage_fractions"]) == {"read", "prepare", "engine", "engine_idle"}
     per_batch = runner["engine_s_per_batch"]  # the batching adapter's clock, then the engine's
-    assert set(per_batch) == {"run", "inputs", "generate", "outputs"}
+    assert set(per_batch) == {"run", "inputs", "generate", "outputs", "vision", "prefill", "decode"}
     assert per_batch["run"] >= per_batch["generate"] > 0
     assert "gpu" not in runner  # sampled only where CUDA is present
 
@@ -142,4 +144,91 @@ def test_bench_gpu_scaling_section_on_cpu(tmp_path, ray_head):
     assert job["actors_2"]["backup_wins"] <= job["actors_2"]["backup_copies"]
     assert job["scaling_2"] == round(
         job["actors_2"]["steady_rows_per_s"] / (2 * job["actors_1"]["steady_rows_per_s"]), 4
+    )
+
+
+def test_bench_gpu_variants_and_contention_on_cpu(tmp_path, ray_head):
+    """--vision / --decode / --answer-lengths in the bare section, --runner-variants in the
+    runner section (each compared with its own bare run), and the contention section."""
+    out = tmp_path / "variants.json"
+    args = _args(
+        [
+            "gpu",
+            f"cluster.address={ray_head}",
+            "--workdir",
+            str(tmp_path),
+            "--cores",
+            "1",
+            "--size",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--rows",
+            "8",
+            "--batch-sizes",
+            "4",
+            "--max-tokens",
+            "6",
+            "--image-size",
+            "112",
+            "--sections",
+            "bare,runner,contention",
+            "--vision",
+            "stock",
+            "dense",
+            "--decode",
+            "eager",
+            "--answer-lengths",
+            "fixed",
+            "uniform:1:3",
+            "--runner-variants",
+            "dense/eager",
+            "--json-out",
+            str(out),
+        ]
+    )
+    assert bench_gpu(args) == 0
+    report = json.loads(out.read_text())
+    runs = report["bare"]["runs"]
+    assert [(r["vision"], r["answer_lengths"]) for r in runs] == [
+        ("stock", "fixed"),
+        ("stock", "uniform:1:3"),
+        ("dense", "fixed"),
+        ("dense", "uniform:1:3"),
+    ]
+    for run in runs:
+        assert run["rows"] == 8 and run["errors"] == 0 and run["decode"] == "eager"
+        want = 6.0 if run["answer_lengths"] == "fixed" else 3.0
+        # fixed: every answer runs to max_tokens (unless the tiny model says EOS); uniform 1-3
+        assert run["output_tokens_mean"] <= want
+    deviation = report["bare"]["vision_deviation"]  # fp32 on the CPU: equal to rounding
+    assert deviation["rows"] == 4 and deviation["max_abs_diff"] <= 1e-5 * max(
+        1.0, deviation["max_abs_stock"]
+    )
+    fixed = [r["output_tokens_mean"] for r in runs if r["answer_lengths"] == "fixed"]
+    drawn = [r["output_tokens_mean"] for r in runs if r["answer_lengths"] != "fixed"]
+    assert min(fixed) > max(drawn)  # the drawn lengths end answers earlier
+
+    runners = report["runners"]
+    assert [(x["variant"]["vision"], x["variant"]["answer_lengths"]) for x in runners] == [
+        ("dense", "fixed"),
+        ("dense", "uniform:1:3"),
+    ]
+    for x in runners:
+        assert x["status"] == "succeeded" and x["rows"] == 8
+        same = [
+            r
+            for r in runs
+            if (r["vision"], r["answer_lengths"])
+            == (x["variant"]["vision"], x["variant"]["answer_lengths"])
+        ]
+        assert x["bare_images_per_s"] == same[0]["images_per_s"]
+
+    contention = report["contention"]
+    assert contention["alone"]["rows"] == 8 and len(contention["together"]) == 2
+    assert all(r["rows"] == 8 for r in contention["together"])
+    assert contention["scaling"] == round(
+        sum(r["images_per_s"] for r in contention["together"])
+        / (2 * contention["alone"]["images_per_s"]),
+        4,
     )

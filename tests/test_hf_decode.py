@@ -237,21 +237,21 @@ def test_compiled_sizes_its_caches_from_the_batch_and_rungs_from_the_job(compile
         1024,
         4096,
     ]
-    # warm-up ran every rung, at its image's length (16 vision tokens + text + 12 new: 256)
-    assert sorted(compiled._caches) == [(1, 256), (2, 256), (4, 256)]
-    # one decode graph per rung (a rung's first call compiles it)
-    assert compiled.graphs_after_warmup == 3, compiled.compile_s
-    print(f"\nwarm-up compile of 3 rungs: {compiled.compile_s:.1f} s")
+    # warm-up ran the full batch's rung at its image's length (16 vision tokens + text + 12 new)
+    assert sorted(compiled._caches) == [(4, 256)]
+    # one decode graph: the full batch's rung (a smaller rung compiles when first met)
+    assert compiled.graphs_after_warmup == 1, compiled.compile_s
+    print(f"\nwarm-up compile of one rung: {compiled.compile_s:.1f} s")
 
 
 def test_compiled_greedy_output_equals_eager(compiled, tiny_model):
-    """float32 greedy, token for token: batches of 3 (padded to 4 with a dummy row) and 1,
-    different prompt widths; then no graph was compiled beyond the warm-up's."""
+    """float32 greedy, token for token: batches of 3 (padded to 4 with a dummy row: the warm-up's
+    graph) and 1 (a new rung: one graph more), twice each; different prompt widths."""
     from torch._dynamo.utils import counters
 
     eager = make_batch_engine(_compiled_config(tiny_model, False))
     try:
-        for requests in (_requests(3), _requests(1, prompt="Hi")):
+        for requests in (_requests(3), _requests(1, prompt="Hi")) * 2:
             want = {r.key: r for r in eager.generate(requests)}
             got = {r.key: r for r in compiled.generate(requests)}
             assert compiled.last_stages()["batch"] in (1, 4)
@@ -265,7 +265,8 @@ def test_compiled_greedy_output_equals_eager(compiled, tiny_model):
             assert any(r.finish_reason == "length" for r in want.values()) or len(want) == 1
     finally:
         eager.close()
-    assert counters["stats"]["unique_graphs"] == compiled.graphs_after_warmup
+    assert counters["stats"]["unique_graphs"] == compiled.graphs_after_warmup + 1
+    assert sorted(compiled._caches) == [(1, 256), (4, 256)]
 
 
 def test_compiled_with_answer_lengths_and_a_batch_past_the_rungs(compiled, tiny_model, caplog):

@@ -4,15 +4,18 @@ placed as the runner places its actors (``actor``).
 
 Both prepare every row first, exactly as the runner's actor does (decode, orient, resize to the
 grid; the engine's token count), then time ``engine.generate`` over the rows in batches of B
-after one warm-up batch, with the engine's own stage clocks (inputs, generate, outputs) and the
-GPU's busy fraction over the timed window. The runner's figure divided by these says what the
-runner costs; ``actor`` vs ``bare`` says what being a Ray worker costs, with nothing else running.
+after one warm-up batch, with the engine's own stage clocks (inputs, generate, outputs; inside
+generate: vision tower, prefill, decode) and the GPU's busy fraction over the timed window. The
+runner's figure divided by these says what the runner costs; ``actor`` vs ``bare`` says what
+being a Ray worker costs, with nothing else running. ``contention``: bare engines on several GPUs
+of one host at once vs one alone.
 """
 
 from __future__ import annotations
 
 import gc
 import time
+from dataclasses import asdict, dataclass
 
 from ..config import Config
 from ..tooling.gpu_sampler import GpuSampler
@@ -57,12 +60,24 @@ def prepared_requests(engine, cfg: Config, rows: list[dict]) -> list:
     return out
 
 
-def time_batches(engine, requests: list, batch_size: int, max_s: float) -> dict:
-    """One warm-up batch, then ``generate`` over ``requests`` in batches (stops after max_s)."""
+# The stages a batch's time splits into (hf): inputs + generate + outputs is the whole batch;
+# vision, prefill (vision included) and decode split generate.
+BATCH_STAGES = ("inputs", "generate", "outputs")
+
+
+def time_batches(
+    engine, requests: list, batch_size: int, max_s: float, warm: bool = True, barrier=None
+) -> dict:
+    """One warm-up batch (unless ``warm`` is False: this shape ran already), then ``generate``
+    over ``requests`` in batches (stops after max_s). ``barrier``: waited on after the warm-up,
+    so engines in several processes time the same seconds."""
     import torch
 
-    engine.generate(requests[:batch_size])  # warm-up: kernels and allocator for this shape
+    if warm:
+        engine.generate(requests[:batch_size])  # warm-up: kernels and allocator for this shape
     _sync()
+    if barrier is not None:
+        barrier.wait()
     engine.reset_stage_times()
     sampler = GpuSampler() if torch.cuda.is_available() else None
     sampling = sampler.start() if sampler else False
@@ -93,7 +108,8 @@ def time_batches(engine, requests: list, batch_size: int, max_s: float) -> dict:
         "output_tokens_mean": round(out_tokens / max(1, done - errors), 2),
         "errors": errors,
         "floor_fraction": round(done / secs / FLOOR_IMAGES_PER_S, 4),
-        # Seconds per batch in each of the engine's stages (hf: inputs, generate, outputs).
+        # Seconds per batch in each of the engine's stages (hf: inputs, generate, outputs; and
+        # inside generate vision, prefill with vision, decode).
         "engine_s_per_batch": {
             k: round(v / batches, 4) for k, v in engine.stage_times().items() if batches
         },
@@ -124,15 +140,78 @@ def _print_run(label: str, run: dict) -> None:
     )
 
 
+def vision_deviation(engine, requests: list) -> dict:
+    """The dense vision tower's embeddings against the stock tower's on one batch (the engine's
+    dtype and device): how far apart they are (bf16 on a GPU is not bit-equal; fp32 on the CPU
+    is, to 1e-5, in tests/test_hf_vision.py)."""
+    import torch
+
+    from ..engines.hf_vision import vision_tower
+
+    inputs = engine.model_inputs(requests)
+    tower = vision_tower(engine.model)
+    was = engine.vision
+    out = {}
+    with torch.inference_mode():
+        for mode in ("stock", "dense"):
+            engine.use_vision(mode)
+            got = tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            got = getattr(got, "pooler_output", got)
+            out[mode] = got.float()
+    engine.use_vision(was)
+    diff = (out["dense"] - out["stock"]).abs()
+    scale = float(out["stock"].abs().max())
+    return {
+        "rows": len(requests),
+        "dtype": str(inputs["pixel_values"].dtype).removeprefix("torch."),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "max_abs_stock": scale,
+        "max_relative": float(diff.max()) / scale if scale else None,
+    }
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the hf engine on a loaded model: its vision attention, its decode, and
+    the benchmark's answer lengths ("fixed": every answer runs to max_tokens)."""
+
+    vision: str = "stock"
+    decode: str = "eager"  # eager | compiled
+    answer_lengths: str = "fixed"
+
+    def apply(self, engine) -> None:
+        if engine.name != "hf":
+            return
+        engine.use_vision(self.vision)
+        engine.use_compile(self.decode == "compiled")
+        engine.use_answer_lengths("" if self.answer_lengths == "fixed" else self.answer_lengths)
+
+    def overrides(self) -> tuple[str, ...]:
+        """The same variant as job overrides (the runner's actor builds its own engine)."""
+        lengths = "" if self.answer_lengths == "fixed" else self.answer_lengths
+        return (
+            f"engine.hf.vision={self.vision}",
+            f"engine.hf.compile={'true' if self.decode == 'compiled' else 'false'}",
+            f"engine.hf.answer_lengths='{lengths}'",
+        )
+
+    def label(self) -> str:
+        return f"{self.vision}/{self.decode}/{self.answer_lengths}"
+
+
 def bench_bare(
     cfg: Config,
     rows: list[dict],
     batch_sizes: list[int],
     max_s: float,
     preprocess: tuple[str, ...] = ("device",),
+    variants: tuple[Variant, ...] = (Variant(),),
+    barrier=None,
 ) -> dict:
     """The engine alone in the calling process: load once, then per ``engine.hf.preprocess``
-    mode and batch size a warm-up batch and a timed pass. ``best_batch_size``: first mode's."""
+    mode, variant and batch size a timed pass (after a warm-up batch where that shape has not
+    run yet). ``best_batch_size``: the first mode's and variant's."""
     from ..engines.build import make_batch_engine
 
     t0 = time.perf_counter()
@@ -144,17 +223,33 @@ def bench_bare(
         requests = prepared_requests(engine, cfg, rows)
         prepare_s = time.perf_counter() - t0
         runs = []
+        deviation = None
+        if engine.name == "hf" and {"stock", "dense"} <= {v.vision for v in variants}:
+            deviation = vision_deviation(engine, requests[: max(batch_sizes)])
+            print(f"bare: dense vs stock vision embeddings: {deviation}", flush=True)
+        warmed = set()  # shapes whose kernels are chosen and graphs compiled
         for mode in preprocess:
             if engine.name == "hf":  # the same loaded model, the other image path
                 engine.use_preprocess(mode)
-            for b in batch_sizes:
-                run = {"preprocess": mode, **time_batches(engine, requests, b, max_s)}
-                runs.append(run)
-                _print_run(f"bare {mode:<9}", run)
+            for variant in variants:
+                variant.apply(engine)
+                for b in batch_sizes:
+                    # compiled: another answer budget may need another cache length (a graph)
+                    lengths = variant.answer_lengths if variant.decode == "compiled" else None
+                    shape = (mode, variant.vision, variant.decode, b, lengths)
+                    warm = shape not in warmed
+                    warmed.add(shape)
+                    run = {
+                        "preprocess": mode,
+                        **asdict(variant),
+                        **time_batches(engine, requests, b, max_s, warm, barrier),
+                    }
+                    runs.append(run)
+                    _print_run(f"bare {mode} {variant.label()}", run)
     finally:
         _free(engine)  # the runner's actor loads its own copy: free this one first
         del engine
-    first = [r for r in runs if r["preprocess"] == preprocess[0]]
+    first = [r for r in runs if r["preprocess"] == preprocess[0]][: len(batch_sizes)]
     best = max(first, key=lambda r: r["images_per_s"])
     return {
         "load_s": round(load_s, 1),
@@ -163,6 +258,7 @@ def bench_bare(
         "text_tokens_mean": sum(r.text_tokens for r in requests) / len(requests),
         "runs": runs,
         "best_batch_size": best["batch_size"],
+        "vision_deviation": deviation,
     }
 
 
@@ -210,3 +306,47 @@ def bench_in_actor(cfg: Config, rows: list[dict], batch_size: int, max_s: float)
             ray.shutdown()
     _print_run("actor (idle Ray worker)", run)
     return run
+
+
+def _bare_worker(gpu: int, cfg: Config, rows, batch_size, max_s, variant, barrier, results):
+    """One process's bare engine on CUDA device ``gpu`` (the only one it sees)."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before torch initialises CUDA
+    bare = bench_bare(cfg, rows, [batch_size], max_s, ("device",), (variant,), barrier)
+    results.put((gpu, bare["runs"][0]))
+
+
+def contention(
+    cfg: Config, rows: list[dict], batch_size: int, max_s: float, gpus: int, variant: Variant
+) -> dict:
+    """The bare engine on GPU 0 alone, then one bare engine per GPU on ``gpus`` GPUs at once
+    (one process each, seeing only its GPU; timed together after every warm-up). Per-GPU
+    images/s together over alone is what the host makes engines share (the CPU threads that
+    launch their kernels, memory, PCIe), with no Ray and no runner around them."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+
+    def together(n: int) -> list[dict]:
+        barrier, results = ctx.Barrier(n), ctx.Queue()
+        args = (cfg, rows, batch_size, max_s, variant, barrier, results)
+        procs = [ctx.Process(target=_bare_worker, args=(g, *args)) for g in range(n)]
+        for proc in procs:
+            proc.start()
+        got = dict(results.get() for _ in procs)
+        for proc in procs:
+            proc.join()
+        return [got[g] for g in range(n)]
+
+    (alone,) = together(1)
+    runs = together(gpus)
+    rates = [r["images_per_s"] for r in runs]
+    return {
+        "batch_size": batch_size,
+        "variant": asdict(variant),
+        "alone": alone,
+        "together": runs,
+        "per_gpu_ratio": [round(r / alone["images_per_s"], 4) for r in rates],
+        "scaling": round(sum(rates) / (gpus * alone["images_per_s"]), 4),
+    }

@@ -14,7 +14,17 @@ side at the end with one JSON line:
 - ``bucketing``: a mixed-size set (:data:`MIXED_SIZES`) run with ``batching.bucketing`` on and
   off: rows/s of each and the padding each leaves.
 - ``scaling``: the same job on 1 and on N GPU actors, short and long, and one actor over N
-  GPUs (``bench_gpu_scaling``); not in the default sections.
+  GPUs (``gpu_scaling``); not in the default sections.
+- ``contention``: the bare engine on GPU 0 alone, then one per GPU on N GPUs at once (one
+  process each): what engines on one host slow each other by, with no Ray or runner; not in the
+  default sections.
+
+Variants (hf): ``--vision stock dense`` x ``--decode eager compiled`` x ``--answer-lengths``
+(``fixed``: every answer runs to ``--max-tokens``, as random weights never stop; or
+``uniform:LO:HI`` / ``lognormal:MEAN:CAP``: each row's answer ends at a length drawn from its id,
+``engine.hf.answer_lengths``). The bare section times every variant on one loaded model; the
+runner section runs each of ``--runner-variants`` (vision/decode) at every answer length and is
+compared with the bare run of the same variant; contention runs the first variant.
 
 The figures are compared with the compute floor of the issue (:data:`FLOOR_IMAGES_PER_S`), which
 only means something for the 7B in bf16 on an H200.
@@ -28,6 +38,7 @@ import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +48,18 @@ import pyarrow.parquet as pq
 from ..config import Config, load_config
 from ..tooling.gpu_sampler import GpuSampler
 from .common import job_io
-from .engine import FLOOR_IMAGES_PER_S, FLOOR_NOTE, bench_bare, bench_in_actor
+from .engine import (
+    FLOOR_IMAGES_PER_S,
+    FLOOR_NOTE,
+    Variant,
+    bench_bare,
+    bench_in_actor,
+    contention,
+)
 from .gpu_scaling import add_scaling_args, scaling
 
-SECTIONS = ("bare", "actor", "runner", "bucketing", "scaling")
+SECTIONS = ("bare", "actor", "runner", "bucketing", "scaling", "contention")
+DEFAULT_SECTIONS = ("bare", "actor", "runner", "bucketing")
 
 # The bucketing section's image sizes as (width, height, weight): common photo and screen sizes,
 # landscape and portrait. Under image.max_pixels=602112 (768 vision tokens) they resize to 8
@@ -277,11 +296,35 @@ def _device() -> tuple[str, bool]:
     return "cpu", False
 
 
-def _bare_figure(bare: dict | None, batch_size: int) -> float | None:
+def _bare_figure(bare: dict | None, batch_size: int, variant: dict | None = None) -> float | None:
+    """The bare images/s at ``batch_size`` (of the same variant, when one is given)."""
     for run in (bare or {}).get("runs", []):
-        if run["batch_size"] == batch_size:
+        same = variant is None or all(run.get(k) == v for k, v in variant.items())
+        if run["batch_size"] == batch_size and same:
             return run["images_per_s"]
     return None
+
+
+def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
+    """Every --vision x --decode x --answer-lengths, in that order."""
+    return tuple(
+        Variant(vision, decode, lengths)
+        for vision in args.vision
+        for decode in args.decode
+        for lengths in args.answer_lengths
+    )
+
+
+def runner_variants(args: argparse.Namespace) -> list[Variant]:
+    """Each --runner-variants vision/decode at every --answer-lengths."""
+    pairs = args.runner_variants or [f"{args.vision[0]}/{args.decode[0]}"]
+    out = []
+    for pair in pairs:
+        vision, _, decode = pair.partition("/")
+        if vision not in ("stock", "dense") or decode not in ("eager", "compiled"):
+            raise SystemExit(f"--runner-variants {pair!r}: use VISION/DECODE, e.g. dense/compiled")
+        out += [Variant(vision, decode, lengths) for lengths in args.answer_lengths]
+    return out
 
 
 def _bucketing(args: argparse.Namespace, config, batch_size: int, cuda: bool) -> dict:
@@ -325,13 +368,13 @@ def _bucketing(args: argparse.Namespace, config, batch_size: int, cuda: bool) ->
 
 
 def _add_ratios(report: dict) -> None:
-    """Runner and actor figures over the bare engine's at the same batch size."""
+    """Runner and actor figures over the bare engine's at the same batch size and variant."""
     bare = report.get("bare")
-    for key, rate in (("runner", "steady_rows_per_s"), ("actor", "images_per_s")):
-        if key not in report:
-            continue
-        x = report[key]
-        bare_rate = _bare_figure(bare, x["batch_size"])
+    pairs = [("runner", x) for x in report.get("runners", [])]
+    pairs += [("actor", report["actor"])] if "actor" in report else []
+    for key, x in pairs:
+        rate = "steady_rows_per_s" if key == "runner" else "images_per_s"
+        bare_rate = _bare_figure(bare, x["batch_size"], x.get("variant"))
         x["bare_images_per_s"] = bare_rate
         x["ratio_steady_vs_bare" if key == "runner" else "ratio_vs_bare"] = (
             round(x[rate] / bare_rate, 4) if bare_rate else None
@@ -363,6 +406,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
         "rows": args.rows,
         "image_size": args.image_size,
         "max_tokens": args.max_tokens,
+        "variants": [asdict(v) for v in variants(args)],
         "sections": sections,
         "compute_floor": {"images_per_s": FLOOR_IMAGES_PER_S, "for": FLOOR_NOTE},
     }
@@ -397,21 +441,31 @@ def bench_gpu(args: argparse.Namespace) -> int:
             run = _in_child if not args.bare_in_process else (lambda fn, *a: fn(*a))
             report["bare"] = run(
                 bench_bare,
-                config("gpu-unused", 1),
+                # max_batch_size: the compiled decode's rungs cover every batch size timed
+                config("gpu-unused", max(args.batch_sizes)),
                 rows,
                 args.batch_sizes,
                 args.bare_max_s,
                 preprocess,
+                variants(args),
             )
         elif section == "actor":
             b = batch_size()
-            report["actor"] = bench_in_actor(config("gpu-unused", b), rows, b, args.bare_max_s)
+            first = variants(args)[0]
+            actor = bench_in_actor(
+                config("gpu-unused", b, first.overrides()), rows, b, args.bare_max_s
+            )
+            report["actor"] = {**actor, "variant": asdict(first)}
         elif section == "runner":
             b = batch_size()
-            runner = run_runner(config("gpu-runner-out", b), f"runner B={b}", cuda)
-            runner["batch_size"] = b
-            report["runner"] = runner
-            failed |= runner["status"] != "succeeded"
+            report["runners"] = []
+            for variant in runner_variants(args):
+                cfg = config("gpu-runner-out", b, variant.overrides())
+                runner = run_runner(cfg, f"runner B={b} {variant.label()}", cuda)
+                runner.update(batch_size=b, variant=asdict(variant))
+                report["runners"].append(runner)
+                failed |= runner["status"] != "succeeded"
+            report["runner"] = report["runners"][0]
         elif section == "bucketing":
             report["bucketing"] = bucketing = _bucketing(args, config, batch_size(), cuda)
             runs = [bucketing[k] for k, _, _ in BUCKETING_VARIANTS if k in bucketing]
@@ -423,6 +477,23 @@ def bench_gpu(args: argparse.Namespace) -> int:
             runs = [v for job in result["jobs"] for k, v in job.items() if k.startswith("actors_")]
             runs += [result["split"]] if "split" in result else []
             failed |= any(run["status"] != "succeeded" for run in runs)
+        elif section == "contention":
+            b = batch_size()
+            gpus = max(args.scaling_actors)
+            report["contention"] = result = _in_child(
+                contention,
+                config("gpu-unused", b),
+                rows,
+                b,
+                args.bare_max_s,
+                gpus,
+                variants(args)[0],
+            )
+            print(
+                f"contention B={b}: per GPU with {gpus} engines at once vs one alone "
+                f"{result['per_gpu_ratio']}, scaling {result['scaling']}",
+                flush=True,
+            )
     _add_ratios(report)
 
     _print_table(report)
@@ -441,7 +512,7 @@ def _print_table(r: dict) -> None:
         print(
             f"bare      B={run['batch_size']:<4} {run['images_per_s']:8.2f} images/s "
             f"{run['output_tokens_per_s']:9.1f} tok/s   floor x{run['floor_fraction']:.3f}"
-            f"   [{run.get('preprocess', '?')} preprocess]{_per_batch(run)}"
+            f"   [{run.get('preprocess', '?')} preprocess, {_variant(run)}]{_per_batch(run)}"
         )
     if "actor" in r:
         x = r["actor"]
@@ -450,8 +521,7 @@ def _print_table(r: dict) -> None:
             f"(x{x['ratio_vs_bare'] or float('nan'):.3f} of bare; an idle Ray worker, "
             f"torch threads {x['torch_threads']}){_per_batch(x)}"
         )
-    if "runner" in r:
-        x = r["runner"]
+    for x in r.get("runners", []):
         fr = x["stage_fractions"]
         gpu = x.get("gpu", {})
         busy = gpu.get("busy_fraction_mean")
@@ -459,6 +529,7 @@ def _print_table(r: dict) -> None:
             f"runner    B={x['batch_size']:<4} {x['steady_rows_per_s']:8.2f} rows/s steady "
             f"(x{x['ratio_steady_vs_bare'] or float('nan'):.3f} of bare, target >= 0.95), "
             f"{x['e2e_rows_per_s']:.2f} end-to-end   floor x{x['floor_fraction']:.3f}"
+            f"   [{_variant(x.get('variant') or {})}]"
         )
         if x.get("engine_s_per_batch"):
             print(f"         {_per_batch(x)}")
@@ -471,6 +542,14 @@ def _print_table(r: dict) -> None:
         elif gpu.get("note"):
             line += f" | {gpu['note']}"
         print(line)
+    if "contention" in r:
+        c = r["contention"]
+        alone = c["alone"]
+        print(
+            f"contention B={c['batch_size']:<4} alone {alone['images_per_s']:8.2f} images/s, "
+            f"together {[x['images_per_s'] for x in c['together']]}: per GPU "
+            f"{c['per_gpu_ratio']}, scaling {c['scaling']}   [{_variant(c['variant'])}]"
+        )
     if "bucketing" in r:
         b = r["bucketing"]
         for label, _, _ in BUCKETING_VARIANTS:
@@ -497,6 +576,11 @@ def _print_table(r: dict) -> None:
             )
 
 
+def _variant(run: dict) -> str:
+    keys = ("vision", "decode", "answer_lengths")
+    return "/".join(str(run[k]) for k in keys if k in run) or "-"
+
+
 def _per_batch(run: dict) -> str:
     """' | per batch: inputs 0.10s, generate 5.2s, ... | GPU busy 0.45' where known."""
     stages = run.get("engine_s_per_batch") or {}
@@ -519,8 +603,8 @@ def add_gpu_bench(kinds, common) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
         "--sections",
-        default=",".join(SECTIONS[:-1]),
-        help="comma list of " + "/".join(SECTIONS) + " (default: all but scaling)",
+        default=",".join(DEFAULT_SECTIONS),
+        help="comma list of " + "/".join(SECTIONS) + " (default: all but scaling, contention)",
     )
     p.add_argument("--json-out", default=None, help="also write the JSON line here")
     p.add_argument("--prepare-threads", type=int, default=8, help="runner decode threads")
@@ -553,5 +637,45 @@ def add_gpu_bench(kinds, common) -> None:
         default=[v[0] for v in BUCKETING_VARIANTS],
         help="on: buckets topped up from near sizes; exact: same-size only; off: arrival order",
     )
+    p.add_argument(
+        "--vision",
+        nargs="+",
+        choices=("stock", "dense"),
+        default=["stock"],
+        help="engine.hf.vision modes the bare section times",
+    )
+    p.add_argument(
+        "--decode",
+        nargs="+",
+        choices=("eager", "compiled"),
+        default=["eager"],
+        help="eager, or compiled (engine.hf.compile: static cache, CUDA graphs)",
+    )
+    p.add_argument(
+        "--answer-lengths",
+        nargs="+",
+        type=_lengths,
+        default=["fixed"],
+        help="fixed (every answer runs to --max-tokens) | uniform:LO:HI | lognormal:MEAN:CAP "
+        "(each row's answer ends at a length drawn from its id; benchmark-only)",
+    )
+    p.add_argument(
+        "--runner-variants",
+        nargs="+",
+        default=None,
+        metavar="VISION/DECODE",
+        help="runner runs, e.g. stock/eager dense/compiled (default: the first of each)",
+    )
     add_scaling_args(p)
     p.set_defaults(func=bench_gpu)
+
+
+def _lengths(spec: str) -> str:
+    from ..config import parse_lengths
+
+    if spec != "fixed":
+        try:
+            parse_lengths(spec)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec

@@ -65,11 +65,13 @@ is specialised to its cache's batch size, length and addresses). So the shapes c
   cache for the defaults' largest prompt made every step of a 448x448 batch attend over 15x
   its ~370 tokens, and 40 GB of cache at B=128 on a 7B).
 
-One cache and one decode graph per (rung, length) met. The warm-up (``engine.warmup``) compiles
-every rung at the warm-up image's length and logs the seconds; a job of one image size and
-answer budget compiles nothing after it, a mixed-size job one graph per further length step it
-meets (each costs a compile, logged, and its cache's memory). The prefill runs eagerly, as
-transformers does. Greedy float32 output equals eager token for token (CPU tests).
+One cache and one decode graph per (rung, length) met, compiled when first met (logged; its
+cache's memory stays). The warm-up (``engine.warmup``) compiles the full batch's rung at the
+longest answer and logs the seconds; a job whose batches are full (one image size, units of whole
+batches) compiles nothing after it, a smaller batch or another length step compiles its graph
+then (a 7B's decode graph: tens of seconds, once). Compiling every rung up front would make each
+actor's start pay for rungs a job may never meet. The prefill runs eagerly, as transformers
+does. Greedy float32 output equals eager token for token (CPU tests).
 
 Dense vision (``engine.hf.vision: dense``): the vision tower's window and full attention run as
 a few batched calls (``hf_vision.py``); ``stock`` is transformers' one call per window and image.
@@ -787,34 +789,28 @@ class HFEngine(BatchEngine):
     def warmup(self, batch_size: int) -> None:
         """A batch of gray 448x448 images at the job's sampling: CUDA kernel selection for
         every decode length, cuBLAS workspaces and the caching allocator's first blocks happen
-        here, not in real work. With ``engine.hf.compile``, one batch per rung (largest first),
-        each compiling its decode graph; the seconds it took are logged."""
+        here, not in real work. With ``engine.hf.compile`` it compiles the decode graph of
+        ``batch_size``'s rung at the longest answer; the seconds it took are logged."""
         from PIL import Image
 
         side = 448 // (2 * PATCH)  # in 28-pixel tiles; smaller if image.max_pixels is
         while side > 1 and (side * 2 * PATCH) ** 2 > self._max_pixels:
             side -= 1
         image = Image.new("RGB", (side * 2 * PATCH,) * 2, (128, 128, 128))
-        sizes = [batch_size]
-        if self.compiled:
-            sizes = sorted({*self._rungs, min(batch_size, self._rungs[-1])}, reverse=True)
+        requests = [
+            Request(("warmup", i), "warmup", "Describe this image.", None, image, "", side**2, 0)
+            for i in range(batch_size)
+        ]
         t0 = time.perf_counter()
         lengths, self.answer_lengths = self.answer_lengths, ""  # the longest answers' cache
-        for size in sizes:
-            requests = [
-                Request(
-                    ("warmup", i), "warmup", "Describe this image.", None, image, "", side**2, 0
-                )
-                for i in range(size)
-            ]
-            try:
-                self.generate(requests)
-            finally:
-                self.answer_lengths = lengths
+        try:
+            self.generate(requests)
+        finally:
+            self.answer_lengths = lengths
         if self.compiled:
             log.info(
-                "hf engine: warm-up compiled the decode for batch rungs %s in %.1f s",
-                sizes,
+                "hf engine: warm-up compiled the decode for a batch of %d in %.1f s",
+                batch_size,
                 time.perf_counter() - t0,
             )
 
