@@ -199,7 +199,7 @@ def test_answer_lengths_config_is_validated():
 
 def _compiled_config(model: str, compile: bool, **hf_knobs) -> Config:
     """A small job: max_batch_size 4 (rungs 1, 2, 4), images up to 112x140, 12 new tokens: every
-    batch fits the shortest static cache (256 tokens)."""
+    batch fits the shortest static cache (128 tokens)."""
     return Config(
         engine=EngineConfig(
             name="hf", model=model, device="cpu", hf=HFEngineConfig(compile=compile, **hf_knobs)
@@ -229,16 +229,11 @@ def compiled(tiny_model):
 def test_compiled_sizes_its_caches_from_the_batch_and_rungs_from_the_job(compiled):
     assert compiled.compiled and compiled._rungs == [1, 2, 4]
     assert hf.batch_rungs(32) == [4, 8, 16, 32] and hf.batch_rungs(6) == [1, 2, 3, 6]
-    # lengths double from CACHE_MIN_LEN, capped by the model's positions
-    assert [hf.static_cache_len(n, 4096) for n in (1, 256, 257, 600, 5000)] == [
-        256,
-        256,
-        512,
-        1024,
-        4096,
-    ]
+    # lengths in steps of CACHE_STEP (128), capped by the model's positions
+    lengths = [hf.static_cache_len(n, 4096) for n in (1, 128, 129, 600, 5000)]
+    assert lengths == [128, 128, 256, 640, 4096]
     # warm-up ran the full batch's rung at its image's length (16 vision tokens + text + 12 new)
-    assert sorted(compiled._caches) == [(4, 256)]
+    assert sorted(compiled._caches) == [(4, 128)]
     # one decode graph: the full batch's rung (a smaller rung compiles when first met)
     assert compiled.graphs_after_warmup == 1, compiled.compile_s
     print(f"\nwarm-up compile of one rung: {compiled.compile_s:.1f} s")
@@ -266,17 +261,17 @@ def test_compiled_greedy_output_equals_eager(compiled, tiny_model):
     finally:
         eager.close()
     assert counters["stats"]["unique_graphs"] == compiled.graphs_after_warmup + 1
-    assert sorted(compiled._caches) == [(1, 256), (4, 256)]
+    assert sorted(compiled._caches) == [(1, 128), (4, 128)]
 
 
 def test_compiled_with_answer_lengths_and_a_batch_past_the_rungs(compiled, tiny_model, caplog):
     """Answer lengths end rows under the compiled decode too; a longer batch gets a longer
-    cache (the next power of two); a batch past the largest rung runs eagerly, warned."""
+    cache (the next multiple of 128); a batch past the largest rung runs eagerly, warned."""
     compiled.answer_lengths = "fixed:3"
     try:
         results = compiled.generate(_requests(2))
         assert all(r.output_tokens <= 3 and r.finish_reason == "stop" for r in results)
-        assert compiled._rung(1, 300) == (1, 512) and compiled._rung(3, 40) == (4, 256)
+        assert compiled._rung(1, 300) == (1, 384) and compiled._rung(3, 40) == (4, 128)
         with caplog.at_level(logging.WARNING, logger=hf.__name__):
             got = compiled.generate(_requests(5))  # the rungs are 1, 2, 4
         assert len(got) == 5 and all(r.error_code is None for r in got)

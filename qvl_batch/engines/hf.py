@@ -59,11 +59,13 @@ is specialised to its cache's batch size, length and addresses). So the shapes c
 * batch size: rungs ``B, B/2, B/4, B/8`` (rounded up, ``B = batching.max_batch_size``); a
   batch is padded up to the next rung with dummy rows (one attended token, no image, ended after
   one token).
-* length: the batch's prompt width + its longest answer, rounded up to a power of two from
-  :data:`CACHE_MIN_LEN` (at most the model's positions). Every decode step attends over the
-  whole cache, so the cache follows the batch instead of the job's worst case (a 5,440-token
-  cache for the defaults' largest prompt made every step of a 448x448 batch attend over 15x
-  its ~370 tokens, and 40 GB of cache at B=128 on a 7B).
+* length: the batch's prompt width + its longest answer, rounded up to a multiple of
+  :data:`CACHE_STEP` (at most the model's positions). Every decode step attends over the whole
+  cache, and transformers' SDPA path copies the grouped K/V heads out to every query head over
+  that whole length (a mask rules out PyTorch's GQA kernel), so the cache follows the batch
+  closely instead of the job's worst case (a 5,440-token cache for the defaults' largest prompt
+  made every step of a 448x448 batch attend over 15x its ~370 tokens, and 40 GB of cache at
+  B=128 on a 7B).
 
 One cache and one decode graph per (rung, length) met, compiled when first met (logged; its
 cache's memory stays). The warm-up (``engine.warmup``) compiles the full batch's rung at the
@@ -423,7 +425,7 @@ class FirstLogits(transformers.LogitsProcessor):
         return scores
 
 
-CACHE_MIN_LEN = 256  # shortest static cache (tokens); lengths double from here
+CACHE_STEP = 128  # static cache lengths are multiples of this (tokens)
 # Oldest transformers the compiled decode was checked on (static cache + compiled decode step
 # with Qwen2.5-VL, greedy output equal to eager): 4.57.3 and 5.x.
 COMPILE_MIN_TRANSFORMERS = (4, 57, 3)
@@ -463,11 +465,8 @@ def batch_rungs(max_batch_size: int) -> list[int]:
 
 def static_cache_len(tokens: int, max_positions: int) -> int:
     """The static cache length for a batch needing ``tokens`` (prompt width + longest answer):
-    the power of two from :data:`CACHE_MIN_LEN` that holds it, at most the model's positions."""
-    length = CACHE_MIN_LEN
-    while length < tokens:
-        length *= 2
-    return min(length, max_positions)
+    the multiple of :data:`CACHE_STEP` that holds it, at most the model's positions."""
+    return min(-(-max(tokens, 1) // CACHE_STEP) * CACHE_STEP, max_positions)
 
 
 class RowLengths(transformers.StoppingCriteria):
