@@ -280,18 +280,23 @@ class HFEngineConfig:
     # a length drawn from its id, fixed:N | uniform:LO:HI | lognormal:MEAN:CAP (as the fake
     # engine's). A batch still decodes until its longest row ends. "" = off: the model decides.
     answer_lengths: str = ""
-    # Decode with static KV caches and a torch.compile'd decode step (CUDA graphs on GPU); one
-    # graph per batch-size rung and cache length step, the rungs compiled at warm-up (see
-    # qvl_batch.engines.hf).
-    compile: bool = False
-    # The vision tower's attention: "stock" (transformers' own: one call per window and image)
-    # or "dense" (qvl_batch.engines.hf_vision: a few batched calls per block, same output).
-    vision: str = "stock"
+    # Decode with static KV caches and a torch.compile'd decode step (CUDA graphs); one graph
+    # per batch-size rung and cache length step (see qvl_batch.engines.hf). null (auto): on
+    # for a model on one CUDA GPU with transformers >= 4.57.3, off elsewhere (CPU, a device
+    # map); true: required (refused where unsupported); false: off. CUDA graphs keep the decode
+    # loop's speed when the host is busy (the runner's prepare threads, other GPUs' engines):
+    # docs/PERFORMANCE.md "Faster transformers engine".
+    compile: bool | None = None
+    # The vision tower's attention: "dense" (qvl_batch.engines.hf_vision: a few batched calls
+    # per block, the same output, 2.5x faster at B=128 on an H200), "stock" (transformers' own:
+    # one call per window and image), or "auto": dense where the installed transformers' vision
+    # attention is the shape it was written for (4.57.3, 5.x), else stock with a warning.
+    vision: str = "auto"
 
     def __post_init__(self) -> None:
         modes = ("device", "processor")
         _check(self.preprocess in modes, "engine.hf.preprocess", f"must be one of {modes}")
-        visions = ("dense", "stock")
+        visions = ("auto", "dense", "stock")
         _check(self.vision in visions, "engine.hf.vision", f"must be one of {visions}")
         if self.answer_lengths:
             try:
@@ -737,6 +742,8 @@ def result_settings(cfg: Config) -> dict[str, Any]:
         "sampling": dataclasses.asdict(cfg.sampling),
         "image": dataclasses.asdict(cfg.image),
     }
+    if cfg.engine.name == "hf" and cfg.engine.hf.answer_lengths:  # benchmark answers end early
+        out["engine"]["answer_lengths"] = cfg.engine.hf.answer_lengths
     if cfg.structured.json_schema is not None:  # absent when unused: older fingerprints hold
         out["structured"] = dataclasses.asdict(cfg.structured)
         # The fingerprint hashes sorted keys; the property order (column order) counts too.

@@ -69,3 +69,15 @@ def _min_overrides():
         "output.path=o",
         "input.storage_options.secret=s3cr3t",
     ]
+
+
+def test_benchmark_answer_lengths_are_in_the_fingerprint_only_when_set(tmp_path, dataset):
+    job = write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None)
+    base = ["engine.name=hf", "engine.model=m"]
+
+    def fields(*ov):
+        return fingerprint_fields(load_config(job, [*base, *ov]), "input-fp")
+
+    assert fields() == fields("engine.hf.compile=true", "engine.hf.vision=stock")  # speed only
+    assert "answer_lengths" not in fields()["engine"]
+    assert fields("engine.hf.answer_lengths=fixed:8")["engine"]["answer_lengths"] == "fixed:8"

@@ -287,3 +287,15 @@ def test_compile_refuses_old_transformers_and_device_maps():
         hf.check_compile_supported(transformers.__version__, 2)
     hf.check_compile_supported("4.57.3", 1)
     hf.check_compile_supported("5.0.0.dev0", 0)
+
+
+def test_compile_auto_is_on_only_where_it_is_supported(tiny_model):
+    assert hf.compile_supported(1, "4.57.3") and hf.compile_supported(0, "5.1.0")
+    assert not hf.compile_supported(1, "4.56.2") and not hf.compile_supported(2, "5.1.0")
+    cfg = _compiled_config(tiny_model, False)
+    cfg.engine.hf.compile = None  # auto: this engine is on the CPU, so eager
+    eng = make_batch_engine(cfg)
+    try:
+        assert eng.compiled is False
+    finally:
+        eng.close()

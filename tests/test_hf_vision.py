@@ -5,6 +5,8 @@ switch them back; leave flash attention stock; refuse a vision attention of anot
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -238,7 +240,7 @@ def test_not_qwen_vl_raises():
         hf_vision.enable_dense_vision(torch.nn.Linear(2, 2))
 
 
-def test_the_engine_runs_the_dense_tower_when_the_job_says_so(tiny_model):
+def test_the_engine_runs_the_dense_tower_when_the_job_says_so(tiny_model, monkeypatch, caplog):
     """engine.hf.vision=dense switches the loaded model's tower; greedy fp32 answers equal the
     stock tower's; use_vision switches back on the same model."""
     from PIL import Image
@@ -268,5 +270,18 @@ def test_the_engine_runs_the_dense_tower_when_the_job_says_so(tiny_model):
         assert not is_dense(engine.model)
         stock = [(r.text, r.output_tokens) for r in engine.generate(requests)]
         assert dense == stock
+        engine.use_vision("auto")  # the default: dense where the tower is a known shape
+        assert is_dense(engine.model) and engine.vision == "dense"
+        engine.use_vision("stock")
+
+        def unknown(model):
+            raise ValueError("dense vision attention: transformers 9.9: a different shape")
+
+        monkeypatch.setattr(hf_vision, "enable_dense_vision", unknown)
+        with caplog.at_level(logging.WARNING):
+            engine.use_vision("auto")  # falls back, warned
+        assert engine.vision == "stock" and "stays stock" in caplog.text
+        with pytest.raises(ValueError, match="a different shape"):
+            engine.use_vision("dense")  # asked for explicitly: refused
     finally:
         engine.close()

@@ -440,6 +440,15 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def compile_supported(gpus: int, version: str = transformers.__version__) -> bool:
+    """Would ``engine.hf.compile=true`` be accepted here (``engine.hf.compile: null``)."""
+    try:
+        check_compile_supported(version, gpus)
+    except ValueError:
+        return False
+    return True
+
+
 def check_compile_supported(version: str, gpus: int) -> None:
     """Refuse ``engine.hf.compile`` where it was not checked: older transformers, or a model
     split over several GPUs (a device map)."""
@@ -494,7 +503,7 @@ class HFEngine(BatchEngine):
         self.sampling = cfg.sampling
         self.answer_lengths = ecfg.hf.answer_lengths  # "" = the model decides
         self._max_pixels = cfg.image.max_pixels
-        self.compiled = bool(ecfg.hf.compile)
+        self.compiled = bool(ecfg.hf.compile)  # None (auto) is decided once the device is known
         if self.compiled:
             check_compile_supported(transformers.__version__, 0)
         xgr = import_xgrammar(cfg.structured)  # before the model loads: required may refuse
@@ -521,6 +530,8 @@ class HFEngine(BatchEngine):
         self.gpus = torch.cuda.device_count() if self.device == torch.device("cuda") else 0
         if self.compiled:
             check_compile_supported(transformers.__version__, self.gpus)
+        elif ecfg.hf.compile is None:  # auto: one CUDA GPU and a checked transformers
+            self.compiled = self.device.type == "cuda" and compile_supported(self.gpus)
         if self.gpus > 1:
             kwargs.setdefault("device_map", "auto")
         try:
@@ -678,14 +689,26 @@ class HFEngine(BatchEngine):
         log.info("hf engine: compiled decode, batch rungs %s", self._rungs)
 
     def use_vision(self, mode: str) -> None:
-        """``dense`` or ``stock`` vision attention from now on (``engine.hf.vision``)."""
+        """``dense``, ``stock`` or ``auto`` vision attention from now on (``engine.hf.vision``;
+        ``auto``: dense where this transformers' vision attention is the known shape, else
+        stock with a warning; ``dense`` raises there)."""
         from .hf_vision import disable_dense_vision, enable_dense_vision
 
-        if mode == "dense" and enable_dense_vision(self.model) == 0:
-            log.warning("engine.hf.vision=dense: this attention implementation stays stock")
-        elif mode == "stock":
+        if mode == "stock":
             disable_dense_vision(self.model)
-        self.vision = mode
+            self.vision = "stock"
+            return
+        try:
+            switched = enable_dense_vision(self.model)
+        except ValueError as exc:
+            if mode == "dense":
+                raise
+            log.warning("engine.hf.vision=auto: the vision tower stays stock (%s)", exc)
+            self.vision = "stock"
+            return
+        if switched == 0:
+            log.info("engine.hf.vision=%s: this attention implementation stays stock", mode)
+        self.vision = "dense" if switched else "stock"
 
     def use_answer_lengths(self, spec: str) -> None:
         """Benchmark answer lengths from now on (``engine.hf.answer_lengths``; "" = off)."""
