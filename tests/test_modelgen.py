@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from qvl_batch import modelgen  # noqa: E402
+from qvl_batch.tooling import modelgen  # noqa: E402
 
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(120)

@@ -5,7 +5,7 @@ side at the end with one JSON line:
 
 - ``bare``: the engine alone (one load, reused) on rows already prepared in memory, for each
   ``--batch-sizes`` B (and each ``--bare-preprocess`` mode): one warm-up batch, then
-  ``engine.generate`` over the rows in chunks of B (``bench_engine``).
+  ``engine.generate`` over the rows in chunks of B (``engine``).
 - ``actor``: the same timing inside one idle Ray actor with the runner's resources: what being a
   Ray worker costs the engine, with no reads, preparation or commits around it.
 - ``runner``: the whole job (``run_job``: Ray, Parquet reads, prepare pool, bucketing, commits)
