@@ -299,3 +299,17 @@ def test_compile_auto_is_on_only_where_it_is_supported(tiny_model):
         assert eng.compiled is False
     finally:
         eng.close()
+
+
+def test_compile_switches_off_and_on_on_one_engine(compiled, tiny_model):
+    """The benchmark's switch: off clears transformers' compile_config (no per-call warning,
+    eager caches), on restores it and reuses the graphs compiled before."""
+    compiled.use_compile(False)
+    try:
+        assert compiled.model.generation_config.compile_config is None
+        eager = [(r.text, r.output_tokens) for r in compiled.generate(_requests(3))]
+    finally:
+        compiled.use_compile(True)
+    assert compiled.model.generation_config.compile_config is compiled._compile_config
+    again = [(r.text, r.output_tokens) for r in compiled.generate(_requests(3))]
+    assert again == eager

@@ -664,29 +664,33 @@ class HFEngine(BatchEngine):
 
     def use_compile(self, on: bool) -> None:
         """The compiled decode on or off from now on (``engine.hf.compile``; the GPU benchmark
-        switches it on one loaded model). Compiled graphs and caches are kept for later."""
+        switches it on one loaded model). Compiled graphs and caches are kept for later; off
+        clears the generation config's ``compile_config`` (transformers warns on every eager
+        call while one is set)."""
         if on:
             check_compile_supported(transformers.__version__, self.gpus)
         self.compiled = on
-        if not on or getattr(self, "_cache_kwarg", None):
+        if not on:
+            self.model.generation_config.compile_config = None
             return
-        from transformers.generation.configuration_utils import CompileConfig
+        if getattr(self, "_compile_config", None) is None:
+            from transformers.generation.configuration_utils import CompileConfig
 
-        on_cuda = self.device.type == "cuda"
-        compile_config = CompileConfig(
-            fullgraph=False, dynamic=False, mode="reduce-overhead" if on_cuda else "default"
-        )
-        if not on_cuda:  # transformers compiles on accelerators only unless told to
-            compile_config._compile_all_devices = True
-        self.model.generation_config.compile_config = compile_config
-        # 5.x renamed generate's and forward's past_key_values to cache
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        dynamo = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        # Each (rung, length) is its own graph: room for a mixed-size job's steps.
-        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
-        log.info("hf engine: compiled decode, batch rungs %s", self._rungs)
+            on_cuda = self.device.type == "cuda"
+            self._compile_config = CompileConfig(
+                fullgraph=False, dynamic=False, mode="reduce-overhead" if on_cuda else "default"
+            )
+            if not on_cuda:  # transformers compiles on accelerators only unless told to
+                self._compile_config._compile_all_devices = True
+            # 5.x renamed generate's and forward's past_key_values to cache
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+            dynamo = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+            # Each (rung, length) is its own graph: room for a mixed-size job's steps.
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+            log.info("hf engine: compiled decode, batch rungs %s", self._rungs)
+        self.model.generation_config.compile_config = self._compile_config
 
     def use_vision(self, mode: str) -> None:
         """``dense``, ``stock`` or ``auto`` vision attention from now on (``engine.hf.vision``;
