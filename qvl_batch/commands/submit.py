@@ -161,7 +161,7 @@ def shipped_package() -> Iterator[Path]:
     only inside it (as in an installed wheel). The copy is removed on exit; Ray has uploaded it
     by then (packages are content-addressed, so an unchanged copy is not uploaded twice).
     """
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parents[1]  # qvl_batch/, this module is in commands/
     with tempfile.TemporaryDirectory(prefix="qvl-batch-ship-") as tmp:
         dst = Path(tmp) / pkg.name
         shutil.copytree(pkg, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
