@@ -60,7 +60,7 @@ class _Slot:
 
 
 @dataclass
-class Outcome:
+class PassResult:
     """What the loop leaves for the job's metrics and report."""
 
     failure: str | None = None
@@ -105,7 +105,7 @@ class Dispatcher:
         self.isolation = CrashIsolation(cfg.limits.max_row_crashes)
         self.committer = Committer(commit_threads, PENDING_COMMITS_PER_THREAD)
         self.queue: UnitQueue | None = None
-        self.out = Outcome(units_by_actor=[0] * len(self.slots))
+        self.out = PassResult(units_by_actor=[0] * len(self.slots))
         self.t_ready = time.monotonic()
         if pool.engine_name:  # a pool whose actors are ready from the start
             self._know_engine()
@@ -311,7 +311,7 @@ class Dispatcher:
             )
         return below_since, None
 
-    def run(self, todo: Iterator[WorkUnit]) -> Outcome:
+    def run(self, todo: Iterator[WorkUnit]) -> PassResult:
         """Run every unit of ``todo`` (or stop at a failure); the pool is shut down after."""
         pool, runs, committer, out = self.pool, self.runs, self.committer, self.out
         self.queue = queue = UnitQueue(todo, self.cfg.limits.max_unit_attempts)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .closing import close_output, error_fraction_problem
 from .config import Config, fingerprint, fingerprint_fields, saved_config
-from .dispatch import COMMIT_THREADS, Dispatcher, Outcome
+from .dispatch import COMMIT_THREADS, Dispatcher, PassResult
 from .errors import Exit
 from .manifest import Plan, WorkUnit, plan_job
 from .marker import Marker
@@ -234,7 +234,7 @@ class Driver:
             summary.message = f"closing files not written ({exc}); run again to finish"
             return summary
 
-    def _close(self, summary: JobSummary, job: dict, outcome: Outcome) -> JobSummary:
+    def _close(self, summary: JobSummary, job: dict, outcome: PassResult) -> JobSummary:
         """Totals, the error-fraction verdict, _metrics.json, the report, then _SUCCESS."""
         fill_totals(summary, self._records)
         timings = outcome.timings

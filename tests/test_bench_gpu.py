@@ -13,23 +13,20 @@ from qvl_batch.cli import build_parser
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _args(argv: list[str]) -> argparse.Namespace:
-    """``qvl-batch bench ARGV`` parsed by the real command line."""
-    return build_parser().parse_args(["bench", *argv])
+def _tiny_gpu_args(tmp_path, ray_head: str, argv: list[str]) -> argparse.Namespace:
+    """``qvl-batch bench gpu`` on the session's Ray (no start-up per run) and the tiny model in
+    float32 in ``tmp_path``, then ARGV, parsed by the real command line."""
+    common = [f"cluster.address={ray_head}", "--workdir", str(tmp_path)]
+    tiny = ["--size", "tiny", "--dtype", "float32"]
+    return build_parser().parse_args(["bench", "gpu", *common, *tiny, *argv])
 
 
 def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
     out = tmp_path / "gpu.json"
-    args = _args(
+    args = _tiny_gpu_args(
+        tmp_path,
+        ray_head,
         [
-            "gpu",
-            f"cluster.address={ray_head}",  # the session's Ray: no start-up per run
-            "--workdir",
-            str(tmp_path),
-            "--size",
-            "tiny",
-            "--dtype",
-            "float32",
             "--rows",
             "16",
             "--batch-sizes",
@@ -44,7 +41,7 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
             "processor",
             "--json-out",
             str(out),
-        ]
+        ],
     )
     assert bench_gpu(args) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
@@ -101,18 +98,12 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
 def test_bench_gpu_scaling_section_on_cpu(tmp_path, ray_head):
     """The scaling section's plumbing: one job size on one and on two actors."""
     out = tmp_path / "scaling.json"
-    args = _args(
+    args = _tiny_gpu_args(
+        tmp_path,
+        ray_head,
         [
-            "gpu",
-            f"cluster.address={ray_head}",
-            "--workdir",
-            str(tmp_path),
             "--cores",
             "1",
-            "--size",
-            "tiny",
-            "--dtype",
-            "float32",
             "--batch-sizes",
             "4",
             "--max-tokens",
@@ -125,7 +116,7 @@ def test_bench_gpu_scaling_section_on_cpu(tmp_path, ray_head):
             "2",
             "--json-out",
             str(out),
-        ]
+        ],
     )
     assert bench_gpu(args) == 0
     report = json.loads(out.read_text())
@@ -151,18 +142,12 @@ def test_bench_gpu_variants_and_contention_on_cpu(tmp_path, ray_head):
     """--vision / --decode / --answer-lengths in the bare section, --runner-variants in the
     runner section (each compared with its own bare run), and the contention section."""
     out = tmp_path / "variants.json"
-    args = _args(
+    args = _tiny_gpu_args(
+        tmp_path,
+        ray_head,
         [
-            "gpu",
-            f"cluster.address={ray_head}",
-            "--workdir",
-            str(tmp_path),
             "--cores",
             "1",
-            "--size",
-            "tiny",
-            "--dtype",
-            "float32",
             "--rows",
             "8",
             "--batch-sizes",
@@ -185,7 +170,7 @@ def test_bench_gpu_variants_and_contention_on_cpu(tmp_path, ray_head):
             "dense/eager",
             "--json-out",
             str(out),
-        ]
+        ],
     )
     assert bench_gpu(args) == 0
     report = json.loads(out.read_text())

@@ -103,6 +103,7 @@ from ..errors import RowError
 from ..prompts import chat_messages
 from .base import BatchEngine, Request, Result
 from .hf_inputs import ImageInputs, expand_placeholders
+from .hf_vision import vision_tower
 from .lengths import answer_length
 
 log = logging.getLogger(__name__)
@@ -342,17 +343,6 @@ def make_guide(
         return None
 
 
-def vision_tower(model: Any) -> torch.nn.Module | None:
-    """Qwen2.5-VL's vision tower: ``model.model.visual`` (transformers 4.52+ and 5.x), else a
-    top-level ``visual`` (older layouts); None when the model has neither."""
-    inner = getattr(model, "model", None)
-    for owner in (inner, model):
-        tower = getattr(owner, "visual", None) if owner is not None else None
-        if isinstance(tower, torch.nn.Module):
-            return tower
-    return None
-
-
 class StageClock:
     """Splits one ``generate`` call into vision tower, prefill and decode seconds.
 
@@ -428,16 +418,8 @@ class FirstLogits(transformers.LogitsProcessor):
 CACHE_STEP = 128  # static cache lengths are multiples of this (tokens)
 # Oldest transformers the compiled decode was checked on (static cache + compiled decode step
 # with Qwen2.5-VL, greedy output equal to eager): 4.57.3 and 5.x.
-COMPILE_MIN_TRANSFORMERS = (4, 57, 3)
+COMPILE_MIN_TRANSFORMERS = "4.57.3"
 COMPILE_RUNGS = 4  # batch-size rungs of the compiled decode: B, B/2, B/4, B/8 (rounded up)
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in version.split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
-        parts.append(int(digits or 0))
-    return tuple(parts)
 
 
 def compile_supported(gpus: int, version: str = transformers.__version__) -> bool:
@@ -452,10 +434,12 @@ def compile_supported(gpus: int, version: str = transformers.__version__) -> boo
 def check_compile_supported(version: str, gpus: int) -> None:
     """Refuse ``engine.hf.compile`` where it was not checked: older transformers, or a model
     split over several GPUs (a device map)."""
-    if _version_tuple(version) < COMPILE_MIN_TRANSFORMERS:
-        oldest = ".".join(map(str, COMPILE_MIN_TRANSFORMERS))
+    from packaging.version import Version  # a transformers dependency
+
+    if Version(version) < Version(COMPILE_MIN_TRANSFORMERS):
         raise ValueError(
-            f"engine.hf.compile: transformers {version} is older than {oldest}, the oldest "
+            f"engine.hf.compile: transformers {version} is older than "
+            f"{COMPILE_MIN_TRANSFORMERS}, the oldest "
             "whose static cache and compiled decode were checked with Qwen2.5-VL; set "
             "engine.hf.compile=false or upgrade transformers"
         )
@@ -608,9 +592,10 @@ class HFEngine(BatchEngine):
         self._times = dict.fromkeys(stages, 0.0)
         self._last: dict[str, float] = {}
         self._clock = StageClock(self.device)
-        tower = vision_tower(self.model)
-        if tower is None:
-            log.warning("hf engine: no vision tower found (model.model.visual); vision time is 0")
+        try:
+            tower = vision_tower(self.model)
+        except ValueError as exc:
+            log.warning("hf engine: vision time is 0 (%s)", exc)
         else:
             tower.register_forward_pre_hook(self._clock.vision_enter)
             tower.register_forward_hook(self._clock.vision_exit)
