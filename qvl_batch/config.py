@@ -287,6 +287,10 @@ class HFEngineConfig:
     # loop's speed when the host is busy (the runner's prepare threads, other GPUs' engines):
     # docs/PERFORMANCE.md "Faster transformers engine".
     compile: bool | None = None
+    # GiB the compiled decode's static KV caches may hold (one per batch-size rung and cache
+    # length met, kept for the job: qvl_batch.engines.hf_decode); a batch whose cache would pass
+    # it runs eagerly. null: half the GPU memory free once the model is loaded (CPU: no cap).
+    static_cache_gib: float | None = None
     # The vision tower's attention: "dense" (qvl_batch.engines.hf_vision: a few batched calls
     # per block, the same output, 2.5x faster at B=128 on an H200), "stock" (transformers' own:
     # one call per window and image), or "auto": dense where the installed transformers' vision
@@ -298,6 +302,11 @@ class HFEngineConfig:
         _check(self.preprocess in modes, "engine.hf.preprocess", f"must be one of {modes}")
         visions = ("auto", "dense", "stock")
         _check(self.vision in visions, "engine.hf.vision", f"must be one of {visions}")
+        _check(
+            self.static_cache_gib is None or self.static_cache_gib >= 0,
+            "engine.hf.static_cache_gib",
+            "must be >= 0 GiB, or null (half the GPU memory free once the model is loaded)",
+        )
         if self.answer_lengths:
             try:
                 parse_lengths(self.answer_lengths)

@@ -24,7 +24,7 @@ from qvl_batch.config import (  # noqa: E402
     PromptConfig,
     SamplingConfig,
 )
-from qvl_batch.engines import hf, hf_vision  # noqa: E402
+from qvl_batch.engines import hf, hf_decode, hf_vision  # noqa: E402
 from qvl_batch.engines.base import Request  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 from qvl_batch.engines.lengths import answer_length  # noqa: E402
@@ -228,12 +228,12 @@ def compiled(tiny_model):
 
 def test_compiled_sizes_its_caches_from_the_batch_and_rungs_from_the_job(compiled):
     assert compiled.compiled and compiled._rungs == [1, 2, 4]
-    assert hf.batch_rungs(32) == [4, 8, 16, 32] and hf.batch_rungs(6) == [1, 2, 3, 6]
+    assert hf_decode.batch_rungs(32) == [4, 8, 16, 32] and hf_decode.batch_rungs(6) == [1, 2, 3, 6]
     # lengths in steps of CACHE_STEP (128), capped by the model's positions
-    lengths = [hf.static_cache_len(n, 4096) for n in (1, 128, 129, 600, 5000)]
+    lengths = [hf_decode.static_cache_len(n, 4096) for n in (1, 128, 129, 600, 5000)]
     assert lengths == [128, 128, 256, 640, 4096]
     # warm-up ran the full batch's rung at its image's length (16 vision tokens + text + 12 new)
-    assert sorted(compiled._caches) == [(4, 128)]
+    assert compiled.caches.shapes() == [(4, 128)]
     # one decode graph: the full batch's rung (a smaller rung compiles when first met)
     assert compiled.graphs_after_warmup == 1, compiled.compile_s
     print(f"\nwarm-up compile of one rung: {compiled.compile_s:.1f} s")
@@ -261,7 +261,68 @@ def test_compiled_greedy_output_equals_eager(compiled, tiny_model):
     finally:
         eager.close()
     assert counters["stats"]["unique_graphs"] == compiled.graphs_after_warmup + 1
-    assert sorted(compiled._caches) == [(1, 128), (4, 128)]
+    assert compiled.caches.shapes() == [(1, 128), (4, 128)]
+
+
+def _held_bytes(eng) -> int:
+    """What the engine's static caches really hold: their key and value tensors' bytes."""
+    total = 0
+    for cache in eng.caches.by_shape.values():
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                total += tensor.nbytes if isinstance(tensor, torch.Tensor) else 0
+    return total
+
+
+def test_cache_memory_is_counted_as_the_caches_hold_it(compiled):
+    """The cap's arithmetic (rows x length x layers x KV heads x head size x 2 x dtype) against
+    the tensors transformers allocated for every cache made so far."""
+    assert compiled.caches.shapes(), "the warm-up made a cache"
+    assert compiled.caches.held_bytes == _held_bytes(compiled) > 0
+    assert compiled.caches.cap_bytes is None, "no cap on the CPU by default"
+
+
+def test_a_batch_whose_cache_would_pass_the_cap_runs_eagerly_with_the_same_output(
+    compiled, tiny_model, caplog
+):
+    """A mixed-size job's caches stay within ``engine.hf.static_cache_gib``: a batch of a new
+    shape that would pass it runs eagerly (warned once per shape), no cache or graph is made, and
+    its answers equal the eager engine's; shapes that have a cache keep running compiled."""
+    from torch._dynamo.utils import counters
+
+    caches = compiled.caches
+    shapes, graphs = caches.shapes(), counters["stats"]["unique_graphs"]
+    caches.cap_bytes = caches.held_bytes  # no room for one more
+    eager = make_batch_engine(_compiled_config(tiny_model, False))
+    try:
+        with caplog.at_level(logging.WARNING, logger=hf_decode.__name__):
+            for _ in range(2):
+                requests = _requests(2)  # rung 2: no cache of that shape yet
+                want = [(r.text, r.output_tokens) for r in eager.generate(requests)]
+                assert [(r.text, r.output_tokens) for r in compiled.generate(requests)] == want
+        assert caplog.text.count("would pass the caches' cap") == 1, caplog.text
+        assert caches.eager_batches == 2 and caches.shapes() == shapes
+        assert compiled.generate(_requests(3)) and caches.shapes() == shapes  # (4, 128): cached
+        assert caches.eager_batches == 2
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        caches.cap_bytes = None
+        eager.close()
+
+
+def test_static_cache_cap_from_the_config(tiny_model):
+    from qvl_batch.errors import ConfigError
+
+    cfg = _compiled_config(tiny_model, True, static_cache_gib=0.5)
+    eng = make_batch_engine(cfg)
+    try:
+        assert eng.caches.cap_bytes == 2**29
+    finally:
+        eng.close()
+    assert hf_decode.default_cap(torch.device("cpu")) is None
+    with pytest.raises(ConfigError, match=r"engine\.hf\.static_cache_gib"):
+        HFEngineConfig(static_cache_gib=-1)
 
 
 def test_compiled_with_answer_lengths_and_a_batch_past_the_rungs(compiled, tiny_model, caplog):
@@ -282,16 +343,17 @@ def test_compiled_with_answer_lengths_and_a_batch_past_the_rungs(compiled, tiny_
 
 def test_compile_refuses_old_transformers_and_device_maps():
     with pytest.raises(ValueError, match=r"engine\.hf\.compile: transformers 4\.56\.2 is older"):
-        hf.check_compile_supported("4.56.2", 0)
+        hf_decode.check_compile_supported("4.56.2", 0)
     with pytest.raises(ValueError, match=r"engine\.hf\.compile: .*2 GPUs"):
-        hf.check_compile_supported(transformers.__version__, 2)
-    hf.check_compile_supported("4.57.3", 1)
-    hf.check_compile_supported("5.0.0.dev0", 0)
+        hf_decode.check_compile_supported(transformers.__version__, 2)
+    hf_decode.check_compile_supported("4.57.3", 1)
+    hf_decode.check_compile_supported("5.0.0.dev0", 0)
 
 
 def test_compile_auto_is_on_only_where_it_is_supported(tiny_model):
-    assert hf.compile_supported(1, "4.57.3") and hf.compile_supported(0, "5.1.0")
-    assert not hf.compile_supported(1, "4.56.2") and not hf.compile_supported(2, "5.1.0")
+    supported = hf_decode.compile_supported
+    assert supported(1, "4.57.3") and supported(0, "5.1.0")
+    assert not supported(1, "4.56.2") and not supported(2, "5.1.0")
     cfg = _compiled_config(tiny_model, False)
     cfg.engine.hf.compile = None  # auto: this engine is on the CPU, so eager
     eng = make_batch_engine(cfg)

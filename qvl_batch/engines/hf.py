@@ -51,29 +51,11 @@ never emits EOS, so each row's answer ends at a length drawn from its id
 criterion; the batch runs until its longest row ends, its finished rows padded. Such a row is
 finish_reason "stop" with its drawn length (one whose drawn length passes max_tokens: "length").
 
-Compiled decode (``engine.hf.compile``, transformers >= 4.57.3, one GPU): the decode step runs
-through transformers' own ``torch.compile`` (``compile_config``; CUDA graphs on GPU) on static
-KV caches the engine owns and passes to ``generate`` (reset per batch, never reallocated: a graph
-is specialised to its cache's batch size, length and addresses). So the shapes come in steps:
-
-* batch size: rungs ``B, B/2, B/4, B/8`` (rounded up, ``B = batching.max_batch_size``); a
-  batch is padded up to the next rung with dummy rows (one attended token, no image, ended after
-  one token).
-* length: the batch's prompt width + its longest answer, rounded up to a multiple of
-  :data:`CACHE_STEP` (at most the model's positions). Every decode step attends over the whole
-  cache, and transformers' SDPA path copies the grouped K/V heads out to every query head over
-  that whole length (a mask rules out PyTorch's GQA kernel), so the cache follows the batch
-  closely instead of the job's worst case (a 5,440-token cache for the defaults' largest prompt
-  made every step of a 448x448 batch attend over 15x its ~370 tokens, and 40 GB of cache at
-  B=128 on a 7B).
-
-One cache and one decode graph per (rung, length) met, compiled when first met (logged; its
-cache's memory stays). The warm-up (``engine.warmup``) compiles the full batch's rung at the
-longest answer and logs the seconds; a job whose batches are full (one image size, units of whole
-batches) compiles nothing after it, a smaller batch or another length step compiles its graph
-then (a 7B's decode graph: tens of seconds, once). Compiling every rung up front would make each
-actor's start pay for rungs a job may never meet. The prefill runs eagerly, as transformers
-does. Greedy float32 output equals eager token for token (CPU tests).
+Compiled decode (``engine.hf.compile``): static KV caches and a compiled decode step, in shapes
+that come in steps (batch-size rungs, cache lengths in steps of 128 tokens), one graph per shape
+met, the caches within a memory cap (``engine.hf.static_cache_gib``): see ``hf_decode``. The
+prefill runs eagerly, as transformers does. Greedy float32 output equals eager token for token
+(CPU tests).
 
 Dense vision (``engine.hf.vision: dense``): the vision tower's window and full attention run as
 a few batched calls (``hf_vision.py``); ``stock`` is transformers' one call per window and image.
@@ -102,6 +84,14 @@ from ..config import Config, SamplingConfig, StructuredConfig
 from ..errors import RowError
 from ..prompts import chat_messages
 from .base import BatchEngine, Request, Result
+from .hf_decode import (
+    StaticCaches,
+    batch_rungs,
+    check_compile_supported,
+    compile_supported,
+    default_cap,
+    static_cache_len,
+)
 from .hf_inputs import ImageInputs, expand_placeholders
 from .hf_vision import vision_tower
 from .lengths import answer_length
@@ -415,53 +405,6 @@ class FirstLogits(transformers.LogitsProcessor):
         return scores
 
 
-CACHE_STEP = 128  # static cache lengths are multiples of this (tokens)
-# Oldest transformers the compiled decode was checked on (static cache + compiled decode step
-# with Qwen2.5-VL, greedy output equal to eager): 4.57.3 and 5.x.
-COMPILE_MIN_TRANSFORMERS = "4.57.3"
-COMPILE_RUNGS = 4  # batch-size rungs of the compiled decode: B, B/2, B/4, B/8 (rounded up)
-
-
-def compile_supported(gpus: int, version: str = transformers.__version__) -> bool:
-    """Would ``engine.hf.compile=true`` be accepted here (``engine.hf.compile: null``)."""
-    try:
-        check_compile_supported(version, gpus)
-    except ValueError:
-        return False
-    return True
-
-
-def check_compile_supported(version: str, gpus: int) -> None:
-    """Refuse ``engine.hf.compile`` where it was not checked: older transformers, or a model
-    split over several GPUs (a device map)."""
-    from packaging.version import Version  # a transformers dependency
-
-    if Version(version) < Version(COMPILE_MIN_TRANSFORMERS):
-        raise ValueError(
-            f"engine.hf.compile: transformers {version} is older than "
-            f"{COMPILE_MIN_TRANSFORMERS}, the oldest "
-            "whose static cache and compiled decode were checked with Qwen2.5-VL; set "
-            "engine.hf.compile=false or upgrade transformers"
-        )
-    if gpus > 1:
-        raise ValueError(
-            f"engine.hf.compile: not supported with the model split over {gpus} GPUs (device "
-            "map); set engine.hf.compile=false or give the actor one GPU"
-        )
-
-
-def batch_rungs(max_batch_size: int) -> list[int]:
-    """The batch sizes the compiled decode runs at (ascending): a batch is padded up to the
-    next rung with dummy rows, so a job compiles at most :data:`COMPILE_RUNGS` decode graphs."""
-    return sorted({-(-max_batch_size // 2**k) for k in range(COMPILE_RUNGS)})
-
-
-def static_cache_len(tokens: int, max_positions: int) -> int:
-    """The static cache length for a batch needing ``tokens`` (prompt width + longest answer):
-    the multiple of :data:`CACHE_STEP` that holds it, at most the model's positions."""
-    return min(-(-max(tokens, 1) // CACHE_STEP) * CACHE_STEP, max_positions)
-
-
 class RowLengths(transformers.StoppingCriteria):
     """Ends each row once it has its own number of new tokens: a per-row bool tensor, computed
     on the device (no host sync). ``generate`` pads a finished row while the batch runs on until
@@ -642,8 +585,11 @@ class HFEngine(BatchEngine):
         """``engine.hf.compile``: the batch-size rungs and transformers' own compiled decode step
         (``compile_config``; CUDA graphs on GPU)."""
         self._rungs = batch_rungs(cfg.batching.max_batch_size)
-        # (rung, length) -> its StaticCache, reused batch after batch
-        self._caches: dict[tuple[int, int], Any] = {}
+        gib = cfg.engine.hf.static_cache_gib
+        cap = default_cap(self.device) if gib is None else int(gib * 2**30)
+        text_config = self.model.config.get_text_config(decoder=True)
+        # (rung, length) -> its StaticCache, reused batch after batch, within the cap
+        self.caches = StaticCaches(text_config, self.dtype, cap)
         if self.compiled:
             self.use_compile(True)
 
@@ -702,20 +648,6 @@ class HFEngine(BatchEngine):
     def use_answer_lengths(self, spec: str) -> None:
         """Benchmark answer lengths from now on (``engine.hf.answer_lengths``; "" = off)."""
         self.answer_lengths = spec
-
-    def _static_cache(self, rung: int, length: int) -> Any:
-        """The (rung, length) static cache, emptied (called inside inference mode)."""
-        from transformers import StaticCache
-
-        cache = self._caches.get((rung, length))
-        if cache is None:
-            log.info("hf engine: a static cache of %d rows x %d tokens (compiles)", rung, length)
-            text_config = self.model.config.get_text_config(decoder=True)
-            cache = self._caches[rung, length] = StaticCache(
-                config=text_config, max_cache_len=length
-            )
-        cache.reset()
-        return cache
 
     def _pad_rows(self, inputs: Any, n: int) -> None:
         """Append ``n`` dummy rows to the batch: one attended token each (the first row's last,
@@ -856,8 +788,8 @@ class HFEngine(BatchEngine):
 
     def _rung(self, rows: int, tokens: int) -> tuple[int, int] | None:
         """(batch size, cache length) a batch of ``rows`` needing ``tokens`` runs at under the
-        compiled decode, or None: run it eagerly (compile off, or a batch no static cache can
-        hold: warned)."""
+        compiled decode, or None: run it eagerly (compile off, a batch no static cache can hold,
+        or one whose cache would pass the caches' memory cap: warned)."""
         if not self.compiled:
             return None
         rung = next((r for r in self._rungs if r >= rows), None)
@@ -871,6 +803,8 @@ class HFEngine(BatchEngine):
                 self._rungs[-1],
                 length,
             )
+            return None
+        if not self.caches.fits(rung, length):
             return None
         return rung, length
 
@@ -908,7 +842,7 @@ class HFEngine(BatchEngine):
         try:
             with torch.inference_mode():
                 if shape is not None:
-                    extra[self._cache_kwarg] = self._static_cache(*shape)
+                    extra[self._cache_kwarg] = self.caches.get(*shape)
                 out = self.model.generate(**inputs, max_new_tokens=max(limits), **extra)
         finally:
             self._clock.stop()

@@ -1,0 +1,184 @@
+"""The transformers engine's compiled decode: which shapes it runs at, and its static KV caches.
+
+Compiled decode (``engine.hf.compile``, transformers >= 4.57.3, one GPU): the decode step runs
+through transformers' own ``torch.compile`` (``compile_config``; CUDA graphs on GPU) on static
+KV caches the engine owns and passes to ``generate`` (reset per batch, never reallocated: a graph
+is specialised to its cache's batch size, length and addresses). So the shapes come in steps:
+
+* batch size: rungs ``B, B/2, B/4, B/8`` (rounded up, ``B = batching.max_batch_size``); a
+  batch is padded up to the next rung with dummy rows (one attended token, no image, ended after
+  one token).
+* length: the batch's prompt width + its longest answer, rounded up to a multiple of
+  :data:`CACHE_STEP` (at most the model's positions). Every decode step attends over the whole
+  cache, and transformers' SDPA path copies the grouped K/V heads out to every query head over
+  that whole length (a mask rules out PyTorch's GQA kernel), so the cache follows the batch
+  closely instead of the job's worst case (a 5,440-token cache for the defaults' largest prompt
+  made every step of a 448x448 batch attend over 15x its ~370 tokens, and 40 GB of cache at
+  B=128 on a 7B).
+
+One cache and one decode graph per (rung, length) met, compiled when first met (logged; a 7B's
+decode graph: tens of seconds, once). The warm-up (``engine.warmup``) compiles the full batch's
+rung at the longest answer and logs the seconds; compiling every rung up front would make each
+actor's start pay for rungs a job may never meet. A job of one image size with full batches
+meets one shape: the warm-up's. A mixed-size job meets up to
+``COMPILE_RUNGS`` x (its distinct length steps): images from 224x224 up to the default
+``image.max_pixels`` (1,280 vision tokens) with 64 new tokens span 10 length steps, so up to 40
+caches, and on the 7B (56 KiB of cache a token) one cache of 128 rows x 640 tokens is 4.4 GiB.
+Caches are never freed (a graph holds its cache's addresses), so :class:`StaticCaches` keeps them
+within a memory cap (``engine.hf.static_cache_gib``; by default half the GPU memory free once the
+model is loaded): a batch whose shape would pass it runs eagerly (warned once per shape), with
+the same output. The shapes met first, a job's common ones, keep their graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_STEP = 128  # static cache lengths are multiples of this (tokens)
+# Oldest transformers the compiled decode was checked on (static cache + compiled decode step
+# with Qwen2.5-VL, greedy output equal to eager): 4.57.3 and 5.x.
+COMPILE_MIN_TRANSFORMERS = "4.57.3"
+COMPILE_RUNGS = 4  # batch-size rungs of the compiled decode: B, B/2, B/4, B/8 (rounded up)
+# By default the static caches may take this share of the GPU memory free once the model is
+# loaded; the rest is the prefill's and the vision tower's working memory (and eager batches').
+CACHE_SHARE = 0.5
+
+
+def compile_supported(gpus: int, version: str | None = None) -> bool:
+    """Would ``engine.hf.compile=true`` be accepted here (``engine.hf.compile: null``)."""
+    try:
+        check_compile_supported(version or _installed_transformers(), gpus)
+    except ValueError:
+        return False
+    return True
+
+
+def check_compile_supported(version: str, gpus: int) -> None:
+    """Refuse ``engine.hf.compile`` where it was not checked: older transformers, or a model
+    split over several GPUs (a device map)."""
+    from packaging.version import Version  # a transformers dependency
+
+    if Version(version) < Version(COMPILE_MIN_TRANSFORMERS):
+        raise ValueError(
+            f"engine.hf.compile: transformers {version} is older than "
+            f"{COMPILE_MIN_TRANSFORMERS}, the oldest "
+            "whose static cache and compiled decode were checked with Qwen2.5-VL; set "
+            "engine.hf.compile=false or upgrade transformers"
+        )
+    if gpus > 1:
+        raise ValueError(
+            f"engine.hf.compile: not supported with the model split over {gpus} GPUs (device "
+            "map); set engine.hf.compile=false or give the actor one GPU"
+        )
+
+
+def _installed_transformers() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def batch_rungs(max_batch_size: int) -> list[int]:
+    """The batch sizes the compiled decode runs at (ascending): a batch is padded up to the
+    next rung with dummy rows, so a job compiles at most :data:`COMPILE_RUNGS` decode graphs
+    per cache length."""
+    return sorted({-(-max_batch_size // 2**k) for k in range(COMPILE_RUNGS)})
+
+
+def static_cache_len(tokens: int, max_positions: int) -> int:
+    """The static cache length for a batch needing ``tokens`` (prompt width + longest answer):
+    the multiple of :data:`CACHE_STEP` that holds it, at most the model's positions."""
+    return min(-(-max(tokens, 1) // CACHE_STEP) * CACHE_STEP, max_positions)
+
+
+def kv_bytes_per_token(text_config: Any, dtype: torch.dtype) -> int:
+    """Bytes one token takes in a KV cache of this text model: keys and values, every layer."""
+    heads = int(text_config.num_key_value_heads)
+    head_dim = getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads
+    )
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * int(text_config.num_hidden_layers) * heads * int(head_dim) * itemsize
+
+
+def default_cap(device: torch.device) -> int | None:
+    """``engine.hf.static_cache_gib: null``: :data:`CACHE_SHARE` of the memory free on this CUDA
+    device now (the model loaded; what PyTorch holds unused counts as free); None (no cap)
+    elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(CACHE_SHARE * (free + unused))
+
+
+class StaticCaches:
+    """The engine's static caches by (rung, length), within a cap on the bytes they hold.
+
+    ``get`` returns the shape's cache, made when first asked for if it fits under the cap, or
+    None: that batch runs eagerly (warned once per shape). Caches are kept for the engine's life:
+    a compiled graph is specialised to its cache's addresses."""
+
+    def __init__(self, text_config: Any, dtype: torch.dtype, cap_bytes: int | None):
+        self.text_config = text_config
+        self.per_token = kv_bytes_per_token(text_config, dtype)
+        self.cap_bytes = cap_bytes
+        self.by_shape: dict[tuple[int, int], Any] = {}
+        self._refused: set[tuple[int, int]] = set()
+        self.eager_batches = 0  # batches run eagerly because their cache would pass the cap
+
+    def shapes(self) -> list[tuple[int, int]]:
+        return sorted(self.by_shape)
+
+    def bytes_of(self, rung: int, length: int) -> int:
+        return rung * length * self.per_token
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(self.bytes_of(*shape) for shape in self.by_shape)
+
+    def fits(self, rung: int, length: int) -> bool:
+        """Has the shape a cache, or room under the cap for one. Warns once for a shape that
+        has neither (counted in ``eager_batches`` each time)."""
+        shape = (rung, length)
+        if shape in self.by_shape or self.cap_bytes is None:
+            return True
+        if self.held_bytes + self.bytes_of(rung, length) <= self.cap_bytes:
+            return True
+        self.eager_batches += 1
+        if shape not in self._refused:
+            self._refused.add(shape)
+            log.warning(
+                "engine.hf.compile: a static cache of %d rows x %d tokens (%.2f GiB) would pass "
+                "the caches' cap (%.2f of %.2f GiB held, engine.hf.static_cache_gib); batches of "
+                "this shape run eagerly",
+                rung,
+                length,
+                self.bytes_of(rung, length) / 2**30,
+                self.held_bytes / 2**30,
+                self.cap_bytes / 2**30,
+            )
+        return False
+
+    def get(self, rung: int, length: int) -> Any:
+        """The shape's cache, emptied (call inside inference mode, after ``fits``)."""
+        from transformers import StaticCache
+
+        cache = self.by_shape.get((rung, length))
+        if cache is None:
+            log.info(
+                "hf engine: a static cache of %d rows x %d tokens, %.2f GiB (compiles)",
+                rung,
+                length,
+                self.bytes_of(rung, length) / 2**30,
+            )
+            cache = self.by_shape[rung, length] = StaticCache(
+                config=self.text_config, max_cache_len=length
+            )
+        cache.reset()
+        return cache
