@@ -291,6 +291,12 @@ class HFEngineConfig:
     # length met, kept for the job: qvl_batch.engines.hf_decode); a batch whose cache would pass
     # it runs eagerly. null: half the GPU memory free once the model is loaded (CPU: no cap).
     static_cache_gib: float | None = None
+    # The text model's attention in decode steps: "grouped" (qvl_batch.engines.hf_gqa: each KV
+    # head's query heads attend as its queries, no copy of the cache per query head; the same
+    # output), "stock" (transformers' SDPA: copies every KV head out to its query heads, each step,
+    # when a mask is passed, which a left-padded batch always does), or "auto": grouped where the
+    # installed transformers' text model is the known shape (4.57.3, 5.x) and runs sdpa.
+    decode_attention: str = "auto"
     # The vision tower's attention: "dense" (qvl_batch.engines.hf_vision: a few batched calls
     # per block, the same output, 2.5x faster at B=128 on an H200), "stock" (transformers' own:
     # one call per window and image), or "auto": dense where the installed transformers' vision
@@ -302,6 +308,12 @@ class HFEngineConfig:
         _check(self.preprocess in modes, "engine.hf.preprocess", f"must be one of {modes}")
         visions = ("auto", "dense", "stock")
         _check(self.vision in visions, "engine.hf.vision", f"must be one of {visions}")
+        attentions = ("auto", "grouped", "stock")
+        _check(
+            self.decode_attention in attentions,
+            "engine.hf.decode_attention",
+            f"must be one of {attentions}",
+        )
         _check(
             self.static_cache_gib is None or self.static_cache_gib >= 0,
             "engine.hf.static_cache_gib",

@@ -139,8 +139,9 @@ def test_bench_gpu_scaling_section_on_cpu(tmp_path, ray_head):
 
 
 def test_bench_gpu_variants_and_contention_on_cpu(tmp_path, ray_head):
-    """--vision / --decode / --answer-lengths in the bare section, --runner-variants in the
-    runner section (each compared with its own bare run), and the contention section."""
+    """--vision / --decode / --decode-attention / --answer-lengths in the bare section,
+    --runner-variants in the runner section (each compared with its own bare run), and the
+    contention section."""
     out = tmp_path / "variants.json"
     args = _tiny_gpu_args(
         tmp_path,
@@ -163,11 +164,14 @@ def test_bench_gpu_variants_and_contention_on_cpu(tmp_path, ray_head):
             "dense",
             "--decode",
             "eager",
+            "--decode-attention",
+            "stock",
+            "grouped",
             "--answer-lengths",
             "fixed",
             "uniform:1:3",
             "--runner-variants",
-            "dense/eager",
+            "dense/eager/grouped",
             "--json-out",
             str(out),
         ],
@@ -175,11 +179,11 @@ def test_bench_gpu_variants_and_contention_on_cpu(tmp_path, ray_head):
     assert bench_gpu(args) == 0
     report = json.loads(out.read_text())
     runs = report["bare"]["runs"]
-    assert [(r["vision"], r["answer_lengths"]) for r in runs] == [
-        ("stock", "fixed"),
-        ("stock", "uniform:1:3"),
-        ("dense", "fixed"),
-        ("dense", "uniform:1:3"),
+    assert [(r["vision"], r["attention"], r["answer_lengths"]) for r in runs] == [
+        (vision, attention, lengths)
+        for vision in ("stock", "dense")
+        for attention in ("stock", "grouped")
+        for lengths in ("fixed", "uniform:1:3")
     ]
     for run in runs:
         assert run["rows"] == 8 and run["errors"] == 0 and run["decode"] == "eager"
@@ -195,19 +199,15 @@ def test_bench_gpu_variants_and_contention_on_cpu(tmp_path, ray_head):
     assert min(fixed) > max(drawn)  # the drawn lengths end answers earlier
 
     runners = report["runners"]
-    assert [(x["variant"]["vision"], x["variant"]["answer_lengths"]) for x in runners] == [
-        ("dense", "fixed"),
-        ("dense", "uniform:1:3"),
+    variant_keys = ("vision", "decode", "attention", "answer_lengths")
+    assert [tuple(x["variant"][k] for k in variant_keys) for x in runners] == [
+        ("dense", "eager", "grouped", "fixed"),
+        ("dense", "eager", "grouped", "uniform:1:3"),
     ]
     for x in runners:
         assert x["status"] == "succeeded" and x["rows"] == 8
-        same = [
-            r
-            for r in runs
-            if (r["vision"], r["answer_lengths"])
-            == (x["variant"]["vision"], x["variant"]["answer_lengths"])
-        ]
-        assert x["bare_images_per_s"] == same[0]["images_per_s"]
+        same = [r for r in runs if all(r[k] == x["variant"][k] for k in variant_keys)]
+        assert len(same) == 1 and x["bare_images_per_s"] == same[0]["images_per_s"]
 
     contention = report["contention"]
     assert contention["alone"]["rows"] == 8 and len(contention["together"]) == 2

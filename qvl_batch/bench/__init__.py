@@ -9,6 +9,7 @@ One module per benchmark; this package's ``add_bench_parser`` gathers their pars
   in its own process so peaks do not mix. Flat means bounded by what is in flight.
 - ``storage``: the input read path from an S3 server vs local disk.
 - ``gpu``: the hf engine alone vs the whole runner, and bucketing on vs off.
+- ``attention``: one decode step's text attention, K/V copied per query head vs grouped.
 - ``feed``: an in-flight engine fed as a stream vs batch by batch vs its capacity.
 - ``submit``: CPU per request in TensorRT-LLM's one submitting thread.
 - ``chaos``: a job under random SIGKILLs of its actors and driver, verified.
@@ -22,6 +23,7 @@ import os
 def add_bench_parser(sub) -> None:
     """``qvl-batch bench <kind>``: each benchmark module adds its own subcommand."""
     from ..commands.demo import demo_job_file
+    from .attention import add_attention_bench
     from .chaos import add_chaos_bench
     from .driver import add_driver_bench
     from .feed import add_feed_bench
@@ -49,5 +51,6 @@ def add_bench_parser(sub) -> None:
         add_chaos_bench,
         add_submit_bench,
         add_gpu_bench,
+        add_attention_bench,
     ):
         add(kinds, common)

@@ -173,18 +173,21 @@ def vision_deviation(engine, requests: list) -> dict:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to run the hf engine on a loaded model: its vision attention, its decode, and
-    the benchmark's answer lengths ("fixed": every answer runs to max_tokens)."""
+    """One way to run the hf engine on a loaded model: its vision attention, its decode, the
+    benchmark's answer lengths ("fixed": every answer runs to max_tokens) and the text model's
+    decode attention."""
 
     vision: str = "stock"
     decode: str = "eager"  # eager | compiled
     answer_lengths: str = "fixed"
+    attention: str = "stock"  # stock | grouped (engine.hf.decode_attention)
 
     def apply(self, engine) -> None:
         if engine.name != "hf":
             return
         engine.use_vision(self.vision)
         engine.use_compile(self.decode == "compiled")
+        engine.use_decode_attention(self.attention)
         engine.use_answer_lengths("" if self.answer_lengths == "fixed" else self.answer_lengths)
 
     def overrides(self) -> tuple[str, ...]:
@@ -193,11 +196,12 @@ class Variant:
         return (
             f"engine.hf.vision={self.vision}",
             f"engine.hf.compile={'true' if self.decode == 'compiled' else 'false'}",
+            f"engine.hf.decode_attention={self.attention}",
             f"engine.hf.answer_lengths='{lengths}'",
         )
 
     def label(self) -> str:
-        return f"{self.vision}/{self.decode}/{self.answer_lengths}"
+        return f"{self.vision}/{self.decode}/{self.attention}/{self.answer_lengths}"
 
 
 def bench_bare(
@@ -236,7 +240,7 @@ def bench_bare(
                 for b in batch_sizes:
                     # Other answer lengths meet other shapes (eager: KV lengths never seen;
                     # compiled: another cache length, a graph): warmed up on their own.
-                    shape = (mode, variant.vision, variant.decode, b, variant.answer_lengths)
+                    shape = (mode, b, *asdict(variant).values())
                     warm = shape not in warmed
                     warmed.add(shape)
                     run = {

@@ -19,12 +19,13 @@ side at the end with one JSON line:
   process each): what engines on one host slow each other by, with no Ray or runner; not in the
   default sections.
 
-Variants (hf): ``--vision stock dense`` x ``--decode eager compiled`` x ``--answer-lengths``
-(``fixed``: every answer runs to ``--max-tokens``, as random weights never stop; or
-``uniform:LO:HI`` / ``lognormal:MEAN:CAP``: each row's answer ends at a length drawn from its id,
-``engine.hf.answer_lengths``). The bare section times every variant on one loaded model; the
-runner section runs each of ``--runner-variants`` (vision/decode) at every answer length and is
-compared with the bare run of the same variant; contention runs the first variant.
+Variants (hf): ``--vision stock dense`` x ``--decode eager compiled`` x ``--decode-attention
+stock grouped`` x ``--answer-lengths`` (``fixed``: every answer runs to ``--max-tokens``, as
+random weights never stop; or ``uniform:LO:HI`` / ``lognormal:MEAN:CAP``: each row's answer ends
+at a length drawn from its id, ``engine.hf.answer_lengths``). The bare section times every
+variant on one loaded model; the runner section runs each of ``--runner-variants``
+(vision/decode[/attention]) at every answer length and is compared with the bare run of the same
+variant; contention runs the first variant.
 
 The figures are compared with the compute floor of the issue (:data:`FLOOR_IMAGES_PER_S`), which
 only means something for the 7B in bf16 on an H200.
@@ -306,24 +307,34 @@ def _bare_figure(bare: dict | None, batch_size: int, variant: dict | None = None
 
 
 def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
-    """Every --vision x --decode x --answer-lengths, in that order."""
+    """Every --vision x --decode x --decode-attention x --answer-lengths, in that order."""
     return tuple(
-        Variant(vision, decode, lengths)
+        Variant(vision, decode, lengths, attention)
         for vision in args.vision
         for decode in args.decode
+        for attention in args.decode_attention
         for lengths in args.answer_lengths
     )
 
 
 def runner_variants(args: argparse.Namespace) -> list[Variant]:
-    """Each --runner-variants vision/decode at every --answer-lengths."""
-    pairs = args.runner_variants or [f"{args.vision[0]}/{args.decode[0]}"]
+    """Each --runner-variants vision/decode[/attention] at every --answer-lengths."""
+    first = f"{args.vision[0]}/{args.decode[0]}/{args.decode_attention[0]}"
     out = []
-    for pair in pairs:
-        vision, _, decode = pair.partition("/")
-        if vision not in ("stock", "dense") or decode not in ("eager", "compiled"):
-            raise SystemExit(f"--runner-variants {pair!r}: use VISION/DECODE, e.g. dense/compiled")
-        out += [Variant(vision, decode, lengths) for lengths in args.answer_lengths]
+    for spec in args.runner_variants or [first]:
+        vision, decode, *rest = spec.split("/")
+        attention = rest[0] if rest else args.decode_attention[0]
+        if (
+            vision not in ("stock", "dense")
+            or decode not in ("eager", "compiled")
+            or attention not in ("stock", "grouped")
+            or len(rest) > 1
+        ):
+            raise SystemExit(
+                f"--runner-variants {spec!r}: use VISION/DECODE[/ATTENTION], e.g. "
+                "dense/compiled or dense/compiled/grouped"
+            )
+        out += [Variant(vision, decode, lengths, attention) for lengths in args.answer_lengths]
     return out
 
 
@@ -577,7 +588,7 @@ def _print_table(r: dict) -> None:
 
 
 def _variant(run: dict) -> str:
-    keys = ("vision", "decode", "answer_lengths")
+    keys = ("vision", "decode", "attention", "answer_lengths")
     return "/".join(str(run[k]) for k in keys if k in run) or "-"
 
 
@@ -652,6 +663,14 @@ def add_gpu_bench(kinds, common) -> None:
         help="eager, or compiled (engine.hf.compile: static cache, CUDA graphs)",
     )
     p.add_argument(
+        "--decode-attention",
+        nargs="+",
+        choices=("stock", "grouped"),
+        default=["stock"],
+        help="the text model's decode attention (engine.hf.decode_attention): stock "
+        "(transformers copies each KV head to its query heads every step) or grouped",
+    )
+    p.add_argument(
         "--answer-lengths",
         nargs="+",
         type=_lengths,
@@ -663,8 +682,9 @@ def add_gpu_bench(kinds, common) -> None:
         "--runner-variants",
         nargs="+",
         default=None,
-        metavar="VISION/DECODE",
-        help="runner runs, e.g. stock/eager dense/compiled (default: the first of each)",
+        metavar="VISION/DECODE[/ATTENTION]",
+        help="runner runs, e.g. stock/eager dense/compiled/grouped (default: the first of each; "
+        "ATTENTION defaults to the first --decode-attention)",
     )
     add_scaling_args(p)
     p.set_defaults(func=bench_gpu)

@@ -59,6 +59,10 @@ prefill runs eagerly, as transformers does. Greedy float32 output equals eager t
 
 Dense vision (``engine.hf.vision: dense``): the vision tower's window and full attention run as
 a few batched calls (``hf_vision.py``); ``stock`` is transformers' one call per window and image.
+
+Grouped decode attention (``engine.hf.decode_attention: grouped``): in a decode step each KV
+head's query heads attend as its queries, with no per-step copy of the cache out to every query
+head (``hf_gqa.py``); ``stock`` is transformers' SDPA function.
 """
 
 from __future__ import annotations
@@ -476,6 +480,8 @@ class HFEngine(BatchEngine):
         self.model = (model if split else model.to(self.device)).eval()
         self.vision = "stock"
         self.use_vision(ecfg.hf.vision)
+        self.decode_attention = "stock"
+        self.use_decode_attention(ecfg.hf.decode_attention)
         if split:
             self.device = torch.device("cuda", 0)
         log.info(
@@ -644,6 +650,32 @@ class HFEngine(BatchEngine):
         if switched == 0:
             log.info("engine.hf.vision=%s: this attention implementation stays stock", mode)
         self.vision = "dense" if switched else "stock"
+
+    def use_decode_attention(self, mode: str) -> None:
+        """``grouped``, ``stock`` or ``auto`` decode attention from now on
+        (``engine.hf.decode_attention``, ``hf_gqa``; ``auto``: grouped where this transformers'
+        text model is the known shape, else stock with a warning; ``grouped`` raises there)."""
+        from .hf_gqa import disable_grouped_decode, enable_grouped_decode
+
+        if mode == "stock":
+            disable_grouped_decode(self.model)
+            self.decode_attention = "stock"
+            return
+        try:
+            switched = enable_grouped_decode(self.model)
+        except ValueError as exc:
+            if mode == "grouped":
+                raise
+            log.warning(
+                "engine.hf.decode_attention=auto: the decode attention stays stock (%s)", exc
+            )
+            self.decode_attention = "stock"
+            return
+        if not switched:
+            log.info(
+                "engine.hf.decode_attention=%s: this attention implementation stays stock", mode
+            )
+        self.decode_attention = "grouped" if switched else "stock"
 
     def use_answer_lengths(self, spec: str) -> None:
         """Benchmark answer lengths from now on (``engine.hf.answer_lengths``; "" = off)."""

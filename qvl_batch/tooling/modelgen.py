@@ -129,6 +129,19 @@ _TEXT = {
         "vocab_size": 151936,
     },
 }
+
+
+def text_attention_shape(size: str) -> dict[str, int]:
+    """The text model's attention of a size: layers, query heads, KV heads and head size."""
+    text = _TEXT[size]
+    return {
+        "layers": text["num_hidden_layers"],
+        "heads": text["num_attention_heads"],
+        "kv_heads": text["num_key_value_heads"],
+        "head_dim": text["hidden_size"] // text["num_attention_heads"],
+    }
+
+
 _TINY_VISION = {
     "depth": 2,
     "hidden_size": 64,
