@@ -33,6 +33,8 @@ class PaddingStats:
     padded_tokens: int = 0  # pad tokens in emitted batches
     fifo_padded_tokens: int = 0  # pad tokens had the rows been batched in arrival order
     batch_size_counts: dict[int, int] = field(default_factory=dict)  # size -> batches
+    # batches the token budget ended short of max_batch_size rows while more rows waited
+    token_capped: int = 0
 
     @property
     def padding_fraction(self) -> float:
@@ -55,6 +57,7 @@ class PaddingStats:
             "fifo_padding_fraction": round(self.fifo_padding_fraction, 4),
             "mean_batch_size": round(self.rows / self.batches, 2) if self.batches else 0.0,
             "batch_size_counts": dict(sorted(self.batch_size_counts.items())),
+            "token_capped_batches": self.token_capped,
         }
 
     def merge(self, other: dict[str, Any]) -> None:
@@ -64,8 +67,18 @@ class PaddingStats:
         self.tokens += other["tokens"]
         self.padded_tokens += other["padded_tokens"]
         self.fifo_padded_tokens += other["fifo_padded_tokens"]
+        self.token_capped += other.get("token_capped_batches", 0)
         for size, n in other["batch_size_counts"].items():
             self.batch_size_counts[int(size)] = self.batch_size_counts.get(int(size), 0) + n
+
+
+@dataclass
+class _Plan:
+    """A batch: (bucket, rows to take) in order, and what ended it."""
+
+    takes: list[tuple[Hashable, int]] = field(default_factory=list)
+    filled: bool = False  # a cap (rows or tokens) ended it
+    token_capped: bool = False  # the token budget did, short of max_batch_size rows
 
 
 def _pad(lengths: list[int]) -> int:
@@ -126,20 +139,20 @@ class Bucketer:
             return None
         full = next((k for k in self._buckets if self._full(k)), None)
         if full is not None:
-            return self._take(self._plan(full, merge=False)[0])
+            return self._take(self._plan(full, merge=False))
         # The bucket whose head row arrived first:
         oldest = min(self._buckets, key=lambda k: self._buckets[k][0][3])
         due = force or self.clock() - self._buckets[oldest][0][3] >= self.max_wait_s
         if not due and self.pending < self.max_batch_size and self._tokens < self.max_tokens:
             return None  # nothing can fill a batch yet
-        plan, filled = self._plan(oldest, merge=self.max_padding > 0)
-        return self._take(plan) if filled or due else None
+        plan = self._plan(oldest, merge=self.max_padding > 0)
+        return self._take(plan) if plan.filled or due else None
 
-    def _plan(self, seed: Hashable, merge: bool) -> tuple[list[tuple[Hashable, int]], bool]:
-        """([(bucket, rows to take)], filled) for a batch started from bucket ``seed``: its
-        rows in arrival order, then (``merge``) rows of the buckets closest in sequence length
-        while the batch's padding stays within ``max_padding``. ``filled``: a cap ended it."""
-        plan: list[tuple[Hashable, int]] = []
+    def _plan(self, seed: Hashable, merge: bool) -> _Plan:
+        """The (bucket, rows to take) of a batch started from bucket ``seed``: its rows in
+        arrival order, then (``merge``) rows of the buckets closest in sequence length while the
+        batch's padding stays within ``max_padding``; whether a cap ended it, and which."""
+        plan = _Plan()
         rows = budget = total = longest = 0
         keys = [seed]
         if merge:
@@ -150,20 +163,22 @@ class Bucketer:
             taken = 0
             for _, tokens, seq_len, _ in self._buckets[key]:
                 if rows >= self.max_batch_size or (rows and budget + tokens > self.max_tokens):
-                    plan.append((key, taken))
-                    return plan, True
+                    plan.takes.append((key, taken))
+                    plan.filled, plan.token_capped = True, rows < self.max_batch_size
+                    return plan
                 top = max(longest, seq_len)
                 padding = (rows + 1) * top - (total + seq_len)
                 if key != seed and padding > self.max_padding * (rows + 1) * top:
                     break  # this bucket's rows would pad the batch too much
                 rows, budget, total, longest = rows + 1, budget + tokens, total + seq_len, top
                 taken += 1
-            plan.append((key, taken))
-        return plan, rows >= self.max_batch_size
+            plan.takes.append((key, taken))
+        plan.filled = rows >= self.max_batch_size
+        return plan
 
-    def _take(self, plan: list[tuple[Hashable, int]]) -> list[Any]:
+    def _take(self, plan: _Plan) -> list[Any]:
         items, lengths = [], []
-        for key, n in plan:
+        for key, n in plan.takes:
             if not n:
                 continue
             queue = self._buckets[key]
@@ -178,6 +193,7 @@ class Bucketer:
                 del self._bucket_tokens[key]
         self.pending -= len(items)
         self.stats.batches += 1
+        self.stats.token_capped += plan.token_capped
         self.stats.rows += len(items)
         self.stats.tokens += sum(lengths)
         self.stats.padded_tokens += _pad(lengths)

@@ -212,6 +212,9 @@ def build_report(state: OutputState) -> bytes:
         fifo = f"(FIFO would be {padding.get('fifo_padding_fraction', 0):.4f})"
         table.append(("padding fraction", f"{padding.get('padding_fraction', 0):.4f} {fifo}"))
         table.append(("mean batch size", padding.get("mean_batch_size", "-")))
+        if padding.get("token_capped_batches"):
+            capped = f"{padding['token_capped_batches']:,} of {padding.get('batches', 0):,}"
+            table.append(("batches cut by batching.max_tokens_per_batch", capped))
     for stage, secs in sorted((metrics or {}).get("actor_timings_s", {}).items()):
         table.append((f"stage {stage}", f"{secs:,.1f} s (all actors)"))
     if metrics and "storage" in metrics:

@@ -29,6 +29,28 @@ def test_bucketer_emits_full_buckets_by_size_and_token_budget():
     for i in range(3):
         t.add(i, key="k", tokens=400, seq_len=400)
     assert t.next_batch() == [0, 1]
+    assert t.stats.token_capped == 1, "the budget, not the batch size, ended it"
+    assert b.stats.token_capped == 0, "full by rows"
+    assert t.next_batch(force=True) == [2] and t.stats.token_capped == 1, "nothing more waited"
+
+
+def test_token_capped_batches_are_counted_and_summed_over_actors():
+    from qvl_batch.bucketing import PaddingStats
+
+    b = Bucketer(max_batch_size=4, max_tokens=100, max_wait_s=0, clock=Clock())
+    for i in range(8):
+        b.add(i, key="k", tokens=30, seq_len=30)  # 3 rows fill the budget
+    for i in range(8, 16):
+        b.add(i, key="small", tokens=10, seq_len=10)  # 4 rows fit
+    batches = []
+    while batch := b.next_batch(force=True):
+        batches.append(batch)
+    assert [len(x) for x in batches] == [3, 3, 4, 4, 2]  # full buckets first, then the rest
+    assert b.stats.as_dict()["token_capped_batches"] == 2
+    total = PaddingStats()
+    total.merge(b.stats.as_dict())
+    total.merge(b.stats.as_dict())
+    assert total.token_capped == 4
 
 
 def test_bucketer_flushes_oldest_after_wait_or_when_forced():

@@ -70,3 +70,18 @@ def test_report_renders_without_metrics(finished, tmp_path):
     assert page.count(IMG) == 4  # batch sizes panel says it has no data; the figure stays
     assert "No actor timeline (no _metrics.json yet" in page
     assert json.loads((copy / "_job.json").read_text())["job_id"] == summary.job_id
+
+
+def test_report_counts_batches_the_token_budget_cut(finished, tmp_path):
+    out, _ = finished
+    assert "max_tokens_per_batch" not in _render(out), "none were cut: no row"
+    copy = tmp_path / "capped"
+    shutil.copytree(out, copy)
+    metrics = json.loads((copy / "_metrics.json").read_text())
+    padding = metrics["padding"]
+    assert padding["token_capped_batches"] == 0
+    padding["token_capped_batches"] = 3
+    (copy / "_metrics.json").write_text(json.dumps(metrics))
+    page = _render(copy)
+    want = f"<th>batches cut by batching.max_tokens_per_batch</th><td>3 of {padding['batches']:,}"
+    assert want in page

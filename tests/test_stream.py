@@ -137,6 +137,32 @@ def test_batching_adapter_splits_a_failing_batch_down_to_its_poison_row(tmp_path
     adapter.close()
 
 
+def test_batching_adapter_says_once_when_the_token_budget_cuts_batches(tmp_path, dataset, caplog):
+    """Rows of 4 vision + 30 text + 64 new tokens: a budget of 200 holds 2 of the 4 rows a
+    batch may have; the report counts the batches it cut, a warning says it once."""
+    cfg = load_config(
+        write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None),
+        [
+            "batching.max_batch_size=4",
+            "batching.max_tokens_per_batch=200",
+            "sampling.max_tokens=64",
+        ],
+    )
+    adapter = BatchingAdapter(FakeEngine(cfg), cfg)
+    sink = Sink()
+    with caplog.at_level("WARNING", logger="qvl_batch.engines.batching"):
+        adapter.start(sink)
+        adapter.submit(requests(6))
+        sink.wait(4)
+        adapter.flush()
+        sink.wait(6)
+    assert [len(keys) for keys in sink.entered] == [2, 2, 2]
+    assert adapter.padding()["token_capped_batches"] == 2, "the last ran on a flush"
+    assert caplog.text.count("batching.max_tokens_per_batch=200 ended a batch at 2 rows") == 1
+    assert "up to 98 here" in caplog.text
+    adapter.close()
+
+
 def test_flight_recorder_holds_rows_between_entering_and_leaving():
     rec = FlightRecorder()
     rec.note(0, [("a", 1), ("a", 2)], [])

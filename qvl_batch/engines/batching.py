@@ -109,12 +109,30 @@ class BatchingAdapter(Engine):
         with self._cond:
             while not self._closed:
                 force = self._flush or self._bucketer.pending >= self._window
+                capped = self._bucketer.stats.token_capped
                 batch = self._bucketer.next_batch(force=force)
                 if batch:
+                    if capped == 0 and self._bucketer.stats.token_capped:
+                        self._warn_token_capped(batch)
                     return batch
                 due = self._bucketer.seconds_until_due()
                 self._cond.wait(0.5 if due is None else min(0.5, max(due, 0.001)))
             return None
+
+    def _warn_token_capped(self, batch: list[Request]) -> None:
+        """Once per actor: the token budget, not the batch size, ends batches."""
+        b = self._bucketer
+        per_row = max(r.vision_tokens + r.text_tokens for r in batch) + self._max_tokens
+        log.warning(
+            "batching.max_tokens_per_batch=%d ended a batch at %d rows, short of "
+            "batching.max_batch_size=%d (a row counts its vision and text tokens + "
+            "sampling.max_tokens: up to %d here); raise the budget where the GPU has the memory "
+            "(the report counts such batches)",
+            b.max_tokens,
+            len(batch),
+            b.max_batch_size,
+            per_row,
+        )
 
     def _run(self) -> None:
         assert self._sink is not None
