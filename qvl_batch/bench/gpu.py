@@ -166,6 +166,7 @@ def _job_overrides(
     extra: tuple[str, ...] = (),
 ) -> list[str]:
     """Overrides of the job file for one run: this benchmark's settings, then the user's."""
+    row_tokens = args.image_size**2 // 28**2 + 128 + args.max_tokens
     return [
         *job_io(data, out),
         "engine.name=hf",
@@ -179,6 +180,10 @@ def _job_overrides(
         f"cluster.cpus_per_actor={args.cores}",
         *(["cluster.num_gpus_per_actor=1"] if cuda else []),
         f"batching.max_batch_size={batch_size}",
+        # Room for B rows of --image-size (vision tokens, a prompt, the answer): the batch size,
+        # not the memory budget, bounds a batch, as in the bare section (with max_tokens 300 the
+        # default budget cut 448x448 batches of 128 to ~102 rows).
+        f"batching.max_tokens_per_batch={batch_size * row_tokens}",
         # Rows in flight (3 units of 4 batches) exceed the prepared window (8 batches by
         # default), so the window fills and bucketing has rows to choose from.
         f"batching.unit_rows={4 * batch_size}",
