@@ -200,5 +200,7 @@ def test_eager_attention_stays_stock_and_unknown_shapes_refuse(tiny_model, caplo
         assert engine.decode_attention == "stock" and "stays stock" in caplog.text
         with pytest.raises(ValueError, match="no text model"):
             engine.use_decode_attention("grouped")
+        engine.use_decode_attention("stock")  # nothing to undo
+        assert engine.decode_attention == "stock"
     finally:
         engine.close()
