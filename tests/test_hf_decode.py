@@ -8,9 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -25,38 +23,13 @@ from qvl_batch.config import (  # noqa: E402
     SamplingConfig,
 )
 from qvl_batch.engines import hf, hf_decode, hf_vision  # noqa: E402
-from qvl_batch.engines.base import Request  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 from qvl_batch.engines.lengths import answer_length  # noqa: E402
 
+from .engine_inputs import engine_requests  # noqa: E402
+
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(300)
-
-
-def _image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _requests(n: int, prompt: str = "Describe this image.") -> list[Request]:
-    sizes = [(112, 84), (84, 140), (56, 56)]
-    out = []
-    for i in range(n):
-        image = _image(*sizes[i % 3], seed=i)
-        width, height = image.size
-        out.append(
-            Request(
-                key=("unit", i),
-                row_id=f"row-{i}",
-                prompt=prompt + " Be brief." * (i % 2),  # different prompt lengths: left padding
-                system=None,
-                image=image,
-                image_sha256="0" * 64,
-                vision_tokens=(width // 28) * (height // 28),
-                text_tokens=0,
-            )
-        )
-    return out
 
 
 def _engine(model: str, max_tokens: int, **hf_knobs):
@@ -88,7 +61,7 @@ def test_vision_tower_is_found(engine):
 
 def test_stage_clocks_split_generate(engine):
     engine.reset_stage_times()
-    engine.generate(_requests(3))
+    engine.generate(engine_requests(3))
     last = engine.last_stages()
     assert last["rows"] == 3 and 1 <= last["steps"] <= 16
     for stage in ("vision", "prefill", "decode", "generate", "inputs", "outputs"):
@@ -99,7 +72,7 @@ def test_stage_clocks_split_generate(engine):
     totals = engine.stage_times()
     assert {"inputs", "generate", "outputs", "vision", "prefill", "decode"} <= set(totals)
     assert totals["decode"] == pytest.approx(last["decode"])
-    engine.generate(_requests(2))
+    engine.generate(engine_requests(2))
     assert engine.stage_times()["decode"] > totals["decode"]  # clocks add up over batches
     engine.reset_stage_times()
     assert set(engine.stage_times().values()) == {0.0}
@@ -108,7 +81,7 @@ def test_stage_clocks_split_generate(engine):
 def test_decode_time_grows_with_max_tokens(tiny_model):
     """Same rows, 16 vs 64 new tokens: prefill is the same work, decode runs longer. The best of
     three interleaved runs each, as the CPU may be shared."""
-    requests = _requests(2, prompt="Write a long story about this picture.")
+    requests = engine_requests(2, prompt="Write a long story about this picture.")
     long = _engine(tiny_model, 64, answer_lengths="fixed:64")
     short = _engine(tiny_model, 16, answer_lengths="fixed:16")
     runs: dict[str, list[dict]] = {"long": [], "short": []}
@@ -136,7 +109,7 @@ def test_rows_end_at_their_drawn_lengths(tiny_model):
     """uniform:3:14 over six rows of one batch: each row's answer is its drawn length (unless the
     tiny model's own EOS comes first), and the batch decodes to its longest row, not max_tokens."""
     spec = "uniform:3:14"
-    requests = _requests(6)
+    requests = engine_requests(6)
     drawn = {r.key: answer_length(spec, r.row_id) for r in requests}
     assert len(set(drawn.values())) > 2  # rows of one batch end at different steps
     eng = _engine(tiny_model, 40, answer_lengths=spec)
@@ -163,7 +136,7 @@ def test_rows_end_at_their_drawn_lengths(tiny_model):
 
 
 def test_fixed_length_is_exact_and_capped_by_max_tokens(tiny_model):
-    requests = _requests(3, prompt="Write a long story about this picture.")
+    requests = engine_requests(3, prompt="Write a long story about this picture.")
     eng = _engine(tiny_model, 8, answer_lengths="fixed:5")
     capped = _engine(tiny_model, 4, answer_lengths="fixed:5")
     try:
@@ -246,7 +219,7 @@ def test_compiled_greedy_output_equals_eager(compiled, tiny_model):
 
     eager = make_batch_engine(_compiled_config(tiny_model, False))
     try:
-        for requests in (_requests(3), _requests(1, prompt="Hi")) * 2:
+        for requests in (engine_requests(3), engine_requests(1, prompt="Hi")) * 2:
             want = {r.key: r for r in eager.generate(requests)}
             got = {r.key: r for r in compiled.generate(requests)}
             assert compiled.last_stages()["batch"] in (1, 4)
@@ -298,12 +271,13 @@ def test_a_batch_whose_cache_would_pass_the_cap_runs_eagerly_with_the_same_outpu
     try:
         with caplog.at_level(logging.WARNING, logger=hf_decode.__name__):
             for _ in range(2):
-                requests = _requests(2)  # rung 2: no cache of that shape yet
+                requests = engine_requests(2)  # rung 2: no cache of that shape yet
                 want = [(r.text, r.output_tokens) for r in eager.generate(requests)]
                 assert [(r.text, r.output_tokens) for r in compiled.generate(requests)] == want
         assert caplog.text.count("would pass the caches' cap") == 1, caplog.text
         assert caches.eager_batches == 2 and caches.shapes() == shapes
-        assert compiled.generate(_requests(3)) and caches.shapes() == shapes  # (4, 128): cached
+        assert compiled.generate(engine_requests(3))  # (4, 128): has its cache
+        assert caches.shapes() == shapes
         assert caches.eager_batches == 2
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
@@ -330,11 +304,11 @@ def test_compiled_with_answer_lengths_and_a_batch_past_the_rungs(compiled, tiny_
     cache (the next multiple of 128); a batch past the largest rung runs eagerly, warned."""
     compiled.answer_lengths = "fixed:3"
     try:
-        results = compiled.generate(_requests(2))
+        results = compiled.generate(engine_requests(2))
         assert all(r.output_tokens <= 3 and r.finish_reason == "stop" for r in results)
         assert compiled._rung(1, 300) == (1, 384) and compiled._rung(3, 40) == (4, 128)
         with caplog.at_level(logging.WARNING, logger=hf.__name__):
-            got = compiled.generate(_requests(5))  # the rungs are 1, 2, 4
+            got = compiled.generate(engine_requests(5))  # the rungs are 1, 2, 4
         assert len(got) == 5 and all(r.error_code is None for r in got)
         assert "runs eagerly" in caplog.text
     finally:
@@ -369,9 +343,9 @@ def test_compile_switches_off_and_on_on_one_engine(compiled, tiny_model):
     compiled.use_compile(False)
     try:
         assert compiled.model.generation_config.compile_config is None
-        eager = [(r.text, r.output_tokens) for r in compiled.generate(_requests(3))]
+        eager = [(r.text, r.output_tokens) for r in compiled.generate(engine_requests(3))]
     finally:
         compiled.use_compile(True)
     assert compiled.model.generation_config.compile_config is compiled._compile_config
-    again = [(r.text, r.output_tokens) for r in compiled.generate(_requests(3))]
+    again = [(r.text, r.output_tokens) for r in compiled.generate(engine_requests(3))]
     assert again == eager

@@ -29,7 +29,7 @@ from qvl_batch.config import (  # noqa: E402
 from qvl_batch.engines import hf_gqa  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 
-from .test_hf_decode import _requests  # noqa: E402
+from .engine_inputs import engine_requests  # noqa: E402
 
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(300)
@@ -156,7 +156,7 @@ def test_engine_answers_equal_stock_and_the_switch_goes_both_ways(tiny_model, se
         vision = hf_gqa._text_configs(engine.model)[0] is not engine.model.config.vision_config
         assert vision, "the vision tower's config is not switched"
         assert engine.model.config.vision_config._attn_implementation == "sdpa"
-        for requests in (_requests(4), _requests(3, prompt="Hi"), _requests(1)):
+        for requests in (engine_requests(4), engine_requests(3, prompt="Hi"), engine_requests(1)):
             grouped = _answers(engine, requests)
             engine.use_decode_attention("stock")
             assert not hf_gqa.is_grouped(engine.model)
@@ -175,7 +175,7 @@ def test_compiled_grouped_decode_equals_eager_stock(tiny_model, seen):
     compiled = make_batch_engine(_config(tiny_model, compile=True, decode_attention="grouped"))
     stock = make_batch_engine(_config(tiny_model, compile=False, decode_attention="stock"))
     try:
-        for requests in (_requests(4), _requests(3, prompt="Hi")):
+        for requests in (engine_requests(4), engine_requests(3, prompt="Hi")):
             assert _answers(compiled, requests) == _answers(stock, requests)
             assert compiled.last_stages()["batch"] == 4
         assert 1 in seen, "the compiled decode traced the grouped function"
