@@ -156,6 +156,7 @@ class UnitWorker:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "engine": self.engine.name,
             "engine_version": self.engine.version,
+            "engine_modes": self.engine.modes(),
             "visible_gpus": _visible_gpus(),
             "prepare_threads": self._pool._max_workers,
             "max_in_flight": self._bound,

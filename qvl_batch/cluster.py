@@ -177,7 +177,14 @@ class ActorPool:
         if self.engine_name is None:
             self.engine_name, self.engine_version = info["engine"], info["engine_version"]
         if self.placement[index] is None:
-            keys = ("pid", "node_id", "gpu_ids", "cuda_visible_devices", "visible_gpus")
+            keys = (
+                "pid",
+                "node_id",
+                "gpu_ids",
+                "cuda_visible_devices",
+                "visible_gpus",
+                "engine_modes",
+            )
             self.placement[index] = {k: info.get(k) for k in keys}
         gpus = ",".join(info.get("gpu_ids") or [])
         self._gpus[index] = gpus

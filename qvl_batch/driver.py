@@ -256,7 +256,7 @@ class Driver:
             "padding": outcome.padding.as_dict(),
             "actor_peak_rss_mib": timings.pop("peak_rss_mib", None),
             "actor_timings_s": timings,
-            "actors": outcome.placement,  # pid, node and GPUs of each actor as first started
+            "actors": outcome.placement,  # pid, node, GPUs, engine modes of each as first started
             "actors_live": [[round(t, 2), n] for t, n in outcome.live_timeline],
             "units_by_actor": outcome.units_by_actor,  # results each actor slot returned
             "started_at": dt.datetime.fromtimestamp(self._started_at, dt.timezone.utc).isoformat(),

@@ -206,6 +206,13 @@ def test_bench_gpu_variants_and_contention_on_cpu(tmp_path, ray_head):
     ]
     for x in runners:
         assert x["status"] == "succeeded" and x["rows"] == 8
+        # the runner's actor ran the variant asked for
+        (modes,) = x["engine_modes"]
+        assert (modes["vision"], modes["decode"], modes["decode_attention"]) == (
+            "dense",
+            "eager",
+            "grouped",
+        )
         same = [r for r in runs if all(r[k] == x["variant"][k] for k in variant_keys)]
         assert len(same) == 1 and x["bare_images_per_s"] == same[0]["images_per_s"]
 

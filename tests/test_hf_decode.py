@@ -201,6 +201,12 @@ def compiled(tiny_model):
 
 def test_compiled_sizes_its_caches_from_the_batch_and_rungs_from_the_job(compiled):
     assert compiled.compiled and compiled._rungs == [1, 2, 4]
+    modes = compiled.modes()
+    assert (modes["decode"], modes["device"], modes["static_cache_gib"]) == (
+        "compiled",
+        "cpu",
+        None,
+    )
     assert hf_decode.batch_rungs(32) == [4, 8, 16, 32] and hf_decode.batch_rungs(6) == [1, 2, 3, 6]
     # lengths in steps of CACHE_STEP (128), capped by the model's positions
     lengths = [hf_decode.static_cache_len(n, 4096) for n in (1, 128, 129, 600, 5000)]

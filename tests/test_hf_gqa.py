@@ -153,6 +153,7 @@ def test_engine_answers_equal_stock_and_the_switch_goes_both_ways(tiny_model, se
     engine = make_batch_engine(_config(tiny_model))  # auto
     try:
         assert engine.decode_attention == "grouped" and hf_gqa.is_grouped(engine.model)
+        assert engine.modes()["decode_attention"] == "grouped"
         vision = hf_gqa._text_configs(engine.model)[0] is not engine.model.config.vision_config
         assert vision, "the vision tower's config is not switched"
         assert engine.model.config.vision_config._attn_implementation == "sdpa"
@@ -160,6 +161,7 @@ def test_engine_answers_equal_stock_and_the_switch_goes_both_ways(tiny_model, se
             grouped = _answers(engine, requests)
             engine.use_decode_attention("stock")
             assert not hf_gqa.is_grouped(engine.model)
+            assert engine.modes()["decode_attention"] == "stock"
             calls = len(seen)
             assert _answers(engine, requests) == grouped
             assert len(seen) == calls, "stock ran the grouped function"

@@ -230,6 +230,8 @@ def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
             if k in ("read_s", "prepare_s", "engine_s", "engine_idle_s")
         },
         "padding": metrics.get("padding", {}),
+        # how each actor's engine ran (its settings' auto resolved): what the variant asked for
+        "engine_modes": [a.get("engine_modes") for a in metrics.get("actors", [])],
     }
     batches = result["padding"].get("batches") or 0
     result["engine_s_per_batch"] = {

@@ -92,6 +92,12 @@ class _EngineInfo:
     # True when answers are constrained to cfg.structured.json_schema (guided decoding).
     guided: bool = False
 
+    def modes(self) -> dict[str, Any]:
+        """How this engine runs where a setting's ``auto`` was resolved when it loaded (e.g. the
+        hf engine's vision, decode and decode attention); the actor records them with its GPUs
+        in ``_metrics.json``'s ``actors``."""
+        return {}
+
     def stage_times(self) -> dict[str, float]:
         """Seconds spent so far in the engine's own stages (e.g. inputs, generate), if it
         keeps them; the actor reports them as ``engine_<stage>_s`` next to its own timings."""

@@ -89,6 +89,9 @@ class BatchingAdapter(Engine):
     def count_text_tokens(self, prompt: str, system: str | None) -> int:
         return self.inner.count_text_tokens(prompt, system)
 
+    def modes(self) -> dict:
+        return self.inner.modes()
+
     def stage_times(self) -> dict[str, float]:
         return {"run": round(self._run_s, 4), **self.inner.stage_times()}
 

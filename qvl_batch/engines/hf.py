@@ -697,6 +697,18 @@ class HFEngine(BatchEngine):
                 [types, torch.zeros_like(types[:1]).expand(n, -1)]
             )
 
+    def modes(self) -> dict[str, Any]:
+        cap = self.caches.cap_bytes
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "preprocess": "device" if self._image_inputs is not None else "processor",
+            "vision": self.vision,
+            "decode": "compiled" if self.compiled else "eager",
+            "decode_attention": self.decode_attention,
+            "static_cache_gib": None if cap is None else round(cap / 2**30, 2),
+        }
+
     def stage_times(self) -> dict[str, float]:
         return dict(self._times)
 
