@@ -281,7 +281,7 @@ class HFEngineConfig:
     # engine's). A batch still decodes until its longest row ends. "" = off: the model decides.
     answer_lengths: str = ""
     # Decode with static KV caches and a torch.compile'd decode step (CUDA graphs); one graph
-    # per batch-size rung and cache length step (see qvl_batch.engines.hf). null (auto): on
+    # per batch-size rung and cache length step (qvl_batch.engines.hf_decode). null (auto): on
     # for a model on one CUDA GPU with transformers >= 4.57.3, off elsewhere (CPU, a device
     # map); true: required (refused where unsupported); false: off. CUDA graphs keep the decode
     # loop's speed when the host is busy (the runner's prepare threads, other GPUs' engines):

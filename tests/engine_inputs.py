@@ -1,4 +1,5 @@
-"""Engine requests the hf engine tests share (no fixtures: a plain helper module)."""
+"""What the hf engine tests share: a small job's config and engine requests (no fixtures: a plain
+helper module)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,25 @@ def engine_requests(n: int, prompt: str = "Describe this image.") -> list:
             )
         )
     return out
+
+
+def small_engine_config(model: str, **hf_knobs):
+    """A small job on the CPU: max_batch_size 4 (compiled rungs 1, 2, 4), images up to 112x140,
+    12 new tokens: every batch fits the shortest static cache (128 tokens)."""
+    from qvl_batch.config import (
+        BatchingConfig,
+        Config,
+        EngineConfig,
+        HFEngineConfig,
+        ImageConfig,
+        PromptConfig,
+        SamplingConfig,
+    )
+
+    return Config(
+        engine=EngineConfig(name="hf", model=model, device="cpu", hf=HFEngineConfig(**hf_knobs)),
+        sampling=SamplingConfig(max_tokens=12),
+        prompt=PromptConfig(max_prompt_tokens=64),
+        image=ImageConfig(max_pixels=112 * 140),
+        batching=BatchingConfig(max_batch_size=4),
+    )

@@ -14,19 +14,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from qvl_batch.config import (  # noqa: E402
-    BatchingConfig,
     Config,
     EngineConfig,
     HFEngineConfig,
-    ImageConfig,
-    PromptConfig,
     SamplingConfig,
 )
 from qvl_batch.engines import hf, hf_decode, hf_vision  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 from qvl_batch.engines.lengths import answer_length  # noqa: E402
 
-from .engine_inputs import engine_requests  # noqa: E402
+from .engine_inputs import engine_requests, small_engine_config  # noqa: E402
 
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(300)
@@ -170,26 +167,12 @@ def test_answer_lengths_config_is_validated():
 # ---------------------------------------------------------------------------- compiled decode
 
 
-def _compiled_config(model: str, compile: bool, **hf_knobs) -> Config:
-    """A small job: max_batch_size 4 (rungs 1, 2, 4), images up to 112x140, 12 new tokens: every
-    batch fits the shortest static cache (128 tokens)."""
-    return Config(
-        engine=EngineConfig(
-            name="hf", model=model, device="cpu", hf=HFEngineConfig(compile=compile, **hf_knobs)
-        ),
-        sampling=SamplingConfig(max_tokens=12),
-        prompt=PromptConfig(max_prompt_tokens=64),
-        image=ImageConfig(max_pixels=112 * 140),
-        batching=BatchingConfig(max_batch_size=4),
-    )
-
-
 @pytest.fixture(scope="module")
 def compiled(tiny_model):
     """The engine with ``engine.hf.compile`` on, warmed up (every rung compiled)."""
     from torch._dynamo.utils import counters
 
-    eng = make_batch_engine(_compiled_config(tiny_model, True))
+    eng = make_batch_engine(small_engine_config(tiny_model, compile=True))
     counters.clear()
     t0 = time.perf_counter()
     eng.warmup(4)
@@ -223,7 +206,7 @@ def test_compiled_greedy_output_equals_eager(compiled, tiny_model):
     graph) and 1 (a new rung: one graph more), twice each; different prompt widths."""
     from torch._dynamo.utils import counters
 
-    eager = make_batch_engine(_compiled_config(tiny_model, False))
+    eager = make_batch_engine(small_engine_config(tiny_model, compile=False))
     try:
         for requests in (engine_requests(3), engine_requests(1, prompt="Hi")) * 2:
             want = {r.key: r for r in eager.generate(requests)}
@@ -273,7 +256,7 @@ def test_a_batch_whose_cache_would_pass_the_cap_runs_eagerly_with_the_same_outpu
     caches = compiled.caches
     shapes, graphs = caches.shapes(), counters["stats"]["unique_graphs"]
     caches.cap_bytes = caches.held_bytes  # no room for one more
-    eager = make_batch_engine(_compiled_config(tiny_model, False))
+    eager = make_batch_engine(small_engine_config(tiny_model, compile=False))
     try:
         with caplog.at_level(logging.WARNING, logger=hf_decode.__name__):
             for _ in range(2):
@@ -294,7 +277,7 @@ def test_a_batch_whose_cache_would_pass_the_cap_runs_eagerly_with_the_same_outpu
 def test_static_cache_cap_from_the_config(tiny_model):
     from qvl_batch.errors import ConfigError
 
-    cfg = _compiled_config(tiny_model, True, static_cache_gib=0.5)
+    cfg = small_engine_config(tiny_model, compile=True, static_cache_gib=0.5)
     eng = make_batch_engine(cfg)
     try:
         assert eng.caches.cap_bytes == 2**29
@@ -334,7 +317,7 @@ def test_compile_auto_is_on_only_where_it_is_supported(tiny_model):
     supported = hf_decode.compile_supported
     assert supported(1, "4.57.3") and supported(0, "5.1.0")
     assert not supported(1, "4.56.2") and not supported(2, "5.1.0")
-    cfg = _compiled_config(tiny_model, False)
+    cfg = small_engine_config(tiny_model, compile=False)
     cfg.engine.hf.compile = None  # auto: this engine is on the CPU, so eager
     eng = make_batch_engine(cfg)
     try:

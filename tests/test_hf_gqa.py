@@ -17,19 +17,10 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.integrations import sdpa_attention  # noqa: E402
 
-from qvl_batch.config import (  # noqa: E402
-    BatchingConfig,
-    Config,
-    EngineConfig,
-    HFEngineConfig,
-    ImageConfig,
-    PromptConfig,
-    SamplingConfig,
-)
 from qvl_batch.engines import hf_gqa  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 
-from .engine_inputs import engine_requests  # noqa: E402
+from .engine_inputs import engine_requests, small_engine_config  # noqa: E402
 
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(300)
@@ -112,17 +103,6 @@ def test_prefill_and_ungrouped_heads_run_the_stock_function(monkeypatch):
 
 
 # --------------------------------------------------------------------- on a loaded model
-def _config(model: str, **hf_knobs) -> Config:
-    """Batches of 4 with different prompt lengths and image sizes: left padding in every batch."""
-    return Config(
-        engine=EngineConfig(name="hf", model=model, device="cpu", hf=HFEngineConfig(**hf_knobs)),
-        sampling=SamplingConfig(max_tokens=12),
-        prompt=PromptConfig(max_prompt_tokens=64),
-        image=ImageConfig(max_pixels=112 * 140),
-        batching=BatchingConfig(max_batch_size=4),
-    )
-
-
 def _answers(engine, requests) -> list[tuple]:
     return [(r.text, r.output_tokens, r.finish_reason) for r in engine.generate(requests)]
 
@@ -150,7 +130,7 @@ def seen(monkeypatch):
 
 
 def test_engine_answers_equal_stock_and_the_switch_goes_both_ways(tiny_model, seen):
-    engine = make_batch_engine(_config(tiny_model))  # auto
+    engine = make_batch_engine(small_engine_config(tiny_model))  # auto
     try:
         assert engine.decode_attention == "grouped" and hf_gqa.is_grouped(engine.model)
         assert engine.modes()["decode_attention"] == "grouped"
@@ -174,8 +154,12 @@ def test_engine_answers_equal_stock_and_the_switch_goes_both_ways(tiny_model, se
 def test_compiled_grouped_decode_equals_eager_stock(tiny_model, seen):
     """The compiled decode (static caches, torch.compile) with the grouped attention traced into
     its graph gives the eager stock engine's tokens."""
-    compiled = make_batch_engine(_config(tiny_model, compile=True, decode_attention="grouped"))
-    stock = make_batch_engine(_config(tiny_model, compile=False, decode_attention="stock"))
+    compiled = make_batch_engine(
+        small_engine_config(tiny_model, compile=True, decode_attention="grouped")
+    )
+    stock = make_batch_engine(
+        small_engine_config(tiny_model, compile=False, decode_attention="stock")
+    )
     try:
         for requests in (engine_requests(4), engine_requests(3, prompt="Hi")):
             assert _answers(compiled, requests) == _answers(stock, requests)
@@ -187,14 +171,14 @@ def test_compiled_grouped_decode_equals_eager_stock(tiny_model, seen):
 
 
 def test_eager_attention_stays_stock_and_unknown_shapes_refuse(tiny_model, caplog):
-    engine = make_batch_engine(_config(tiny_model, attn_implementation="eager"))
+    engine = make_batch_engine(small_engine_config(tiny_model, attn_implementation="eager"))
     try:
         assert engine.decode_attention == "stock" and not hf_gqa.is_grouped(engine.model)
     finally:
         engine.close()
     with pytest.raises(ValueError, match=r"set engine\.hf\.decode_attention: stock"):
         hf_gqa.enable_grouped_decode(torch.nn.Linear(2, 2))
-    engine = make_batch_engine(_config(tiny_model))
+    engine = make_batch_engine(small_engine_config(tiny_model))
     try:
         engine.model.model.language_model = None  # a text model where it is not looked for
         with caplog.at_level(logging.WARNING):

@@ -238,6 +238,7 @@ def test_self_check_catches_a_forward_that_differs(tiny_model, monkeypatch):
 def test_not_qwen_vl_raises():
     with pytest.raises(ValueError, match=HINT):
         hf_vision.enable_dense_vision(torch.nn.Linear(2, 2))
+    assert hf_vision.disable_dense_vision(torch.nn.Linear(2, 2)) == 0, "nothing to undo"
 
 
 def test_the_engine_runs_the_dense_tower_when_the_job_says_so(tiny_model, monkeypatch, caplog):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from ..config import Config
 from ..tooling.gpu_sampler import GpuSampler
@@ -177,10 +177,10 @@ class Variant:
     benchmark's answer lengths ("fixed": every answer runs to max_tokens) and the text model's
     decode attention."""
 
-    vision: str = "stock"
-    decode: str = "eager"  # eager | compiled
-    answer_lengths: str = "fixed"
+    vision: str = "stock"  # stock | dense (engine.hf.vision)
+    decode: str = "eager"  # eager | compiled (engine.hf.compile)
     attention: str = "stock"  # stock | grouped (engine.hf.decode_attention)
+    answer_lengths: str = "fixed"
 
     def apply(self, engine) -> None:
         if engine.name != "hf":
@@ -201,7 +201,20 @@ class Variant:
         )
 
     def label(self) -> str:
-        return f"{self.vision}/{self.decode}/{self.attention}/{self.answer_lengths}"
+        return variant_label(asdict(self))
+
+
+# The values each Variant field takes (the benchmark's choices).
+VARIANT_CHOICES = {
+    "vision": ("stock", "dense"),
+    "decode": ("eager", "compiled"),
+    "attention": ("stock", "grouped"),
+}
+
+
+def variant_label(run: dict) -> str:
+    """``vision/decode/attention/answer_lengths`` of a Variant, or of a run that holds one."""
+    return "/".join(str(run[f.name]) for f in fields(Variant) if f.name in run) or "-"
 
 
 def bench_bare(

@@ -52,10 +52,12 @@ from .common import job_io
 from .engine import (
     FLOOR_IMAGES_PER_S,
     FLOOR_NOTE,
+    VARIANT_CHOICES,
     Variant,
     bench_bare,
     bench_in_actor,
     contention,
+    variant_label,
 )
 from .gpu_scaling import add_scaling_args, scaling
 
@@ -156,6 +158,13 @@ def _ensure_model(args: argparse.Namespace) -> str:
 # -------------------------------------------------------------------------------- runner
 
 
+def batch_room(batch_size: int, pixels: int, args: argparse.Namespace) -> int:
+    """A token budget (``batching.max_tokens_per_batch``) with room for ``batch_size`` rows of
+    images of ``pixels``: their vision tokens, a prompt and the answer. So the batch size, not
+    the memory budget, bounds a batch, as in the bare section."""
+    return batch_size * (pixels // 28**2 + 128 + args.max_tokens)
+
+
 def _job_overrides(
     args: argparse.Namespace,
     model: str,
@@ -166,7 +175,6 @@ def _job_overrides(
     extra: tuple[str, ...] = (),
 ) -> list[str]:
     """Overrides of the job file for one run: this benchmark's settings, then the user's."""
-    row_tokens = args.image_size**2 // 28**2 + 128 + args.max_tokens
     return [
         *job_io(data, out),
         "engine.name=hf",
@@ -180,10 +188,8 @@ def _job_overrides(
         f"cluster.cpus_per_actor={args.cores}",
         *(["cluster.num_gpus_per_actor=1"] if cuda else []),
         f"batching.max_batch_size={batch_size}",
-        # Room for B rows of --image-size (vision tokens, a prompt, the answer): the batch size,
-        # not the memory budget, bounds a batch, as in the bare section (with max_tokens 300 the
-        # default budget cut 448x448 batches of 128 to ~102 rows).
-        f"batching.max_tokens_per_batch={batch_size * row_tokens}",
+        # (with max_tokens 300 the default budget cut 448x448 batches of 128 to ~102 rows)
+        f"batching.max_tokens_per_batch={batch_room(batch_size, args.image_size**2, args)}",
         # Rows in flight (3 units of 4 batches) exceed the prepared window (8 batches by
         # default), so the window fills and bucketing has rows to choose from.
         f"batching.unit_rows={4 * batch_size}",
@@ -316,7 +322,7 @@ def _bare_figure(bare: dict | None, batch_size: int, variant: dict | None = None
 def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
     """Every --vision x --decode x --decode-attention x --answer-lengths, in that order."""
     return tuple(
-        Variant(vision, decode, lengths, attention)
+        Variant(vision, decode, attention, lengths)
         for vision in args.vision
         for decode in args.decode
         for attention in args.decode_attention
@@ -331,17 +337,13 @@ def runner_variants(args: argparse.Namespace) -> list[Variant]:
     for spec in args.runner_variants or [first]:
         vision, decode, *rest = spec.split("/")
         attention = rest[0] if rest else args.decode_attention[0]
-        if (
-            vision not in ("stock", "dense")
-            or decode not in ("eager", "compiled")
-            or attention not in ("stock", "grouped")
-            or len(rest) > 1
-        ):
+        asked = {"vision": vision, "decode": decode, "attention": attention}
+        if len(rest) > 1 or any(v not in VARIANT_CHOICES[k] for k, v in asked.items()):
             raise SystemExit(
                 f"--runner-variants {spec!r}: use VISION/DECODE[/ATTENTION], e.g. "
                 "dense/compiled or dense/compiled/grouped"
             )
-        out += [Variant(vision, decode, lengths, attention) for lengths in args.answer_lengths]
+        out += [Variant(vision, decode, attention, lengths) for lengths in args.answer_lengths]
     return out
 
 
@@ -356,9 +358,8 @@ def _bucketing(args: argparse.Namespace, config, batch_size: int, cuda: bool) ->
         "max_pixels": args.max_pixels,
         "sizes": [list(s) for s in MIXED_SIZES],
     }
-    # Room in the token budget for B rows of the largest image (its vision tokens, a prompt
-    # and the output): in both modes the batch size, not the memory cap, bounds a batch.
-    budget = batch_size * (args.max_pixels // 28**2 + 128 + args.max_tokens)
+    # B rows of the largest image: in both modes the batch size bounds a batch
+    budget = batch_room(batch_size, args.max_pixels, args)
     result["max_tokens_per_batch"] = budget
     for label, flag, padding in BUCKETING_VARIANTS:
         if label not in args.bucketing_variants:
@@ -530,7 +531,7 @@ def _print_table(r: dict) -> None:
         print(
             f"bare      B={run['batch_size']:<4} {run['images_per_s']:8.2f} images/s "
             f"{run['output_tokens_per_s']:9.1f} tok/s   floor x{run['floor_fraction']:.3f}"
-            f"   [{run.get('preprocess', '?')} preprocess, {_variant(run)}]{_per_batch(run)}"
+            f"   [{run.get('preprocess', '?')} preprocess, {variant_label(run)}]{_per_batch(run)}"
         )
     if "actor" in r:
         x = r["actor"]
@@ -547,7 +548,7 @@ def _print_table(r: dict) -> None:
             f"runner    B={x['batch_size']:<4} {x['steady_rows_per_s']:8.2f} rows/s steady "
             f"(x{x['ratio_steady_vs_bare'] or float('nan'):.3f} of bare, target >= 0.95), "
             f"{x['e2e_rows_per_s']:.2f} end-to-end   floor x{x['floor_fraction']:.3f}"
-            f"   [{_variant(x.get('variant') or {})}]"
+            f"   [{variant_label(x.get('variant') or {})}]"
         )
         if x.get("engine_s_per_batch"):
             print(f"         {_per_batch(x)}")
@@ -566,7 +567,7 @@ def _print_table(r: dict) -> None:
         print(
             f"contention B={c['batch_size']:<4} alone {alone['images_per_s']:8.2f} images/s, "
             f"together {[x['images_per_s'] for x in c['together']]}: per GPU "
-            f"{c['per_gpu_ratio']}, scaling {c['scaling']}   [{_variant(c['variant'])}]"
+            f"{c['per_gpu_ratio']}, scaling {c['scaling']}   [{variant_label(c['variant'])}]"
         )
     if "bucketing" in r:
         b = r["bucketing"]
@@ -592,11 +593,6 @@ def _print_table(r: dict) -> None:
                 f"          padding with bucketing {b['padding_fraction_on']:.3f} "
                 f"{'<=' if b['padding_target_met'] else '>'} 0.10 target"
             )
-
-
-def _variant(run: dict) -> str:
-    keys = ("vision", "decode", "attention", "answer_lengths")
-    return "/".join(str(run[k]) for k in keys if k in run) or "-"
 
 
 def _per_batch(run: dict) -> str:
@@ -658,21 +654,21 @@ def add_gpu_bench(kinds, common) -> None:
     p.add_argument(
         "--vision",
         nargs="+",
-        choices=("stock", "dense"),
+        choices=VARIANT_CHOICES["vision"],
         default=["stock"],
         help="engine.hf.vision modes the bare section times",
     )
     p.add_argument(
         "--decode",
         nargs="+",
-        choices=("eager", "compiled"),
+        choices=VARIANT_CHOICES["decode"],
         default=["eager"],
         help="eager, or compiled (engine.hf.compile: static cache, CUDA graphs)",
     )
     p.add_argument(
         "--decode-attention",
         nargs="+",
-        choices=("stock", "grouped"),
+        choices=VARIANT_CHOICES["attention"],
         default=["stock"],
         help="the text model's decode attention (engine.hf.decode_attention): stock "
         "(transformers copies each KV head to its query heads every step) or grouped",

@@ -630,26 +630,14 @@ class HFEngine(BatchEngine):
         self.model.generation_config.compile_config = self._compile_config
 
     def use_vision(self, mode: str) -> None:
-        """``dense``, ``stock`` or ``auto`` vision attention from now on (``engine.hf.vision``;
-        ``auto``: dense where this transformers' vision attention is the known shape, else
-        stock with a warning; ``dense`` raises there)."""
+        """``dense``, ``stock`` or ``auto`` vision attention from now on (``engine.hf.vision``,
+        ``hf_vision``; ``auto``: dense where this transformers' vision attention is the known
+        shape, else stock with a warning; ``dense`` raises there)."""
         from .hf_vision import disable_dense_vision, enable_dense_vision
 
-        if mode == "stock":
-            disable_dense_vision(self.model)
-            self.vision = "stock"
-            return
-        try:
-            switched = enable_dense_vision(self.model)
-        except ValueError as exc:
-            if mode == "dense":
-                raise
-            log.warning("engine.hf.vision=auto: the vision tower stays stock (%s)", exc)
-            self.vision = "stock"
-            return
-        if switched == 0:
-            log.info("engine.hf.vision=%s: this attention implementation stays stock", mode)
-        self.vision = "dense" if switched else "stock"
+        self.vision = self._switch(
+            "vision", mode, "dense", enable_dense_vision, disable_dense_vision
+        )
 
     def use_decode_attention(self, mode: str) -> None:
         """``grouped``, ``stock`` or ``auto`` decode attention from now on
@@ -657,25 +645,28 @@ class HFEngine(BatchEngine):
         text model is the known shape, else stock with a warning; ``grouped`` raises there)."""
         from .hf_gqa import disable_grouped_decode, enable_grouped_decode
 
+        self.decode_attention = self._switch(
+            "decode_attention", mode, "grouped", enable_grouped_decode, disable_grouped_decode
+        )
+
+    def _switch(self, knob: str, mode: str, fast: str, enable, disable) -> str:
+        """Puts the model in an ``auto | <fast> | stock`` setting's mode; returns the mode it
+        runs in. ``enable`` returns how much it switched (0: this attention implementation
+        stays stock) or raises ``ValueError`` for a model of unknown shape, which ``fast``
+        passes on and ``auto`` answers with stock and a warning."""
         if mode == "stock":
-            disable_grouped_decode(self.model)
-            self.decode_attention = "stock"
-            return
+            disable(self.model)
+            return "stock"
         try:
-            switched = enable_grouped_decode(self.model)
+            switched = enable(self.model)
         except ValueError as exc:
-            if mode == "grouped":
+            if mode == fast:
                 raise
-            log.warning(
-                "engine.hf.decode_attention=auto: the decode attention stays stock (%s)", exc
-            )
-            self.decode_attention = "stock"
-            return
+            log.warning("engine.hf.%s=auto: stays stock (%s)", knob, exc)
+            return "stock"
         if not switched:
-            log.info(
-                "engine.hf.decode_attention=%s: this attention implementation stays stock", mode
-            )
-        self.decode_attention = "grouped" if switched else "stock"
+            log.info("engine.hf.%s=%s: this attention implementation stays stock", knob, mode)
+        return fast if switched else "stock"
 
     def use_answer_lengths(self, spec: str) -> None:
         """Benchmark answer lengths from now on (``engine.hf.answer_lengths``; "" = off)."""

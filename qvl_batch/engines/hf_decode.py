@@ -120,9 +120,10 @@ def default_cap(device: torch.device) -> int | None:
 class StaticCaches:
     """The engine's static caches by (rung, length), within a cap on the bytes they hold.
 
-    ``get`` returns the shape's cache, made when first asked for if it fits under the cap, or
-    None: that batch runs eagerly (warned once per shape). Caches are kept for the engine's life:
-    a compiled graph is specialised to its cache's addresses."""
+    ``fits`` says whether a batch of a shape runs compiled: its cache exists or has room under
+    the cap (else it runs eagerly, warned once per shape); ``get`` returns the shape's cache,
+    made when first asked for. Caches are kept for the engine's life: a compiled graph is
+    specialised to its cache's addresses."""
 
     def __init__(self, text_config: Any, dtype: torch.dtype, cap_bytes: int | None):
         self.text_config = text_config

@@ -29,12 +29,9 @@ other shape raises ``ValueError`` saying to set ``engine.hf.decode_attention: st
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 NAME = "qvl_grouped_sdpa"  # the attention implementation's name, as registered
 _STOCK = "sdpa"
@@ -121,8 +118,6 @@ def enable_grouped_decode(model: Any) -> bool:
     """Switch the text model's attention to :data:`NAME`. False (left as it is) where the text
     model does not run ``sdpa``; raises ``ValueError`` for a model of an unknown shape."""
     configs = _text_configs(model)
-    if all(c._attn_implementation == NAME for c in configs):
-        return True
     if any(c._attn_implementation not in (_STOCK, NAME) for c in configs):
         return False
     _register()

@@ -374,8 +374,12 @@ def enable_dense_vision(model: Any) -> int:
 
 
 def disable_dense_vision(model: Any) -> int:
-    """Restores the stock forward on every vision attention module; returns how many were dense."""
-    tower = vision_tower(model)
+    """Restores the stock forward on every vision attention module; returns how many were dense
+    (0 for a model of unknown shape: nothing was switched)."""
+    try:
+        tower = vision_tower(model)
+    except ValueError:
+        return 0
     if getattr(tower, _MARK, None) is not None:
         for name in _TOWER_OVERRIDES:
             if name in vars(tower):
