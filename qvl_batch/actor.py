@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,6 +33,7 @@ from .engines.base import Engine, Request, Result
 from .engines.build import make_engine
 from .errors import ACTOR_ENGINE_DEAD, RowError
 from .images import ImageError, prepare_image
+from .liveness import Watchdog, all_stacks
 from .manifest import WorkUnit
 from .prompts import PromptError
 from .reader import RowInput, fetch_uri, read_unit_table, unit_rows
@@ -46,6 +47,11 @@ log = logging.getLogger(__name__)
 
 # The recorder answers in milliseconds; a stuck one must not hold the engine for long.
 RECORD_TIMEOUT_S = 30
+# What a row that took the engine down each time it ran alone says in errors/.
+_CONDEMNED = {
+    RowError.ENGINE_CRASH: "the engine process died running this row alone",
+    RowError.ENGINE_STALL: "the engine stopped answering running this row alone",
+}
 # Rows prepared ahead of the engine's bound, per prepare thread: enough that the engine finds
 # rows waiting the moment a slot frees, few enough to keep decoded images in memory bounded.
 PREPARED_AHEAD_PER_THREAD = 4
@@ -72,6 +78,7 @@ class _UnitCollector:
     remaining: int
     done: threading.Event = field(default_factory=threading.Event)
     entered: int = 0  # rows handed to the engine so far
+    answered: int = 0  # rows with a result
     inside: int = 0  # rows inside the engine now
     withdrawn: bool = False  # the driver took the unit back: its call returns None
 
@@ -80,6 +87,7 @@ class _UnitCollector:
             raise RuntimeError(f"row {index} answered twice")
         self.results[index] = result
         self.remaining -= 1
+        self.answered += 1
         if self.remaining == 0:
             self.done.set()
 
@@ -141,8 +149,16 @@ class UnitWorker:
         self.timeline = StateTimeline()  # busy / waiting for rows / idle, over wall time
         self._since_wall = self.timeline.origin
         self.engine.start(self)
+        self._watchdog = Watchdog(
+            cfg.limits.stall_s,
+            inside=lambda: self._in_engine,
+            running_rows=self._running_rows,
+            on_stall=self._stalled,
+            beat=self._beat if recorder is not None else None,
+        )
         self._feeder = threading.Thread(target=self._feed_loop, name="feeder", daemon=True)
         self._feeder.start()
+        self._watchdog.start()
 
     def ready(self) -> dict:
         """Identity of this worker, once the engine is loaded: its process, node and GPUs."""
@@ -185,17 +201,18 @@ class UnitWorker:
         self,
         unit: WorkUnit,
         solo: Collection[int] = (),
-        skip: Collection[int] = (),
+        skip: Mapping[int, str] | None = None,
         only: Collection[int] | None = None,
     ) -> pa.Table | None:
         """Run the rows of ``unit``; returns one ROW_RESULT row per row run, in input order,
         or None if the driver withdrew the unit meanwhile (:meth:`withdraw`).
 
         ``solo``: row indices that run alone in the engine (they were inside it when an actor
-        died). ``skip``: rows that killed the engine process running alone; they are not run
-        again and become ENGINE_CRASH rows. ``only``: run just these row indices (retry-failed).
+        died). ``skip``: rows that killed (ENGINE_CRASH) or stalled (ENGINE_STALL) the engine
+        running alone, with that code; they are not run again. ``only``: run just these row
+        indices (retry-failed).
         """
-        solo, skip = set(solo), set(skip)
+        solo, skip = set(solo), dict(skip or {})
         t0 = time.perf_counter()
         table = read_unit_table(unit, self.cfg, self.storage)
         rows = unit_rows(unit, table, self.cfg)
@@ -209,10 +226,8 @@ class UnitWorker:
             collector.done.set()
         for row in rows:
             if row.index in skip and not row.error:
-                row.error = (
-                    RowError.ENGINE_CRASH,
-                    "the engine process died running this row alone",
-                )
+                code = RowError(skip[row.index])
+                row.error = (code, _CONDEMNED[code])
         todo = sum(not row.error for row in rows)
         with self._cond:
             # A withdrawn copy of this unit may still have rows inside the engine: results go
@@ -486,6 +501,7 @@ class UnitWorker:
                     if group is not None:
                         self._flushed = False
                         self._clock_engine()
+                        self._watchdog.entered(self._in_engine)
                         self._in_engine += len(group)
                         for request in group:
                             if collector := self._units.get(request.key[0]):
@@ -526,6 +542,7 @@ class UnitWorker:
         if self._parser is not None:
             result = self._parse(result)
         with self._cond:
+            self._watchdog.progress()
             self._clock_engine()
             self._in_engine -= 1
             self._left.append(result.key)
@@ -547,6 +564,10 @@ class UnitWorker:
                 if left:
                     self._note([], left)
 
+    def alive(self) -> None:
+        """A sign of life from the engine between results (a decode step)."""
+        self._watchdog.progress()
+
     def fail(self, exc: BaseException) -> None:
         """The engine can run nothing more: this process exits so the driver replaces it and
         runs its units again (the rows inside stay on record as suspects)."""
@@ -557,6 +578,42 @@ class UnitWorker:
             self._cond.notify_all()
         log.error("engine died (%s: %s); this actor exits", type(exc).__name__, exc)
         threading.Thread(target=self._exit_dead, name="engine-dead", daemon=True).start()
+
+    def _running_rows(self) -> int:
+        """Rows with a result in the units this actor holds (not yet returned to the driver)."""
+        with self._cond:
+            return sum(c.answered for c in self._units.values())
+
+    def _beat(self, inside: int, running_rows: int, quiet_s: float) -> None:
+        self._recorder.beat.remote(self.incarnation, inside, running_rows, quiet_s)
+
+    def _stalled(self, inside: int, quiet_s: float) -> None:
+        """The watchdog's verdict: the engine holds rows and stopped answering. On record with
+        the driver (the rows really inside, as a stall), then this process exits at once: an
+        engine that hangs may hang its close too."""
+        log.error(
+            "engine stalled: %d rows inside, no result for %.0f s (limits.stall_s=%g); this "
+            "actor exits and is replaced, its rows run alone next. Threads:\n%s",
+            inside,
+            quiet_s,
+            self.cfg.limits.stall_s,
+            all_stacks(),
+        )
+        if self._recorder is not None:
+            import ray
+
+            try:
+                with self._note_lock:
+                    with self._cond:
+                        left, self._left = self._left, []
+                    self._recorder.note.remote(self.incarnation, [], left)
+                    ref = self._recorder.stalled.remote(self.incarnation)
+                    ray.get(ref, timeout=RECORD_TIMEOUT_S)
+            except Exception as exc:  # its rows then count as a crash's
+                log.warning("flight recorder unavailable: %s: %s", type(exc).__name__, exc)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(ACTOR_ENGINE_DEAD)
 
     def _exit_dead(self) -> None:
         closer = threading.Thread(target=self.engine.close, daemon=True)
@@ -624,6 +681,7 @@ class UnitWorker:
         return out
 
     def close(self) -> None:
+        self._watchdog.stop()
         with self._cond:
             self._closed = True
             self._cond.notify_all()

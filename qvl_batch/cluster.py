@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +24,7 @@ from .config import Config
 from .engines import gpus_spanned
 from .errors import ClusterError
 from .handout import Outcome
+from .liveness import Beat, silence_limit
 from .storage import merge_request_stats
 
 log = logging.getLogger("qvl_batch")
@@ -76,12 +80,16 @@ class FlightRecorder:
     A worker notes rows as they enter its engine (in groups, waiting for the note) and the
     rows that came back since its last note (no wait of their own). When an actor process
     dies, the driver reads what it had inside: those are the rows that may have killed it.
+    Workers also send heartbeats here (``liveness.py``), and a worker whose engine stalled says
+    so before it exits, so its rows are judged as stalls, not crashes.
     One plain (single-threaded) Ray actor, so notes from one worker are applied in the order
     they were sent.
     """
 
     def __init__(self) -> None:
         self._inside: dict[int, set] = {}
+        self._stalled: set[int] = set()
+        self._beats: dict[int, tuple[float, int, int, float]] = {}
 
     def note(self, incarnation: int, entering: list, left: list) -> None:
         inside = self._inside.setdefault(incarnation, set())
@@ -90,9 +98,25 @@ class FlightRecorder:
         if not inside:
             del self._inside[incarnation]
 
-    def last(self, incarnation: int) -> list | None:
+    def stalled(self, incarnation: int) -> None:
+        """The incarnation's engine stalled (its watchdog, or the driver, declared it dead)."""
+        self._stalled.add(incarnation)
+
+    def beat(self, incarnation: int, inside: int, running_rows: int, quiet_s: float) -> None:
+        self._beats[incarnation] = (time.monotonic(), inside, running_rows, quiet_s)
+
+    def health(self, incarnations: list[int]) -> dict[int, Beat]:
+        """The last heartbeat of each of ``incarnations`` that sent one."""
+        now = time.monotonic()
+        return {i: Beat(now - b[0], *b[1:]) for i in incarnations if (b := self._beats.get(i))}
+
+    def last(self, incarnation: int) -> tuple[list | None, bool]:
+        """(what the incarnation had inside at its death, whether it stalled); forgets it."""
         inside = self._inside.pop(incarnation, None)
-        return sorted(inside) if inside else None
+        self._beats.pop(incarnation, None)
+        stalled = incarnation in self._stalled
+        self._stalled.discard(incarnation)
+        return (sorted(inside) if inside else None), stalled
 
 
 @dataclass
@@ -140,6 +164,7 @@ class ActorPool:
         # Where each slot's actor first ran (pid, node, the GPUs Ray gave it): in _metrics.json.
         self.placement: list[dict | None] = [None] * self.size
         self._gpus = [""] * self.size  # each slot's GPU ids, for the all-ready line
+        self._process: list[tuple[str, int] | None] = [None] * self.size  # (node id, pid) now
         self._all_ready_logged = False
         for index in range(self.size):
             self._start(index)
@@ -174,6 +199,7 @@ class ActorPool:
             return Start(index, error=_last_line(exc), init_failed=True)
         self.live[index] = True
         self.init_failures[index] = 0
+        self._process[index] = (info.get("node_id"), info.get("pid"))
         if self.engine_name is None:
             self.engine_name, self.engine_version = info["engine"], info["engine_version"]
         if self.placement[index] is None:
@@ -219,15 +245,61 @@ class ActorPool:
         except Exception:
             pass
 
-    def crash_batch(self, index: int) -> list[tuple[str, int]] | None:
-        """The (unit id, row index) keys actor ``index`` had in its engine when it died."""
+    def crash_batch(self, index: int) -> tuple[list[tuple[str, int]] | None, bool]:
+        """(the (unit id, row index) keys actor ``index`` had in its engine when it died,
+        whether its engine had stalled)."""
         try:
-            keys = ray.get(
+            keys, stalled = ray.get(
                 self.recorder.last.remote(self.incarnation_of[index]), timeout=STATS_TIMEOUT_S
             )
         except (GetTimeoutError, RayTaskError, *ACTOR_DEATH):
+            return None, False
+        return ([tuple(k) for k in keys] if keys else None), stalled
+
+    def health(self) -> dict[int, Beat] | None:
+        """Each live slot's last heartbeat (slots that sent none are left out); None if the
+        recorder did not answer."""
+        slots = [i for i, live in enumerate(self.live) if live]
+        try:
+            beats = ray.get(
+                self.recorder.health.remote([self.incarnation_of[i] for i in slots]),
+                timeout=STATS_TIMEOUT_S,
+            )
+        except (GetTimeoutError, RayTaskError, *ACTOR_DEATH):
             return None
-        return [tuple(k) for k in keys] if keys else None
+        by_incarnation = {self.incarnation_of[i]: i for i in slots}
+        return {by_incarnation[inc]: beat for inc, beat in beats.items()}
+
+    def kill_silent(self, index: int, beat: Beat | None) -> None:
+        """Kill slot ``index``'s actor, wedged as a whole process (no heartbeat): its rows are
+        judged as a stall. Its calls then fail as after a death, and the driver replaces it."""
+        stall_s = self.cfg.limits.stall_s
+        log.error(
+            "actor %d sent no heartbeat for %s (over %.0f s: limits.stall_s=%g); killing it, "
+            "its rows run alone next",
+            index,
+            f"{beat.age_s:.0f} s" if beat else "its whole start",
+            silence_limit(stall_s),
+            stall_s,
+        )
+        try:
+            ray.get(
+                self.recorder.stalled.remote(self.incarnation_of[index]), timeout=STATS_TIMEOUT_S
+            )
+        except (GetTimeoutError, RayTaskError, *ACTOR_DEATH):
+            pass
+        try:
+            ray.kill(self.actors[index], no_restart=True)
+        except Exception:
+            pass
+        # A stopped or wedged process cannot act on Ray's request to exit: on this node, the
+        # signal that needs no cooperation.
+        node, pid = self._process[index] or (None, None)
+        if pid and node == ray.get_runtime_context().get_node_id() and _is_worker(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def replace(self, index: int):
         """Kill actor ``index`` (if still alive) and start a fresh one in its place."""
@@ -308,6 +380,15 @@ class ActorPool:
                 pass
         if self._started_ray:
             ray.shutdown()
+
+
+def _is_worker(pid: int) -> bool:
+    """Is ``pid`` still one of our actor processes (Ray titles them ``ray::UnitWorker...``)?"""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"UnitWorker" in f.read()
+    except OSError:
+        return False
 
 
 def _last_line(exc: BaseException) -> str:

@@ -221,10 +221,11 @@ class FakeEngineConfig:
     fail_ids: list[str] = field(default_factory=list)  # rows that get ENGINE_ERROR
     raise_ids: list[str] = field(default_factory=list)  # any batch holding one of these raises
     crash_ids: list[str] = field(default_factory=list)  # ...SIGKILLs the actor process
+    freeze_ids: list[str] = field(default_factory=list)  # ...SIGSTOPs it (see exit_incarnations)
     bad_json_ids: list[str] = field(default_factory=list)  # answers cut short (not JSON)
     raise_after_rows: int = 0  # raise once from generate() after this many rows (0 = never)
     exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
-    exit_incarnations: int = 1  # ...only in actors whose incarnation is below this
+    exit_incarnations: int = 1  # exit_after_rows, freeze_ids: only in incarnations below this
     load_s: float = 0.0  # seconds the engine takes to load (a window for start-up faults)
     # A batch (or scheduler step) holding one of slow_ids first sleeps slow_s: a straggler. With
     # slow_times > 0, only the first slow_times engines to meet the row do (counted with marker
@@ -291,11 +292,15 @@ class HFEngineConfig:
     # length met, kept for the job: qvl_batch.engines.hf_decode); a batch whose cache would pass
     # it runs eagerly. null: half the GPU memory free once the model is loaded (CPU: no cap).
     static_cache_gib: float | None = None
+    # At most this many (batch rung, cache length) shapes get a compiled decode (each a compile
+    # of tens of seconds on a 7B, once per actor); batches of other shapes run eagerly.
+    compile_shapes: int = 8
     # The text model's attention in decode steps: "grouped" (qvl_batch.engines.hf_gqa: each KV
     # head's query heads attend as its queries, no copy of the cache per query head; the same
     # output), "stock" (transformers' SDPA: copies every KV head out to its query heads, each step,
-    # when a mask is passed, which a left-padded batch always does), or "auto": grouped where the
-    # installed transformers' text model is the known shape (4.57.3, 5.x) and runs sdpa.
+    # when a mask is passed, which a left-padded batch always does), or "auto": grouped with the
+    # compiled decode where the installed transformers' text model is the known shape (4.57.3,
+    # 5.x) and runs sdpa; stock with the eager decode (where grouped measured slower).
     decode_attention: str = "auto"
     # The vision tower's attention: "dense" (qvl_batch.engines.hf_vision: a few batched calls
     # per block, the same output, 2.5x faster at B=128 on an H200), "stock" (transformers' own:
@@ -314,6 +319,7 @@ class HFEngineConfig:
             "engine.hf.decode_attention",
             f"must be one of {attentions}",
         )
+        _check(self.compile_shapes >= 1, "engine.hf.compile_shapes", "must be >= 1")
         _check(
             self.static_cache_gib is None or self.static_cache_gib >= 0,
             "engine.hf.static_cache_gib",
@@ -536,11 +542,18 @@ class LimitsConfig:
     # alone, and after two deaths alone becomes an ENGINE_CRASH row): about three deaths each.
     max_actor_restarts: int = 50
     max_row_crashes: int = 2  # deaths while a row runs alone that make it an ENGINE_CRASH row
+    # An engine holding rows that gives no result for this long is declared dead: its actor
+    # exits and is replaced, and its rows run alone (a row that stalls every engine alone ends
+    # as ENGINE_STALL). Results, not batch time, are watched; the default is far above a healthy
+    # batch's seconds (7B, B=128, 300-token answers: ~15 s on an H100) and a decode graph's
+    # compile (tens of seconds).
+    stall_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check(self.max_unit_attempts >= 1, "limits.max_unit_attempts", "must be >= 1")
         _check(self.max_actor_restarts >= 0, "limits.max_actor_restarts", "must be >= 0")
         _check(self.max_row_crashes >= 1, "limits.max_row_crashes", "must be >= 1")
+        _check(self.stall_s > 0, "limits.stall_s", "must be > 0 seconds")
         _check(
             0 <= self.max_error_fraction <= 1,
             "limits.max_error_fraction",

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from .handout import HandOut, Run, Runs
 from .isolation import CrashIsolation
+from .liveness import beat_interval, silence_limit
 from .manifest import WorkUnit
 from .marker import Marker
 from .progress import Progress
@@ -56,7 +57,10 @@ class _Slot:
     actor: object
     generation: int = 0
     retired: bool = False  # its engine cannot start there: no more attempts
-    crashes: dict = field(default_factory=dict)  # generation -> keys in its engine at death
+    # generation -> (keys in its engine at death, whether it stalled)
+    crashes: dict = field(default_factory=dict)
+    live_since: float = 0.0  # when its actor became ready (monotonic)
+    killed: int = -1  # the generation the driver killed for silence (killed once)
 
 
 @dataclass
@@ -96,7 +100,7 @@ class Dispatcher:
         self.records = records  # this run's markers are added as they are written
         self.t0 = t0  # the job's clock (monotonic): unit_runs and actors_live count from it
         self.lineage: dict = {}  # filled when the first actor is ready (it names the engine)
-        self.slots = [_Slot(i, a) for i, a in enumerate(pool.actors)]
+        self.slots = [_Slot(i, a, live_since=time.monotonic()) for i, a in enumerate(pool.actors)]
         self.live = getattr(pool, "live", [True] * len(self.slots))
         self.runs = Runs(len(self.slots))
         batching = cfg.batching
@@ -107,6 +111,7 @@ class Dispatcher:
         self.queue: UnitQueue | None = None
         self.out = PassResult(units_by_actor=[0] * len(self.slots))
         self.t_ready = time.monotonic()
+        self._next_watch = 0.0  # when the actors' heartbeats are read next
         if pool.engine_name:  # a pool whose actors are ready from the start
             self._know_engine()
 
@@ -233,6 +238,7 @@ class Dispatcher:
         slot = self.slots[start.index]
         if start.ready:
             slot.actor = pool.actors[start.index]
+            slot.live_since = time.monotonic()
             if not self.lineage:
                 self.t_ready = time.monotonic()
                 self._know_engine()
@@ -266,13 +272,15 @@ class Dispatcher:
         problem = None
         if outcome.actor_died:
             if slot.generation == run.generation:
-                slot.crashes[run.generation] = self.pool.crash_batch(slot.index)
+                crash, stalled = self.pool.crash_batch(slot.index)
+                slot.crashes[run.generation] = (crash, stalled)
+                self.summary.engine_stalls += stalled
                 slot.actor = self.pool.replace(slot.index)
                 slot.generation += 1
-                problem = self._restarted(outcome.error)
-            crash = slot.crashes.get(run.generation)
+                problem = self._restarted("engine stalled" if stalled else outcome.error)
+            crash, stalled = slot.crashes[run.generation]
             if crash is not None:  # rows that were inside: isolated from now on
-                self.isolation.learn(run.unit.unit_id, crash)
+                self.isolation.learn(run.unit.unit_id, crash, stalled)
             self._ended(run, "discarded" if run.dropped else "failed")
             if problem or run.dropped or elsewhere:
                 pass
@@ -294,6 +302,29 @@ class Dispatcher:
             self._ended(run, "committed")
             self._commit(run, outcome.table)
         return problem
+
+    # ---- liveness -------------------------------------------------------------------
+    def _watch(self, now: float) -> None:
+        """Every heartbeat interval: the actors' heartbeats move the progress line with rows
+        finished inside running units; an actor holding work that sent none for
+        :func:`~qvl_batch.liveness.silence_limit` is killed (liveness.py says why)."""
+        stall_s = self.cfg.limits.stall_s
+        if now < self._next_watch:
+            return
+        self._next_watch = now + beat_interval(stall_s)
+        beats = self.pool.health()
+        if beats is None:  # the recorder did not answer: judge nobody on missing beats
+            return
+        working = [s for s in self.slots if self.live[s.index] and self.runs.by_slot[s.index]]
+        running = sum(beats[s.index].running_rows for s in working if s.index in beats)
+        quiet = max((beats[s.index].quiet_s for s in working if s.index in beats), default=0.0)
+        self.progress.running(running, quiet)
+        for slot in working:
+            beat = beats.get(slot.index)
+            silent = beat.age_s if beat else now - slot.live_since
+            if silent > silence_limit(stall_s) and slot.killed != slot.generation:
+                slot.killed = slot.generation
+                self.pool.kill_silent(slot.index, beat)
 
     # ---- the loop -------------------------------------------------------------------
     def _below_min_actors(self, now: float, below_since: float | None) -> tuple:
@@ -336,6 +367,7 @@ class Dispatcher:
                     self._send(*item, index)
                 if queue.empty and self.can_withdraw:
                     self._tail()
+                self._watch(now)
                 starting = pool.starting() if hasattr(pool, "starting") else []
                 # Dropped runs (copies whose twin won) are not waited for at the end.
                 if not runs.working() and not starting:

@@ -48,6 +48,7 @@ class JobSummary:
     units_this_run: int = 0
     unit_retries: int = 0
     actor_restarts: int = 0
+    engine_stalls: int = 0  # of those, engines declared dead for silence (limits.stall_s)
     storage_retries: int = 0  # transient storage errors retried (driver and live actors)
     elapsed_s: float = 0.0
     rows_per_s: float = 0.0
@@ -72,8 +73,9 @@ class JobSummary:
                 if self.reused_this_run
                 else []
             ),
-            f"  retries: {self.unit_retries} unit retries, {self.actor_restarts} actor restarts, "
-            f"{self.storage_retries} storage retries",
+            f"  retries: {self.unit_retries} unit retries, {self.actor_restarts} actor restarts"
+            + (f" ({self.engine_stalls} engine stalls)" if self.engine_stalls else "")
+            + f", {self.storage_retries} storage retries",
         ]
         if self.units_moved or self.backup_copies:
             out.append(

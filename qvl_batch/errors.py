@@ -28,6 +28,7 @@ class RowError(str, Enum):
     ENGINE_ERROR = "ENGINE_ERROR"
     ENGINE_TIMEOUT = "ENGINE_TIMEOUT"
     ENGINE_CRASH = "ENGINE_CRASH"
+    ENGINE_STALL = "ENGINE_STALL"
     OUTPUT_PARSE_ERROR = "OUTPUT_PARSE_ERROR"
     PREPARE_ERROR = "PREPARE_ERROR"
 
@@ -55,6 +56,7 @@ MEANINGS: dict[RowError, str] = {
     RowError.ENGINE_ERROR: "the engine failed on this row even alone",
     RowError.ENGINE_TIMEOUT: "no answer within the engine's request timeout, twice",
     RowError.ENGINE_CRASH: "the engine process died each time this row ran alone",
+    RowError.ENGINE_STALL: "the engine stopped answering each time this row ran alone",
     RowError.OUTPUT_PARSE_ERROR: "structured output: not JSON, or not the schema",
     RowError.PREPARE_ERROR: "an unexpected error while preparing this row (a bug)",
 }

@@ -1,10 +1,12 @@
 """Crash isolation: which rows must run alone, and which to give up on, after actor deaths.
 
-When an engine kills its process (a segfault, a CUDA error, OOM on one huge input), every row
-in the engine at that moment is a suspect (the FlightRecorder knows which). Suspects run alone
-on the next attempt; a row whose process dies while it runs alone ``limits.max_row_crashes``
-times (2) is not run again and becomes an ENGINE_CRASH error row. So a poison row costs about
-three actor restarts and never blocks its unit, and one transient crash condemns nothing.
+When an engine kills its process (a segfault, a CUDA error, OOM on one huge input) or stalls
+(no result for ``limits.stall_s``: liveness.py), every row in the engine at that moment is a
+suspect (the FlightRecorder knows which). Suspects run alone on the next attempt; a row whose
+process dies while it runs alone ``limits.max_row_crashes`` times (2) is not run again and
+becomes an error row: ENGINE_STALL if its last death alone was a stall, else ENGINE_CRASH. So a
+poison row costs about three actor restarts and never blocks its unit, and one transient crash
+condemns nothing.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .errors import RowError
+
 
 @dataclass
 class _Suspects:
     solo: set[int] = field(default_factory=set)
     alone_crashes: Counter = field(default_factory=Counter)
-    condemned: set[int] = field(default_factory=set)
+    condemned: dict[int, RowError] = field(default_factory=dict)  # row -> its error code
 
 
 class CrashIsolation:
@@ -27,8 +31,9 @@ class CrashIsolation:
         self.max_row_crashes = max_row_crashes
         self._units: dict[str, _Suspects] = {}
 
-    def learn(self, unit_id: str, crash_keys: list[tuple[str, int]]) -> bool:
-        """Record a death with ``crash_keys`` (unit id, row index) in the engine.
+    def learn(self, unit_id: str, crash_keys: list[tuple[str, int]], stalled: bool = False) -> bool:
+        """Record a death (``stalled``: the engine stopped answering) with ``crash_keys``
+        (unit id, row index) in the engine.
 
         Returns True if rows of ``unit_id`` were among them.
         """
@@ -40,7 +45,7 @@ class CrashIsolation:
             row = mine[0]
             s.alone_crashes[row] += 1
             if s.alone_crashes[row] >= self.max_row_crashes:
-                s.condemned.add(row)
+                s.condemned[row] = RowError.ENGINE_STALL if stalled else RowError.ENGINE_CRASH
                 s.solo.discard(row)
             else:
                 s.solo.add(row)
@@ -49,9 +54,9 @@ class CrashIsolation:
         return True
 
     def process_args(self, unit_id: str) -> tuple:
-        """Extra arguments for ``UnitWorker.process_unit``: (solo rows, rows to skip)."""
+        """Extra arguments for ``UnitWorker.process_unit``: (solo rows, {row to skip: code})."""
         s = self._units.get(unit_id)
-        return () if s is None else (sorted(s.solo), sorted(s.condemned))
+        return () if s is None else (sorted(s.solo), dict(sorted(s.condemned.items())))
 
     def forget(self, unit_id: str) -> None:
         self._units.pop(unit_id, None)

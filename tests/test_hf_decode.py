@@ -191,9 +191,9 @@ def test_compiled_sizes_its_caches_from_the_batch_and_rungs_from_the_job(compile
         None,
     )
     assert hf_decode.batch_rungs(32) == [4, 8, 16, 32] and hf_decode.batch_rungs(6) == [1, 2, 3, 6]
-    # lengths in steps of CACHE_STEP (128), capped by the model's positions
-    lengths = [hf_decode.static_cache_len(n, 4096) for n in (1, 128, 129, 600, 5000)]
-    assert lengths == [128, 128, 256, 640, 4096]
+    # lengths on the grid (two per octave from CACHE_STEP = 128), capped by the positions
+    lengths = [hf_decode.static_cache_len(n, 4096) for n in (1, 128, 129, 200, 600, 1100, 5000)]
+    assert lengths == [128, 128, 192, 256, 768, 1536, 4096]
     # warm-up ran the full batch's rung at its image's length (16 vision tokens + text + 12 new)
     assert compiled.caches.shapes() == [(4, 128)]
     # one decode graph: the full batch's rung (a smaller rung compiles when first met)
@@ -338,3 +338,59 @@ def test_compile_switches_off_and_on_on_one_engine(compiled, tiny_model):
     assert compiled.model.generation_config.compile_config is compiled._compile_config
     again = [(r.text, r.output_tokens) for r in compiled.generate(engine_requests(3))]
     assert again == eager
+
+
+def _square_requests(side: int, n: int, first: int) -> list:
+    """``n`` requests of one random ``side`` x ``side`` image size (keys from ``first``)."""
+    import numpy as np
+    from PIL import Image
+
+    from qvl_batch.engines.base import Request
+
+    out = []
+    for i in range(first, first + n):
+        pixels = np.random.default_rng(i).integers(0, 256, (side, side, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        tokens = (side // 28) ** 2
+        out.append(Request(("u", i), f"r{i}", "Describe.", None, image, "0" * 64, tokens, 0))
+    return out
+
+
+def test_a_mixed_size_job_compiles_at_most_its_bounded_shapes(tiny_model, caplog):
+    """Batches of three image sizes need three cache lengths (128, 192, 256 tokens) at one
+    rung; with engine.hf.compile_shapes=2 two are compiled (timed, before their batch) and the
+    third runs eagerly, warned once; every answer equals the eager engine's."""
+    from torch._dynamo.utils import counters
+
+    sizes = (112, 308, 392)  # 16, 121, 196 vision tokens: + text + 12 new -> 3 lengths
+    compiled = make_batch_engine(small_engine_config(tiny_model, compile=True, compile_shapes=2))
+    eager = make_batch_engine(small_engine_config(tiny_model, compile=False))
+    counters.clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=hf_decode.__name__):
+            for round_ in range(2):
+                for k, side in enumerate(sizes):
+                    requests = _square_requests(side, 4, 10 * k + 100 * round_)
+                    want = [(r.text, r.output_tokens) for r in eager.generate(requests)]
+                    got = [(r.text, r.output_tokens) for r in compiled.generate(requests)]
+                    assert got == want, side
+        assert compiled.caches.shapes() == [(4, 128), (4, 192)]
+        assert compiled.modes()["compiled_shapes"] == [[4, 128], [4, 192]]
+        assert compiled.caches.eager_batches == 2  # the 392 px batches, both rounds
+        assert caplog.text.count("engine.hf.compile_shapes") == 1, caplog.text
+        # one graph a shape at most (the throwaway batch's is the real batches'; a graph an
+        # engine of this module compiled before may be reused)
+        assert 1 <= counters["stats"]["unique_graphs"] <= 2
+        assert compiled.stage_times()["compile"] > 0
+    finally:
+        compiled.close()
+        eager.close()
+
+
+def test_decode_attention_auto_is_grouped_only_with_the_compiled_decode(tiny_model, compiled):
+    eager = make_batch_engine(small_engine_config(tiny_model, compile=False))
+    try:
+        assert eager.modes()["decode_attention"] == "stock"  # grouped is slower eagerly
+    finally:
+        eager.close()
+    assert compiled.modes()["decode_attention"] == "grouped"

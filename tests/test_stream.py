@@ -45,6 +45,9 @@ class Sink:
     def fail(self, exc) -> None:
         self.failed = exc
 
+    def alive(self) -> None:
+        self.signs_of_life = getattr(self, "signs_of_life", 0) + 1
+
     def wait(self, n: int, timeout: float = 10.0) -> list:
         with self.cond:
             assert self.cond.wait_for(lambda: len(self.results) >= n, timeout), self.results
@@ -168,10 +171,23 @@ def test_flight_recorder_holds_rows_between_entering_and_leaving():
     rec.note(0, [("a", 1), ("a", 2)], [])
     rec.note(0, [("a", 3)], [("a", 1)])  # one entering group carries what left since
     rec.note(1, [("b", 1)], [])
-    assert rec.last(0) == [("a", 2), ("a", 3)]
-    assert rec.last(0) is None  # read once
+    assert rec.last(0) == ([("a", 2), ("a", 3)], False)
+    assert rec.last(0) == (None, False)  # read once
     rec.note(1, [], [("b", 1)])  # everything back: nothing inside
-    assert rec.last(1) is None
+    assert rec.last(1) == (None, False)
+
+
+def test_flight_recorder_keeps_stalls_and_heartbeats_per_incarnation():
+    rec = FlightRecorder()
+    rec.note(2, [("a", 1)], [])
+    rec.beat(2, 1, 40, 3.5)
+    rec.beat(3, 0, 7, 0.0)
+    beats = rec.health([2, 3, 4])
+    assert set(beats) == {2, 3} and (beats[2].inside, beats[2].running_rows) == (1, 40)
+    assert beats[2].quiet_s == 3.5 and 0 <= beats[2].age_s < 5
+    rec.stalled(2)
+    assert rec.last(2) == ([("a", 1)], True)  # judged as a stall, then forgotten
+    assert rec.last(2) == (None, False) and set(rec.health([2, 3])) == {3}
 
 
 def test_actor_keeps_an_inflight_engine_full_but_never_above_its_bound(tmp_path, dataset):

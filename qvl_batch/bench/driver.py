@@ -24,6 +24,7 @@ from ..config import load_config
 from ..dispatch import COMMIT_THREADS
 from ..driver import Driver
 from ..handout import Outcome
+from ..liveness import Beat
 from ..schema import ROW_RESULT
 from .common import job_io, tiny_rows
 
@@ -98,7 +99,11 @@ class SimulatedPool:
             return Outcome(error=f"{type(exc).__name__}: {exc}")
 
     def crash_batch(self, index: int):
-        return None
+        return None, False
+
+    def health(self) -> dict[int, Beat]:
+        """Simulated actors never stall: each is always just heard from."""
+        return {i: Beat(0.0, 0, 0, 0.0) for i in range(len(self.actors))}
 
     def replace(self, index: int):
         raise RuntimeError("simulated actors do not die")

@@ -29,6 +29,10 @@ variant; contention runs the first variant.
 
 The figures are compared with the compute floor of the issue (:data:`FLOOR_IMAGES_PER_S`), which
 only means something for the 7B in bf16 on an H200.
+
+``--workload photos|moderation`` (``workload.py``) runs the bare and runner sections on mixed photo
+sizes with caption-like or short moderation answers instead, the bare batches bucketed as the
+runner's are, each side's floor from its own token counts (``floor.py``).
 """
 
 from __future__ import annotations
@@ -36,22 +40,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import Config, load_config
 from ..tooling.gpu_sampler import GpuSampler
 from .common import job_io
 from .engine import (
-    FLOOR_IMAGES_PER_S,
-    FLOOR_NOTE,
     VARIANT_CHOICES,
     Variant,
     bench_bare,
@@ -59,84 +55,29 @@ from .engine import (
     contention,
     variant_label,
 )
+from .floor import FLOOR_IMAGES_PER_S, FLOOR_NOTE
 from .gpu_scaling import add_scaling_args, scaling
+from .workload import (
+    MIXED_SIZES,
+    WORKLOADS,
+    Lent,
+    dataset,
+    mixed_sizes,
+    print_workload,
+    resolve,
+    run_workload,
+)
 
 SECTIONS = ("bare", "actor", "runner", "bucketing", "scaling", "contention")
 DEFAULT_SECTIONS = ("bare", "actor", "runner", "bucketing")
+WORKLOAD_SECTIONS = ("bare", "runner")  # what --workload photos|moderation runs its rows in
 
-# The bucketing section's image sizes as (width, height, weight): common photo and screen sizes,
-# landscape and portrait. Under image.max_pixels=602112 (768 vision tokens) they resize to 8
-# grids of 256 to ~768 tokens, so arrival-order batches pad a lot and same-size batches do not.
-MIXED_SIZES: tuple[tuple[int, int, float], ...] = (
-    (448, 448, 0.20),  # already on the grid: 256 tokens
-    (640, 480, 0.15),  # VGA / older phones: 391 tokens
-    (480, 640, 0.10),
-    (1024, 768, 0.15),  # 4:3 camera, downscaled to the token cap
-    (768, 1024, 0.10),
-    (1280, 720, 0.15),  # 16:9 screenshots and video frames
-    (720, 1280, 0.05),
-    (896, 896, 0.10),  # square social-media uploads
-)
 # (label, batching.bucketing, batching.max_padding_fraction or None for the job's default):
 # size buckets topped up from near sizes, exact-size buckets only, and arrival order.
 BUCKETING_VARIANTS = (("on", "true", None), ("exact", "true", 0), ("off", "false", None))
 MIXED_MAX_PIXELS = 768 * 28 * 28  # 602112: the largest image stays at 768 vision tokens
 
-# ---------------------------------------------------------------------------------- data
-
-
-def _synth_rows(sizes: list[tuple[int, int]], seed: int) -> list[dict]:
-    """One photo-like JPEG per size, each from its own seeded stream: id, image, source."""
-    from ..tooling.synth import SOURCES, encode_jpeg, photo_like
-
-    def make(i: int) -> dict:
-        w, h = sizes[i]
-        img = photo_like(np.random.default_rng([seed, i]), w, h)
-        return {
-            "id": f"img-{i:06d}",
-            "image": encode_jpeg(img, quality=90),
-            "source": SOURCES[i % len(SOURCES)],
-        }
-
-    with ThreadPoolExecutor(8) as pool:  # Pillow releases the GIL while it encodes
-        return list(pool.map(make, range(len(sizes))))
-
-
-def _mixed_sizes(rows: int, seed: int) -> list[tuple[int, int]]:
-    """``rows`` sizes drawn from :data:`MIXED_SIZES` by weight (seeded)."""
-    weights = np.array([w for _, _, w in MIXED_SIZES])
-    picks = np.random.default_rng([seed, 7]).choice(
-        len(MIXED_SIZES), rows, p=weights / weights.sum()
-    )
-    return [MIXED_SIZES[int(k)][:2] for k in picks]
-
-
-def _write_shard(folder: Path, rows: list[dict], row_group_rows: int) -> None:
-    """One Parquet shard with the synthetic datasets' id, image and source columns."""
-    schema = pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("image", pa.binary()),
-            pa.field("source", pa.string()),
-        ]
-    )
-    table = pa.Table.from_pylist(rows, schema=schema)
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, folder / "part-00000.parquet", row_group_size=row_group_rows)
-    (folder / ".done").touch()  # written last: a folder without it is rebuilt
-
-
-def _dataset(folder: Path, sizes: list[tuple[int, int]]) -> list[dict]:
-    """The rows for ``sizes`` (made once per workdir, then read back from the shard)."""
-    shard = folder / "part-00000.parquet"
-    if (folder / ".done").exists():
-        return pq.read_table(shard).to_pylist()
-    shutil.rmtree(folder, ignore_errors=True)
-    print(f"making {len(sizes)} photo-like JPEGs in {folder} ...", flush=True)
-    rows = _synth_rows(sizes, seed=0)
-    # Small row groups so units of any size (unit_rows = 4 x batch size) cut evenly.
-    _write_shard(folder, rows, row_group_rows=8)
-    return rows
+# --------------------------------------------------------------------------------- model
 
 
 def _ensure_model(args: argparse.Namespace) -> str:
@@ -351,7 +292,7 @@ def _bucketing(args: argparse.Namespace, config, batch_size: int, cuda: bool) ->
     """The mixed-size set with bucketing on, then off."""
     n = args.bucket_rows or args.rows
     mixed = Path(args.workdir) / f"gpu-mixed-{n}"
-    _dataset(mixed, _mixed_sizes(n, seed=0))
+    dataset(mixed, mixed_sizes(n, seed=0))
     result: dict = {
         "batch_size": batch_size,
         "rows": n,
@@ -403,14 +344,28 @@ def _add_ratios(report: dict) -> None:
             x["ratio_e2e_vs_bare"] = round(e2e / bare_rate, 4) if bare_rate else None
 
 
+def _sections(args: argparse.Namespace) -> list[str]:
+    """--sections in order (default: DEFAULT_SECTIONS; a workload's: its bare and runner)."""
+    square = args.workload == "square"
+    given = args.sections or ",".join(DEFAULT_SECTIONS if square else WORKLOAD_SECTIONS)
+    sections = [s.strip() for s in given.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from {SECTIONS}")
+    if not square and set(sections) - set(WORKLOAD_SECTIONS):
+        raise SystemExit(
+            f"--workload {args.workload} runs the {'/'.join(WORKLOAD_SECTIONS)} sections; "
+            "the others run on --workload square"
+        )
+    return sections
+
+
 def bench_gpu(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from {SECTIONS}")
+    resolve(args)  # --answer-lengths and --max-tokens left out: the workload's
+    sections = _sections(args)
     work = Path(args.workdir)
     device, cuda = _device()
     model = _ensure_model(args)
@@ -423,22 +378,25 @@ def bench_gpu(args: argparse.Namespace) -> int:
         "size": args.size,
         "dtype": args.dtype,
         "rows": args.rows,
+        "workload": {"name": args.workload},  # a workload's figures join it (workload.py)
         "image_size": args.image_size,
         "max_tokens": args.max_tokens,
+        "answer_lengths": args.answer_lengths,
         "variants": [asdict(v) for v in variants(args)],
         "sections": sections,
         "compute_floor": {"images_per_s": FLOOR_IMAGES_PER_S, "for": FLOOR_NOTE},
     }
+    side = args.image_size
+    shape, floor = f"{side}x{side}", f"{FLOOR_IMAGES_PER_S:g} images/s ({FLOOR_NOTE})"
+    if args.workload != "square":
+        shape = f"{args.workload} (mixed sizes, answers {' '.join(args.answer_lengths)})"
+        floor = "from the workload's token counts"
     print(
         f"device {device} | model {args.size} {args.dtype} ({model}) | {args.rows} rows "
-        f"{args.image_size}x{args.image_size} | max_tokens {args.max_tokens} | compute floor "
-        f"{FLOOR_IMAGES_PER_S:g} images/s ({FLOOR_NOTE})",
+        f"{shape} | max_tokens {args.max_tokens} | compute floor {floor}",
         flush=True,
     )
-    side = args.image_size
     square = work / f"gpu-square-{args.rows}-{side}"
-    rows = _dataset(square, [(side, side)] * args.rows)
-    failed = False
 
     def config(out: str, batch_size: int, extra: tuple[str, ...] = (), data: Path = square):
         overrides = _job_overrides(args, model, data, work / out, batch_size, cuda, extra)
@@ -453,6 +411,27 @@ def bench_gpu(args: argparse.Namespace) -> int:
     if args.bare_from and "bare" not in sections:
         bare = json.loads(Path(args.bare_from).read_text().strip().splitlines()[-1]).get("bare")
         report["bare"], report["bare_from"] = bare, args.bare_from
+    if args.workload == "square":
+        rows = dataset(square, [(side, side)] * args.rows)
+        failed = _square_sections(args, sections, report, rows, config, batch_size, cuda)
+    else:
+        lent = Lent(config, run_runner, _in_child, variants(args), runner_variants(args))
+        failed = run_workload(args, sections, report, lent, device, cuda)
+    _add_ratios(report)
+
+    _print_table(report)
+    print_workload(report)
+    line = json.dumps(report)
+    print(line, flush=True)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(line + "\n")
+    return 1 if failed else 0
+
+
+def _square_sections(args, sections, report, rows, config, batch_size, cuda) -> bool:
+    """The sections on ``--image-size`` squares (``--workload square``); True if one failed."""
+    failed = False
     for section in sections:  # in the order given: what runs first meets the GPU fresh
         if section == "bare":
             # The same resolved config as the runner's (engine, prompt, image).
@@ -491,7 +470,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
             failed |= any(run["status"] != "succeeded" for run in runs)
         elif section == "scaling":
             report["scaling"] = result = scaling(
-                args, config, _dataset, run_runner, batch_size(), cuda
+                args, config, dataset, run_runner, batch_size(), cuda
             )
             runs = [v for job in result["jobs"] for k, v in job.items() if k.startswith("actors_")]
             runs += [result["split"]] if "split" in result else []
@@ -513,20 +492,13 @@ def bench_gpu(args: argparse.Namespace) -> int:
                 f"{result['per_gpu_ratio']}, scaling {result['scaling']}",
                 flush=True,
             )
-    _add_ratios(report)
-
-    _print_table(report)
-    line = json.dumps(report)
-    print(line, flush=True)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(line + "\n")
-    return 1 if failed else 0
+    return failed
 
 
 def _print_table(r: dict) -> None:
     """Every figure side by side, each also as a fraction of the compute floor."""
-    print(f"--- {r['device']}, {r['size']} {r['dtype']}, floor {FLOOR_IMAGES_PER_S:g} images/s")
+    floor = r["compute_floor"]["images_per_s"]
+    print(f"--- {r['device']}, {r['size']} {r['dtype']}, floor {floor:g} images/s")
     for run in (r.get("bare") or {}).get("runs", []):
         print(
             f"bare      B={run['batch_size']:<4} {run['images_per_s']:8.2f} images/s "
@@ -608,17 +580,27 @@ def _per_batch(run: dict) -> str:
 def add_gpu_bench(kinds, common) -> None:
     p = kinds.add_parser("gpu", help="engine alone vs whole runner, and bucketing, on one GPU")
     common(p)
-    p.add_argument("--rows", type=int, default=512, help="448x448 rows for bare and runner")
+    p.add_argument("--rows", type=int, default=512, help="rows for bare and runner")
+    p.add_argument(
+        "--workload",
+        choices=tuple(WORKLOADS),
+        default="square",
+        help="square: --image-size squares, fixed answers; photos: mixed photo sizes under the "
+        "job's image.max_pixels, caption-like answers (lognormal:110:300); moderation: the same "
+        "photos, a moderation prompt, short answers (uniform:12:28, cap 32). Its answers and cap "
+        "unless --answer-lengths / --max-tokens say; sections bare and runner only",
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64])
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=None, help="default: the workload's (64)")
     p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--model", default=None, help="model dir (built if it lacks config.json)")
     p.add_argument("--size", choices=("7b", "3b", "tiny"), default="7b", help="size to build")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
         "--sections",
-        default=",".join(DEFAULT_SECTIONS),
-        help="comma list of " + "/".join(SECTIONS) + " (default: all but scaling, contention)",
+        default=None,
+        help="comma list of " + "/".join(SECTIONS) + " (default: all but scaling, contention; "
+        "with --workload photos|moderation: bare,runner)",
     )
     p.add_argument("--json-out", default=None, help="also write the JSON line here")
     p.add_argument("--prepare-threads", type=int, default=8, help="runner decode threads")
@@ -677,9 +659,10 @@ def add_gpu_bench(kinds, common) -> None:
         "--answer-lengths",
         nargs="+",
         type=_lengths,
-        default=["fixed"],
+        default=None,
         help="fixed (every answer runs to --max-tokens) | uniform:LO:HI | lognormal:MEAN:CAP "
-        "(each row's answer ends at a length drawn from its id; benchmark-only)",
+        "(each row's answer ends at a length drawn from its id; benchmark-only); default: the "
+        "workload's (square: fixed)",
     )
     p.add_argument(
         "--runner-variants",

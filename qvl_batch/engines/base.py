@@ -25,7 +25,7 @@ a job gets: the registry (``qvl_batch.engines``) and :mod:`qvl_batch.engines.bui
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,6 +82,10 @@ class ResultSink(Protocol):
 
     def fail(self, exc: BaseException) -> None:
         """The engine is dead; no more results will come."""
+
+    def alive(self) -> None:
+        """A sign of life between results (a lock-step batch's decode step): the engine is
+        working, not hung (the actor's watchdog, ``liveness.py``)."""
 
 
 class _EngineInfo:
@@ -146,8 +150,16 @@ class Engine(_EngineInfo, ABC):
         return None
 
 
+def _no_watchdog() -> None:
+    pass
+
+
 class BatchEngine(_EngineInfo, ABC):
-    """A lock-step engine: runs one padded batch at a time."""
+    """A lock-step engine: runs one padded batch at a time. It calls ``alive()`` at each step
+    of a batch (the batching adapter connects it to the actor's watchdog), so a batch longer
+    than ``limits.stall_s`` is not taken for a hang."""
+
+    alive: Callable[[], None] = staticmethod(_no_watchdog)
 
     @abstractmethod
     def generate(self, requests: list[Request]) -> list[Result]:

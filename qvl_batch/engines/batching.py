@@ -62,6 +62,7 @@ class BatchingAdapter(Engine):
 
     def start(self, sink: ResultSink) -> None:
         self._sink = sink
+        self.inner.alive = sink.alive
         self._thread = threading.Thread(target=self._run, name="batching", daemon=True)
         self._thread.start()
 

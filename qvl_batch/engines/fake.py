@@ -17,10 +17,10 @@ Output text is a function of the image content hash, the prompt and the seed onl
 
 Fault injection fails chosen rows, fails every batch that holds a chosen row (a failed row in
 the in-flight mode), answers with broken JSON for chosen rows (structured output), SIGKILLs its
-process on a chosen row, raises once after N rows (batch mode), or SIGKILLs its own process
-after N rows, or holds a chosen row's batch for ``slow_s`` (a straggler, optionally only in the
-first N engines that meet it); ``load_s`` makes its construction take that long (start-up
-faults).
+process on a chosen row, SIGSTOPs it on a chosen row (a wedged process), raises once after N
+rows (batch mode), or SIGKILLs its own process after N rows, or holds a chosen row's batch for
+``slow_s`` (a straggler or, long enough, a hang; optionally only in the first N engines that
+meet it); ``load_s`` makes its construction take that long (start-up faults).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from ..errors import RowError
 from ..structured import example_for
 from .base import BatchEngine, Engine, EngineError, Request, Result, ResultSink
 from .lengths import answer_length
+
+ALIVE_EVERY_S = 0.1  # the batch engine's decode steps signal life this often (watchdog)
 
 WORDS = (
     "a",
@@ -105,6 +107,7 @@ class _Faults:
         self.fail_ids = set(self.fake.fail_ids)
         self.raise_ids = set(self.fake.raise_ids)
         self.crash_ids = set(self.fake.crash_ids)
+        self.freeze_ids = set(self.fake.freeze_ids)
         self.bad_json_ids = set(self.fake.bad_json_ids)
         self.slow_ids = set(self.fake.slow_ids)
         self.rows_seen = 0
@@ -138,6 +141,9 @@ class _Faults:
     def crash_check(self, requests: list[Request]) -> None:
         if any(r.row_id in self.crash_ids for r in requests):
             os.kill(os.getpid(), signal.SIGKILL)  # a poison row that takes the process down
+        frozen = any(r.row_id in self.freeze_ids for r in requests)
+        if frozen and self.incarnation < self.fake.exit_incarnations:
+            os.kill(os.getpid(), signal.SIGSTOP)  # a wedged process: every thread stops
 
     def exit_check(self) -> None:
         f = self.fake
@@ -198,9 +204,14 @@ class FakeEngine(BatchEngine):
         self.faults.slow_check(requests)
         results = [_answer(self.cfg, self.faults, req) for req in requests]
         longest = max((r.output_tokens for r in results), default=0)
-        delay = f.batch_latency_s + f.row_latency_s * len(requests) + f.token_latency_s * longest
+        delay = f.batch_latency_s + f.row_latency_s * len(requests)
         if delay > 0:
             time.sleep(delay)
+        decode = f.token_latency_s * longest
+        while decode > 0:  # decode steps, a sign of life at least every ALIVE_EVERY_S
+            time.sleep(min(decode, ALIVE_EVERY_S))
+            decode -= ALIVE_EVERY_S
+            self.alive()
         return results
 
 

@@ -399,13 +399,15 @@ class StageClock:
 
 
 class FirstLogits(transformers.LogitsProcessor):
-    """Leaves the scores as they are; its first call marks the prefill's end on the clock."""
+    """Leaves the scores as they are; its first call marks the prefill's end on the clock, and
+    every call (one per step) is a sign of life for the actor's watchdog."""
 
-    def __init__(self, clock: StageClock):
-        self.clock = clock
+    def __init__(self, clock: StageClock, alive):
+        self.clock, self.alive = clock, alive
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.clock.first_logits()
+        self.alive()
         return scores
 
 
@@ -481,7 +483,12 @@ class HFEngine(BatchEngine):
         self.vision = "stock"
         self.use_vision(ecfg.hf.vision)
         self.decode_attention = "stock"
-        self.use_decode_attention(ecfg.hf.decode_attention)
+        attention = ecfg.hf.decode_attention
+        if attention == "auto" and not self.compiled:
+            # grouped wins only under the compiled decode (H100: eager decode 2.11 s a batch
+            # grouped vs 1.60 stock; docs/PERFORMANCE.md "Never stuck")
+            attention = "stock"
+        self.use_decode_attention(attention)
         if split:
             self.device = torch.device("cuda", 0)
         log.info(
@@ -537,7 +544,7 @@ class HFEngine(BatchEngine):
         self._device_inputs: ImageInputs | None = None  # built on first use (a probe call)
         self._image_inputs: ImageInputs | None = None
         self.use_preprocess(ecfg.hf.preprocess)
-        stages = ("inputs", "generate", "outputs", "vision", "prefill", "decode")
+        stages = ("inputs", "generate", "outputs", "vision", "prefill", "decode", "compile")
         self._times = dict.fromkeys(stages, 0.0)
         self._last: dict[str, float] = {}
         self._clock = StageClock(self.device)
@@ -595,7 +602,7 @@ class HFEngine(BatchEngine):
         cap = default_cap(self.device) if gib is None else int(gib * 2**30)
         text_config = self.model.config.get_text_config(decoder=True)
         # (rung, length) -> its StaticCache, reused batch after batch, within the cap
-        self.caches = StaticCaches(text_config, self.dtype, cap)
+        self.caches = StaticCaches(text_config, self.dtype, cap, cfg.engine.hf.compile_shapes)
         if self.compiled:
             self.use_compile(True)
 
@@ -698,6 +705,7 @@ class HFEngine(BatchEngine):
             "decode": "compiled" if self.compiled else "eager",
             "decode_attention": self.decode_attention,
             "static_cache_gib": None if cap is None else round(cap / 2**30, 2),
+            "compiled_shapes": [list(s) for s in self.caches.shapes()],
         }
 
     def stage_times(self) -> dict[str, float]:
@@ -843,6 +851,37 @@ class HFEngine(BatchEngine):
             return None
         return rung, length
 
+    def _compile_shape(self, rung: int, length: int) -> None:
+        """Compile (and capture) the decode step of a new shape on a throwaway batch of the
+        smallest image, before the batch that needs it runs: its seconds are the compile's."""
+        from PIL import Image
+
+        image = Image.new("RGB", (2 * PATCH, 2 * PATCH), (128, 128, 128))
+        batch = [
+            Request(("compile", i), "compile", "Hi", None, image, "", 1, 0) for i in range(rung)
+        ]
+        inputs = self.model_inputs(batch)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            # a few decode steps: CUDA graph trees run a new graph once before capturing it
+            steps = {"max_new_tokens": 4, "min_new_tokens": 4}
+            cache = {self._cache_kwarg: self.caches.get(rung, length)}
+            self.model.generate(**inputs, **steps, **cache)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self._times["compile"] += seconds
+        log.info(
+            "hf engine: compiled the decode for %d rows x %d tokens in %.1f s (%d of at most "
+            "%d shapes, %.2f GiB of caches)",
+            rung,
+            length,
+            seconds,
+            len(self.caches.by_shape),
+            self.caches.max_shapes,
+            self.caches.held_bytes / 2**30,
+        )
+
     def _generate(self, batch: list[Request]) -> list[Result]:
         t0 = time.perf_counter()
         inputs = self.model_inputs(batch)
@@ -862,7 +901,7 @@ class HFEngine(BatchEngine):
         if rung is not None and rung > len(batch):  # dummy rows end after one token
             self._pad_rows(inputs, rung - len(batch))
             rows = (ends or limits) + [1] * (rung - len(batch))
-        processors: list[Any] = [FirstLogits(self._clock)]
+        processors: list[Any] = [FirstLogits(self._clock, self.alive)]
         if self.guide is not None:
             processors.append(self.guide.processor(rung or len(batch), rows))
         extra: dict[str, Any] = {"logits_processor": transformers.LogitsProcessorList(processors)}
@@ -874,6 +913,8 @@ class HFEngine(BatchEngine):
         torch.manual_seed(self.sampling.seed)
         t1 = time.perf_counter()
         self._clock.start()
+        if shape is not None and shape not in self.caches.by_shape:
+            self._compile_shape(*shape)
         try:
             with torch.inference_mode():
                 if shape is not None:

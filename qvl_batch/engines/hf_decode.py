@@ -8,26 +8,19 @@ is specialised to its cache's batch size, length and addresses). So the shapes c
 * batch size: rungs ``B, B/2, B/4, B/8`` (rounded up, ``B = batching.max_batch_size``); a
   batch is padded up to the next rung with dummy rows (one attended token, no image, ended after
   one token).
-* length: the batch's prompt width + its longest answer, rounded up to a multiple of
-  :data:`CACHE_STEP` (at most the model's positions). Every decode step attends over the whole
-  cache, and transformers' SDPA path copies the grouped K/V heads out to every query head over
-  that whole length (a mask rules out PyTorch's GQA kernel), so the cache follows the batch
-  closely instead of the job's worst case (a 5,440-token cache for the defaults' largest prompt
-  made every step of a 448x448 batch attend over 15x its ~370 tokens, and 40 GB of cache at
-  B=128 on a 7B).
+* length: the batch's prompt width + its longest answer, rounded up to the length grid, two
+  steps per octave (128, 192, 256, 384, 512, 768, ...; at most the model's positions): every
+  decode step attends over the whole cache, so it follows the batch, and a job of mixed image
+  sizes meets a few lengths, not one per 128 tokens.
 
-One cache and one decode graph per (rung, length) met, compiled when first met (logged; a 7B's
-decode graph: tens of seconds, once). The warm-up (``engine.warmup``) compiles the full batch's
-rung at the longest answer and logs the seconds; compiling every rung up front would make each
-actor's start pay for rungs a job may never meet. A job of one image size with full batches
-meets one shape: the warm-up's. A mixed-size job meets up to
-``COMPILE_RUNGS`` x (its distinct length steps): images from 224x224 up to the default
-``image.max_pixels`` (1,280 vision tokens) with 64 new tokens span 10 length steps, so up to 40
-caches, and on the 7B (56 KiB of cache a token) one cache of 128 rows x 640 tokens is 4.4 GiB.
-Caches are never freed (a graph holds its cache's addresses), so :class:`StaticCaches` keeps them
-within a memory cap (``engine.hf.static_cache_gib``; by default half the GPU memory free once the
-model is loaded): a batch whose shape would pass it runs eagerly (warned once per shape), with
-the same output. The shapes met first, a job's common ones, keep their graphs.
+Each (rung, length) met is one cache and one decode graph, compiled when first met, before the
+batch runs, and timed (``stage_times()["compile"]``); the warm-up compiles the full batch's
+rung. The shapes are bounded twice, before anything is taken: at most
+``engine.hf.compile_shapes`` of them (each a compile of tens of seconds on a 7B, once), and
+their caches within ``engine.hf.static_cache_gib`` (by default half the GPU memory free once the
+model is loaded; caches are never freed, as a graph holds its cache's addresses). A batch of a
+shape past either bound runs eagerly, with the same output (warned once per shape). Measured in
+docs/PERFORMANCE.md ("Never stuck").
 """
 
 from __future__ import annotations
@@ -39,7 +32,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CACHE_STEP = 128  # static cache lengths are multiples of this (tokens)
+CACHE_STEP = 128  # the smallest static cache length; the grid is 128 and 192 x powers of two
 # Oldest transformers the compiled decode was checked on (static cache + compiled decode step
 # with Qwen2.5-VL, greedy output equal to eager): 4.57.3 and 5.x.
 COMPILE_MIN_TRANSFORMERS = "4.57.3"
@@ -92,8 +85,12 @@ def batch_rungs(max_batch_size: int) -> list[int]:
 
 def static_cache_len(tokens: int, max_positions: int) -> int:
     """The static cache length for a batch needing ``tokens`` (prompt width + longest answer):
-    the multiple of :data:`CACHE_STEP` that holds it, at most the model's positions."""
-    return min(-(-max(tokens, 1) // CACHE_STEP) * CACHE_STEP, max_positions)
+    the smallest grid length that holds it (:data:`CACHE_STEP` or 1.5 x it, times a power of
+    two), at most the model's positions."""
+    length = CACHE_STEP
+    while length < tokens:
+        length = length * 3 // 2 if length & (length - 1) == 0 else length * 4 // 3
+    return min(length, max_positions)
 
 
 def kv_bytes_per_token(text_config: Any, dtype: torch.dtype) -> int:
@@ -125,10 +122,13 @@ class StaticCaches:
     made when first asked for. Caches are kept for the engine's life: a compiled graph is
     specialised to its cache's addresses."""
 
-    def __init__(self, text_config: Any, dtype: torch.dtype, cap_bytes: int | None):
+    def __init__(
+        self, text_config: Any, dtype: torch.dtype, cap_bytes: int | None, max_shapes: int = 8
+    ):
         self.text_config = text_config
         self.per_token = kv_bytes_per_token(text_config, dtype)
         self.cap_bytes = cap_bytes
+        self.max_shapes = max_shapes
         self.by_shape: dict[tuple[int, int], Any] = {}
         self._refused: set[tuple[int, int]] = set()
         self.eager_batches = 0  # batches run eagerly because their cache would pass the cap
@@ -144,25 +144,32 @@ class StaticCaches:
         return sum(self.bytes_of(*shape) for shape in self.by_shape)
 
     def fits(self, rung: int, length: int) -> bool:
-        """Has the shape a cache, or room under the cap for one. Warns once for a shape that
-        has neither (counted in ``eager_batches`` each time)."""
+        """Has the shape a cache, or room for one: fewer than ``max_shapes`` held and its bytes
+        under the cap. Warns once for a shape that has neither (counted in ``eager_batches``
+        each time)."""
         shape = (rung, length)
-        if shape in self.by_shape or self.cap_bytes is None:
+        if shape in self.by_shape:
             return True
-        if self.held_bytes + self.bytes_of(rung, length) <= self.cap_bytes:
+        if len(self.by_shape) >= self.max_shapes:
+            why = (
+                f"the compiled decode holds its {self.max_shapes} shapes (engine.hf.compile_shapes)"
+            )
+        elif self.cap_bytes is None or self.held_bytes + self.bytes_of(*shape) <= self.cap_bytes:
             return True
+        else:
+            why = (
+                f"its cache ({self.bytes_of(*shape) / 2**30:.2f} GiB) would pass the caches' "
+                f"cap ({self.held_bytes / 2**30:.2f} of {self.cap_bytes / 2**30:.2f} GiB held, "
+                "engine.hf.static_cache_gib)"
+            )
         self.eager_batches += 1
         if shape not in self._refused:
             self._refused.add(shape)
             log.warning(
-                "engine.hf.compile: a static cache of %d rows x %d tokens (%.2f GiB) would pass "
-                "the caches' cap (%.2f of %.2f GiB held, engine.hf.static_cache_gib); batches of "
-                "this shape run eagerly",
+                "engine.hf.compile: batches of %d rows x %d tokens run eagerly: %s",
                 rung,
                 length,
-                self.bytes_of(rung, length) / 2**30,
-                self.held_bytes / 2**30,
-                self.cap_bytes / 2**30,
+                why,
             )
         return False
 

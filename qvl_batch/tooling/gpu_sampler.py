@@ -22,6 +22,7 @@ class GpuSampler:
     def __init__(self, interval_ms: int = GPU_SAMPLE_MS):
         self.interval_ms = interval_ms
         self.samples: list[tuple[float, int, float, float]] = []  # (time, gpu, util %, MiB)
+        self.memory_total_mib: dict[int, float] = {}  # each GPU's memory, for the peak's share
         self.source: str | None = None
         self.note = ""
         self._proc: subprocess.Popen | None = None
@@ -43,7 +44,7 @@ class GpuSampler:
             # Each line carries nvidia-smi's own timestamp: a pipe may deliver lines in bursts.
             cmd = [
                 "nvidia-smi",
-                "--query-gpu=timestamp,index,utilization.gpu,memory.used",
+                "--query-gpu=timestamp,index,utilization.gpu,memory.used,memory.total",
                 "--format=csv,noheader,nounits",
                 "-lms",
                 str(self.interval_ms),
@@ -74,6 +75,10 @@ class GpuSampler:
         except (ValueError, IndexError):  # "[N/A]" or a partial line
             return
         self.samples.append((when, gpu, util, mem))
+        try:
+            self.memory_total_mib[gpu] = float(parts[4])
+        except (ValueError, IndexError):
+            pass
 
     def _poll_nvml(self, pynvml) -> None:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
@@ -81,8 +86,9 @@ class GpuSampler:
             now = time.time()
             for i, h in enumerate(handles):
                 util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
-                mem = pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
-                self.samples.append((now, i, float(util), mem))
+                info = pynvml.nvmlDeviceGetMemoryInfo(h)
+                self.samples.append((now, i, float(util), info.used / 2**20))
+                self.memory_total_mib[i] = info.total / 2**20
         pynvml.nvmlShutdown()
 
     def stop(self) -> None:
@@ -114,6 +120,8 @@ class GpuSampler:
             "gpu_index": busiest,
             "busy_fraction_mean": round(sum(utils) / len(utils) / 100, 4),
             "samples": len(utils),
+            # over every sample of that GPU, not only the window: start-up's peak counts
             "memory_used_peak_mib": max(m for _, g, _, m in self.samples if g == busiest),
+            "memory_total_mib": self.memory_total_mib.get(busiest),
             "busy_by_gpu": {g: round(sum(u) / len(u) / 100, 4) for g, u in sorted(by_gpu.items())},
         }

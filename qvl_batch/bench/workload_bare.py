@@ -1,0 +1,163 @@
+"""The bare engine on a workload's rows (``bench gpu --workload``), batched as the runner does.
+
+Mixed sizes in arrival order pad heavily while the runner buckets them, so the bare batches come
+from the runner's own :class:`~qvl_batch.bucketing.Bucketer`, fed as the batching adapter feeds
+it (its window of ``batching.window_batches`` batches, the same token budget and padding limit).
+The warm-up is the actor's (``engine.warmup(B)``), timed; rows are prepared once, untimed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, replace
+
+from ..bucketing import Bucketer
+from ..config import Config
+from ..images import smart_resize, vision_tokens
+from ..tooling.gpu_sampler import GpuSampler
+from .engine import Variant, _free, _print_run, _sync, prepared_requests
+
+PROMPT_ROOM = 128  # tokens a row's prompt may take in the budget (chat template included)
+
+
+def room(cfg: Config, sizes, batch_size: int) -> int:
+    """A token budget with room for ``batch_size`` rows of the largest of ``sizes`` ((w, h,
+    ...)) once resized under ``cfg.image``: so the batch size, not the budget, bounds a batch."""
+    largest = max(
+        vision_tokens(*smart_resize(h, w, cfg.image.min_pixels, cfg.image.max_pixels))
+        for w, h, *_ in sizes
+    )
+    return batch_size * (largest + PROMPT_ROOM + cfg.sampling.max_tokens)
+
+
+def bucketed(requests: list, cfg: Config) -> tuple[list[list], dict]:
+    """``requests`` cut into the batches the batching adapter would form (bucketing on or off,
+    its window, token budget and padding limit), all rows arriving at once; and their padding."""
+    b = cfg.batching
+    bucketer = Bucketer(
+        b.max_batch_size,
+        b.max_tokens_per_batch,
+        b.max_wait_s,
+        clock=lambda: 0.0,  # no row ever waits out max_wait_s: only full or forced batches go
+        max_padding=b.max_padding_fraction,
+    )
+    window = b.window_batches * b.max_batch_size
+    batches = []
+    for r in requests:
+        seq_len = r.vision_tokens + r.text_tokens
+        key = r.image.size if b.bucketing else "arrival"
+        bucketer.add(r, key, seq_len + cfg.sampling.max_tokens, seq_len)
+        while batch := bucketer.next_batch(force=bucketer.pending >= window):
+            batches.append(batch)
+    while batch := bucketer.next_batch(force=True):
+        batches.append(batch)
+    return batches, bucketer.stats.as_dict()
+
+
+def time_workload(engine, batches: list[list], batch_size: int, max_s: float, warm: bool) -> dict:
+    """The actor's warm-up (timed; unless ``warm`` is False), then ``generate`` over
+    ``batches`` (stops after max_s): rows/s, tokens per row, stage seconds per batch, memory."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:  # memory peaks count the warm-up, as the runner's sampler does
+        torch.cuda.reset_peak_memory_stats()
+    sampler = GpuSampler() if cuda else None
+    sampling = sampler.start() if sampler else False
+    done = ran = errors = 0
+    tokens = Counter()
+    try:
+        engine.reset_stage_times()
+        t0 = time.perf_counter()
+        if warm:
+            engine.warmup(batch_size)
+            _sync()
+        warmup_s = time.perf_counter() - t0
+        warmup_stages = engine.stage_times()  # with a "compile" key where the engine has one
+        engine.reset_stage_times()
+        start = time.time()
+        t0 = time.perf_counter()
+        for batch in batches:
+            results = engine.generate(batch)
+            _sync()
+            ran += 1
+            done += len(results)
+            errors += sum(r.error_code is not None for r in results)
+            tokens["answer"] += sum(r.output_tokens or 0 for r in results)
+            tokens["vision"] += sum(r.vision_tokens for r in batch)
+            tokens["prompt"] += sum(r.text_tokens for r in batch)
+            if max_s and time.perf_counter() - t0 >= max_s:
+                break  # the device run is budgeted: time what fits
+        secs = time.perf_counter() - t0
+    finally:
+        if sampler:
+            sampler.stop()
+    run = {
+        "batch_size": batch_size,
+        "batches": ran,
+        "rows": done,
+        "capped": ran < len(batches),
+        "seconds": round(secs, 3),
+        "images_per_s": round(done / secs, 3),
+        "output_tokens_per_s": round(tokens["answer"] / secs, 1),
+        "output_tokens_mean": round(tokens["answer"] / max(1, done - errors), 2),
+        "errors": errors,
+        "tokens_per_row": {
+            k: round(tokens[k] / max(1, done), 2) for k in ("vision", "prompt", "answer")
+        },
+        "engine_s_per_batch": {
+            k: round(v / ran, 4) for k, v in engine.stage_times().items() if ran
+        },
+        "warmup_s": round(warmup_s, 3) if warm else None,
+        "warmup_stage_s": {k: round(v, 3) for k, v in warmup_stages.items()} if warm else None,
+        "torch_max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20) if cuda else None,
+    }
+    if sampler is not None:
+        run["gpu"] = sampler.summary(start, time.time()) if sampling else {"note": sampler.note}
+    return run
+
+
+def bench_bare_workload(
+    cfgs: dict[int, Config], rows: list[dict], max_s: float, variants: tuple[Variant, ...]
+) -> dict:
+    """The engine alone (one load) on ``rows``: per variant and batch size B (``cfgs[B]``, the
+    runner's config at B), the runner's batches of the prepared rows after the actor's warm-up."""
+    from ..engines.build import make_batch_engine
+
+    first = cfgs[max(cfgs)]  # max_batch_size: the compiled decode's rungs cover every B
+    t0 = time.perf_counter()
+    engine = make_batch_engine(first)
+    load_s = time.perf_counter() - t0
+    print(f"bare: engine loaded in {load_s:.1f}s", flush=True)
+    try:
+        t0 = time.perf_counter()
+        requests = prepared_requests(engine, first, rows)
+        prepare_s = time.perf_counter() - t0
+        runs = []
+        warmed = set()  # (B, variant but its answer lengths): the warm-up runs the longest
+        for variant in variants:
+            variant.apply(engine)
+            for b, cfg in sorted(cfgs.items()):
+                batches, padding = bucketed(requests, cfg)
+                shape = (b, *asdict(replace(variant, answer_lengths="")).values())
+                warm = shape not in warmed
+                warmed.add(shape)
+                run = {**asdict(variant), **time_workload(engine, batches, b, max_s, warm)}
+                run["preprocess"] = engine.modes().get("preprocess", "?")
+                run["padding"] = padding
+                run["max_tokens_per_batch"] = cfg.batching.max_tokens_per_batch
+                runs.append(run)
+                _print_run(f"bare {variant.label()}", run)
+    finally:
+        _free(engine)  # the runner's actor loads its own copy: free this one first
+        del engine
+    first_variant = runs[: len(cfgs)]
+    sizes = Counter("{}x{}".format(*r.image.size) for r in requests)
+    return {
+        "load_s": round(load_s, 1),
+        "prepare_s": round(prepare_s, 2),
+        "resized_sizes": dict(sorted(sizes.items())),
+        "runs": runs,
+        "best_batch_size": max(first_variant, key=lambda r: r["images_per_s"])["batch_size"],
+    }
