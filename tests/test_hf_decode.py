@@ -378,9 +378,9 @@ def test_a_mixed_size_job_compiles_at_most_its_bounded_shapes(tiny_model, caplog
         assert compiled.modes()["compiled_shapes"] == [[4, 128], [4, 192]]
         assert compiled.caches.eager_batches == 2  # the 392 px batches, both rounds
         assert caplog.text.count("engine.hf.compile_shapes") == 1, caplog.text
-        # one graph a shape at most (the throwaway batch's is the real batches'; a graph an
-        # engine of this module compiled before may be reused)
-        assert 1 <= counters["stats"]["unique_graphs"] <= 2
+        # one compile for the rung, whatever the lengths (dynamic shapes; none if an engine of
+        # this module compiled that rung before): a new length is a capture, not a compile
+        assert counters["stats"]["unique_graphs"] <= 1
         assert compiled.stage_times()["compile"] > 0
     finally:
         compiled.close()

@@ -621,8 +621,11 @@ class HFEngine(BatchEngine):
             from transformers.generation.configuration_utils import CompileConfig
 
             on_cuda = self.device.type == "cuda"
+            # dynamic: one compile serves every cache length of a batch rung (a new length is
+            # a new CUDA graph capture, not a new compile: tens of seconds each on a 7B, and a
+            # job of mixed image sizes met one per length; docs/PERFORMANCE.md "Never stuck")
             self._compile_config = CompileConfig(
-                fullgraph=False, dynamic=False, mode="reduce-overhead" if on_cuda else "default"
+                fullgraph=False, dynamic=True, mode="reduce-overhead" if on_cuda else "default"
             )
             if not on_cuda:  # transformers compiles on accelerators only unless told to
                 self._compile_config._compile_all_devices = True

@@ -13,11 +13,12 @@ is specialised to its cache's batch size, length and addresses). So the shapes c
   decode step attends over the whole cache, so it follows the batch, and a job of mixed image
   sizes meets a few lengths, not one per 128 tokens.
 
-Each (rung, length) met is one cache and one decode graph, compiled when first met, before the
-batch runs, and timed (``stage_times()["compile"]``); the warm-up compiles the full batch's
-rung. The shapes are bounded twice, before anything is taken: at most
-``engine.hf.compile_shapes`` of them (each a compile of tens of seconds on a 7B, once), and
-their caches within ``engine.hf.static_cache_gib`` (by default half the GPU memory free once the
+Each (rung, length) met is one cache and one captured decode graph, made when first met,
+before the batch runs, and timed (``stage_times()["compile"]``); the warm-up makes the full
+batch's. The decode step is compiled with dynamic shapes, so a new length is a new capture, not
+a new compile (a compile per length, tens of seconds each on a 7B, is what stalled mixed-size
+jobs); each rung is compiled once. The shapes are bounded twice, before anything is taken: at
+most ``engine.hf.compile_shapes`` of them, and their caches within ``engine.hf.static_cache_gib`` (by default half the GPU memory free once the
 model is loaded; caches are never freed, as a graph holds its cache's addresses). A batch of a
 shape past either bound runs eagerly, with the same output (warned once per shape). Measured in
 docs/PERFORMANCE.md ("Never stuck").
