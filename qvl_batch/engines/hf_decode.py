@@ -18,9 +18,10 @@ before the batch runs, and timed (``stage_times()["compile"]``); the warm-up mak
 batch's. The decode step is compiled with dynamic shapes, so a new length is a new capture, not
 a new compile (a compile per length, tens of seconds each on a 7B, is what stalled mixed-size
 jobs); each rung is compiled once. The shapes are bounded twice, before anything is taken: at
-most ``engine.hf.compile_shapes`` of them, and their caches within ``engine.hf.static_cache_gib`` (by default half the GPU memory free once the
-model is loaded; caches are never freed, as a graph holds its cache's addresses). A batch of a
-shape past either bound runs eagerly, with the same output (warned once per shape). Measured in
+most ``engine.hf.compile_shapes`` of them, and their caches within
+``engine.hf.static_cache_gib`` (by default half the GPU memory free once the model is loaded;
+caches are never freed, as a graph holds its cache's addresses). A batch of a shape past either
+bound runs eagerly, with the same output (warned once per shape). Measured in
 docs/PERFORMANCE.md ("Never stuck").
 """
 
