@@ -78,6 +78,7 @@ class _UnitCollector:
     remaining: int
     done: threading.Event = field(default_factory=threading.Event)
     entered: int = 0  # rows handed to the engine so far
+    started: int = 0  # ...of those, rows the engine started computing (its entering note)
     answered: int = 0  # rows with a result
     inside: int = 0  # rows inside the engine now
     withdrawn: bool = False  # the driver took the unit back: its call returns None
@@ -292,14 +293,27 @@ class UnitWorker:
     def withdraw(self, unit_id: str, unstarted_only: bool = True) -> bool:
         """Take ``unit_id`` back: its ``process_unit`` call returns None at once, its rows not
         yet in the engine are dropped, those inside finish and are dropped. With
-        ``unstarted_only``, only if none of its rows entered the engine yet (a move to an idle
-        actor, nothing lost). True if withdrawn."""
+        ``unstarted_only``, only if none of its rows started computing (a move to an idle
+        actor, nothing lost): rows read ahead, prepared or waiting in a lock-step engine's
+        batching window are given back. True if withdrawn."""
         with self._cond:
             collector = self._units.get(unit_id)
             if collector is None or collector.done.is_set():
                 return False
-            if unstarted_only and collector.entered:
-                return False
+            if unstarted_only:
+                if collector.started:
+                    log.info("move of unit %s refused: its rows are computing", unit_id)
+                    return False
+                if collector.inside:
+                    back = self.engine.take_back(unit_id)
+                    if back is None:
+                        log.info("move of unit %s refused: its rows are computing", unit_id)
+                        return False
+                    self._clock_engine()
+                    self._in_engine -= back
+                    collector.inside -= back
+                    for _ in range(back):
+                        self._slots.release()
             collector.withdrawn = True
             for queue in (self._ready, self._solo):
                 kept = [r for r in queue if r.key[0] != unit_id]
@@ -535,6 +549,9 @@ class UnitWorker:
         with self._note_lock:
             with self._cond:
                 left, self._left = self._left, []
+                for key in keys:
+                    if collector := self._units.get(key[0]):
+                        collector.started += 1
             self._note(list(keys), left)
 
     def put(self, result: Result) -> None:

@@ -204,6 +204,26 @@ class Bucketer:
             self._fifo = []
         return items
 
+    def remove(self, match: Callable[[Any], bool]) -> list[Any]:
+        """Take the queued rows ``match`` picks back out (a unit moved to another actor)."""
+        removed = []
+        for key in list(self._buckets):
+            queue, kept = self._buckets[key], deque()
+            for entry in queue:
+                if match(entry[0]):
+                    removed.append(entry[0])
+                    self._bucket_tokens[key] -= entry[1]
+                    self._tokens -= entry[1]
+                else:
+                    kept.append(entry)
+            if kept:
+                self._buckets[key] = kept
+            else:
+                del self._buckets[key]
+                del self._bucket_tokens[key]
+        self.pending -= len(removed)
+        return removed
+
     def seconds_until_due(self) -> float | None:
         """How long until the oldest partial bucket is due, for the consumer's wait timeout."""
         if not self._buckets:

@@ -227,6 +227,8 @@ class FakeEngineConfig:
     exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
     exit_incarnations: int = 1  # exit_after_rows, freeze_ids: only in incarnations below this
     load_s: float = 0.0  # seconds the engine takes to load (a window for start-up faults)
+    # ...per incarnation (actors ready at different times), load_s for those past the list
+    load_s_by_incarnation: list[float] = field(default_factory=list)
     # A batch (or scheduler step) holding one of slow_ids first sleeps slow_s: a straggler. With
     # slow_times > 0, only the first slow_times engines to meet the row do (counted with marker
     # files in marker_dir, shared by every process), so a copy elsewhere runs at full speed.

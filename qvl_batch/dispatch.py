@@ -152,6 +152,7 @@ class Dispatcher:
                 run = runs.by_ref[ref]
                 if not self.pool.withdraw(run.slot, run.unit.unit_id):
                     run.started = True  # it began meanwhile: a copy may still help
+                    self.summary.moves_refused += 1
                     continue
                 run.dropped = run.moved = True  # its call returns no result
                 log.info(
@@ -359,16 +360,17 @@ class Dispatcher:
                 below_since, failure = self._below_min_actors(now, below_since)
                 if failure:
                     break
+                starting = pool.starting() if hasattr(pool, "starting") else []
                 while (
                     not committer.full
-                    and (index := self.handout.slot_for_next(self.live, runs)) is not None
+                    and (index := self.handout.slot_for_next(self.live, runs, bool(starting)))
+                    is not None
                     and (item := queue.next()) is not None
                 ):
                     self._send(*item, index)
                 if queue.empty and self.can_withdraw:
                     self._tail()
                 self._watch(now)
-                starting = pool.starting() if hasattr(pool, "starting") else []
                 # Dropped runs (copies whose twin won) are not waited for at the end.
                 if not runs.working() and not starting:
                     if not any(self.live):  # nothing live or starting: every slot gave up

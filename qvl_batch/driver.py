@@ -54,6 +54,7 @@ class JobSummary:
     rows_per_s: float = 0.0
     pipeline_s: float = 0.0  # actors ready -> last commit: the steady-state part of elapsed_s
     units_moved: int = 0  # queued units taken back from a busy actor for an idle one
+    moves_refused: int = 0  # ...tried, but the busy actor had started computing the unit
     backup_copies: int = 0  # copies of running units started on idle actors at the tail
     backup_wins: int = 0  # ...whose result came first and was committed
     message: str = ""
@@ -77,10 +78,11 @@ class JobSummary:
             + (f" ({self.engine_stalls} engine stalls)" if self.engine_stalls else "")
             + f", {self.storage_retries} storage retries",
         ]
-        if self.units_moved or self.backup_copies:
+        if self.units_moved or self.backup_copies or self.moves_refused:
             out.append(
-                f"  tail: {self.units_moved} units moved to idle actors, {self.backup_copies} "
-                f"backup copies ({self.backup_wins} finished first)"
+                f"  tail: {self.units_moved} units moved to idle actors"
+                + (f" ({self.moves_refused} refused: started)" if self.moves_refused else "")
+                + f", {self.backup_copies} backup copies ({self.backup_wins} finished first)"
             )
         if self.error_codes:
             out.append(error_codes_line(self.error_codes))

@@ -1,14 +1,19 @@
 """Which actor gets the next unit, and what an idle actor does once nothing is left to hand out.
 
-Three rules keep every GPU busy to the end of a job:
+Four rules keep every GPU busy to the end of a job:
 
 - **Balanced**: a unit goes to the live actor holding the fewest (ties in turn), so every actor
   has one before any has two. Filling one actor to its window first left the other idle (two
   actors on four units ran 3 and 1: a scaling of 0.65 on two H100s).
+- **No hoard at start**: while other actors are still starting, a live one holds at most
+  :data:`STARTING_DEPTH` units (one running, one read ahead), so the first actor ready (often
+  seconds before the others on GPUs) does not take ``units_in_flight_per_actor`` units the
+  others will wait for at the tail; its window fills once every actor is up.
 - **Move**: an actor runs its units one after the other and only reads ahead the next (see
-  actor.py), so a unit queued behind another has not started. When an actor is idle and the
-  queue is empty, such a unit is taken back from its actor and given to the idle one: no unit
-  waits in one actor's queue while another actor has nothing.
+  actor.py), so a unit queued behind another has not started (its rows may be prepared, or
+  wait in a lock-step engine's batching window: the actor gives those back). When an actor is
+  idle and the queue is empty, such a unit is taken back from its actor and given to the idle
+  one: no unit waits in one actor's queue while another actor has nothing.
 - **Backup copy** (``batching.backup_copies``): when an actor is idle, the queue is empty and
   there is nothing to move, it runs a copy of a unit another actor is still running (the one
   handed out last: the most work left); the first complete result commits and the other copy
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .manifest import WorkUnit
+
+STARTING_DEPTH = 2  # units a live actor holds while others are still starting
 
 
 @dataclass
@@ -103,12 +110,13 @@ class HandOut:
         self.backups = backups
         self._next = 0  # where the turn among equally loaded actors starts
 
-    def slot_for_next(self, live: Sequence[bool], runs: Runs) -> int | None:
+    def slot_for_next(self, live: Sequence[bool], runs: Runs, starting: bool = False) -> int | None:
         """The live slot that takes the next unit: fewest units held, ties in turn; None if
-        every live slot holds ``depth``."""
+        every live slot holds ``depth`` (:data:`STARTING_DEPTH` while others are ``starting``)."""
         n = len(live)
+        depth = min(self.depth, STARTING_DEPTH) if starting else self.depth
         order = [(self._next + k) % n for k in range(n)]
-        free = [i for i in order if live[i] and runs.load(i) < self.depth]
+        free = [i for i in order if live[i] and runs.load(i) < depth]
         if not free:
             return None
         best = min(free, key=runs.load)  # min keeps the first of equals: the turn order
@@ -121,13 +129,14 @@ class HandOut:
 
     @staticmethod
     def to_move(runs: Runs, idle: int) -> object | None:
-        """A ref of a unit queued behind another on a busy slot (not started there), newest
-        first: it can go to the idle slot ``idle`` with nothing lost."""
+        """A ref of a unit on a busy slot not known to have started there, newest first: it can
+        go to the idle slot ``idle`` with nothing lost (its actor refuses if it has started).
+        The slot's first is a candidate too: an actor's calls can begin in any order."""
         for slot, refs in enumerate(runs.by_slot):
             if slot == idle:
                 continue
             live = [r for r in refs if not runs.by_ref[r].dropped]
-            for ref in reversed(live[1:]):  # the first is running
+            for ref in reversed(live):
                 run = runs.by_ref[ref]
                 if not run.started and not run.copy and len(runs.twins(run.unit.unit_id)) == 1:
                     return ref

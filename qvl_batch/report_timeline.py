@@ -196,8 +196,11 @@ def _html_table(header: list[str], rows: list[list[object]]) -> str:
 
 def _actor_table(lanes: dict[int, dict], runs: dict[int, list], span: float) -> str:
     scale, unit = time_axis(span)
+    actors = sorted(set(lanes) | set(runs))
+    # what each would have committed in an even split: a hoard shows as a gap to it
+    even = sum(r.get("outcome") == "committed" for rs in runs.values() for r in rs) / len(actors)
     rows = []
-    for actor in sorted(set(lanes) | set(runs)):
+    for actor in actors:
         lane, rs = lanes.get(actor), runs.get(actor, [])
         secs = {s: sum(lane[s]) if lane else 0.0 for s in STATES}
         counts = defaultdict(int)
@@ -212,6 +215,7 @@ def _actor_table(lanes: dict[int, dict], runs: dict[int, list], span: float) -> 
                 *(f"{secs[s] / span:.1%}" for s in STATES),
                 f"{max(0.0, 1 - sum(secs.values()) / span):.1%}",
                 counts["committed"],
+                f"{even:.1f}",
                 sum(1 for r in rs if r.get("copy")),
                 counts["discarded"],
                 counts["moved"],
@@ -220,7 +224,7 @@ def _actor_table(lanes: dict[int, dict], runs: dict[int, list], span: float) -> 
             ]
         )
     header = ["actor", "GPUs", "incarnation", "busy", "waiting", "idle", "not tracked"]
-    header += ["units committed", "copies run", "discarded", "moved", "failed"]
+    header += ["units committed", "even share", "copies run", "discarded", "moved", "failed"]
     header.append(f"last commit ({unit[:3]})")
     return _html_table(header, rows)
 
@@ -282,6 +286,9 @@ def timeline_section(metrics: dict | None, png) -> list[str]:
         table,
         f"<p class=note>Fractions are of the job's {span:,.1f} s (driver start to end); "
         "not tracked: time the actor's current process was not running (before it started: "
-        "Ray start-up, model load).</p>",
+        "Ray start-up, model load). Even share: the units committed over the actors; an actor "
+        f"far above it held units others could have run. Moves tried and refused (the unit's "
+        f"rows had started computing): {(metrics.get('summary') or {}).get('moves_refused', 0)}."
+        "</p>",
     ]
     return parts

@@ -55,6 +55,8 @@ def test_an_idle_actor_takes_a_queued_unit_first_then_copies_the_newest_running_
     assert HandOut.idle_slots([True, True], runs) == [1]
     assert HandOut.to_move(runs, idle=1) == "b"
     runs.by_ref["b"].started = True  # its actor said it has begun: not movable
+    assert HandOut.to_move(runs, idle=1) == "a", "its calls may have begun in either order"
+    runs.by_ref["a"].started = True
     assert HandOut.to_move(runs, idle=1) is None
     assert HandOut(2, backups=True).to_copy(runs, idle=1) == "b", "the most work left"
     assert HandOut(2, backups=False).to_copy(runs, idle=1) is None
@@ -235,3 +237,86 @@ def test_driver_killed_while_a_unit_and_its_copy_run_commits_it_once(
     ref_data, ref_errors = read_output(ref_out)
     assert comparable(data, DATA_KEYS) == comparable(ref_data, DATA_KEYS)
     assert not errors and not ref_errors
+
+
+def test_while_others_start_a_live_actor_holds_one_running_and_one_read_ahead():
+    runs, handout = Runs(2), HandOut(depth=3, backups=True)
+    for n in range(2):
+        assert handout.slot_for_next([True, False], runs, starting=True) == 0
+        runs.add(f"r{n}", _run(n, 0, n))
+    assert handout.slot_for_next([True, False], runs, starting=True) is None, "no hoard"
+    assert handout.slot_for_next([True, True], runs, starting=False) == 1
+    assert handout.slot_for_next([True, False], runs, starting=False) == 0, "all up: full window"
+
+
+def _split_and_ideal(out, units: int, unit_s: float) -> tuple[list[int], int, float, float]:
+    """(units committed by the first ready and the second actor, the first's ideal count, the
+    span from the first actor ready to the last commit, the ideal span given the gap between
+    their readiness): the ideal puts k units on the first, N - k on the second from the gap."""
+    metrics = json.loads((out / "_metrics.json").read_text())
+    first_live = next(t for t, n in metrics["actors_live"] if n >= 1)
+    gap = next(t for t, n in metrics["actors_live"] if n == 2) - first_live
+    committed = [r for r in metrics["unit_runs"] if r["outcome"] == "committed"]
+    first = min(committed, key=lambda r: r["start_s"])["actor"]
+    per = [sum(r["actor"] == a for r in committed) for a in (first, 1 - first)]
+    spans = {k: max(k * unit_s, gap + (units - k) * unit_s) for k in range(units + 1)}
+    k_best = min(spans, key=spans.get)
+    span = max(r["end_s"] for r in committed) - first_live
+    return per, k_best, span, spans[k_best]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("units", [4, 8])
+@pytest.mark.parametrize("gap_s", [0.1, 1.0, 5.0])
+def test_actors_ready_apart_split_the_units_near_the_ideal(tmp_path, ray_head, units, gap_s):
+    """The second actor is ready ``gap_s`` after the first (units_in_flight_per_actor 3): the
+    first does not hoard the job, the split is the ideal one within a unit, the pipeline within
+    10% of the ideal for that gap."""
+    data = tmp_path / "data"
+    make_dataset(str(data), SynthSpec(rows=units * UNIT_ROWS, shards=1, row_group_rows=UNIT_ROWS))
+    batch_s = 0.5  # a unit is 5 batches of 8: 2.5 s of engine time
+    out = tmp_path / "out"
+    fake = {"batch_latency_s": batch_s, "load_s_by_incarnation": [0.0, gap_s]}
+    job = _job(
+        tmp_path,
+        data,
+        out,
+        ray_head,
+        engine__fake=fake,
+        batching__units_in_flight_per_actor=3,
+        limits__max_error_fraction=1.0,
+    )
+    summary = run_job(load_config(job), progress_bar=False)
+    assert summary.exit_code == Exit.OK, summary.lines()
+    assert verify_output(str(out)).ok
+    per, k_best, span, ideal = _split_and_ideal(out, units, 5 * batch_s)
+    assert sum(per) == units and abs(per[0] - k_best) <= 1, (per, k_best, _runs_of(out))
+    assert span <= 1.1 * ideal, (span, ideal, per, _runs_of(out))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_read_ahead_unit_waiting_in_the_batching_window_moves_to_an_idle_actor(
+    tmp_path, ray_head
+):
+    """Two units; the first actor takes both (the second is still loading): the second unit's
+    rows are prepared and wait in the batching window behind the first's. When the second
+    actor comes up idle, that unit is moved to it (nothing had started), and every row is
+    batched once across both actors."""
+    data = tmp_path / "data"
+    spec = SynthSpec(rows=2 * UNIT_ROWS, shards=1, row_group_rows=UNIT_ROWS, corrupt_fraction=0)
+    make_dataset(str(data), spec)  # 40 good rows a unit: no batch holds rows of both
+    out = tmp_path / "out"
+    fake = {"batch_latency_s": 1.5, "load_s_by_incarnation": [0.0, 1.0]}  # a unit: 7.5 s
+    # backup copies off: the tail's copies would hide whether the unit moved
+    job = _job(tmp_path, data, out, ray_head, engine__fake=fake, batching__backup_copies=False)
+    summary = run_job(load_config(job), progress_bar=False)
+    assert summary.exit_code == Exit.OK, summary.lines()
+    metrics = json.loads((out / "_metrics.json").read_text())
+    why = (summary.lines(), metrics["actors_live"], _runs_of(out))
+    assert summary.units_moved == 1 and summary.backup_copies == 0, why
+    assert metrics["padding"]["rows"] == 2 * UNIT_ROWS, "a row batched twice (or never)"
+    committed = {r["actor"] for r in _runs_of(out) if r["outcome"] == "committed"}
+    assert committed == {0, 1}, _runs_of(out)
+    assert verify_output(str(out)).ok

@@ -142,6 +142,12 @@ class Engine(_EngineInfo, ABC):
     def flush(self) -> None:
         """No more requests until results come back: run what is held (lock-step engines)."""
 
+    def take_back(self, unit_id: str) -> int | None:
+        """Give back the rows of ``unit_id`` held but not started (their unit moves to another
+        actor): how many, or None if any has started (then nothing is given back). An
+        in-flight engine starts a row when it takes it, so by default nothing comes back."""
+        return None
+
     def warmup(self) -> None:
         """Pay one-time costs (kernels, workspaces) before ``start``, with throwaway requests."""
 

@@ -54,6 +54,7 @@ class BatchingAdapter(Engine):
         self._sink: ResultSink | None = None
         self._thread: threading.Thread | None = None
         self._run_s = 0.0  # seconds inside the engine's generate (the actor's engine_run_s)
+        self._running: set[str] = set()  # units with rows in the batch now running
 
     # ---- the seam -----------------------------------------------------------------------
     @property
@@ -79,6 +80,12 @@ class BatchingAdapter(Engine):
         with self._cond:
             self._flush = True
             self._cond.notify_all()
+
+    def take_back(self, unit_id: str) -> int | None:
+        with self._cond:
+            if unit_id in self._running:
+                return None
+            return len(self._bucketer.remove(lambda r: r.key[0] == unit_id))
 
     def warmup(self) -> None:
         self.inner.warmup(self._batch_size)
@@ -118,6 +125,7 @@ class BatchingAdapter(Engine):
                 if batch:
                     if capped == 0 and self._bucketer.stats.token_capped:
                         self._warn_token_capped(batch)
+                    self._running = {r.key[0] for r in batch}
                     return batch
                 due = self._bucketer.seconds_until_due()
                 self._cond.wait(0.5 if due is None else min(0.5, max(due, 0.001)))
@@ -142,7 +150,10 @@ class BatchingAdapter(Engine):
         assert self._sink is not None
         try:
             while (batch := self._next_batch()) is not None:
-                for result in self._generate_isolating(batch):
+                results = self._generate_isolating(batch)
+                with self._cond:
+                    self._running = set()
+                for result in results:
                     self._sink.put(result)
         except BaseException as exc:  # a bug: the actor dies and is replaced
             log.exception("batching thread died")

@@ -101,8 +101,10 @@ class _Faults:
 
     def __init__(self, cfg: Config, incarnation: int):
         self.fake = cfg.engine.fake
-        if self.fake.load_s > 0:  # every fake engine builds one: its "model load"
-            time.sleep(self.fake.load_s)
+        loads = self.fake.load_s_by_incarnation
+        load = loads[incarnation] if incarnation < len(loads) else self.fake.load_s
+        if load > 0:  # every fake engine builds one: its "model load"
+            time.sleep(load)
         self.incarnation = incarnation
         self.fail_ids = set(self.fake.fail_ids)
         self.raise_ids = set(self.fake.raise_ids)
