@@ -130,7 +130,8 @@ def seen(monkeypatch):
 
 
 def test_engine_answers_equal_stock_and_the_switch_goes_both_ways(tiny_model, seen):
-    engine = make_batch_engine(small_engine_config(tiny_model))  # auto
+    # (auto is stock with the eager decode: test_hf_decode checks that)
+    engine = make_batch_engine(small_engine_config(tiny_model, decode_attention="grouped"))
     try:
         assert engine.decode_attention == "grouped" and hf_gqa.is_grouped(engine.model)
         assert engine.modes()["decode_attention"] == "grouped"

@@ -101,7 +101,7 @@ def test_device_and_processor_generate_the_same_text(engines):
 def test_stage_times_count_each_batch(engines):
     device, _ = engines
     device.reset_stage_times()
-    stages = ("inputs", "generate", "outputs", "vision", "prefill", "decode")
+    stages = ("inputs", "generate", "outputs", "vision", "prefill", "decode", "compile")
     assert device.stage_times() == dict.fromkeys(stages, 0.0)
     device.generate(_batch()[:2])
     times = device.stage_times()

@@ -156,17 +156,19 @@ def test_a_row_that_hangs_every_engine_ends_as_an_engine_stall_row(tmp_path, dat
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_healthy_engine_slower_than_stall_s_per_batch_is_not_killed(tmp_path, dataset, ray_head):
-    # Each batch decodes its longest answer (3-16 tokens) at 0.25 s a step: 4 s for most
-    # batches, over 2.5x stall_s, with a sign of life every decode step. Few, full batches.
-    fake = {"token_latency_s": 0.25}
+    # Each batch decodes its longest answer (3-16 tokens) at 0.2 s a step: 3.2 s for most
+    # batches, over 2x stall_s, with a sign of life every decode step. Three units of 80 rows,
+    # all in flight, run as a few full batches.
+    fake = {"token_latency_s": 0.2}
     job = _job(
         tmp_path,
         dataset,
         ray_head,
         fake,
         stall_s=1.5,
-        batching__max_batch_size=48,
-        batching__unit_rows=240,
+        batching__max_batch_size=80,
+        batching__unit_rows=80,
+        batching__units_in_flight_per_actor=3,
     )
     summary = run_job(load_config(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
