@@ -279,7 +279,7 @@ class Dispatcher:
                 slot.actor = self.pool.replace(slot.index)
                 slot.generation += 1
                 problem = self._restarted("engine stalled" if stalled else outcome.error)
-            crash, stalled = slot.crashes[run.generation]
+            crash, stalled = slot.crashes.get(run.generation, (None, False))
             if crash is not None:  # rows that were inside: isolated from now on
                 self.isolation.learn(run.unit.unit_id, crash, stalled)
             self._ended(run, "discarded" if run.dropped else "failed")

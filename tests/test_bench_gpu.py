@@ -12,6 +12,9 @@ from qvl_batch.cli import build_parser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
+# The hf engine's stage clocks (seconds per batch in each)
+HF_STAGES = {"inputs", "generate", "outputs", "vision", "prefill", "decode", "compile"}
+
 
 def _tiny_gpu_args(tmp_path, ray_head: str, argv: list[str]) -> argparse.Namespace:
     """``qvl-batch bench gpu`` on the session's Ray (no start-up per run) and the tiny model in
@@ -57,15 +60,7 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
         assert run["rows"] == 16 and run["errors"] == 0
         assert run["images_per_s"] > 0 and run["output_tokens_per_s"] > 0
         stages = run["engine_s_per_batch"]
-        assert set(stages) == {
-            "inputs",
-            "generate",
-            "outputs",
-            "vision",
-            "prefill",
-            "decode",
-            "compile",
-        }
+        assert set(stages) == HF_STAGES
         # Stage clocks are per timed batch (the warm-up is not in them): they fit in the run.
         whole = sum(stages[k] for k in ("inputs", "generate", "outputs"))
         assert 0 < whole * -(-16 // run["batch_size"]) <= run["seconds"]
@@ -84,16 +79,7 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
     assert runner["ratio_steady_vs_bare"] > 0
     assert set(runner["stage_fractions"]) == {"read", "prepare", "engine", "engine_idle"}
     per_batch = runner["engine_s_per_batch"]  # the batching adapter's clock, then the engine's
-    assert set(per_batch) == {
-        "run",
-        "inputs",
-        "generate",
-        "outputs",
-        "vision",
-        "prefill",
-        "decode",
-        "compile",
-    }
+    assert set(per_batch) == {"run", *HF_STAGES}
     assert per_batch["run"] >= per_batch["generate"] > 0
     assert "gpu" not in runner  # sampled only where CUDA is present
 

@@ -33,6 +33,24 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def loaded_with_requests(cfg: Config, rows: list[dict]) -> tuple:
+    """(the engine built from ``cfg``, ``rows`` as its requests, load seconds, prepare seconds):
+    what every bare section starts with."""
+    from ..engines.build import make_batch_engine
+
+    t0 = time.perf_counter()
+    engine = make_batch_engine(cfg)
+    load_s = time.perf_counter() - t0
+    print(f"bare: engine loaded in {load_s:.1f}s", flush=True)
+    try:
+        t0 = time.perf_counter()
+        requests = prepared_requests(engine, cfg, rows)
+    except BaseException:
+        engine.close()
+        raise
+    return engine, requests, load_s, time.perf_counter() - t0
+
+
 def prepared_requests(engine, cfg: Config, rows: list[dict]) -> list:
     """Rows prepared as the actor prepares them (``UnitWorker._prepare``), as engine Requests."""
     from ..engines.base import Request
@@ -229,16 +247,8 @@ def bench_bare(
     """The engine alone in the calling process: load once, then per ``engine.hf.preprocess``
     mode, variant and batch size a timed pass (after a warm-up batch where that shape has not
     run yet). ``best_batch_size``: the first mode's and variant's."""
-    from ..engines.build import make_batch_engine
-
-    t0 = time.perf_counter()
-    engine = make_batch_engine(cfg)
-    load_s = time.perf_counter() - t0
-    print(f"bare: engine loaded in {load_s:.1f}s", flush=True)
+    engine, requests, load_s, prepare_s = loaded_with_requests(cfg, rows)
     try:
-        t0 = time.perf_counter()
-        requests = prepared_requests(engine, cfg, rows)
-        prepare_s = time.perf_counter() - t0
         runs = []
         deviation = None
         if engine.name == "hf" and {"stock", "dense"} <= {v.vision for v in variants}:

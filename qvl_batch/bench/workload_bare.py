@@ -16,7 +16,7 @@ from ..bucketing import Bucketer
 from ..config import Config
 from ..images import smart_resize, vision_tokens
 from ..tooling.gpu_sampler import GpuSampler
-from .engine import Variant, _free, _print_run, _sync, prepared_requests
+from .engine import Variant, _free, _print_run, _sync, loaded_with_requests
 
 PROMPT_ROOM = 128  # tokens a row's prompt may take in the budget (chat template included)
 
@@ -123,17 +123,9 @@ def bench_bare_workload(
 ) -> dict:
     """The engine alone (one load) on ``rows``: per variant and batch size B (``cfgs[B]``, the
     runner's config at B), the runner's batches of the prepared rows after the actor's warm-up."""
-    from ..engines.build import make_batch_engine
-
     first = cfgs[max(cfgs)]  # max_batch_size: the compiled decode's rungs cover every B
-    t0 = time.perf_counter()
-    engine = make_batch_engine(first)
-    load_s = time.perf_counter() - t0
-    print(f"bare: engine loaded in {load_s:.1f}s", flush=True)
+    engine, requests, load_s, prepare_s = loaded_with_requests(first, rows)
     try:
-        t0 = time.perf_counter()
-        requests = prepared_requests(engine, first, rows)
-        prepare_s = time.perf_counter() - t0
         runs = []
         warmed = set()  # (B, variant but its answer lengths): the warm-up runs the longest
         for variant in variants:
