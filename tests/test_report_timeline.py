@@ -177,6 +177,8 @@ def test_actor_timeline_table_and_whole_job_rate(out):
         for column, outcome in [("units committed", "committed"), ("moved", "moved")]:
             assert row[column] == str(sum(r["outcome"] == outcome for r in mine))
         assert row["copies run"] == str(sum(r["copy"] for r in mine))
+        committed = sum(r["outcome"] == "committed" for r in UNIT_RUNS)
+        assert row["even share"] == f"{committed / len(ACTORS):.1f}"  # a hoard stands out
     # The fixture's shape, so the checks above mean what they say: actor 1 idles half the job.
     assert rows["1"]["idle"] == f"{(HALF - 0.4) / ELAPSED:.1%}" == "38.0%"
     assert rows["0"]["idle"] == "0.0%" and rows["0"]["units committed"] == "2"
