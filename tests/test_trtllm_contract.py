@@ -838,14 +838,30 @@ def good_rows(data_dir: Path, n: int, offset: int) -> list[dict]:
     return rows[offset : offset + n]
 
 
-def trtllm_job(tmp_path: Path, dataset: Path, model_dir: Path, behaviour: dict, **trt):
+def trtllm_job(
+    tmp_path: Path,
+    dataset: Path,
+    model_dir: Path,
+    behaviour: dict,
+    actors: int = 2,
+    job_extra: dict | None = None,
+    **trt,
+):
     """Run a job with the trtllm engine on the stand-in; returns (process, output, stats)."""
     out, stats = tmp_path / "out", tmp_path / "stub-stats"
     stats.mkdir()
     trt = {"max_batch_size": 4, "max_inflight_requests": 8, **trt}
     engine = {"name": "trtllm", "model": str(model_dir), "warmup": False, "trtllm": trt}
-    cluster = {"num_actors": 2, "address": None, "local_num_cpus": 2}
-    job = write_job(tmp_path / "job.yaml", dataset, out, None, engine=engine, cluster=cluster)
+    cluster = {"num_actors": actors, "address": None, "local_num_cpus": 2}
+    job = write_job(
+        tmp_path / "job.yaml",
+        dataset,
+        out,
+        None,
+        engine=engine,
+        cluster=cluster,
+        **(job_extra or {}),
+    )
     behaviour = {"step_s": 0.003, "stats_dir": str(stats), **behaviour}
     env = {"TRTLLM_STUB": json.dumps(behaviour)}
     proc = run_cli_job(tmp_path, job, [STUB_DIR], timeout=240, env_extra=env)
@@ -911,6 +927,30 @@ def test_a_request_that_never_completes_ends_as_a_timeout_row(stub, tmp_path, da
     _, errors = check_stub_output(stub, model_dir, dataset, out, {hung["id"]: "ENGINE_TIMEOUT"})
     (row,) = [r for r in errors if r["id"] == hung["id"]]
     assert "2 tries" in row["error_message"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_request_that_hangs_every_executor_ends_as_a_stall_row_in_a_one_actor_job(
+    stub, tmp_path, dataset, model_dir
+):
+    """The stand-in never answers one image (its request_timeout_s is 600 s): with one actor,
+    the watchdog (limits.stall_s 2) declares the engine dead once only that request is left
+    inside, the row stalls again alone, and the job completes exactly once."""
+    (hung,) = good_rows(dataset, 1, offset=7)
+    sha = hashlib.sha256(prepared_image(hung["image"]).tobytes()).hexdigest()
+    t0 = time.monotonic()
+    proc, out, _ = trtllm_job(
+        tmp_path, dataset, model_dir, {"hang": [sha]}, actors=1, job_extra={"limits__stall_s": 2}
+    )
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_stub_output(stub, model_dir, dataset, out, {hung["id"]: "ENGINE_STALL"})
+    metrics = json.loads((out / "_metrics.json").read_text())["summary"]
+    # rows keep flowing past the hung one, so it is alone inside when the watchdog fires: two
+    # stalls alone condemn it (three if other rows were still inside at the first)
+    assert 2 <= metrics["engine_stalls"] == metrics["actor_restarts"] <= 3, metrics
+    assert took < 200, took  # three stalls and actor starts, not 600 s timeouts
 
 
 @pytest.mark.slow
