@@ -13,7 +13,7 @@ from qvl_batch.cli import build_parser
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 # The hf engine's stage clocks (seconds per batch in each)
-HF_STAGES = {"inputs", "generate", "outputs", "vision", "prefill", "decode", "compile"}
+HF_STAGES = {"inputs", "ahead", "generate", "outputs", "vision", "prefill", "decode", "compile"}
 
 
 def _tiny_gpu_args(tmp_path, ray_head: str, argv: list[str]) -> argparse.Namespace:

@@ -156,6 +156,25 @@ def test_batch_equals_row_by_row_generation(engine, direct):
     assert {r.finish_reason for r in results} == {"stop", "length"}
 
 
+def test_inputs_prepared_ahead_give_the_same_answers_and_their_own_clock(engine):
+    """The batching adapter's path: ``prepare`` (host inputs) on one call, ``generate`` later;
+    the seconds go to the ``ahead`` clock, not to ``inputs`` on the model's path."""
+    image, other = _image(112, 84, seed=1), _image(84, 140, seed=2)
+    requests = [
+        _request(i, img, prompt)
+        for i, (img, (prompt, _)) in enumerate(zip([image, other, other], PROMPTS))
+    ]
+    inline = {r.key: (r.text, r.output_tokens) for r in engine.generate(requests)}
+    engine.reset_stage_times()
+    prepared = engine.prepare(requests)
+    assert prepared.requests == requests and prepared.refused == [] and prepared.seconds > 0
+    ahead = {r.key: (r.text, r.output_tokens) for r in engine.generate(requests, prepared)}
+    assert ahead == inline
+    stages = engine.stage_times()
+    assert stages["ahead"] == pytest.approx(prepared.seconds)
+    assert 0 < stages["inputs"] < stages["generate"]  # the device side only, timed apart
+
+
 def test_job_sampling_replaces_the_checkpoint_defaults(engine, tiny_model):
     import json
     from pathlib import Path
@@ -200,6 +219,7 @@ def test_prompt_over_the_model_limit_is_a_row_error(engine, direct, monkeypatch)
     base = engine.count_text_tokens(short.prompt, None) + short.vision_tokens
     monkeypatch.setattr(engine, "max_positions", base + 3)  # room for 3 new tokens
     long = _request(1, image, "Describe this image. " * 20)
+    assert [r.key for r in engine.prepare([short, long]).refused] == [long.key]
     results = {r.key: r for r in engine.generate([short, long])}
     assert results[long.key].error_code == "ENGINE_ERROR"
     assert "tokens" in results[long.key].error_message
@@ -460,7 +480,9 @@ def test_moderation_preset_with_the_tiny_model(tmp_path, tiny_model, ray_head):
 def test_warmup_runs_one_throwaway_batch(engine, monkeypatch):
     seen = []
     real = engine._generate
-    monkeypatch.setattr(engine, "_generate", lambda batch: seen.append(batch) or real(batch))
+    monkeypatch.setattr(
+        engine, "_generate", lambda batch, *rest: seen.append(batch) or real(batch, *rest)
+    )
     engine.warmup(3)
     assert [len(b) for b in seen] == [3]
     assert {r.image.size for r in seen[0]} == {(448, 448)} and seen[0][0].vision_tokens == 256

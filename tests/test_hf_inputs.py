@@ -101,11 +101,12 @@ def test_device_and_processor_generate_the_same_text(engines):
 def test_stage_times_count_each_batch(engines):
     device, _ = engines
     device.reset_stage_times()
-    stages = ("inputs", "generate", "outputs", "vision", "prefill", "decode", "compile")
+    stages = ("inputs", "ahead", "generate", "outputs", "vision", "prefill", "decode", "compile")
     assert device.stage_times() == dict.fromkeys(stages, 0.0)
     device.generate(_batch()[:2])
     times = device.stage_times()
     assert times["inputs"] > 0 and times["generate"] > times["outputs"] > 0
+    assert times["ahead"] == 0  # prepared inline: on the model's path
     # inside generate: the vision tower within the prefill, then the decode
     assert 0 < times["vision"] < times["prefill"] < times["generate"] and times["decode"] > 0
 

@@ -3,6 +3,7 @@ the flight recorder's bookkeeping, and an actor keeping an in-flight engine full
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 import time
@@ -13,7 +14,7 @@ from PIL import Image
 from qvl_batch.actor import UnitWorker
 from qvl_batch.cluster import FlightRecorder
 from qvl_batch.config import ConfigError, FakeEngineConfig, load_config, parse_lengths
-from qvl_batch.engines.base import Request
+from qvl_batch.engines.base import BatchEngine, Request, Result
 from qvl_batch.engines.batching import BatchingAdapter
 from qvl_batch.engines.build import make_engine
 from qvl_batch.engines.fake import FakeEngine, InflightSimulator
@@ -163,6 +164,86 @@ def test_batching_adapter_says_once_when_the_token_budget_cuts_batches(tmp_path,
     assert adapter.padding()["token_capped_batches"] == 2, "the last ran on a flush"
     assert caplog.text.count("batching.max_tokens_per_batch=200 ended a batch at 2 rows") == 1
     assert "up to 98 here" in caplog.text
+    adapter.close()
+
+
+class Paced(BatchEngine):
+    """Batches of 0.3 s that note when each batch was prepared, started and ended."""
+
+    def __init__(self, fail_prepare: str = "") -> None:
+        self.events: list[tuple[str, str]] = []
+        self.given: dict[str, object] = {}
+        self.fail_prepare = fail_prepare
+
+    def prepare(self, requests):
+        first = requests[0].row_id
+        self.events.append(("prepare", first))
+        if first == self.fail_prepare:
+            raise ValueError("cannot prepare")
+        return ("host", first)
+
+    def generate(self, requests, prepared=None):
+        first = requests[0].row_id
+        self.given[first] = prepared
+        self.events.append(("start", first))
+        time.sleep(0.3)
+        self.events.append(("end", first))
+        return [Result(r.key, text=r.row_id, output_tokens=1) for r in requests]
+
+
+def test_batching_adapter_prepares_the_next_batch_while_one_runs(tmp_path, dataset):
+    cfg = load_config(
+        write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None),
+        ["batching.max_batch_size=4", "batching.window_batches=4"],
+    )
+    engine = Paced(fail_prepare="r8")
+    adapter = BatchingAdapter(engine, cfg)
+    sink = Sink()
+    adapter.start(sink)
+    adapter.submit(requests(16))
+    assert {r.text for r in sink.wait(16)} == {f"r{i}" for i in range(16)}
+    ev = engine.events
+    firsts = ["r0", "r4", "r8", "r12"]
+    assert [first for kind, first in ev if kind == "start"] == firsts
+    for before, after in itertools.pairwise(firsts):
+        # the next batch's host work happened while this one ran, not after it
+        assert (
+            ev.index(("start", before)) < ev.index(("prepare", after)) < ev.index(("end", before))
+        )
+    assert [kind for kind, _ in ev].count("prepare") == 4  # each batch once, one ahead at most
+    assert engine.given == {
+        "r0": ("host", "r0"),
+        "r4": ("host", "r4"),
+        "r8": None,
+        "r12": ("host", "r12"),
+    }  # a failed prepare: generate does it
+    assert sink.failed is None
+    adapter.close()
+
+
+def test_batching_adapter_gives_back_no_unit_of_the_batch_prepared_next(tmp_path, dataset):
+    cfg = load_config(
+        write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None),
+        ["batching.max_batch_size=2", "batching.window_batches=4", "batching.max_wait_s=30"],
+    )
+    adapter = BatchingAdapter(Paced(), cfg)
+    sink = Sink()
+    adapter.start(sink)
+    img = requests(1)[0].image
+    rows = [
+        Request((unit, i), f"{unit}{i}", "D", None, img, "x", 4, 30)
+        for unit in ("a", "b", "c")
+        for i in range(2)
+    ]
+    adapter.submit(rows)
+    deadline = time.monotonic() + 5
+    while [k for k, _ in adapter.inner.events].count("prepare") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert adapter.take_back("a") is None  # running
+    assert adapter.take_back("b") is None  # prepared next: its rows left the buckets
+    assert adapter.take_back("c") == 2  # still waiting: comes back
+    assert {r.text for r in sink.wait(4)} == {"a0", "a1", "b0", "b1"}
     adapter.close()
 
 

@@ -167,9 +167,16 @@ class BatchEngine(_EngineInfo, ABC):
 
     alive: Callable[[], None] = staticmethod(_no_watchdog)
 
+    def prepare(self, requests: list[Request]) -> Any:
+        """The host work of a batch that needs no model (chat template, tokens, pixels), which
+        the batching adapter does while the previous batch runs; ``generate`` takes it back.
+        None: nothing to do ahead."""
+        return None
+
     @abstractmethod
-    def generate(self, requests: list[Request]) -> list[Result]:
-        """Run one batch; return one Result per request (any order, keys echoed)."""
+    def generate(self, requests: list[Request], prepared: Any = None) -> list[Result]:
+        """Run one batch; return one Result per request (any order, keys echoed).
+        ``prepared``: what ``prepare(requests)`` returned, or None (then it is done here)."""
 
     def warmup(self, batch_size: int) -> None:
         """Run a throwaway batch of ``batch_size`` rows (one-time costs paid up front)."""

@@ -7,6 +7,9 @@ a part-batch once nothing more can come before it: the actor said so (``flush``:
 flight is prepared and handed over) or the adapter holds its whole window. Bucketing pays here,
 in padded engines; in-flight engines take the stream as it is.
 
+The next batch is formed and its host work done (``BatchEngine.prepare``: template, tokens,
+pixels) by a second thread while the current one runs, so the model waits for neither.
+
 A batch that raises is split in halves to isolate the failing rows; a row is tried at most
 log2(batch size) + ``SINGLE_ROW_TRIES`` times, and one that fails on its own that often becomes
 an ENGINE_ERROR row, so a poison row never blocks its batch and a transient fault never condemns
@@ -18,6 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
+from typing import Any
 
 from ..bucketing import Bucketer
 from ..config import Config
@@ -52,9 +57,11 @@ class BatchingAdapter(Engine):
         self._flush = False
         self._closed = False
         self._sink: ResultSink | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._run_s = 0.0  # seconds inside the engine's generate (the actor's engine_run_s)
-        self._running: set[str] = set()  # units with rows in the batch now running
+        self._out: Counter[str] = Counter()  # rows per unit taken into a batch, not yet done
+        self._ready: tuple[list[Request], Any] | None = None  # the next batch, prepared
+        self._forming = True  # the prepare thread may still hand a batch over
 
     # ---- the seam -----------------------------------------------------------------------
     @property
@@ -64,8 +71,12 @@ class BatchingAdapter(Engine):
     def start(self, sink: ResultSink) -> None:
         self._sink = sink
         self.inner.alive = sink.alive
-        self._thread = threading.Thread(target=self._run, name="batching", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._prepare_loop, name="batching-prepare", daemon=True),
+            threading.Thread(target=self._run, name="batching", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, requests: list[Request]) -> None:
         with self._cond:
@@ -83,7 +94,7 @@ class BatchingAdapter(Engine):
 
     def take_back(self, unit_id: str) -> int | None:
         with self._cond:
-            if unit_id in self._running:
+            if self._out[unit_id]:  # in the batch running or the one prepared next
                 return None
             return len(self._bucketer.remove(lambda r: r.key[0] == unit_id))
 
@@ -111,21 +122,23 @@ class BatchingAdapter(Engine):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
         self.inner.close()
 
-    # ---- the batch thread ---------------------------------------------------------------
+    # ---- the prepare thread: forms the next batch while one runs -----------------------------
     def _next_batch(self) -> list[Request] | None:
         with self._cond:
             while not self._closed:
-                force = self._flush or self._bucketer.pending >= self._window
+                # The whole window held (rows waiting + rows in batches): nothing more can come.
+                held = self._bucketer.pending + sum(self._out.values())
+                force = self._flush or held >= self._window
                 capped = self._bucketer.stats.token_capped
                 batch = self._bucketer.next_batch(force=force)
                 if batch:
                     if capped == 0 and self._bucketer.stats.token_capped:
                         self._warn_token_capped(batch)
-                    self._running = {r.key[0] for r in batch}
+                    self._out.update(r.key[0] for r in batch)
                     return batch
                 due = self._bucketer.seconds_until_due()
                 self._cond.wait(0.5 if due is None else min(0.5, max(due, 0.001)))
@@ -146,28 +159,66 @@ class BatchingAdapter(Engine):
             per_row,
         )
 
-    def _run(self) -> None:
+    def _prepare_loop(self) -> None:
         assert self._sink is not None
         try:
             while (batch := self._next_batch()) is not None:
-                results = self._generate_isolating(batch)
+                try:
+                    prepared = self.inner.prepare(batch)
+                except Exception:  # generate does it again, isolating the row that fails
+                    log.warning("preparing a batch of %d rows failed", len(batch), exc_info=True)
+                    prepared = None
                 with self._cond:
-                    self._running = set()
+                    self._ready = (batch, prepared)
+                    self._cond.notify_all()
+                    # One batch ahead at most: the next is formed once this one runs.
+                    while self._ready is not None and not self._closed:
+                        self._cond.wait()
+        except BaseException as exc:  # a bug: the actor dies and is replaced
+            log.exception("batching prepare thread died")
+            self._sink.fail(exc)
+        finally:
+            with self._cond:
+                self._forming = False
+                self._cond.notify_all()
+
+    # ---- the batch thread: runs prepared batches on the engine ------------------------------
+    def _take_ready(self) -> tuple[list[Request], Any] | None:
+        with self._cond:
+            while self._ready is None and self._forming and not self._closed:
+                self._cond.wait(0.5)
+            ready, self._ready = self._ready, None
+            self._cond.notify_all()
+            return None if self._closed else ready
+
+    def _run(self) -> None:
+        assert self._sink is not None
+        try:
+            while (ready := self._take_ready()) is not None:
+                batch, prepared = ready
+                results = self._generate_isolating(batch, prepared=prepared)
+                with self._cond:
+                    self._out.subtract(r.key[0] for r in batch)
+                    self._out += Counter()  # drops the units at zero
+                    self._cond.notify_all()
                 for result in results:
                     self._sink.put(result)
         except BaseException as exc:  # a bug: the actor dies and is replaced
             log.exception("batching thread died")
             self._sink.fail(exc)
 
-    def _generate_isolating(self, batch: list[Request], alone_tries: int = 0) -> list[Result]:
-        """Run a batch; if the engine raises, split it to isolate the failing rows."""
+    def _generate_isolating(
+        self, batch: list[Request], alone_tries: int = 0, prepared: Any = None
+    ) -> list[Result]:
+        """Run a batch; if the engine raises, split it to isolate the failing rows (the halves
+        are prepared again)."""
         assert self._sink is not None
         # Rows still inside from a failed larger batch stay on record with these (a crash now
         # blames the whole batch, as a crash in the first call would have).
         self._sink.entering([r.key for r in batch])
         t0 = time.perf_counter()
         try:
-            results = self.inner.generate(batch)
+            results = self.inner.generate(batch, prepared)
         except Exception as exc:
             self._run_s += time.perf_counter() - t0
             if len(batch) == 1:

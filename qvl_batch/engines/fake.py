@@ -193,7 +193,7 @@ class FakeEngine(BatchEngine):
     def rows_seen(self) -> int:
         return self.faults.rows_seen
 
-    def generate(self, requests: list[Request]) -> list[Result]:
+    def generate(self, requests: list[Request], prepared: Any = None) -> list[Result]:
         f = self.fake
         self.faults.rows_seen += len(requests)
         self.faults.crash_check(requests)
@@ -379,7 +379,7 @@ class FakeInflightBatchEngine(_Simulated, BatchEngine):
             self._finished[req.key] = req
             self._cond.notify_all()
 
-    def generate(self, requests: list[Request]) -> list[Result]:
+    def generate(self, requests: list[Request], prepared: Any = None) -> list[Result]:
         for r in requests:
             self.sim.add(r, _length(self.cfg, r), r.text_tokens + r.vision_tokens)
         keys = {r.key for r in requests}

@@ -40,7 +40,8 @@ unfinished (finish_reason "length"). xgrammar does not enforce ``uniqueItems`` (
 parser catches such rows. Without xgrammar, ``auto`` warns once and generates freely
 (``engine.guided`` False), ``required`` refuses to build the engine.
 
-Stage clocks: ``stage_times()`` holds ``inputs``, ``generate``, ``outputs`` and, inside generate,
+Stage clocks: ``stage_times()`` holds ``inputs`` (on the model's path), ``ahead`` (host inputs
+prepared while the previous batch ran), ``generate``, ``outputs`` and, inside generate,
 ``vision`` (the vision tower's forward), ``prefill`` (the first forward, vision included, up to
 the first token's logits) and ``decode`` (the rest); ``last_stages()`` the last batch's figures.
 See :class:`StageClock` (CUDA events, no host sync in the decode loop).
@@ -78,6 +79,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,7 @@ from .hf_decode import (
     default_cap,
     static_cache_len,
 )
-from .hf_inputs import ImageInputs, expand_placeholders
+from .hf_inputs import HostImages, ImageInputs, expand_placeholders
 from .hf_vision import vision_tower
 from .lengths import answer_length
 
@@ -423,6 +425,16 @@ class RowLengths(transformers.StoppingCriteria):
         return self.ends <= input_ids.shape[1]
 
 
+@dataclass
+class HostBatch:
+    """``HFEngine.prepare``'s work: the rows that fit, the rows refused, their host inputs."""
+
+    requests: list[Request]
+    refused: list[Result]
+    host: Any
+    seconds: float
+
+
 class HFEngine(BatchEngine):
     """Qwen2.5-VL through ``transformers``; one ``generate`` call per batch."""
 
@@ -531,6 +543,9 @@ class HFEngine(BatchEngine):
             self._counter.no_padding()
             self._counter.no_truncation()
         self._count_lock = threading.Lock()
+        # The processor's tokenizer sets its padding per call: one call at a time (the batching
+        # adapter prepares a batch while the last one's answers are decoded).
+        self._tokenizer_lock = threading.Lock()
         self._overhead: dict[str | None, int] = {}
         self._split_ok = self._check_split_counting()
         # The model's vocabulary (the logits' width), which Qwen pads past the tokenizer's.
@@ -544,8 +559,8 @@ class HFEngine(BatchEngine):
         self._device_inputs: ImageInputs | None = None  # built on first use (a probe call)
         self._image_inputs: ImageInputs | None = None
         self.use_preprocess(ecfg.hf.preprocess)
-        stages = ("inputs", "generate", "outputs", "vision", "prefill", "decode", "compile")
-        self._times = dict.fromkeys(stages, 0.0)
+        stages = ("inputs", "ahead", "generate", "outputs", "vision", "prefill", "decode")
+        self._times = dict.fromkeys((*stages, "compile"), 0.0)
         self._last: dict[str, float] = {}
         self._clock = StageClock(self.device)
         try:
@@ -734,7 +749,8 @@ class HFEngine(BatchEngine):
     def _encode_len(self, text: str, specials: bool = False) -> int:
         if self._counter is not None:
             return len(self._counter.encode(text, add_special_tokens=specials).ids)
-        return len(self.tokenizer(text, add_special_tokens=specials)["input_ids"])
+        with self._tokenizer_lock:
+            return len(self.tokenizer(text, add_special_tokens=specials)["input_ids"])
 
     def _full_count(self, prompt: str, system: str | None) -> int:
         """Tokens of the templated text as the processor tokenizes it, minus the image pad."""
@@ -760,19 +776,29 @@ class HFEngine(BatchEngine):
 
     # ------------------------------------------------------------------------------ generate
 
-    def generate(self, requests: list[Request]) -> list[Result]:
-        results: list[Result] = []
+    def prepare(self, requests: list[Request]) -> HostBatch:
+        """The rows that fit the model and their inputs on the host (template, tokens, pixels
+        stacked and pinned); the rows too long for it end here as errors."""
+        t0 = time.perf_counter()
+        refused: list[Result] = []
         batch: list[Request] = []
         for req in requests:
             width, height = req.image.size
             need = self.count_text_tokens(req.prompt, req.system) + (height // 28) * (width // 28)
             if need >= self.max_positions:
                 msg = f"prompt is {need} tokens; the model takes at most {self.max_positions}"
-                results.append(Result(req.key, error_code=RowError.ENGINE_ERROR, error_message=msg))
+                refused.append(Result(req.key, error_code=RowError.ENGINE_ERROR, error_message=msg))
             else:
                 batch.append(req)
-        if batch:
-            results.extend(self._generate(batch))
+        host = self.host_inputs(batch) if batch else None
+        return HostBatch(batch, refused, host, time.perf_counter() - t0)
+
+    def generate(self, requests: list[Request], prepared: HostBatch | None = None) -> list[Result]:
+        ahead = prepared is not None  # done while the previous batch ran: off the model's path
+        p = prepared if prepared is not None else self.prepare(requests)
+        results = list(p.refused)
+        if p.requests:
+            results.extend(self._generate(p.requests, p.host, p.seconds, ahead))
         return results
 
     def warmup(self, batch_size: int) -> None:
@@ -806,17 +832,23 @@ class HFEngine(BatchEngine):
     def model_inputs(self, batch: list[Request]) -> Any:
         """What ``generate`` takes for ``batch``: token ids and mask (left-padded), pixel
         values and grids, on the engine's device."""
+        return self.device_inputs(self.host_inputs(batch))
+
+    def host_inputs(self, batch: list[Request]) -> tuple[Any, HostImages | None]:
+        """The CPU part of ``model_inputs``: tokens (and, with the processor's own image path,
+        the pixels), and the images stacked for the device."""
         texts = [self.render(r.prompt, r.system) for r in batch]
         images = [r.image for r in batch]
         if self._image_inputs is not None:
-            pixels, grid = self._image_inputs(images)
+            host = self._image_inputs.host_side(images)
             token = self.processor.image_token
             texts = expand_placeholders(texts, images, token, self._image_inputs)
-            inputs = self.tokenizer(texts, padding=True, return_tensors="pt")
+            with self._tokenizer_lock:
+                inputs = self.tokenizer(texts, padding=True, return_tensors="pt")
             if self._mm_type_ids:  # transformers 5: which tokens are an image's
                 inputs["mm_token_type_ids"] = self._modality_ids(inputs["input_ids"])
-            inputs["pixel_values"], inputs["image_grid_thw"] = pixels, grid  # grids from sizes
-        else:
+            return inputs, host
+        with self._tokenizer_lock:
             inputs = self.processor(
                 text=texts,
                 images=images,
@@ -824,10 +856,18 @@ class HFEngine(BatchEngine):
                 return_tensors="pt",
                 do_resize=False,  # the runner resized to the grid already
             )
-            for image, thw in zip(images, inputs["image_grid_thw"].tolist()):
-                width, height = image.size
-                if thw != [1, height // PATCH, width // PATCH]:
-                    raise ValueError(f"processor grid {thw} for a {width}x{height} image: resized?")
+        for image, thw in zip(images, inputs["image_grid_thw"].tolist()):
+            width, height = image.size
+            if thw != [1, height // PATCH, width // PATCH]:
+                raise ValueError(f"processor grid {thw} for a {width}x{height} image: resized?")
+        return inputs, None
+
+    def device_inputs(self, host: tuple[Any, HostImages | None]) -> Any:
+        inputs, images = host
+        if images is not None:
+            assert self._image_inputs is not None
+            pixels, grid = self._image_inputs.device_side(images)
+            inputs["pixel_values"], inputs["image_grid_thw"] = pixels, grid  # grids from sizes
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
@@ -885,9 +925,11 @@ class HFEngine(BatchEngine):
             self.caches.held_bytes / 2**30,
         )
 
-    def _generate(self, batch: list[Request]) -> list[Result]:
+    def _generate(
+        self, batch: list[Request], host: Any, host_s: float, ahead: bool
+    ) -> list[Result]:
         t0 = time.perf_counter()
-        inputs = self.model_inputs(batch)
+        inputs = self.device_inputs(host)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         prompt_tokens = mask.sum(dim=1).tolist()
         vision_tokens = (ids == self.image_token_id).sum(dim=1).tolist()
@@ -940,20 +982,29 @@ class HFEngine(BatchEngine):
             results.append(
                 Result(
                     req.key,
-                    text=self.tokenizer.decode(row[:n_out], skip_special_tokens=True),
+                    text=self._decode(row[:n_out]),
                     finish_reason="length" if stop is None and not ruled else "stop",
                     prompt_tokens=int(n_prompt),
                     vision_tokens=int(n_vision),
                     output_tokens=n_out,
                 )
             )
-        last = {"inputs": t1 - t0, "generate": t2 - t1, "outputs": time.perf_counter() - t2}
+        last = {
+            "inputs": t1 - t0 + (0.0 if ahead else host_s),
+            "ahead": host_s if ahead else 0.0,
+            "generate": t2 - t1,
+            "outputs": time.perf_counter() - t2,
+        }
         last.update(stages)
         for stage, seconds in last.items():
             self._times[stage] += seconds
         steps = out.shape[1] - ids.shape[1]
         self._last = {**last, "rows": len(batch), "batch": out.shape[0], "steps": steps}
         return results
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def close(self) -> None:
         model = getattr(self, "model", None)

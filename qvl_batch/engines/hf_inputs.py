@@ -13,6 +13,7 @@ count. ``tests/test_hf_inputs.py`` checks every tensor equals the processor's ow
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,10 @@ class ImageInputs:
         ``images`` are PIL images whose sides are multiples of patch x merge (the runner
         resized them). Images of one size are stacked and done together.
         """
+        return self.device_side(self.host_side(images))
+
+    def host_side(self, images: list[Any]) -> HostImages:
+        """The CPU part: images grouped by size, each group stacked as uint8 (pinned for CUDA)."""
         side = self.patch * self.merge
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
@@ -58,23 +63,31 @@ class ImageInputs:
             if width % side or height % side:
                 raise ValueError(f"image {width}x{height} is not on the {side}-pixel grid")
             groups.setdefault((height, width), []).append(i)
-        grid = [[1, img.size[1] // self.patch, img.size[0] // self.patch] for img in images]
-        if len(groups) == 1:  # one size (the common case): already in order
-            pixels = self._patches(images, *next(iter(groups)))
-            return pixels.flatten(0, 1), torch.tensor(grid, dtype=torch.long)
-        per_image: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+        stacked = []
         for (height, width), idx in groups.items():
-            patches = self._patches([images[i] for i in idx], height, width)
+            arrays = [np.asarray(_rgb(images[i])) for i in idx]
+            host = torch.from_numpy(np.stack(arrays))  # n, H, W, C uint8
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            stacked.append((idx, height, width, host))
+        grid = [[1, img.size[1] // self.patch, img.size[0] // self.patch] for img in images]
+        return HostImages(len(images), stacked, torch.tensor(grid, dtype=torch.long))
+
+    def device_side(self, host: HostImages) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patches on the engine's device, in the images' order, and the grids."""
+        if len(host.groups) == 1:  # one size (the common case): already in order
+            _, height, width, pixels = host.groups[0]
+            return self._patches(pixels, height, width).flatten(0, 1), host.grid
+        per_image: list[torch.Tensor] = [None] * host.count  # type: ignore[list-item]
+        for idx, height, width, pixels in host.groups:
+            patches = self._patches(pixels, height, width)
             for j, i in enumerate(idx):
                 per_image[i] = patches[j]
-        return torch.cat(per_image), torch.tensor(grid, dtype=torch.long)
+        return torch.cat(per_image), host.grid
 
-    def _patches(self, images: list[Any], height: int, width: int) -> torch.Tensor:
-        """(n, patches, C * T * patch * patch) in the model's dtype, ``n`` images of one size."""
-        arrays = [np.asarray(img if img.mode == "RGB" else img.convert("RGB")) for img in images]
-        host = torch.from_numpy(np.stack(arrays))  # n, H, W, C uint8
-        if self.device.type == "cuda":
-            host = host.pin_memory()
+    def _patches(self, host: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(n, patches, C * T * patch * patch) in the model's dtype, from ``n`` images of one
+        size stacked as uint8 (n, H, W, C)."""
         x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32)
         if self.scale != 1.0:
             x = x * self.scale
@@ -88,6 +101,19 @@ class ImageInputs:
         x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # n, gh/m, gw/m, m, m, C, p, p
         x = x.unsqueeze(6).expand(n, gh // m, gw // m, m, m, c, t, p, p)  # each frame repeated
         return x.reshape(n, gh * gw, c * t * p * p)
+
+
+@dataclass
+class HostImages:
+    """A batch's images on the host: (indices, height, width, uint8 stack) per size, grids."""
+
+    count: int
+    groups: list[tuple[list[int], int, int, torch.Tensor]]
+    grid: torch.Tensor
+
+
+def _rgb(image: Any) -> Any:
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def expand_placeholders(texts: list[str], images: list[Any], token: str, inputs: ImageInputs):
