@@ -9,8 +9,8 @@ import argparse
 import logging
 import sys
 
-from .config import load_config
 from .errors import Exit, QvlError, exit_for
+from .run.validate import load_job
 
 log = logging.getLogger("qvl_batch")
 
@@ -28,9 +28,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.fresh:
         overrides.append("output.mode=overwrite")
-    from .driver import run_job
+    from .run.driver import run_job
 
-    cfg = load_config(args.job, overrides)
+    cfg = load_job(args.job, overrides)
     summary = run_job(cfg, progress_bar=None if not args.no_progress else False)
     for line in summary.lines():
         print(line)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from qvl_batch.actor import UnitWorker
-from qvl_batch.config import load_config
-from qvl_batch.manifest import plan_job
+from qvl_batch.rows.manifest import plan_job
+from qvl_batch.run.actor import UnitWorker
+from qvl_batch.run.validate import load_job
 
 from .conftest import expected_for, input_rows, write_job
 
@@ -17,9 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _worker(tmp_path, dataset, *overrides):
-    cfg = load_config(
-        write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None), list(overrides)
-    )
+    cfg = load_job(write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None), list(overrides))
     return cfg, UnitWorker(cfg), list(plan_job(cfg).units())
 
 

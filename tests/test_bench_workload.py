@@ -23,7 +23,7 @@ from qvl_batch.bench.workload import MIXED_SIZES, WORKLOADS, resolve
 from qvl_batch.bench.workload_bare import bucketed, room
 from qvl_batch.cli import build_parser
 from qvl_batch.commands.demo import demo_job_file
-from qvl_batch.config import load_config
+from qvl_batch.run.validate import load_job
 from qvl_batch.tooling.gpu_sampler import GpuSampler
 from qvl_batch.tooling.modelgen import model_config
 
@@ -32,7 +32,7 @@ STAGES = {"inputs", "generate", "outputs", "vision", "prefill", "decode"}
 
 def _config(overrides: list[str]):
     """The demo job's config (as bench gpu's default --job) with OVERRIDES."""
-    return load_config(demo_job_file(), ["output.path=unused", *overrides])
+    return load_job(demo_job_file(), ["output.path=unused", *overrides])
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -107,7 +107,7 @@ def test_bare_batches_are_the_runners_buckets():
     """Mixed sizes cut as the batching adapter cuts them: every row once, B at most, within
     the budget, and far less padding than arrival order."""
     from qvl_batch.bench.workload import mixed_sizes
-    from qvl_batch.images import smart_resize, vision_tokens
+    from qvl_batch.rows.images import smart_resize, vision_tokens
 
     cfg = _config(["batching.max_batch_size=16"])
     budget = room(cfg, MIXED_SIZES, 16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qvl_batch.bucketing import Bucketer
+from qvl_batch.engines.bucketing import Bucketer
 
 
 class Clock:
@@ -35,7 +35,7 @@ def test_bucketer_emits_full_buckets_by_size_and_token_budget():
 
 
 def test_token_capped_batches_are_counted_and_summed_over_actors():
-    from qvl_batch.bucketing import PaddingStats
+    from qvl_batch.engines.bucketing import PaddingStats
 
     b = Bucketer(max_batch_size=4, max_tokens=100, max_wait_s=0, clock=Clock())
     for i in range(8):

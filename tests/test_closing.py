@@ -8,9 +8,9 @@ import json
 import fsspec
 
 from qvl_batch import report_html
-from qvl_batch.closing import close_output, error_fraction_problem
 from qvl_batch.config import LimitsConfig
-from qvl_batch.state import OutputState
+from qvl_batch.output.state import OutputState
+from qvl_batch.run.closing import close_output, error_fraction_problem
 
 
 def test_final_judgement_counts_every_row_and_allows_the_limit_itself():

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from qvl_batch.config import load_config
+from qvl_batch.run.validate import load_job
 
 from .conftest import write_job
 
 
 def test_actor_layout_one_per_gpu_cpu_fallback_and_tensor_parallel(tmp_path, dataset):
-    from qvl_batch.cluster import ClusterError, actor_layout
+    from qvl_batch.run.cluster import ClusterError, actor_layout
 
     job = write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None)
 
     def layout(resources, *ov):
-        return actor_layout(load_config(job, ["cluster.num_actors=0", *ov]), resources)
+        return actor_layout(load_job(job, ["cluster.num_actors=0", *ov]), resources)
 
     n, opts = layout({"GPU": 8, "CPU": 64})
     assert n == 8 and opts["num_gpus"] == 1

@@ -1,13 +1,14 @@
-"""The exactly-once rule (qvl_batch/coverage.py), and the writer refusing a unit that breaks it."""
+"""The exactly-once rule (qvl_batch/output/coverage.py), and the writer refusing a unit that
+breaks it."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pytest
 
-from qvl_batch.coverage import coverage
-from qvl_batch.manifest import WorkUnit
-from qvl_batch.writer import UnitIncomplete, check_exactly_once
+from qvl_batch.output.coverage import coverage
+from qvl_batch.output.writer import UnitIncomplete, check_exactly_once
+from qvl_batch.rows.manifest import WorkUnit
 
 
 def test_an_exact_cover():

@@ -7,14 +7,14 @@ from __future__ import annotations
 import threading
 
 from qvl_batch.bench.driver import SimulatedPool
-from qvl_batch.config import load_config
-from qvl_batch.dispatch import Dispatcher
-from qvl_batch.driver import JobSummary
 from qvl_batch.errors import Exit
-from qvl_batch.manifest import WorkUnit
-from qvl_batch.marker import Marker
-from qvl_batch.progress import Progress
-from qvl_batch.writer import UnitIncomplete
+from qvl_batch.output.marker import Marker
+from qvl_batch.output.writer import UnitIncomplete
+from qvl_batch.rows.manifest import WorkUnit
+from qvl_batch.run.dispatch import Dispatcher
+from qvl_batch.run.driver import JobSummary
+from qvl_batch.run.progress import Progress
+from qvl_batch.run.validate import load_job
 
 JOB = {"job_id": "job-1", "fingerprint": "fp"}
 
@@ -53,7 +53,7 @@ def units(n: int, rows: int = 10) -> list[WorkUnit]:
 
 
 def dispatch(work, todo, actors=2, latency_s=0.01, **overrides):
-    cfg = load_config(
+    cfg = load_job(
         None,
         ["input.paths=[-]", "output.path=unused", *[f"{k}={v}" for k, v in overrides.items()]],
     )

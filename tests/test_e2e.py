@@ -12,11 +12,11 @@ import time
 import pytest
 
 from qvl_batch.commands.verify import verify_output
-from qvl_batch.config import load_config
-from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
-from qvl_batch.manifest import plan_job
-from qvl_batch.state import ResumeRefused
+from qvl_batch.output.state import ResumeRefused
+from qvl_batch.rows.manifest import plan_job
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.validate import load_job
 
 from .conftest import (
     DATA_KEYS,
@@ -34,7 +34,7 @@ PROMPT = "Describe this image."
 
 
 def run(job_file, *overrides):
-    return run_job(load_config(job_file, list(overrides)), progress_bar=False)
+    return run_job(load_job(job_file, list(overrides)), progress_bar=False)
 
 
 def assert_exactly_once(data_dir, output):
@@ -140,7 +140,7 @@ def test_sigkill_driver_then_resume_equals_uninterrupted(tmp_path, dataset, ray_
     proc.wait(timeout=30)
     committed = len(list(units.glob("*.json")))
     assert not (out / "_SUCCESS").exists()
-    total_units = plan_job(load_config(job)).num_units()
+    total_units = plan_job(load_job(job)).num_units()
     assert committed < total_units, "the kill should land before the job finished"
 
     proc = _cli(job)

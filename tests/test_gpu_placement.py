@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from qvl_batch.errors import Exit
-from qvl_batch.state import METRICS_FILE
+from qvl_batch.output.state import METRICS_FILE
 from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
 from .conftest import write_job

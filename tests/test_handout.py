@@ -12,11 +12,11 @@ import pytest
 
 from qvl_batch.bench.chaos import job_actors, job_id_of, start_driver
 from qvl_batch.commands.verify import verify_output
-from qvl_batch.config import load_config
-from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
-from qvl_batch.handout import HandOut, Run, Runs
-from qvl_batch.manifest import WorkUnit, plan_job
+from qvl_batch.rows.manifest import WorkUnit, plan_job
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.handout import HandOut, Run, Runs
+from qvl_batch.run.validate import load_job
 from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
 from .conftest import DATA_KEYS, comparable, input_rows, read_output, write_job
@@ -116,8 +116,8 @@ def test_four_units_on_two_actors_run_two_each_near_the_ideal_time(tmp_path, fou
     batch_s = 0.5  # a unit is 5 batches of 8: 2.5 s of engine time
     out = tmp_path / "out"
     job = _job(tmp_path, four_units, out, ray_head, engine__fake={"batch_latency_s": batch_s})
-    assert plan_job(load_config(job)).num_units() == 4
-    summary = run_job(load_config(job), progress_bar=False)
+    assert plan_job(load_job(job)).num_units() == 4
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     runs = _runs_of(out)
     committed = [r for r in runs if r["outcome"] == "committed"]
@@ -154,7 +154,7 @@ def test_a_straggling_unit_is_overtaken_by_a_backup_copy(tmp_path, four_units, r
         tmp_path, four_units, out, ray_head, engine__fake=fake, batching__backup_copies=backups
     )
     t0 = time.monotonic()
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     elapsed = time.monotonic() - t0
     assert summary.exit_code == Exit.OK, summary.lines()
     slow_unit = next(m["unit_id"] for m in _markers(out) if m["row_start"] == 0)
@@ -189,7 +189,7 @@ def test_driver_killed_while_a_unit_and_its_copy_run_commits_it_once(
     # Reference: the same job, uninterrupted.
     ref_out = tmp_path / "ref"
     ref = _job(tmp_path, four_units, ref_out, ray_head, name="ref.yaml")
-    assert run_job(load_config(ref), progress_bar=False).exit_code == Exit.OK
+    assert run_job(load_job(ref), progress_bar=False).exit_code == Exit.OK
 
     markers = tmp_path / "slow-markers"
     markers.mkdir()
@@ -226,7 +226,7 @@ def test_driver_killed_while_a_unit_and_its_copy_run_commits_it_once(
         time.sleep(0.2)
 
     # The re-run: the slow row is slow no more (both copies used it up); one commit.
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     assert summary.units_this_run == 4 - len(before)  # the slow unit among them, once
     ids = [m["unit_id"] for m in _markers(out)]
@@ -287,7 +287,7 @@ def test_actors_ready_apart_split_the_units_near_the_ideal(tmp_path, ray_head, u
         batching__units_in_flight_per_actor=3,
         limits__max_error_fraction=1.0,
     )
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     assert verify_output(str(out)).ok
     per, k_best, span, ideal = _split_and_ideal(out, units, 5 * batch_s)
@@ -311,7 +311,7 @@ def test_a_read_ahead_unit_waiting_in_the_batching_window_moves_to_an_idle_actor
     fake = {"batch_latency_s": 1.5, "load_s_by_incarnation": [0.0, 1.0]}  # a unit: 7.5 s
     # backup copies off: the tail's copies would hide whether the unit moved
     job = _job(tmp_path, data, out, ray_head, engine__fake=fake, batching__backup_copies=False)
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     metrics = json.loads((out / "_metrics.json").read_text())
     why = (summary.lines(), metrics["actors_live"], _runs_of(out))

@@ -15,19 +15,14 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from qvl_batch.config import (  # noqa: E402
-    Config,
-    EngineConfig,
-    SamplingConfig,
-    StructuredConfig,
-    load_config,
-)
+from qvl_batch.config import Config, EngineConfig, SamplingConfig, StructuredConfig  # noqa: E402
 from qvl_batch.engines import hf  # noqa: E402
 from qvl_batch.engines.base import Request  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 from qvl_batch.engines.hf import generation_kwargs, load_processor, local_model_dir  # noqa: E402
 from qvl_batch.errors import Exit  # noqa: E402
-from qvl_batch.structured import OutputParser  # noqa: E402
+from qvl_batch.output.structured import OutputParser  # noqa: E402
+from qvl_batch.run.validate import load_job  # noqa: E402
 
 from .conftest import MODERATION  # noqa: E402
 
@@ -389,8 +384,8 @@ def test_auto_without_xgrammar_warns_once_and_generates_freely(tiny_model, monke
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head):
-    from qvl_batch.driver import run_job
-    from qvl_batch.images import prepare_image
+    from qvl_batch.rows.images import prepare_image
+    from qvl_batch.run.driver import run_job
     from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
     from .conftest import input_rows, read_output, write_job
@@ -401,7 +396,7 @@ def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head):
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", data, out, ray_head)
     overrides = ["engine.name=hf", f"engine.model={tiny_model}", "sampling.max_tokens=12"]
-    cfg = load_config(job, overrides)
+    cfg = load_job(job, overrides)
     summary = run_job(cfg, progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
 
@@ -432,7 +427,7 @@ def test_moderation_preset_with_the_tiny_model(tmp_path, tiny_model, ray_head):
     import pyarrow.dataset as ds
 
     from qvl_batch.commands.verify import verify_output
-    from qvl_batch.driver import run_job
+    from qvl_batch.run.driver import run_job
     from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
     from .conftest import REPO, read_output
@@ -455,7 +450,7 @@ def test_moderation_preset_with_the_tiny_model(tmp_path, tiny_model, ray_head):
             "limits.max_error_fraction=1.0",
             *extra,
         ]
-        cfg = load_config(REPO / "jobs" / "moderation.yaml", overrides)
+        cfg = load_job(REPO / "jobs" / "moderation.yaml", overrides)
         summary = run_job(cfg, progress_bar=False)
         assert summary.exit_code == Exit.OK, summary.lines()
         assert verify_output(str(out)).ok

@@ -17,15 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
-from qvl_batch.config import ImageConfig, load_config
+from qvl_batch.config import ImageConfig
 from qvl_batch.errors import IMAGE_CODES
-from qvl_batch.images import (
+from qvl_batch.rows.images import (
     PATCH,
     ImageError,
     prepare_image,
     smart_resize,
     vision_tokens,
 )
+from qvl_batch.run.validate import load_job
 
 from .conftest import REPO, expected_for, read_output, write_job
 from .hostile import BOMB_SIDE, Case, corpus, png_bomb, same_notes
@@ -136,7 +137,7 @@ MEMORY_PROBE = r"""
 import io, json, sys, warnings
 from PIL import Image
 from qvl_batch.config import ImageConfig
-from qvl_batch.images import ImageError, prepare_image
+from qvl_batch.rows.images import ImageError, prepare_image
 
 warnings.simplefilter("ignore")
 
@@ -214,8 +215,8 @@ def test_bombs_refused_in_bounded_memory(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_corpus_job_accounts_for_every_row(tmp_path, ray_head):
-    from qvl_batch.driver import run_job
     from qvl_batch.errors import Exit
+    from qvl_batch.run.driver import run_job
 
     ids = [f"hostile-{i:03d}-{case.name}" for i, case in enumerate(CASES)]
     expected = {row_id: case.expected for row_id, case in zip(ids, CASES)}
@@ -232,7 +233,7 @@ def test_corpus_job_accounts_for_every_row(tmp_path, ray_head):
     pq.write_table(table, data_dir / "part-00000.parquet", row_group_size=16)
     job = write_job(tmp_path / "job.yaml", data_dir, out, ray_head, limits__max_error_fraction=1.0)
 
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
 
     assert summary.exit_code == Exit.OK, summary.lines()
     data, errors = read_output(out)

@@ -1,4 +1,5 @@
-"""Tests for qvl_batch.images: Qwen2.5-VL resize parity, orientation, colour modes and row errors.
+"""Tests for qvl_batch.rows.images: Qwen2.5-VL resize parity, orientation, colour modes and row
+errors.
 
 Every image is made here with Pillow (HEIC with pillow-heif, where the heif extra is installed).
 Parity with transformers' Qwen2-VL processor is checked when transformers is installed (it is not
@@ -24,7 +25,7 @@ import pytest
 from PIL import Image, ImageOps, features
 
 from qvl_batch.config import IMAGE_FORMATS, ConfigError, ImageConfig
-from qvl_batch.images import (
+from qvl_batch.rows.images import (
     PATCH,
     ImageError,
     PreparedImage,

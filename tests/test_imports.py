@@ -88,7 +88,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
-    assert "qvl_batch.driver" in graph["qvl_batch.cli"]  # cmd_run imports it when it runs
+    assert "qvl_batch.run.driver" in graph["qvl_batch.cli"]  # cmd_run imports it when it runs
 
 
 def test_no_import_cycles():
@@ -121,7 +121,7 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_no_job_run_imports_the_benchmarks_or_the_tooling():
     graph = import_graph()
     assert "qvl_batch.tooling.synth" in reachable(graph, "qvl_batch.commands.demo")  # can see
-    job_run = ("qvl_batch.driver", "qvl_batch.actor", "qvl_batch.commands.retry")
+    job_run = ("qvl_batch.run.driver", "qvl_batch.run.actor", "qvl_batch.commands.retry")
     for start in job_run:
         extra = sorted(
             m
@@ -129,3 +129,52 @@ def test_no_job_run_imports_the_benchmarks_or_the_tooling():
             if m.startswith(("qvl_batch.bench", "qvl_batch.tooling"))
         )
         assert extra == [], f"{start} imports {extra}"
+
+
+# Floors, bottom up: a module imports only from its own wing or from floors below it.
+FLOORS = (
+    ("errors", "tooling", ""),  # "": the package's own __init__ (its version)
+    ("config", "storage"),
+    ("rows",),
+    ("output",),
+    ("engines", "report"),
+    ("run",),
+    ("commands",),
+    ("bench",),
+    ("cli",),
+)
+
+
+def wing(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def floor(module: str) -> int:
+    return next(i for i, wings in enumerate(FLOORS) if wing(module) in wings)
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that reach a higher floor, or a sibling wing on the same floor."""
+    return sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        for b in targets
+        if wing(a) != wing(b) and floor(b) >= floor(a)
+    )
+
+
+def test_the_layering_check_sees_an_upward_import():
+    graph = {"qvl_batch.rows.reader": {"qvl_batch.run.actor", "qvl_batch.config"}}
+    assert upward(graph) == ["qvl_batch.rows.reader -> qvl_batch.run.actor"]
+    assert upward({"qvl_batch.engines.fake": {"qvl_batch.report.html"}}) != []  # siblings
+
+
+def test_every_wing_has_a_floor_and_no_import_runs_upward():
+    graph = import_graph()
+    assert {wing(m) for m in graph} <= {w for wings in FLOORS for w in wings}
+    assert upward(graph) == []
+
+
+def test_config_is_a_leaf():
+    assert import_graph()["qvl_batch.config"] <= {"qvl_batch.errors"}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from qvl_batch.cli import build_parser
-from qvl_batch.config import load_config
+from qvl_batch.run.validate import load_job
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -124,7 +124,7 @@ def test_cronjob_creates_the_rayjob_without_overlap():
 
 def test_nightly_run_reuses_the_previous_days_output_when_there_is_one():
     parsed = build_parser().parse_args(["run", *_entrypoint_args()])
-    cfg = load_config(REPO / parsed.job[len(IMAGE_ROOT) :], parsed.overrides)
+    cfg = load_job(REPO / parsed.job[len(IMAGE_ROOT) :], parsed.overrides)
     today = cfg.output.path.replace("RUN_DATE", "")
     assert [u.replace("PREV_DATE", "") for u in cfg.reuse.outputs] == [today]
     assert cfg.reuse.if_missing == "skip", "a first night has no earlier output"
@@ -146,7 +146,7 @@ def test_rayjob_entrypoint_uses_real_cli_and_config_keys():
     assert local.is_file(), f"{job_file}: no {local} in the repo to copy into the image"
     copied = re.findall(r"^COPY\s+(.+?)\s+(\S+)$", (INFRA / "Dockerfile").read_text(), re.M)
     assert any(job_file.startswith(dst.rstrip("/") + "/") for _, dst in copied), job_file
-    cfg = load_config(local, parsed.overrides)  # raises ConfigError on an unknown key or value
+    cfg = load_job(local, parsed.overrides)  # raises ConfigError on an unknown key or value
     assert cfg.cluster.address == "auto"
     assert cfg.engine.name == "trtllm"
     assert cfg.output.path and cfg.input.paths
@@ -180,7 +180,7 @@ def test_every_override_mentioned_is_a_real_config_key():
         # RUN_DATE and quotes are shell/CronJob text; the key and value shape is what matters.
         item = item.replace("'", "").rstrip("\\.")
         base = ["input.paths=[x]", "output.path=y"]
-        load_config(None, [*base, item])
+        load_job(None, [*base, item])
 
 
 def test_dockerfile_uses_trtllm_container_and_constraints():

@@ -3,7 +3,7 @@ whose process dies while it runs alone ``max_row_crashes`` times is skipped, per
 
 from __future__ import annotations
 
-from qvl_batch.isolation import CrashIsolation
+from qvl_batch.run.isolation import CrashIsolation
 
 
 def test_a_crash_in_a_batch_makes_its_rows_of_this_unit_solo():

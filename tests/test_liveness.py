@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from qvl_batch.config import load_config
-from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
-from qvl_batch.liveness import Watchdog, beat_interval, silence_limit
-from qvl_batch.progress import Progress
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.liveness import Watchdog, beat_interval, silence_limit
+from qvl_batch.run.progress import Progress
+from qvl_batch.run.validate import load_job
 
 from .conftest import check_fake_output, input_rows, write_job
 
@@ -131,7 +131,7 @@ def test_an_engine_that_hangs_on_a_row_is_replaced_and_the_job_completes_once(
     markers.mkdir()
     fake = {"slow_ids": [hung], "slow_s": 3600, "slow_times": 1, "marker_dir": str(markers)}
     t0 = time.monotonic()
-    summary = run_job(load_config(_job(tmp_path, dataset, ray_head, fake)), progress_bar=False)
+    summary = run_job(load_job(_job(tmp_path, dataset, ray_head, fake)), progress_bar=False)
     took = time.monotonic() - t0
     assert summary.exit_code == Exit.OK, summary.lines()
     check_fake_output(dataset, tmp_path / "out")  # every row once, the hung one answered
@@ -144,7 +144,7 @@ def test_an_engine_that_hangs_on_a_row_is_replaced_and_the_job_completes_once(
 def test_a_row_that_hangs_every_engine_ends_as_an_engine_stall_row(tmp_path, dataset, ray_head):
     hung = _one_good_id(dataset, offset=5)
     fake = {"slow_ids": [hung], "slow_s": 3600}  # every engine that meets it hangs
-    summary = run_job(load_config(_job(tmp_path, dataset, ray_head, fake)), progress_bar=False)
+    summary = run_job(load_job(_job(tmp_path, dataset, ray_head, fake)), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     _, errors = check_fake_output(dataset, tmp_path / "out", {hung: "ENGINE_STALL"})
     (row,) = [r for r in errors if r["id"] == hung]
@@ -170,7 +170,7 @@ def test_a_healthy_engine_slower_than_stall_s_per_batch_is_not_killed(tmp_path, 
         batching__unit_rows=80,
         batching__units_in_flight_per_actor=3,
     )
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     check_fake_output(dataset, tmp_path / "out")
     assert summary.engine_stalls == 0 and summary.actor_restarts == 0, summary.lines()
@@ -183,7 +183,7 @@ def test_a_wedged_actor_process_is_killed_by_the_driver(tmp_path, dataset, ray_h
     # The first actor SIGSTOPs itself on the row: its watchdog thread stops too, so only the
     # driver, missing its heartbeats, can tell.
     fake = {"freeze_ids": [frozen], "exit_incarnations": 1}
-    summary = run_job(load_config(_job(tmp_path, dataset, ray_head, fake)), progress_bar=False)
+    summary = run_job(load_job(_job(tmp_path, dataset, ray_head, fake)), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     check_fake_output(dataset, tmp_path / "out")
     assert summary.engine_stalls == 1 and summary.actor_restarts == 1, summary.lines()

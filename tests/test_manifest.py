@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qvl_batch.config import load_config
-from qvl_batch.manifest import InputError, Shard, cut_units, plan_job
+from qvl_batch.rows.manifest import InputError, Shard, cut_units, plan_job
+from qvl_batch.run.validate import load_job
 
 from .conftest import write_job
 
@@ -36,11 +36,11 @@ def test_units_are_stable_across_plans():
 
 
 def test_plan_lists_sorted_shards_and_checks_columns(tmp_path, dataset):
-    cfg = load_config(write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None))
+    cfg = load_job(write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None))
     plan = plan_job(cfg)
     assert [s.url for s in plan.shards] == sorted(s.url for s in plan.shards)
     assert plan.total_rows == 240 and len(plan.fingerprint) == 16
-    bad = load_config(
+    bad = load_job(
         write_job(tmp_path / "j2.yaml", dataset, tmp_path / "o", None),
         ["input.passthrough_columns=[nope]"],
     )
@@ -49,7 +49,7 @@ def test_plan_lists_sorted_shards_and_checks_columns(tmp_path, dataset):
 
 
 def test_input_fingerprint_changes_when_a_shard_changes(tmp_path, dataset):
-    cfg = load_config(write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None))
+    cfg = load_job(write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None))
     before = plan_job(cfg).fingerprint
     shard = sorted(dataset.glob("*.parquet"))[0]
     shard.write_bytes(shard.read_bytes())  # same bytes, new mtime
@@ -63,7 +63,7 @@ def test_manifest_file_lists_shards(tmp_path, dataset):
     manifest = tmp_path / "manifest.txt"
     shards = sorted(str(p) for p in dataset.glob("*.parquet"))
     manifest.write_text("# shards\n" + "\n".join(shards[:2]) + "\n")
-    cfg = load_config(
+    cfg = load_job(
         write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None),
         ["input.paths=[]", f"input.manifest={manifest}"],
     )

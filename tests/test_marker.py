@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from qvl_batch.marker import Marker
+from qvl_batch.output.marker import Marker
 
 
 def _marker(**kw) -> Marker:

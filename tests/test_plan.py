@@ -8,8 +8,8 @@ import json
 import pytest
 
 from qvl_batch.commands.plan import add_plan_parser, plan_report
-from qvl_batch.config import load_config
-from qvl_batch.manifest import plan_job
+from qvl_batch.rows.manifest import plan_job
+from qvl_batch.run.validate import load_job
 from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
 from .conftest import input_rows, write_job
@@ -30,7 +30,7 @@ def job(tmp_path, dataset):
 
 
 def test_counts_match_the_planner(job, tmp_path):
-    cfg = load_config(job)
+    cfg = load_job(job)
     plan = plan_job(cfg)
     report = plan_report(cfg, sample=50)
     assert (report.shards, report.units, report.rows) == (3, plan.num_units(), 240)
@@ -41,7 +41,7 @@ def test_counts_match_the_planner(job, tmp_path):
 
 
 def test_sampled_sizes_match_the_input(job, dataset):
-    report = plan_report(load_config(job))
+    report = plan_report(load_job(job))
     by_id = {str(r["id"]): r for r in input_rows(dataset)}
     assert len(report.sample) == 200 and len(report.prepared) > 150
     for row in report.prepared:
@@ -55,7 +55,7 @@ def test_sampled_sizes_match_the_input(job, dataset):
 
 
 def test_corrupt_rows_are_counted(job, dataset):
-    report = plan_report(load_config(job), sample=240)  # the whole dataset
+    report = plan_report(load_job(job), sample=240)  # the whole dataset
     corrupt = {str(r["id"]) for r in input_rows(dataset) if r["kind"] == "corrupt"}
     errors = {r.row_id: r.error for r in report.sample if r.error}
     assert corrupt and set(errors) == corrupt
@@ -66,9 +66,9 @@ def test_corrupt_rows_are_counted(job, dataset):
 
 
 def test_gpu_hours_from_rate(job, capsys):
-    report = plan_report(load_config(job), sample=20, rate=0.01)
+    report = plan_report(load_job(job), sample=20, rate=0.01)
     assert report.gpu_hours == pytest.approx(240 / 0.01 / 3600)
-    assert plan_report(load_config(job), sample=20, rate=0.01, gpus=4).gpu_hours == (
+    assert plan_report(load_job(job), sample=20, rate=0.01, gpus=4).gpu_hours == (
         pytest.approx(240 / 0.01 / 3600 / 4)
     )
     assert plan_cli(job, "--sample", 20, "--rate", 0.01, "--json") == 0
@@ -96,6 +96,6 @@ def test_mostly_corrupt_dataset_exits_1(tmp_path, capsys):
 
 
 def test_no_preparable_row_is_a_problem(job):
-    report = plan_report(load_config(job, ["image.min_side=1000"]), sample=30)
+    report = plan_report(load_job(job, ["image.min_side=1000"]), sample=30)
     assert report.error_fractions().get("IMAGE_TOO_SMALL", 0) > 0.8
     assert "no row in the sample could be prepared" in report.problems

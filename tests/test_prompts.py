@@ -1,4 +1,4 @@
-"""The chat every engine renders (qvl_batch/prompts.py): hf and trtllm send the same messages,
+"""The chat every engine renders (qvl_batch/rows/prompts.py): hf and trtllm send the same messages,
 also for an empty system prompt (they used to disagree: trtllm dropped it)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qvl_batch.prompts import PromptError, chat_messages, render_prompt, template_fields
+from qvl_batch.rows.prompts import PromptError, chat_messages, render_prompt, template_fields
 
 
 class _Template:

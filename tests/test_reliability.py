@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qvl_batch.config import load_config
-from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.validate import load_job
 
 from .conftest import check_fake_output, input_rows, read_output, write_job
 
@@ -28,7 +28,7 @@ def test_batches_that_raise_are_split_until_exactly_the_poison_rows_fail(
     job = write_job(
         tmp_path / "job.yaml", dataset, out, ray_head, engine__fake={"raise_ids": sorted(poison)}
     )
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     check_fake_output(dataset, out, dict.fromkeys(poison, "ENGINE_ERROR"))
     assert summary.actor_restarts == 0 and summary.error_codes["ENGINE_ERROR"] == len(poison)
@@ -51,7 +51,7 @@ def test_rows_that_kill_the_actor_are_isolated_and_become_engine_crash_rows(
         ray_head,
         engine__fake={"crash_ids": sorted(poison), **engine},
     )
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     _, errors = check_fake_output(dataset, out, dict.fromkeys(poison, "ENGINE_CRASH"))
     # Each poison row: a death among others (suspects then run alone), then two deaths alone.
@@ -101,7 +101,7 @@ def test_bad_rows_get_their_codes_and_hostile_ids_stay_inside_the_output(tmp_pat
         limits__max_error_fraction=1.0,
     )
     before = {p for p in tmp_path.rglob("*") if "out" not in p.relative_to(tmp_path).parts}
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     data, errors = read_output(out)
     got = {r["id"]: "OK" for r in data} | {r["id"]: r["error_code"] for r in errors}
@@ -136,7 +136,7 @@ def test_error_fraction_over_the_limit_fails_cleanly_and_a_rerun_resumes(
         cluster__num_actors=1,
         batching__units_in_flight_per_actor=1,
     )
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.FAILED, summary.lines()
     assert "over limits.max_error_fraction 0.2" in summary.message
     assert summary.rows_this_run < len(input_rows(dataset)), "stopped mid-run"
@@ -146,12 +146,12 @@ def test_error_fraction_over_the_limit_fails_cleanly_and_a_rerun_resumes(
     assert not verify_output(str(out)).ok, "incomplete without --allow-incomplete"
 
     # A re-run with the same limit counts the rows committed before it: it stops at once.
-    same = run_job(load_config(job), progress_bar=False)
+    same = run_job(load_job(job), progress_bar=False)
     assert same.exit_code == Exit.FAILED and same.rows_this_run <= 40, same.lines()  # one unit
     summary.rows_this_run += same.rows_this_run
 
     # The limit is a policy, not part of the fingerprint: a re-run with a looser one resumes.
-    again = run_job(load_config(job, ["limits.max_error_fraction=0.5"]), progress_bar=False)
+    again = run_job(load_job(job, ["limits.max_error_fraction=0.5"]), progress_bar=False)
     assert again.exit_code == Exit.OK, again.lines()
     assert again.rows_this_run == len(input_rows(dataset)) - summary.rows_this_run
     assert verify_output(str(out)).ok

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from qvl_batch.config import load_config
-from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
-from qvl_batch.report_html import write_report
-from qvl_batch.state import OutputState
+from qvl_batch.output.state import OutputState
+from qvl_batch.report.html import write_report
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.validate import load_job
 
 from .conftest import write_job
 
@@ -24,7 +24,7 @@ IMG = '<img src="data:image/png;base64,'
 def finished(tmp_path, dataset, ray_head):
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", dataset, out, ray_head)
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     assert summary.error_codes, "the fixture must contain error rows"
     return out, summary

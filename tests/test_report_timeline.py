@@ -13,9 +13,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from qvl_batch.marker import Marker
-from qvl_batch.report_html import build_report, write_report
-from qvl_batch.state import METRICS_FILE, OutputState
+from qvl_batch.output.marker import Marker
+from qvl_batch.output.state import METRICS_FILE, OutputState
+from qvl_batch.report.html import build_report, write_report
 
 IMG = '<img src="data:image/png;base64,'
 STARTED = dt.datetime(2026, 11, 25, 23, 40, 1, 123456, tzinfo=dt.timezone.utc)

@@ -13,9 +13,10 @@ import pytest
 
 from qvl_batch.commands.retry import RetryPass
 from qvl_batch.commands.verify import verify_output
-from qvl_batch.config import ConfigError, load_config
-from qvl_batch.driver import run_job
+from qvl_batch.config import ConfigError
 from qvl_batch.errors import Exit
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.validate import load_job
 
 from .conftest import check_fake_output, input_rows, read_output, write_job
 
@@ -51,7 +52,7 @@ def test_retry_failed_turns_fixed_errors_into_data_exactly_once(tmp_path, datase
         engine__fake__fail_ids=flaky,
         limits__max_error_fraction=0.95,
     )
-    first = run_job(load_config(job), progress_bar=False)
+    first = run_job(load_job(job), progress_bar=False)
     assert first.exit_code == Exit.OK, first.lines()
     _, errors = read_output(out)
     big = {r["id"] for r in errors if r["error_code"] == "IMAGE_TOO_LARGE"}
@@ -111,8 +112,8 @@ def test_retry_failed_turns_fixed_errors_into_data_exactly_once(tmp_path, datase
 def test_retry_refuses_other_input_and_unfinished_jobs(tmp_path, dataset):
     out = tmp_path / "out"
     out.mkdir()
-    cfg = load_config(write_job(tmp_path / "j.yaml", dataset, out, None))
-    from qvl_batch.driver import Driver
+    cfg = load_job(write_job(tmp_path / "j.yaml", dataset, out, None))
+    from qvl_batch.run.driver import Driver
 
     Driver(cfg).prepare()  # _job.json written, no unit committed
     with pytest.raises(ConfigError, match="not committed yet"):

@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from qvl_batch.commands.verify import verify_output
-from qvl_batch.config import ConfigError, load_config
-from qvl_batch.driver import run_job
+from qvl_batch.config import ConfigError
 from qvl_batch.errors import Exit
-from qvl_batch.reuse import ReuseIndex, ReuseReader, result_key
+from qvl_batch.output.reuse import ReuseIndex, ReuseReader, result_key
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.validate import load_job
 from qvl_batch.storage import Storage
 from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
@@ -67,14 +68,14 @@ def grown(tmp_path, dataset):
 def test_second_run_computes_exactly_the_new_rows(tmp_path, dataset, grown, ray_head):
     out1, out2, out3 = tmp_path / "day1", tmp_path / "day2", tmp_path / "day2-longer"
     first = run_job(
-        load_config(write_job(tmp_path / "j1.yaml", dataset, out1, ray_head)), progress_bar=False
+        load_job(write_job(tmp_path / "j1.yaml", dataset, out1, ray_head)), progress_bar=False
     )
     assert first.exit_code == Exit.OK, first.lines()
     assert first.reused_this_run == 0
     day1_data, _ = read_output(out1)
 
     job2 = write_job(tmp_path / "j2.yaml", grown, out2, ray_head, reuse__outputs=[str(out1)])
-    second = run_job(load_config(job2), progress_bar=False)
+    second = run_job(load_job(job2), progress_bar=False)
     assert second.exit_code == Exit.OK, second.lines()
     new_ids = {r["id"] for r in input_rows(grown) if r["id"].startswith("new-")}
     new_good = {r["id"] for r in input_rows(grown) if r["id"] in new_ids and r["kind"] != "corrupt"}
@@ -104,7 +105,7 @@ def test_second_run_computes_exactly_the_new_rows(tmp_path, dataset, grown, ray_
         reuse__outputs=[str(out1), str(out2)],
         sampling__max_tokens=32,
     )
-    third = run_job(load_config(job3), progress_bar=False)
+    third = run_job(load_job(job3), progress_bar=False)
     assert third.exit_code == Exit.OK and third.reused_this_run == 0, third.lines()
 
 
@@ -115,30 +116,30 @@ def _markers(out):
 
 
 def test_reuse_of_something_that_is_not_an_output_stops_before_work(tmp_path, dataset):
-    from qvl_batch.driver import Driver
+    from qvl_batch.run.driver import Driver
 
     out = tmp_path / "out"
     job = write_job(tmp_path / "j.yaml", dataset, out, None, reuse__outputs=[str(tmp_path)])
     with pytest.raises(ConfigError, match=r"reuse.outputs\[0\]: .*not the output of a qvl-batch"):
-        Driver(load_config(job)).prepare()
+        Driver(load_job(job)).prepare()
     assert not out.exists()
     job = write_job(tmp_path / "j.yaml", dataset, out, None, reuse__outputs=[str(out)])
     with pytest.raises(ConfigError, match=r"this job's own output\.path"):
-        Driver(load_config(job)).prepare()
+        Driver(load_job(job)).prepare()
 
 
 def test_a_missing_earlier_output_is_skipped_when_the_job_says_so(tmp_path, dataset, caplog):
     """A nightly job names yesterday's output; on its first night there is none."""
-    from qvl_batch.driver import Driver
+    from qvl_batch.run.driver import Driver
 
     out, gone = tmp_path / "out", tmp_path / "yesterday"
     job = write_job(tmp_path / "j.yaml", dataset, out, None, reuse__outputs=[str(gone)])
     with pytest.raises(ConfigError, match=r"reuse\.outputs\[0\]: .*if_missing=skip"):
-        Driver(load_config(job)).prepare()
-    driver = Driver(load_config(job, ["reuse.if_missing=skip"]))
+        Driver(load_job(job)).prepare()
+    driver = Driver(load_job(job, ["reuse.if_missing=skip"]))
     with caplog.at_level("WARNING", logger="qvl_batch"):
         driver.prepare()
     assert driver._reuse is None  # nothing to carry over; the job runs in full
     assert any("reuse.outputs[0]" in r.message and "skipped" in r.message for r in caplog.records)
     with pytest.raises(ConfigError, match=r"reuse\.if_missing: must be one of"):
-        load_config(job, ["reuse.if_missing=ignore"])
+        load_job(job, ["reuse.if_missing=ignore"])

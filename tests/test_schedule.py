@@ -1,11 +1,11 @@
-"""The scheduler's parts (qvl_batch/schedule.py): the unit queue and the committer."""
+"""The scheduler's parts (qvl_batch/run/schedule.py): the unit queue and the committer."""
 
 from __future__ import annotations
 
 import threading
 
-from qvl_batch.manifest import WorkUnit
-from qvl_batch.schedule import MAX_BACKOFF_S, Committer, UnitQueue
+from qvl_batch.rows.manifest import WorkUnit
+from qvl_batch.run.schedule import MAX_BACKOFF_S, Committer, UnitQueue
 
 
 def _units(n: int) -> list[WorkUnit]:

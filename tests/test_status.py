@@ -10,9 +10,9 @@ import shutil
 import pytest
 
 from qvl_batch.commands.status import add_status_parser, cmd_status, commit_rate, job_status
-from qvl_batch.config import load_config
-from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.validate import load_job
 
 from .conftest import write_job
 
@@ -29,7 +29,7 @@ def status_args(*argv: str) -> argparse.Namespace:
 def finished(tmp_path, dataset, ray_head):
     out = tmp_path / "out"
     summary = run_job(
-        load_config(write_job(tmp_path / "job.yaml", dataset, out, ray_head)), progress_bar=False
+        load_job(write_job(tmp_path / "job.yaml", dataset, out, ray_head)), progress_bar=False
     )
     assert summary.exit_code == Exit.OK, summary.lines()
     return out, summary

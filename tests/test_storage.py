@@ -24,10 +24,11 @@ import s3fs
 
 from qvl_batch.cli import main
 from qvl_batch.commands.verify import verify_output
-from qvl_batch.config import StorageConfig, load_config
-from qvl_batch.driver import run_job
+from qvl_batch.config import StorageConfig
 from qvl_batch.errors import Exit
-from qvl_batch.manifest import plan_job
+from qvl_batch.rows.manifest import plan_job
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.validate import load_job
 from qvl_batch.tooling.s3local import MotoServer
 
 from .conftest import check_fake_output, input_rows, write_job
@@ -105,7 +106,7 @@ def test_s3_to_s3_job_exactly_once_with_no_temporary_objects(
     )
     fs.mkdir("e2e-out")
     caplog.set_level(logging.DEBUG)  # every logger, the storage libraries' included
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert "qvl-very-secret-value" not in caplog.text
     assert summary.exit_code == Exit.OK, summary.lines()
     assert summary.storage_retries == 0
@@ -123,7 +124,7 @@ def test_s3_to_s3_job_exactly_once_with_no_temporary_objects(
     report = verify_output(out, storage=StorageConfig(endpoint_url=s3.endpoint))
     assert report.ok, report.lines()
     assert main(["verify", out, "--endpoint-url", s3.endpoint]) == 0
-    again = run_job(load_config(job), progress_bar=False)
+    again = run_job(load_job(job), progress_bar=False)
     assert again.status == "already_complete"
 
 
@@ -136,7 +137,7 @@ def test_manifest_on_s3_names_the_shards(tmp_path, dataset, s3):
         ("# two of three shards\n" + "\n".join(f"s3://{p}" for p in shards[:2])).encode(),
     )
     job = s3_job(tmp_path, "unused", str(tmp_path / "out"), None, s3.endpoint)
-    cfg = load_config(job, ["input.paths=[]", "input.manifest=s3://manifest-in/list.txt"])
+    cfg = load_job(job, ["input.paths=[]", "input.manifest=s3://manifest-in/list.txt"])
     plan = plan_job(cfg)
     assert [s.url for s in plan.shards] == [f"s3://{p}" for p in shards[:2]]
     expected = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(dataset.glob("*"))[:2])
@@ -236,7 +237,7 @@ def test_faults_between_runner_and_server_are_retried_and_counted(tmp_path, data
             proxy.endpoint,
             storage={"read_timeout_s": 1.0, "connect_timeout_s": 1.0, "backoff_s": 0.05},
         )
-        summary = run_job(load_config(job), progress_bar=False)
+        summary = run_job(load_job(job), progress_bar=False)
     finally:
         proxy.stop()
     assert summary.exit_code == Exit.OK, summary.lines()
@@ -334,7 +335,7 @@ def test_http_image_uris_are_fetched_and_a_404_is_an_error_row(tmp_path, dataset
         assert missing
         out = tmp_path / "out"
         job = write_job(tmp_path / "job.yaml", shards, out, ray_head)
-        summary = run_job(load_config(job), progress_bar=False)
+        summary = run_job(load_job(job), progress_bar=False)
     finally:
         server.shutdown()
         server.server_close()

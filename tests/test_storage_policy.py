@@ -9,7 +9,8 @@ import io
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from qvl_batch.config import ConfigError, StorageConfig, load_config
+from qvl_batch.config import ConfigError, StorageConfig
+from qvl_batch.run.validate import load_job
 from qvl_batch.storage import (
     RangeReader,
     Storage,
@@ -136,10 +137,10 @@ def test_storage_section_is_validated_and_secrets_in_options_are_redacted(tmp_pa
     job = tmp_path / "job.yaml"
     job.write_text("input: {paths: [x]}\noutput: {path: out}\n")
     with pytest.raises(ConfigError, match=r"storage\.max_attempts"):
-        load_config(job, ["storage.max_attempts=0"])
+        load_job(job, ["storage.max_attempts=0"])
     with pytest.raises(ConfigError, match=r"unknown key 'storage\.endpoint'"):
-        load_config(job, ["storage.endpoint=http://x"])
-    cfg = load_config(job, ["output.storage_options.secret=s3cr3t", "storage.region=eu"])
+        load_job(job, ["storage.endpoint=http://x"])
+    cfg = load_job(job, ["output.storage_options.secret=s3cr3t", "storage.region=eu"])
     red = redact(to_dict(cfg))
     assert red["output"]["storage_options"]["secret"] == "***"
     assert red["storage"]["region"] == "eu"

@@ -11,15 +11,16 @@ import time
 import pytest
 from PIL import Image
 
-from qvl_batch.actor import UnitWorker
-from qvl_batch.cluster import FlightRecorder
-from qvl_batch.config import ConfigError, FakeEngineConfig, load_config, parse_lengths
+from qvl_batch.config import ConfigError, FakeEngineConfig, parse_lengths
 from qvl_batch.engines.base import BatchEngine, Request, Result
 from qvl_batch.engines.batching import BatchingAdapter
 from qvl_batch.engines.build import make_engine
 from qvl_batch.engines.fake import FakeEngine, InflightSimulator
 from qvl_batch.engines.lengths import answer_length
-from qvl_batch.manifest import plan_job
+from qvl_batch.rows.manifest import plan_job
+from qvl_batch.run.actor import UnitWorker
+from qvl_batch.run.cluster import FlightRecorder
+from qvl_batch.run.validate import load_job
 
 from .conftest import expected_for, input_rows, write_job
 
@@ -100,7 +101,7 @@ def test_inflight_simulator_fills_free_slots_at_once_and_finishes_short_answers_
 
 
 def test_batching_adapter_runs_a_part_batch_only_when_flushed_or_due(tmp_path, dataset):
-    cfg = load_config(
+    cfg = load_job(
         write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None),
         ["batching.max_batch_size=4", "batching.max_wait_s=30"],
     )
@@ -124,7 +125,7 @@ def test_batching_adapter_runs_a_part_batch_only_when_flushed_or_due(tmp_path, d
 
 
 def test_batching_adapter_splits_a_failing_batch_down_to_its_poison_row(tmp_path, dataset):
-    cfg = load_config(
+    cfg = load_job(
         write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None),
         ["batching.max_batch_size=4", "engine.fake.raise_ids=[r2]"],
     )
@@ -144,7 +145,7 @@ def test_batching_adapter_splits_a_failing_batch_down_to_its_poison_row(tmp_path
 def test_batching_adapter_says_once_when_the_token_budget_cuts_batches(tmp_path, dataset, caplog):
     """Rows of 4 vision + 30 text + 64 new tokens: a budget of 200 holds 2 of the 4 rows a
     batch may have; the report counts the batches it cut, a warning says it once."""
-    cfg = load_config(
+    cfg = load_job(
         write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None),
         [
             "batching.max_batch_size=4",
@@ -192,7 +193,7 @@ class Paced(BatchEngine):
 
 
 def test_batching_adapter_prepares_the_next_batch_while_one_runs(tmp_path, dataset):
-    cfg = load_config(
+    cfg = load_job(
         write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None),
         ["batching.max_batch_size=4", "batching.window_batches=4"],
     )
@@ -222,7 +223,7 @@ def test_batching_adapter_prepares_the_next_batch_while_one_runs(tmp_path, datas
 
 
 def test_batching_adapter_gives_back_no_unit_of_the_batch_prepared_next(tmp_path, dataset):
-    cfg = load_config(
+    cfg = load_job(
         write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None),
         ["batching.max_batch_size=2", "batching.window_batches=4", "batching.max_wait_s=30"],
     )
@@ -272,7 +273,7 @@ def test_flight_recorder_keeps_stalls_and_heartbeats_per_incarnation():
 
 
 def test_actor_keeps_an_inflight_engine_full_but_never_above_its_bound(tmp_path, dataset):
-    cfg = load_config(
+    cfg = load_job(
         write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None),
         [
             "engine.fake.mode=inflight",
@@ -312,9 +313,9 @@ def test_actor_keeps_an_inflight_engine_full_but_never_above_its_bound(tmp_path,
 
 def test_fake_inflight_engine_is_chosen_by_mode_and_feed(tmp_path, dataset):
     job = write_job(tmp_path / "j.yaml", dataset, tmp_path / "o", None)
-    stream = make_engine(load_config(job, ["engine.fake.mode=inflight"]))
-    batch = make_engine(load_config(job, ["engine.fake.mode=inflight", "engine.fake.feed=batch"]))
-    lockstep = make_engine(load_config(job))
+    stream = make_engine(load_job(job, ["engine.fake.mode=inflight"]))
+    batch = make_engine(load_job(job, ["engine.fake.mode=inflight", "engine.fake.feed=batch"]))
+    lockstep = make_engine(load_job(job))
     assert type(stream).__name__ == "FakeInflightEngine" and stream.max_in_flight == 128
     assert (
         isinstance(batch, BatchingAdapter)

@@ -10,14 +10,15 @@ import pyarrow.dataset as ds
 import pytest
 
 from qvl_batch.commands.verify import verify_output
-from qvl_batch.config import ConfigError, load_config
-from qvl_batch.driver import run_job
+from qvl_batch.config import ConfigError
 from qvl_batch.errors import Exit
-from qvl_batch.structured import OutputParser, SchemaError, columns_of, example_for
+from qvl_batch.output.structured import OutputParser, SchemaError, columns_of, example_for
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.validate import load_job
 
 from .conftest import REPO, check_fake_output, input_rows, read_output
 
-MODERATION = load_config(REPO / "jobs" / "moderation.yaml", ["input.paths=[x]"]).structured
+MODERATION = load_job(REPO / "jobs" / "moderation.yaml", ["input.paths=[x]"]).structured
 SCHEMA = MODERATION.json_schema
 
 
@@ -64,13 +65,13 @@ def test_bad_schema_or_clashing_property_stops_the_job_at_load(tmp_path):
     job = tmp_path / "j.yaml"
     job.write_text(json.dumps({"input": {"paths": ["x"]}, "structured": {"json_schema": bad}}))
     with pytest.raises(ConfigError, match=r"json_schema: .* at properties/verdict/type: 'tuple'"):
-        load_config(job, ["output.path=o"])
+        load_job(job, ["output.path=o"])
     clash = {"type": "object", "properties": {"text": {"type": "string"}}}
     job.write_text(json.dumps({"input": {"paths": ["x"]}, "structured": {"json_schema": clash}}))
     with pytest.raises(ConfigError, match=r"\['text'\] would replace output columns"):
-        load_config(job, ["output.path=o"])
+        load_job(job, ["output.path=o"])
     with pytest.raises(ConfigError, match=r"structured\.guided"):
-        load_config(job, ["output.path=o", "structured.json_schema=null", "structured.guided=x"])
+        load_job(job, ["output.path=o", "structured.json_schema=null", "structured.guided=x"])
 
 
 def test_parse_valid_fenced_invalid_and_off_schema_answers():
@@ -106,7 +107,7 @@ def test_moderation_preset_typed_columns_and_parse_errors(tmp_path, dataset, ray
     inputs = input_rows(dataset)
     good = sorted(r["id"] for r in inputs if r["kind"] != "corrupt")
     broken = good[:5]
-    cfg = load_config(
+    cfg = load_job(
         REPO / "jobs" / "moderation.yaml",
         [
             f"input.paths=[{dataset}/*.parquet]",

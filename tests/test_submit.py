@@ -26,7 +26,7 @@ import requests
 from qvl_batch.commands.status import job_status
 from qvl_batch.commands.submit import Submission, connect, live_actors, plan_submission, submit
 from qvl_batch.errors import Exit
-from qvl_batch.state import NotAJobOutput
+from qvl_batch.output.state import NotAJobOutput
 
 from .conftest import REPO, check_fake_output, write_job
 

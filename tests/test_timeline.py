@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qvl_batch.timeline import StateTimeline
+from qvl_batch.run.timeline import StateTimeline
 
 
 def test_seconds_are_spread_over_the_bins_they_cover():

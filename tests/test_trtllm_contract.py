@@ -26,7 +26,6 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from qvl_batch.chat_template import CHAT_TEMPLATE
 from qvl_batch.config import (
     Config,
     EngineConfig,
@@ -37,7 +36,8 @@ from qvl_batch.config import (
 from qvl_batch.engines import trtllm
 from qvl_batch.engines.base import EngineDead, EngineError, Request, Result
 from qvl_batch.engines.build import make_engine
-from qvl_batch.structured import OutputParser
+from qvl_batch.output.structured import OutputParser
+from qvl_batch.tooling.chat_template import CHAT_TEMPLATE
 
 from .conftest import MODERATION, input_rows, read_output, write_job
 
@@ -812,7 +812,7 @@ def assert_exactly_once(data_dir: Path, output: Path) -> tuple[list[dict], list[
 def prepared_image(image_bytes: bytes):
     """The image as the runner hands it to the engine (the job's default image settings)."""
     from qvl_batch.config import ImageConfig
-    from qvl_batch.images import prepare_image
+    from qvl_batch.rows.images import prepare_image
 
     return prepare_image(image_bytes, ImageConfig()).image
 

@@ -15,9 +15,9 @@ from qvl_batch.commands.verify import (
     add_verify_parser,
     verify_output,
 )
-from qvl_batch.config import load_config
-from qvl_batch.driver import run_job
 from qvl_batch.errors import Exit
+from qvl_batch.run.driver import run_job
+from qvl_batch.run.validate import load_job
 from qvl_batch.tooling.synth import SynthSpec, make_dataset
 
 from .conftest import read_output, write_job
@@ -34,7 +34,7 @@ def made(tmp_path_factory, ray_head):
     spec = SynthSpec(rows=240, shards=3, row_group_rows=32, max_side=400, corrupt_fraction=0.03)
     make_dataset(str(base / "data"), spec)
     job = write_job(base / "job.yaml", base / "data", base / "out", ray_head)
-    summary = run_job(load_config(job), progress_bar=False)
+    summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     return base
 
@@ -223,7 +223,7 @@ def test_deleted_marker_is_pending_only_with_allow_incomplete(out, capsys):
 @slow
 def test_changed_input_shard(tmp_path, dataset, ray_head):
     job = write_job(tmp_path / "job.yaml", dataset, tmp_path / "own-out", ray_head)
-    assert run_job(load_config(job), progress_bar=False).exit_code == Exit.OK
+    assert run_job(load_job(job), progress_bar=False).exit_code == Exit.OK
     assert verify_output(str(tmp_path / "own-out")).ok
     rewrite(sorted(dataset.glob("*.parquet"))[1], lambda t: t.slice(0, t.num_rows - 1))
     text = problems(tmp_path / "own-out")

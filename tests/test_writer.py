@@ -7,10 +7,10 @@ import fsspec
 import pyarrow as pa
 import pytest
 
-from qvl_batch.manifest import WorkUnit
-from qvl_batch.schema import DATA_COLUMNS, ERROR_COLUMNS, ROW_RESULT
-from qvl_batch.state import OutputState
-from qvl_batch.writer import UnitIncomplete, check_exactly_once, commit_unit
+from qvl_batch.output.schema import DATA_COLUMNS, ERROR_COLUMNS, ROW_RESULT
+from qvl_batch.output.state import OutputState
+from qvl_batch.output.writer import UnitIncomplete, check_exactly_once, commit_unit
+from qvl_batch.rows.manifest import WorkUnit
 
 
 def _results(rows, ok=True):

@@ -1,6 +1,6 @@
 """``qvl-batch bench driver``: what the driver alone schedules and commits, 64 actors simulated.
 
-The real :class:`~qvl_batch.driver.Driver` runs a real plan over real Parquet footers and
+The real :class:`~qvl_batch.run.driver.Driver` runs a real plan over real Parquet footers and
 commits real part files and markers (local disk, or an S3 protocol server with ``--s3``); only
 the actors are simulated, in-process: each answers a unit after ``--latency-s`` with a result
 table of the unit's size (built from a template, no images read), through the same
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..bucketing import PaddingStats
-from ..config import load_config
-from ..dispatch import COMMIT_THREADS
-from ..driver import Driver
-from ..handout import Outcome
-from ..liveness import Beat
-from ..schema import ROW_RESULT
+from ..engines.bucketing import PaddingStats
+from ..output.schema import ROW_RESULT
+from ..run.dispatch import COMMIT_THREADS
+from ..run.driver import Driver
+from ..run.handout import Outcome
+from ..run.liveness import Beat
+from ..run.validate import load_job
 from .common import job_io, tiny_rows
 
 
@@ -116,7 +116,7 @@ class SimulatedPool:
 
 
 def _run(data: Path, out: str, args, extra: list[str], commit_threads: int) -> dict:
-    cfg = load_config(
+    cfg = load_job(
         args.job,
         [
             *job_io(data, out),

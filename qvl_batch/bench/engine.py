@@ -54,8 +54,8 @@ def loaded_with_requests(cfg: Config, rows: list[dict]) -> tuple:
 def prepared_requests(engine, cfg: Config, rows: list[dict]) -> list:
     """Rows prepared as the actor prepares them (``UnitWorker._prepare``), as engine Requests."""
     from ..engines.base import Request
-    from ..images import prepare_image
-    from ..prompts import render_prompt, template_fields
+    from ..rows.images import prepare_image
+    from ..rows.prompts import render_prompt, template_fields
 
     fields = template_fields(cfg.prompt.template)
     system = cfg.prompt.system
@@ -318,7 +318,7 @@ def bench_in_actor(cfg: Config, rows: list[dict], batch_size: int, max_s: float)
     """``time_batches`` inside one Ray actor with the runner's resources (GPU, CPUs)."""
     import ray
 
-    from ..cluster import connect
+    from ..run.cluster import connect
 
     started = connect(cfg)
     try:

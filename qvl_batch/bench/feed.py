@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import load_config
+from ..run.validate import load_job
 from .common import FAKE_ENGINE, job_io, tiny_rows
 
 CAPTION_LENGTHS = "lognormal:110:300"  # caption-like: mean ~110 tokens, capped at 300
@@ -58,7 +58,7 @@ def capacity(args: argparse.Namespace, data: Path, lengths: str) -> dict:
     from ..engines.lengths import answer_length
 
     ids = ds.dataset(str(data)).to_table(columns=["id"]).column("id").to_pylist()
-    cfg = load_config(args.job, _engine_overrides(args, lengths))
+    cfg = load_job(args.job, _engine_overrides(args, lengths))
     prompt_tokens = estimate_text_tokens(cfg.prompt.template, cfg.prompt.system) + 4  # 56x56
     done = threading.Event()
     count = [0]
@@ -87,7 +87,7 @@ def capacity(args: argparse.Namespace, data: Path, lengths: str) -> dict:
 
 def runner(args: argparse.Namespace, data: Path, lengths: str, feed: str) -> dict:
     """The whole runner on a local Ray it starts itself, with the simulator fed by ``feed``."""
-    from ..driver import run_job
+    from ..run.driver import run_job
 
     out = Path(args.workdir) / f"feed-out-{feed}"
     overrides = [
@@ -101,7 +101,7 @@ def runner(args: argparse.Namespace, data: Path, lengths: str, feed: str) -> dic
         f"cluster.num_actors={args.actors}",
         *args.overrides,
     ]
-    summary = run_job(load_config(args.job, overrides), progress_bar=False)
+    summary = run_job(load_job(args.job, overrides), progress_bar=False)
     metrics = json.loads((out / "_metrics.json").read_text())
     timings = metrics.get("actor_timings_s") or {}
     busy, slot = timings.get("engine_busy_s", 0.0), timings.get("engine_slot_s", 0.0)

@@ -44,7 +44,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import Config, load_config
+from ..config import Config
+from ..run.validate import load_job
 from ..tooling.gpu_sampler import GpuSampler
 from .common import job_io
 from .engine import (
@@ -143,8 +144,8 @@ def _job_overrides(
 
 def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
     """One whole job; rates, stage fractions, padding and (on a GPU) its busy fraction."""
-    from ..driver import run_job
-    from ..state import METRICS_FILE
+    from ..output.state import METRICS_FILE
+    from ..run.driver import run_job
 
     sampler = GpuSampler() if cuda else None
     sampling = sampler.start() if sampler else False
@@ -212,8 +213,8 @@ def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
 
 def _commit_times(out: Path) -> list[tuple[float, int]]:
     """(commit time as a Unix timestamp, rows) of every unit marker of a local output, sorted."""
-    from ..marker import Marker
-    from ..state import UNITS_DIR
+    from ..output.marker import Marker
+    from ..output.state import UNITS_DIR
 
     commits = []
     for path in (out / UNITS_DIR).glob("*.json"):
@@ -400,7 +401,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
 
     def config(out: str, batch_size: int, extra: tuple[str, ...] = (), data: Path = square):
         overrides = _job_overrides(args, model, data, work / out, batch_size, cuda, extra)
-        return load_config(args.job, overrides)
+        return load_job(args.job, overrides)
 
     def batch_size() -> int:
         bare = report.get("bare")

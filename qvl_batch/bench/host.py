@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from ..config import ImageConfig, load_config
-from ..images import prepare_image
-from ..state import METRICS_FILE
+from ..config import ImageConfig
+from ..output.state import METRICS_FILE
+from ..rows.images import prepare_image
+from ..run.validate import load_job
 from .common import FAKE_ENGINE, job_io, tiny_rows
 
 
@@ -55,7 +56,7 @@ def _bare_loop(data: Path, cores: int, image_cfg: ImageConfig) -> tuple[int, flo
 
 
 def bench_host(args: argparse.Namespace) -> int:
-    from ..driver import run_job
+    from ..run.driver import run_job
     from ..tooling.synth import photo_dataset
 
     work = Path(args.workdir)
@@ -66,7 +67,7 @@ def bench_host(args: argparse.Namespace) -> int:
         f"batching.prepare_threads={args.threads or max(1, args.cores // args.actors)}",
         "batching.unit_rows=64",
     ]
-    cfg = load_config(
+    cfg = load_job(
         args.job, _job_overrides(data, work / "host-out", args.cores, layout + args.overrides)
     )
     results = []
@@ -119,15 +120,15 @@ def bench_host(args: argparse.Namespace) -> int:
 
 def _driver_rss_child(args: argparse.Namespace) -> int:
     """One job in this process; print the driver's peak RSS (MiB) as JSON."""
-    from ..driver import run_job
+    from ..run.driver import run_job
 
-    cfg = load_config(
+    cfg = load_job(
         args.job,
         _job_overrides(Path(args.data), Path(args.out), args.cores, args.overrides),
     )
     summary = run_job(cfg, progress_bar=False)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    from ..state import OutputState
+    from ..output.state import OutputState
 
     metrics = OutputState(cfg.output.path).metrics() or {}
     print(

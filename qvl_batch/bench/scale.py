@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import load_config
+from ..run.validate import load_job
 from .common import FAKE_ENGINE, job_io, tiny_rows
 
 SAMPLE_S = 0.5  # /proc sampling period during a point
@@ -200,11 +200,11 @@ def _timeline(markers: list, t_ready: float | None, n: int) -> dict:
 
 
 def run_point(args: argparse.Namespace, n: int, data: Path) -> dict:
-    from ..driver import run_job
-    from ..state import OutputState
+    from ..output.state import OutputState
+    from ..run.driver import run_job
 
     out = Path(args.workdir) / f"scale-out-{n}"
-    cfg = load_config(args.job, point_overrides(args, n, data, out))
+    cfg = load_job(args.job, point_overrides(args, n, data, out))
     qlog = logging.getLogger("qvl_batch")
     hook, level = _ReadyHook(), qlog.level
     qlog.addHandler(hook)

@@ -15,9 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..config import load_config
-from ..manifest import plan_job
-from ..reader import read_unit_table, unit_rows
+from ..rows.manifest import plan_job
+from ..rows.reader import read_unit_table, unit_rows
+from ..run.validate import load_job
 from ..storage import Storage
 
 
@@ -80,8 +80,8 @@ def bench_storage(args: argparse.Namespace) -> int:
             *args.overrides,
         ]
         sides = {
-            "local": load_config(args.job, [f"input.paths=[{data}/*.parquet]", *common]),
-            "s3": load_config(args.job, [f"input.paths=[s3://{args.bucket}/shards]", *common]),
+            "local": load_job(args.job, [f"input.paths=[{data}/*.parquet]", *common]),
+            "s3": load_job(args.job, [f"input.paths=[s3://{args.bucket}/shards]", *common]),
         }
         runs: dict[str, list[dict]] = {"local": [], "s3": []}
         for i in range(args.repeat):

@@ -8,10 +8,10 @@
 Random weights never say EOS, so ``engine.hf.answer_lengths`` sets each answer's length.
 
 Both sides batch alike: the runner buckets by size under ``batching.max_tokens_per_batch``, and
-the bare engine's batches come from the same :class:`~qvl_batch.bucketing.Bucketer` with the same
-budget (``workload_bare``), not in arrival order. The budget holds B rows of the workload's
-largest image, so the batch size bounds a batch on both sides. Each side's compute floor comes
-from its own rows' token counts (``floor.py``).
+the bare engine's batches come from the same :class:`~qvl_batch.engines.bucketing.Bucketer`
+with the same budget (``workload_bare``), not in arrival order. The budget holds B rows of the
+workload's largest image, so the batch size bounds a batch on both sides. Each side's compute
+floor comes from its own rows' token counts (``floor.py``).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def _config(config, out: str, batch_size: int, extra: tuple[str, ...], data: Pat
 
 def _output_tokens(out: Path) -> tuple[dict, dict]:
     """Mean tokens per row (vision, prompt text, answer) and resized sizes of a job's output."""
-    from ..state import DATA_DIR
+    from ..output.state import DATA_DIR
 
     cols = ["prompt_tokens", "vision_tokens", "output_tokens", "resized_width", "resized_height"]
     parts = sorted((out / DATA_DIR).glob("*.parquet"))

@@ -1,8 +1,9 @@
 """The bare engine on a workload's rows (``bench gpu --workload``), batched as the runner does.
 
 Mixed sizes in arrival order pad heavily while the runner buckets them, so the bare batches come
-from the runner's own :class:`~qvl_batch.bucketing.Bucketer`, fed as the batching adapter feeds
-it (its window of ``batching.window_batches`` batches, the same token budget and padding limit).
+from the runner's own :class:`~qvl_batch.engines.bucketing.Bucketer`, fed as the batching
+adapter feeds it (its window of ``batching.window_batches`` batches, the same token budget and
+padding limit).
 The warm-up is the actor's (``engine.warmup(B)``), timed; rows are prepared once, untimed.
 """
 
@@ -12,9 +13,9 @@ import time
 from collections import Counter
 from dataclasses import asdict, replace
 
-from ..bucketing import Bucketer
 from ..config import Config
-from ..images import smart_resize, vision_tokens
+from ..engines.bucketing import Bucketer
+from ..rows.images import smart_resize, vision_tokens
 from ..tooling.gpu_sampler import GpuSampler
 from .engine import Variant, _free, _print_run, _sync, loaded_with_requests
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-from ..config import conf_dir, load_config
-from ..driver import run_job
+from ..config import conf_dir
+from ..run.driver import run_job
+from ..run.validate import load_job
 from ..tooling.synth import SynthSpec, make_dataset
 
 log = logging.getLogger("qvl_batch")
@@ -25,7 +26,7 @@ def run_demo(data_dir: str, output: str, rows: int, shards: int, overrides: list
         spec = SynthSpec(rows=rows, shards=shards, row_group_rows=128, max_side=512)
         make_dataset(data_dir, spec)
         open(marker, "w").close()
-    cfg = load_config(
+    cfg = load_job(
         demo_job_file(),
         [f"input.paths=[{data_dir}/*.parquet]", f"output.path={output}", *overrides],
     )

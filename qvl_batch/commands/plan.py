@@ -14,14 +14,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..closing import error_fraction_problem
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError
 from ..engines.base import estimate_text_tokens
 from ..errors import Exit, RowError
-from ..images import ImageError, prepare_image
-from ..manifest import InputError, WorkUnit, plan_job
-from ..prompts import PromptError
-from ..reader import fetch_uri, read_unit_table, unit_rows
+from ..rows.images import ImageError, prepare_image
+from ..rows.manifest import InputError, WorkUnit, plan_job
+from ..rows.prompts import PromptError
+from ..rows.reader import fetch_uri, read_unit_table, unit_rows
+from ..run.closing import error_fraction_problem
+from ..run.validate import load_job
 from ..storage import Storage, StorageError
 
 ROWS_PER_UNIT = 8  # sampled rows per unit read: spreads the sample, bounds the units read
@@ -216,7 +217,7 @@ def cmd_plan(args) -> int:
         print("qvl-batch: error: --sample and --gpus must be >= 1, --rate > 0", file=sys.stderr)
         return Exit.CONFIG
     try:
-        cfg = load_config(args.job, list(args.overrides))
+        cfg = load_job(args.job, list(args.overrides))
         report = plan_report(cfg, args.sample, args.rate, args.gpus)
     except (ConfigError, InputError, StorageError) as exc:
         print(f"qvl-batch: error: {exc}", file=sys.stderr)

@@ -26,25 +26,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..closing import close_output, error_fraction_problem
 from ..config import ConfigError, fingerprint, fingerprint_fields, load_config
-from ..dispatch import Dispatcher
-from ..driver import JobSummary, fill_totals, ray_pool
 from ..errors import Exit
-from ..manifest import WorkUnit, plan_job
-from ..marker import Marker
-from ..progress import Progress
-from ..schema import part_columns
-from ..state import ERRORS_DIR, SUCCESS_FILE, OutputState
+from ..output.marker import Marker
+from ..output.schema import part_columns
+from ..output.state import ERRORS_DIR, SUCCESS_FILE, OutputState
+from ..output.writer import commit_retry
+from ..rows.manifest import WorkUnit, plan_job
+from ..run.closing import close_output, error_fraction_problem
+from ..run.dispatch import Dispatcher
+from ..run.driver import JobSummary, fill_totals, ray_pool
+from ..run.progress import Progress
 from ..storage import Storage, StorageError
-from ..writer import commit_retry
 from .verify import config_from_job
 
 log = logging.getLogger("qvl_batch")
 
 
 class RetryWork:
-    """The error rows of a finished job as units (the :class:`~qvl_batch.dispatch.Work` of
+    """The error rows of a finished job as units (the :class:`~qvl_batch.run.dispatch.Work` of
     retry-failed): only those rows run; a commit folds them into the unit's files."""
 
     def __init__(self, state: OutputState, records: dict[str, Marker], columns, compression):

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from ..config import StorageConfig
 from ..errors import Exit
-from ..report import error_codes_line, totals_of
-from ..state import NotAJobOutput, OutputState
+from ..output.state import NotAJobOutput, OutputState
+from ..report.totals import error_codes_line, totals_of
 from ..storage import Storage, StorageError
 
 RATE_WINDOW_S = 300.0  # the rate is measured over the last 5 minutes of commits

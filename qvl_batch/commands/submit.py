@@ -28,8 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, StorageConfig, conf_dir, load_config
+from ..config import ConfigError, StorageConfig, conf_dir
 from ..errors import Exit, SubmitError
+from ..run.validate import load_job
 
 log = logging.getLogger("qvl_batch")
 
@@ -91,7 +92,7 @@ def plan_submission(
     ``runtime_env["py_modules"]`` is left for :func:`shipped_package` to fill in.
     """
     job_path = Path(job_file).resolve()
-    cfg = load_config(job_path, [*overrides, "cluster.address=auto"])
+    cfg = load_job(job_path, [*overrides, "cluster.address=auto"])
     wd = Path(working_dir).resolve() if working_dir else job_path.parent
     if not wd.is_dir():
         raise ConfigError(f"--working-dir {wd}: not a folder")
@@ -374,7 +375,7 @@ def status_lines(client, sid: str) -> list[str]:
 
 
 def _ledger_lines(output: str, endpoint_url: str | None) -> list[str]:
-    from ..state import NotAJobOutput
+    from ..output.state import NotAJobOutput
     from ..storage import StorageError
     from .status import job_status
 

@@ -25,14 +25,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import REDACTED, Config, ConfigError, StorageConfig, config_from_saved
-from ..coverage import coverage
 from ..errors import Exit
-from ..manifest import InputError, Plan, WorkUnit, plan_job
-from ..marker import Marker
-from ..reader import read_unit_table
-from ..report import error_codes_line
-from ..schema import LINEAGE, ROW_RESULT, part_columns
-from ..state import (
+from ..output.coverage import coverage
+from ..output.marker import Marker
+from ..output.schema import LINEAGE, ROW_RESULT, part_columns
+from ..output.state import (
     DATA_DIR,
     ERRORS_DIR,
     JOB_FILE,
@@ -43,8 +40,11 @@ from ..state import (
     errors_file,
     unit_id_of,
 )
+from ..output.structured import columns_of
+from ..report.totals import error_codes_line
+from ..rows.manifest import InputError, Plan, WorkUnit, plan_job
+from ..rows.reader import read_unit_table
 from ..storage import Storage, StorageError, describe, is_temporary
-from ..structured import columns_of
 
 # Units checked at once: each is a few GETs of tens of ms on object stores and holds one unit's
 # ids and row numbers, so this bounds both open connections and memory.

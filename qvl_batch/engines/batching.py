@@ -1,6 +1,7 @@
 """The batching adapter: a lock-step engine (``generate(batch)``) as a stream.
 
-Rows wait in size buckets (:mod:`qvl_batch.bucketing`); one thread forms batches and runs them.
+Rows wait in size buckets (:mod:`qvl_batch.engines.bucketing`); one thread forms batches, one
+runs them.
 A batch goes when a bucket fills (rows or tokens), when topping it up with the nearest sizes
 fills it within the padding limit, when its oldest row has waited ``batching.max_wait_s``, or as
 a part-batch once nothing more can come before it: the actor said so (``flush``: every row in
@@ -24,10 +25,10 @@ import time
 from collections import Counter
 from typing import Any
 
-from ..bucketing import Bucketer
 from ..config import Config
 from ..errors import RowError
 from .base import BatchEngine, Engine, Request, Result, ResultSink
+from .bucketing import Bucketer
 
 log = logging.getLogger(__name__)
 

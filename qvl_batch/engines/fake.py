@@ -38,7 +38,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import RowError
-from ..structured import example_for
+from ..output.structured import example_for
 from .base import BatchEngine, Engine, EngineError, Request, Result, ResultSink
 from .lengths import answer_length
 

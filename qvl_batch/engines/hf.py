@@ -88,7 +88,7 @@ import transformers
 
 from ..config import Config, SamplingConfig, StructuredConfig
 from ..errors import RowError
-from ..prompts import chat_messages
+from ..rows.prompts import chat_messages
 from .base import BatchEngine, Request, Result
 from .hf_decode import (
     StaticCaches,

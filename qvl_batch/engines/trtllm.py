@@ -58,7 +58,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import RowError
-from ..prompts import chat_messages
+from ..rows.prompts import chat_messages
 from .base import Engine, EngineDead, EngineError, Request, Result, ResultSink
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..chat_template import CHAT_TEMPLATE
+from .chat_template import CHAT_TEMPLATE
 
 SIZES = ("tiny", "3b", "7b")
 SHARD_BYTES = 5 * 1000**3

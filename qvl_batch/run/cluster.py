@@ -18,14 +18,14 @@ from ray.exceptions import (
     RayTaskError,
 )
 
+from ..config import Config
+from ..engines import gpus_spanned
+from ..engines.bucketing import PaddingStats
+from ..errors import ClusterError
+from ..storage import merge_request_stats
 from .actor import UnitWorker
-from .bucketing import PaddingStats
-from .config import Config
-from .engines import gpus_spanned
-from .errors import ClusterError
 from .handout import Outcome
 from .liveness import Beat, silence_limit
-from .storage import merge_request_stats
 
 log = logging.getLogger("qvl_batch")
 

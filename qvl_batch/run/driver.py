@@ -14,19 +14,20 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..config import Config, fingerprint, fingerprint_fields, saved_config
+from ..errors import Exit
+from ..output.marker import Marker
+from ..output.reuse import build_index
+from ..output.schema import part_columns
+from ..output.state import OutputState
+from ..output.writer import commit_unit
+from ..report.totals import error_codes_line, totals_of, versions
+from ..rows.manifest import Plan, WorkUnit, plan_job
+from ..storage import Storage, StorageError, merge_request_stats
 from .closing import close_output, error_fraction_problem
-from .config import Config, fingerprint, fingerprint_fields, saved_config
 from .dispatch import COMMIT_THREADS, Dispatcher, PassResult
-from .errors import Exit
-from .manifest import Plan, WorkUnit, plan_job
-from .marker import Marker
 from .progress import Progress
-from .report import error_codes_line, totals_of, versions
-from .reuse import build_index
-from .schema import part_columns
-from .state import OutputState
-from .storage import Storage, StorageError, merge_request_stats
-from .writer import commit_unit
+from .validate import validate
 
 log = logging.getLogger("qvl_batch")
 
@@ -92,7 +93,7 @@ class JobSummary:
 
 
 class JobWork:
-    """A job's units as ``run`` runs them (the :class:`~qvl_batch.dispatch.Work` of new rows):
+    """A job's units as ``run`` runs them (the :class:`~qvl_batch.run.dispatch.Work` of new rows):
     every row of the unit, committed as new part files then the marker."""
 
     def __init__(self, cfg: Config, state: OutputState, rows_before: int, errors_before: int):
@@ -308,4 +309,4 @@ def _job_timeline(timelines: list[dict], started_at: float, generations: list[in
 
 def run_job(cfg: Config, progress_bar: bool | None = None) -> JobSummary:
     """Run (or resume) the job ``cfg`` describes; see :class:`JobSummary` for the outcome."""
-    return Driver(cfg, progress_bar).run()
+    return Driver(validate(cfg), progress_bar).run()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import RowError
+from ..errors import RowError
 
 
 @dataclass

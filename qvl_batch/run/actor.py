@@ -27,20 +27,20 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from .bucketing import PaddingStats
-from .config import Config
-from .engines.base import Engine, Request, Result
-from .engines.build import make_engine
-from .errors import ACTOR_ENGINE_DEAD, RowError
-from .images import ImageError, prepare_image
+from ..config import Config
+from ..engines.base import Engine, Request, Result
+from ..engines.bucketing import PaddingStats
+from ..engines.build import make_engine
+from ..errors import ACTOR_ENGINE_DEAD, RowError
+from ..output.reuse import ReuseIndex, ReuseReader, result_key, settings_digest
+from ..output.schema import IMAGE_COLUMNS, ROW_RESULT
+from ..output.structured import OutputParser
+from ..rows.images import ImageError, prepare_image
+from ..rows.manifest import WorkUnit
+from ..rows.prompts import PromptError
+from ..rows.reader import RowInput, fetch_uri, read_unit_table, unit_rows
+from ..storage import Storage
 from .liveness import Watchdog, all_stacks
-from .manifest import WorkUnit
-from .prompts import PromptError
-from .reader import RowInput, fetch_uri, read_unit_table, unit_rows
-from .reuse import ReuseIndex, ReuseReader, result_key, settings_digest
-from .schema import IMAGE_COLUMNS, ROW_RESULT
-from .storage import Storage
-from .structured import OutputParser
 from .timeline import StateTimeline
 
 log = logging.getLogger(__name__)

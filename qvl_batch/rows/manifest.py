@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from .config import Config
-from .errors import InputError
+from ..config import Config
+from ..errors import InputError
+from ..storage import Storage, StorageError, bucket_of, describe, full_url
 from .prompts import template_fields
-from .storage import Storage, StorageError, bucket_of, describe, full_url
 
 GLOB_CHARS = "*?["
 FOOTER_THREADS = 16  # footers are tiny reads; this bounds open connections, not memory

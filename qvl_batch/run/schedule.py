@@ -21,7 +21,7 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any
 
-from .manifest import WorkUnit
+from ..rows.manifest import WorkUnit
 
 MAX_BACKOFF_S = 30.0
 

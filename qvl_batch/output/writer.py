@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..rows.manifest import WorkUnit
 from .coverage import coverage
-from .manifest import WorkUnit
 from .marker import Marker
 from .schema import LINEAGE
 from .state import OutputState, data_file, errors_file

@@ -1,10 +1,10 @@
 """The run loop that ``run`` and ``retry-failed`` share: hand units to actors, take results
 back, commit each unit once.
 
-It composes the scheduler's parts: :class:`~qvl_batch.schedule.UnitQueue` (what is left, with
-retries and backoff), :class:`~qvl_batch.handout.HandOut` + ``Runs`` (which actor gets what,
-moves and backup copies at the tail), :class:`~qvl_batch.schedule.Committer` (the writing
-threads), :class:`~qvl_batch.isolation.CrashIsolation` (rows suspected of killing an engine),
+It composes the scheduler's parts: :class:`~qvl_batch.run.schedule.UnitQueue` (what is left, with
+retries and backoff), :class:`~qvl_batch.run.handout.HandOut` + ``Runs`` (which actor gets what,
+moves and backup copies at the tail), :class:`~qvl_batch.run.schedule.Committer` (the writing
+threads), :class:`~qvl_batch.run.isolation.CrashIsolation` (rows suspected of killing an engine),
 and the actor pool (``cluster.ActorPool``, or the driver benchmark's simulated one). What a unit
 is and how it is committed comes from a :class:`Work` (a job's new rows, or retry-failed's error
 rows); the loop itself does not know which.
@@ -19,15 +19,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..output.marker import Marker
+from ..output.writer import UnitIncomplete
+from ..rows.manifest import WorkUnit
+from ..storage import StorageError
 from .handout import HandOut, Run, Runs
 from .isolation import CrashIsolation
 from .liveness import beat_interval, silence_limit
-from .manifest import WorkUnit
-from .marker import Marker
 from .progress import Progress
 from .schedule import Committer, UnitQueue
-from .storage import StorageError
-from .writer import UnitIncomplete
 
 log = logging.getLogger("qvl_batch")
 
@@ -308,7 +308,7 @@ class Dispatcher:
     def _watch(self, now: float) -> None:
         """Every heartbeat interval: the actors' heartbeats move the progress line with rows
         finished inside running units; an actor holding work that sent none for
-        :func:`~qvl_batch.liveness.silence_limit` is killed (liveness.py says why)."""
+        :func:`~qvl_batch.run.liveness.silence_limit` is killed (liveness.py says why)."""
         stall_s = self.cfg.limits.stall_s
         if now < self._next_watch:
             return

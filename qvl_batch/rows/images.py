@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import RowError
+from ..errors import RowError
 
 PATCH = 28  # Qwen2.5-VL: 14px patches merged 2x2 -> one vision token per 28x28
 MAX_ASPECT = 200  # Qwen's processor refuses images thinner than this

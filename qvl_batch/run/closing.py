@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from .config import LimitsConfig
-from .state import METRICS_FILE, SUCCESS_FILE, OutputState
+from ..config import LimitsConfig
+from ..output.state import METRICS_FILE, SUCCESS_FILE, OutputState
 
 log = logging.getLogger("qvl_batch")
 
@@ -38,7 +38,7 @@ def error_fraction_problem(
 def write_report(state: OutputState) -> None:
     """``_report.html`` with plots; a report that cannot be made never fails the job."""
     try:
-        from .report_html import write_report as write
+        from ..report.html import write_report as write
 
         write(state)
     except Exception as exc:  # matplotlib missing, a plot failing on odd data, ...

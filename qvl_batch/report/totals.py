@@ -6,7 +6,7 @@ import importlib.metadata
 import platform
 from collections import Counter
 
-from .marker import Marker
+from ..output.marker import Marker
 
 PACKAGES = (
     "qvl-batch",

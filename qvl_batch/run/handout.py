@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .manifest import WorkUnit
+from ..rows.manifest import WorkUnit
 
 STARTING_DEPTH = 2  # units a live actor holds while others are still starting
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from .config import Config, ConfigError, result_settings
+from ..config import Config, ConfigError, result_settings
+from ..storage import Storage
 from .state import DATA_DIR, NotAJobOutput, OutputState
-from .storage import Storage
 
 log = logging.getLogger("qvl_batch")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from .errors import RowError
+from ..errors import RowError
 
 _FORMATTER = string.Formatter()
 

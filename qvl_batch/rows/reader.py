@@ -9,12 +9,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import Config
-from .errors import RowError
+from ..config import Config
+from ..errors import RowError
+from ..storage import Storage, describe
 from .images import ImageError
 from .manifest import WorkUnit, required_columns
 from .prompts import PromptError, prompt_from_column, render_prompt, template_fields
-from .storage import Storage, describe
 
 # Tokenizers average 3-5 characters per token on natural text; a prompt over this many
 # characters per allowed token is refused without tokenizing (a multi-megabyte cell is cheap).

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .report_timeline import job_span, parse_time, timeline_section
-from .state import REPORT_FILE, OutputState
+from ..output.state import REPORT_FILE, OutputState
+from .timeline import job_span, parse_time, timeline_section
 
 READ_THREADS = 16  # small GETs in parallel: object stores answer each in ~10-50 ms
 MAX_PART_FILES = 200  # per-row plots sample at most this many data files: bounded time and memory

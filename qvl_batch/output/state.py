@@ -25,9 +25,9 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import NotAJobOutput, ResumeRefused
+from ..errors import NotAJobOutput, ResumeRefused
+from ..storage import Storage, StorageError, atomic_write, describe, is_temporary, join
 from .marker import Marker
-from .storage import Storage, StorageError, atomic_write, describe, is_temporary, join
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"

@@ -1,0 +1,52 @@
+"""A job's settings checked against what they name in the wings below: the engine registry,
+the prompt template's fields, the image formats Pillow decodes here, the structured-output
+schema and the output columns it must not replace. ``config.py`` checks each setting alone and
+imports none of these; every command that runs or plans a job loads it with :func:`load_job`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config, ConfigError, load_config
+from ..engines import ENGINES
+from ..output.schema import reserved_columns
+from ..output.structured import SchemaError, columns_of
+from ..rows.images import known_formats
+from ..rows.prompts import template_fields
+
+
+def load_job(job_file: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """:func:`~qvl_batch.config.load_config`, then :func:`validate`."""
+    return validate(load_config(job_file, overrides))
+
+
+def validate(cfg: Config) -> Config:
+    """``cfg`` if its settings fit the modules they name; else a ConfigError saying what to fix."""
+    if cfg.engine.name not in ENGINES:
+        raise ConfigError(f"engine.name: {cfg.engine.name!r} is not one of {ENGINES}")
+    known = known_formats()
+    unknown = [name for name in cfg.image.formats if name not in known]
+    if unknown:
+        raise ConfigError(
+            f"image.formats: {unknown}: not source formats Pillow decodes here (EPS never: it "
+            f"runs Ghostscript); choose from {sorted(known)}"
+        )
+    try:
+        template_fields(cfg.prompt.template)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    schema = cfg.structured.json_schema
+    if schema is not None:
+        try:
+            columns_of(schema)
+        except SchemaError as exc:
+            raise ConfigError(f"structured.json_schema: {exc}") from None
+        taken = reserved_columns() | set(cfg.input.passthrough_columns)
+        clash = sorted(set(schema["properties"]) & taken)
+        if clash:
+            raise ConfigError(
+                f"structured.json_schema: properties {clash} would replace output columns of the "
+                "same name (core, lineage or input.passthrough_columns); rename them"
+            )
+    return cfg
