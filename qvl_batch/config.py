@@ -273,27 +273,27 @@ class HFEngineConfig:
     # engine's). A batch still decodes until its longest row ends. "" = off: the model decides.
     answer_lengths: str = ""
     # Decode with static KV caches and a torch.compile'd decode step (CUDA graphs); one graph
-    # per batch-size rung and cache length step (qvl_batch.engines.hf_decode). null (auto): on
+    # per batch-size rung and cache length step (qvl_batch.engines.hf.decode). null (auto): on
     # for a model on one CUDA GPU with transformers >= 4.57.3, off elsewhere (CPU, a device
     # map); true: required (refused where unsupported); false: off. CUDA graphs keep the decode
     # loop's speed when the host is busy (the runner's prepare threads, other GPUs' engines):
     # docs/PERFORMANCE.md "Faster transformers engine".
     compile: bool | None = None
     # GiB the compiled decode's static KV caches may hold (one per batch-size rung and cache
-    # length met, kept for the job: qvl_batch.engines.hf_decode); a batch whose cache would pass
+    # length met, kept for the job: qvl_batch.engines.hf.decode); a batch whose cache would pass
     # it runs eagerly. null: half the GPU memory free once the model is loaded (CPU: no cap).
     static_cache_gib: float | None = None
     # At most this many (batch rung, cache length) shapes get a compiled decode (each a compile
     # of tens of seconds on a 7B, once per actor); batches of other shapes run eagerly.
     compile_shapes: int = 8
-    # The text model's attention in decode steps: "grouped" (qvl_batch.engines.hf_gqa: each KV
+    # The text model's attention in decode steps: "grouped" (qvl_batch.engines.hf.gqa: each KV
     # head's query heads attend as its queries, no copy of the cache per query head; the same
     # output), "stock" (transformers' SDPA: copies every KV head out to its query heads, each step,
     # when a mask is passed, which a left-padded batch always does), or "auto": grouped with the
     # compiled decode where the installed transformers' text model is the known shape (4.57.3,
     # 5.x) and runs sdpa; stock with the eager decode (where grouped measured slower).
     decode_attention: str = "auto"
-    # The vision tower's attention: "dense" (qvl_batch.engines.hf_vision: a few batched calls
+    # The vision tower's attention: "dense" (qvl_batch.engines.hf.vision: a few batched calls
     # per block, the same output, 2.5x faster at B=128 on an H200), "stock" (transformers' own:
     # one call per window and image), or "auto": dense where the installed transformers' vision
     # attention is the shape it was written for (4.57.3, 5.x), else stock with a warning.

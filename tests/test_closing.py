@@ -7,9 +7,9 @@ import json
 
 import fsspec
 
-from qvl_batch import report_html
 from qvl_batch.config import LimitsConfig
 from qvl_batch.output.state import OutputState
+from qvl_batch.report import html as report_html
 from qvl_batch.run.closing import close_output, error_fraction_problem
 
 

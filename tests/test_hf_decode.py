@@ -19,8 +19,10 @@ from qvl_batch.config import (  # noqa: E402
     HFEngineConfig,
     SamplingConfig,
 )
-from qvl_batch.engines import hf, hf_decode, hf_vision  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
+from qvl_batch.engines.hf import decode as hf_decode  # noqa: E402
+from qvl_batch.engines.hf import engine as hf  # noqa: E402
+from qvl_batch.engines.hf import vision as hf_vision  # noqa: E402
 from qvl_batch.engines.lengths import answer_length  # noqa: E402
 
 from .engine_inputs import engine_requests, small_engine_config  # noqa: E402
@@ -329,12 +331,12 @@ def test_compile_auto_is_on_only_where_it_is_supported(tiny_model):
 def test_compile_switches_off_and_on_on_one_engine(compiled, tiny_model):
     """The benchmark's switch: off clears transformers' compile_config (no per-call warning,
     eager caches), on restores it and reuses the graphs compiled before."""
-    compiled.use_compile(False)
+    compiled.set_modes(compile=False)
     try:
         assert compiled.model.generation_config.compile_config is None
         eager = [(r.text, r.output_tokens) for r in compiled.generate(engine_requests(3))]
     finally:
-        compiled.use_compile(True)
+        compiled.set_modes(compile=True)
     assert compiled.model.generation_config.compile_config is compiled._compile_config
     again = [(r.text, r.output_tokens) for r in compiled.generate(engine_requests(3))]
     assert again == eager

@@ -16,10 +16,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from qvl_batch.config import Config, EngineConfig, SamplingConfig, StructuredConfig  # noqa: E402
-from qvl_batch.engines import hf  # noqa: E402
 from qvl_batch.engines.base import Request  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
-from qvl_batch.engines.hf import generation_kwargs, load_processor, local_model_dir  # noqa: E402
+from qvl_batch.engines.hf import guided  # noqa: E402
+from qvl_batch.engines.hf.engine import generation_kwargs  # noqa: E402
+from qvl_batch.engines.hf.loading import load_processor, local_model_dir  # noqa: E402
 from qvl_batch.errors import Exit  # noqa: E402
 from qvl_batch.output.structured import OutputParser  # noqa: E402
 from qvl_batch.run.validate import load_job  # noqa: E402
@@ -205,7 +206,7 @@ def test_count_text_tokens_is_the_templated_prompt_without_image_pads(engine):
         full = tok(engine.render(prompt, system), add_special_tokens=False)["input_ids"]
         assert full.count(151655) == 1
         assert engine.count_text_tokens(prompt, system) == len(full) - 1, (prompt, system)
-    assert engine._split_ok  # the cached-overhead path is the one measured
+    assert engine.tokens.split_ok  # the cached-overhead path is the one measured
 
 
 def test_prompt_over_the_model_limit_is_a_row_error(engine, direct, monkeypatch):
@@ -362,9 +363,9 @@ def test_required_without_xgrammar_refuses_before_loading_the_model(tiny_model, 
 
 def test_auto_without_xgrammar_warns_once_and_generates_freely(tiny_model, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "xgrammar", None)  # stand-in, as above
-    hf._warn_unguided.cache_clear()
+    guided._warn_unguided.cache_clear()
     request = _request(0, _image(56, 56, seed=1), "Moderate this image.")
-    with caplog.at_level(logging.WARNING, logger=hf.__name__):
+    with caplog.at_level(logging.WARNING, logger=guided.__name__):
         for _ in range(2):  # a replacement actor's engine does not warn again
             eng = make_batch_engine(_config(tiny_model, _structured("auto")))
             try:

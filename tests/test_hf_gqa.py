@@ -1,4 +1,4 @@
-"""The grouped decode attention (``qvl_batch.engines.hf_gqa``, ``engine.hf.decode_attention``)
+"""The grouped decode attention (``qvl_batch.engines.hf.gqa``, ``engine.hf.decode_attention``)
 must give transformers' own SDPA output for one query a head (padding masks shared by the heads
 or one a head, none), without copying the keys and values out to every query head; leave
 prefill to the stock function; switch exactly the text model of one loaded model, both ways; and
@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.integrations import sdpa_attention  # noqa: E402
 
-from qvl_batch.engines import hf_gqa  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
+from qvl_batch.engines.hf import gqa as hf_gqa  # noqa: E402
 
 from .engine_inputs import engine_requests, small_engine_config  # noqa: E402
 
@@ -140,13 +140,13 @@ def test_engine_answers_equal_stock_and_the_switch_goes_both_ways(tiny_model, se
         assert engine.model.config.vision_config._attn_implementation == "sdpa"
         for requests in (engine_requests(4), engine_requests(3, prompt="Hi"), engine_requests(1)):
             grouped = _answers(engine, requests)
-            engine.use_decode_attention("stock")
+            engine.set_modes(decode_attention="stock")
             assert not hf_gqa.is_grouped(engine.model)
             assert engine.modes()["decode_attention"] == "stock"
             calls = len(seen)
             assert _answers(engine, requests) == grouped
             assert len(seen) == calls, "stock ran the grouped function"
-            engine.use_decode_attention("grouped")
+            engine.set_modes(decode_attention="grouped")
         assert 1 in seen and any(n > 1 for n in seen), "decode steps grouped, prefill passed on"
     finally:
         engine.close()
@@ -183,11 +183,11 @@ def test_eager_attention_stays_stock_and_unknown_shapes_refuse(tiny_model, caplo
     try:
         engine.model.model.language_model = None  # a text model where it is not looked for
         with caplog.at_level(logging.WARNING):
-            engine.use_decode_attention("auto")
+            engine.set_modes(decode_attention="auto")
         assert engine.decode_attention == "stock" and "stays stock" in caplog.text
         with pytest.raises(ValueError, match="no text model"):
-            engine.use_decode_attention("grouped")
-        engine.use_decode_attention("stock")  # nothing to undo
+            engine.set_modes(decode_attention="grouped")
+        engine.set_modes(decode_attention="stock")  # nothing to undo
         assert engine.decode_attention == "stock"
     finally:
         engine.close()

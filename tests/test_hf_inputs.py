@@ -20,7 +20,7 @@ from qvl_batch.config import (  # noqa: E402
 )
 from qvl_batch.engines.base import Request  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
-from qvl_batch.engines.hf_inputs import ImageInputs  # noqa: E402
+from qvl_batch.engines.hf.inputs import ImageInputs  # noqa: E402
 
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(180)
@@ -77,7 +77,7 @@ def _assert_same_inputs(ours, theirs) -> None:
 
 def test_device_inputs_equal_the_processors(engines):
     device, processor = engines
-    assert device._image_inputs is not None and processor._image_inputs is None
+    assert device.inputs.images is not None and processor.inputs.images is None
     batch = _batch()
     ours = device.model_inputs(batch)
     _assert_same_inputs(ours, processor.model_inputs(batch))

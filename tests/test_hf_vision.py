@@ -1,4 +1,4 @@
-"""The dense vision attention (``qvl_batch.engines.hf_vision``) must give the stock tower's
+"""The dense vision attention (``qvl_batch.engines.hf.vision``) must give the stock tower's
 embeddings for batches of equal square grids, equal non-square grids (windows of several lengths)
 and mixed grids, with sdpa and eager; switch exactly the vision blocks of one model instance and
 switch them back; leave flash attention stock; refuse a vision attention of another shape."""
@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from qvl_batch.engines import hf_vision  # noqa: E402
+from qvl_batch.engines.hf import vision as hf_vision  # noqa: E402
 
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(180)
@@ -243,13 +243,13 @@ def test_not_qwen_vl_raises():
 
 def test_the_engine_runs_the_dense_tower_when_the_job_says_so(tiny_model, monkeypatch, caplog):
     """engine.hf.vision=dense switches the loaded model's tower; greedy fp32 answers equal the
-    stock tower's; use_vision switches back on the same model."""
+    stock tower's; set_modes(vision=...) switches back on the same model."""
     from PIL import Image
 
     from qvl_batch.config import Config, EngineConfig, HFEngineConfig, SamplingConfig
     from qvl_batch.engines.base import Request
     from qvl_batch.engines.build import make_batch_engine
-    from qvl_batch.engines.hf_vision import is_dense
+    from qvl_batch.engines.hf.vision import is_dense
 
     cfg = Config(
         engine=EngineConfig(
@@ -267,22 +267,22 @@ def test_the_engine_runs_the_dense_tower_when_the_job_says_so(tiny_model, monkey
             image = Image.fromarray(pixels.numpy())
             requests.append(Request(("u", i), f"r{i}", "Describe.", None, image, "", 0, 0))
         dense = [(r.text, r.output_tokens) for r in engine.generate(requests)]
-        engine.use_vision("stock")
+        engine.set_modes(vision="stock")
         assert not is_dense(engine.model)
         stock = [(r.text, r.output_tokens) for r in engine.generate(requests)]
         assert dense == stock
-        engine.use_vision("auto")  # the default: dense where the tower is a known shape
+        engine.set_modes(vision="auto")  # the default: dense where the tower is a known shape
         assert is_dense(engine.model) and engine.vision == "dense"
-        engine.use_vision("stock")
+        engine.set_modes(vision="stock")
 
         def unknown(model):
             raise ValueError("dense vision attention: transformers 9.9: a different shape")
 
         monkeypatch.setattr(hf_vision, "enable_dense_vision", unknown)
         with caplog.at_level(logging.WARNING):
-            engine.use_vision("auto")  # falls back, warned
+            engine.set_modes(vision="auto")  # falls back, warned
         assert engine.vision == "stock" and "stays stock" in caplog.text
         with pytest.raises(ValueError, match="a different shape"):
-            engine.use_vision("dense")  # asked for explicitly: refused
+            engine.set_modes(vision="dense")  # asked for explicitly: refused
     finally:
         engine.close()

@@ -131,7 +131,7 @@ def test_tiny_model_directory_looks_like_a_real_checkpoint(tiny_model):
 
 
 def test_tiny_model_chat_template_is_qwens(tiny_model):
-    from qvl_batch.engines.hf import load_processor
+    from qvl_batch.engines.hf.loading import load_processor
 
     processor = load_processor(tiny_model)
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}
@@ -150,7 +150,7 @@ def test_tiny_model_chat_template_is_qwens(tiny_model):
 def test_tiny_model_loads_and_generates_like_real_weights(tiny_model):
     from safetensors.torch import load_file
 
-    from qvl_batch.engines.hf import load_processor
+    from qvl_batch.engines.hf.loading import load_processor
 
     cls = transformers.Qwen2_5_VLForConditionalGeneration
     model, info = cls.from_pretrained(tiny_model, dtype=torch.float32, output_loading_info=True)

@@ -36,11 +36,11 @@ def test_none_is_the_template_default_and_empty_is_an_empty_system_turn():
 def test_hf_and_trtllm_render_the_same_chat(system):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from qvl_batch.engines.hf import HFEngine
+    from qvl_batch.engines.hf.tokens import PromptTokens
     from qvl_batch.engines.trtllm import render_chat
 
     hf, trt = _Template(), _Template()
-    HFEngine.render(SimpleNamespace(processor=hf), "Describe.", system)
+    PromptTokens.render(SimpleNamespace(processor=hf), "Describe.", system)
     render_chat(trt, "Describe.", system)
     assert hf.seen == trt.seen == [chat_messages("Describe.", system)]
 

@@ -6,7 +6,7 @@ and cache length, one query a head over a ``(B, kv_heads, L, head_dim)`` cache u
 padding mask, as every decode step of a left-padded batch runs it. ``copied`` is what
 transformers' SDPA function does with a mask (4.57.3 and 5.17 in every decode step, 5.24 under
 ``torch.compile``): each KV head copied out to its query heads (``repeat_kv``), then SDPA;
-``grouped`` is ``qvl_batch.engines.hf_gqa``. Prints milliseconds per layer and per step (x
+``grouped`` is ``qvl_batch.engines.hf.gqa``. Prints milliseconds per layer and per step (x
 layers), the ratio, and the largest difference between the two outputs. On the GPU if there is
 one (bf16), else the CPU (float32): a kernel-level figure, not images/s (``bench gpu`` times
 whole batches).
@@ -46,7 +46,7 @@ def decode_attention_case(
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from ..engines.hf_gqa import grouped_decode_attention
+    from ..engines.hf.gqa import grouped_decode_attention
 
     heads, kv_heads, dim = shape["heads"], shape["kv_heads"], shape["head_dim"]
     g = torch.Generator(device=device).manual_seed(batch * 7919 + length)

@@ -164,7 +164,7 @@ def vision_deviation(engine, requests: list) -> dict:
     is, to 1e-5, in tests/test_hf_vision.py)."""
     import torch
 
-    from ..engines.hf_vision import vision_tower
+    from ..engines.hf.vision import vision_tower
 
     inputs = engine.model_inputs(requests)
     tower = vision_tower(engine.model)
@@ -172,11 +172,11 @@ def vision_deviation(engine, requests: list) -> dict:
     out = {}
     with torch.inference_mode():
         for mode in ("stock", "dense"):
-            engine.use_vision(mode)
+            engine.set_modes(vision=mode)
             got = tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
             got = getattr(got, "pooler_output", got)
             out[mode] = got.float()
-    engine.use_vision(was)
+    engine.set_modes(vision=was)
     diff = (out["dense"] - out["stock"]).abs()
     scale = float(out["stock"].abs().max())
     return {
@@ -203,10 +203,12 @@ class Variant:
     def apply(self, engine) -> None:
         if engine.name != "hf":
             return
-        engine.use_vision(self.vision)
-        engine.use_compile(self.decode == "compiled")
-        engine.use_decode_attention(self.attention)
-        engine.use_answer_lengths("" if self.answer_lengths == "fixed" else self.answer_lengths)
+        engine.set_modes(
+            vision=self.vision,
+            compile=self.decode == "compiled",
+            decode_attention=self.attention,
+            answer_lengths="" if self.answer_lengths == "fixed" else self.answer_lengths,
+        )
 
     def overrides(self) -> tuple[str, ...]:
         """The same variant as job overrides (the runner's actor builds its own engine)."""
@@ -257,7 +259,7 @@ def bench_bare(
         warmed = set()  # shapes whose kernels are chosen and graphs compiled
         for mode in preprocess:
             if engine.name == "hf":  # the same loaded model, the other image path
-                engine.use_preprocess(mode)
+                engine.set_modes(preprocess=mode)
             for variant in variants:
                 variant.apply(engine)
                 for b in batch_sizes:

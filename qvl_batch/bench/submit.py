@@ -41,7 +41,7 @@ def bench_submit(args: argparse.Namespace) -> int:
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
-    from ..engines.hf import load_processor
+    from ..engines.hf.loading import load_processor
     from ..engines.trtllm import MM_PROCESSOR_KWARGS, render_chat
 
     torch.set_num_threads(1)  # one submitting thread

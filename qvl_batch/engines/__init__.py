@@ -34,7 +34,7 @@ REGISTRY: dict[str, EngineEntry] = {
         ),
         EngineEntry(
             "hf",
-            "qvl_batch.engines.hf",
+            "qvl_batch.engines.hf.engine",
             "make_hf_engine",
             "transformers, lock-step batches through the batching adapter",
         ),

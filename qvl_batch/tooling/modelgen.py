@@ -5,7 +5,8 @@ tokenizer, chat template, image-processor config, generation config) that loads 
 ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` / ``AutoModelForImageTextToText`` /
 ``AutoProcessor.from_pretrained`` exactly like the published weights (and, like them, needs
 torchvision for ``AutoProcessor``: Qwen2.5-VL's video processor does; without it
-:func:`qvl_batch.engines.hf.load_processor` builds the same processor with no video processor).
+:func:`qvl_batch.engines.hf.loading.load_processor` builds the same processor with no video
+processor).
 
 * ``tiny``: the real architecture at toy width, ~23 MB (20 MB of bf16 weights, almost all the
   151936-row tied embedding, and a 4 MB ``tokenizer.json``): for CPU tests. Its embedding is

@@ -13,11 +13,14 @@ count. ``tests/test_hf_inputs.py`` checks every tensor equals the processor's ow
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ImageInputs:
@@ -114,6 +117,122 @@ class HostImages:
 
 def _rgb(image: Any) -> Any:
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class BatchInputs:
+    """A batch's model inputs for the hf engine: token ids and mask (left-padded), pixel values
+    and grids, made on the host (``host_side``, which the batching adapter runs ahead) and then
+    on the device (``device_side``). Pixels: ``device`` (:class:`ImageInputs`) or ``processor``
+    (the model's image processor, numpy on the CPU); both give the same tensors."""
+
+    def __init__(
+        self, processor: Any, tokens: Any, device: torch.device, dtype: torch.dtype, image_id: int
+    ):
+        self.processor, self.tokens, self.device, self.dtype = processor, tokens, device, dtype
+        self.image_id = image_id
+        self.images: ImageInputs | None = None  # the device path, when in use
+        self._device_path: ImageInputs | None = None  # built on first use (a probe call)
+        self._mm_type_ids = False
+
+    @property
+    def mode(self) -> str:
+        return "device" if self.images is not None else "processor"
+
+    def use(self, mode: str) -> None:
+        """``device`` or ``processor`` from now on (``engine.hf.preprocess``)."""
+        if mode == "device" and self._device_path is None:
+            self._device_path = self._probe_device_path()
+        self.images = self._device_path if mode == "device" else None
+
+    def model_inputs(self, batch: list[Any]) -> Any:
+        return self.device_side(self.host_side(batch))
+
+    def host_side(self, batch: list[Any]) -> tuple[Any, HostImages | None]:
+        """Tokens (and, on the processor's path, the pixels), and the images stacked."""
+        texts = [self.tokens.render(r.prompt, r.system) for r in batch]
+        images = [r.image for r in batch]
+        if self.images is not None:
+            host = self.images.host_side(images)
+            texts = expand_placeholders(texts, images, self.processor.image_token, self.images)
+            with self.tokens.lock:
+                inputs = self.tokens.tokenizer(texts, padding=True, return_tensors="pt")
+            if self._mm_type_ids:  # transformers 5: which tokens are an image's
+                inputs["mm_token_type_ids"] = self._modality_ids(inputs["input_ids"])
+            return inputs, host
+        with self.tokens.lock:
+            inputs = self.processor(
+                text=texts,
+                images=images,
+                padding=True,
+                return_tensors="pt",
+                do_resize=False,  # the runner resized to the grid already
+            )
+        patch = int(self.processor.image_processor.patch_size)
+        for image, thw in zip(images, inputs["image_grid_thw"].tolist()):
+            width, height = image.size
+            if thw != [1, height // patch, width // patch]:
+                raise ValueError(f"processor grid {thw} for a {width}x{height} image: resized?")
+        return inputs, None
+
+    def device_side(self, host: tuple[Any, HostImages | None]) -> Any:
+        inputs, images = host
+        if images is not None:
+            assert self.images is not None
+            pixels, grid = self.images.device_side(images)
+            inputs["pixel_values"], inputs["image_grid_thw"] = pixels, grid  # grids from sizes
+        inputs = inputs.to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    @staticmethod
+    def pad_rows(inputs: Any, n: int, pad_id: int) -> None:
+        """Append ``n`` dummy rows to the batch: one attended token each (the first row's last,
+        so no row ends in padding: transformers would warn of right padding), no image."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        dummy_mask = torch.zeros((n, mask.shape[1]), dtype=mask.dtype, device=mask.device)
+        dummy_mask[:, -1] = 1
+        dummy = torch.full((n, ids.shape[1]), pad_id, dtype=ids.dtype, device=ids.device)
+        dummy[:, -1] = ids[0, -1]
+        inputs["input_ids"] = torch.cat([ids, dummy])
+        inputs["attention_mask"] = torch.cat([mask, dummy_mask])
+        if "mm_token_type_ids" in inputs:
+            types = inputs["mm_token_type_ids"]
+            inputs["mm_token_type_ids"] = torch.cat(
+                [types, torch.zeros_like(types[:1]).expand(n, -1)]
+            )
+
+    def _probe_device_path(self) -> ImageInputs | None:
+        """The torch image path, if this processor returns only what it knows how to build
+        (token ids and mask, optionally modality ids, pixel values, grids); else None (the
+        processor does it all, with a warning)."""
+        from PIL import Image
+
+        side = int(self.processor.image_processor.patch_size) * 2
+        probe = self.processor(
+            text=[self.tokens.render("probe", None)],
+            images=[Image.new("RGB", (side, side))],
+            padding=True,
+            return_tensors="pt",
+            do_resize=False,
+        )
+        known = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"}
+        extra = set(probe.keys()) - known - {"mm_token_type_ids"}
+        if extra:
+            log.warning(
+                "engine.hf.preprocess=device: this processor also returns %s; using the "
+                "processor for images",
+                sorted(extra),
+            )
+            return None
+        self._mm_type_ids = "mm_token_type_ids" in probe
+        return ImageInputs(self.processor.image_processor, self.device, self.dtype)
+
+    def _modality_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per token: 1 for an image's, 0 for text (what the processor returns with them)."""
+        make = getattr(self.processor, "create_mm_token_type_ids", None)
+        if make is not None:
+            return torch.tensor(make(ids.tolist()), dtype=torch.long)
+        return (ids == self.image_id).long()
 
 
 def expand_placeholders(texts: list[str], images: list[Any], token: str, inputs: ImageInputs):

@@ -62,7 +62,7 @@ def _fail(what: str) -> ValueError:
 
     return ValueError(
         f"dense vision attention: transformers {transformers.__version__}: {what}. The installed "
-        "Qwen2.5-VL vision attention is not the shape qvl_batch.engines.hf_vision was written "
+        "Qwen2.5-VL vision attention is not the shape qvl_batch.engines.hf.vision was written "
         "against (transformers 4.57.3 and 5.24); set engine.hf.vision: stock"
     )
 
