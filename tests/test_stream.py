@@ -19,7 +19,7 @@ from qvl_batch.engines.fake import FakeEngine, InflightSimulator
 from qvl_batch.engines.lengths import answer_length
 from qvl_batch.rows.manifest import plan_job
 from qvl_batch.run.actor import UnitWorker
-from qvl_batch.run.cluster import FlightRecorder
+from qvl_batch.run.recorder import FlightRecorder
 from qvl_batch.run.validate import load_job
 
 from .conftest import expected_for, input_rows, write_job

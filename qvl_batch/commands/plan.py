@@ -16,11 +16,12 @@ from typing import Any
 
 from ..config import Config, ConfigError
 from ..engines.base import estimate_text_tokens
-from ..errors import Exit, RowError
-from ..rows.images import ImageError, prepare_image
+from ..errors import Exit
+from ..rows.images import ImageError
 from ..rows.manifest import InputError, WorkUnit, plan_job
+from ..rows.prepare import PreparedRow, prepare_row
 from ..rows.prompts import PromptError
-from ..rows.reader import fetch_uri, read_unit_table, unit_rows
+from ..rows.reader import read_unit_table, unit_rows
 from ..run.closing import error_fraction_problem
 from ..run.validate import load_job
 from ..storage import Storage, StorageError
@@ -178,14 +179,13 @@ def _sample_unit(unit: WorkUnit, cfg: Config, storage: Storage) -> list[SampledR
             item.error = row.error[0]
             continue
         item.text_tokens = estimate_text_tokens(row.prompt or "", cfg.prompt.system)
-        try:  # the runner's order: fetch, prompt length, image
-            data = fetch_uri(row.image, storage) if isinstance(row.image, str) else row.image
-            if item.text_tokens > cfg.prompt.max_prompt_tokens:
-                raise PromptError(RowError.PROMPT_TOO_LONG, "prompt too long")
-            img = prepare_image(data, cfg.image)
+        try:  # the runner's rule, with an estimated token count (no engine loaded here)
+            prepared = prepare_row(row, cfg, storage, estimate_text_tokens)
         except (ImageError, PromptError) as exc:
             item.error = exc.code
             continue
+        assert isinstance(prepared, PreparedRow)  # no reuse in a plan
+        img = prepared.image
         item.source_size, item.resized_size = img.original_size, img.resized_size
         item.vision_tokens = img.vision_tokens
     return out

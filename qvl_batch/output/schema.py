@@ -7,6 +7,9 @@ columns; passthrough columns come next with their input types; lineage columns c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pyarrow as pa
 
 # What an actor returns per row (one table per unit, rows in input order).
@@ -94,3 +97,45 @@ def part_columns(cfg) -> tuple[list[str], list[str]]:
 def reserved_columns() -> set[str]:
     """Names a structured-output property may not take: they are the runner's own columns."""
     return {*ROW_RESULT.names, *DATA_COLUMNS, *ERROR_COLUMNS, *LINEAGE.names, "attempts"}
+
+
+def result_table(
+    row_start: int,
+    rows: Sequence[Any],
+    results: Sequence[Any],
+    metas: Sequence[dict],
+    fields: Sequence[pa.Field],
+    table: pa.Table,
+    passthrough: Sequence[str],
+) -> pa.Table:
+    """A unit's ``ROW_RESULT`` table: per input row (``RowInput``) its engine result, its image
+    columns (``metas``), the structured ``fields`` from each result's values, and the
+    ``passthrough`` columns taken from the unit's input ``table``."""
+    cols: dict[str, list] = {name: [] for name in ROW_RESULT.names}
+    for row, result, meta in zip(rows, results, metas):
+        assert result is not None
+        ok = result.error_code is None
+        cols["source_row"].append(row_start + row.index)
+        cols["id"].append(row.row_id)
+        cols["ok"].append(ok)
+        cols["text"].append(result.text)
+        cols["finish_reason"].append(result.finish_reason)
+        cols["prompt_tokens"].append(result.prompt_tokens if ok else None)
+        cols["vision_tokens"].append(result.vision_tokens if ok else None)
+        cols["output_tokens"].append(result.output_tokens if ok else None)
+        for name in ("image_width", "image_height", "resized_width", "resized_height"):
+            cols[name].append(meta.get(name))
+        cols["image_sha256"].append(meta.get("image_sha256"))
+        cols["image_notes"].append(meta.get("image_notes"))
+        cols["result_key"].append(meta.get("result_key"))
+        cols["reused_from"].append(result.reused_from)
+        cols["error_code"].append(result.error_code)
+        cols["error_message"].append(result.error_message)
+    out = pa.table(cols, schema=ROW_RESULT)
+    for f in fields:
+        values = [r.values.get(f.name) if r.values else None for r in results]
+        out = out.append_column(f, pa.array(values, type=f.type))
+    indices = pa.array([row.index for row in rows], pa.int64())
+    for name in passthrough:
+        out = out.append_column(table.schema.field(name), table.column(name).take(indices))
+    return out

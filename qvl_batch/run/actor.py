@@ -15,7 +15,6 @@ is withdrawn the same way (its rows still inside the engine are let run and drop
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -33,20 +32,20 @@ from ..engines.bucketing import PaddingStats
 from ..engines.build import make_engine
 from ..errors import ACTOR_ENGINE_DEAD, RowError
 from ..output.reuse import ReuseIndex, ReuseReader, result_key, settings_digest
-from ..output.schema import IMAGE_COLUMNS, ROW_RESULT
+from ..output.schema import IMAGE_COLUMNS, result_table
 from ..output.structured import OutputParser
 from ..rows.images import ImageError, prepare_image
 from ..rows.manifest import WorkUnit
+from ..rows.prepare import ReusedRow, prepare_row
 from ..rows.prompts import PromptError
-from ..rows.reader import RowInput, fetch_uri, read_unit_table, unit_rows
+from ..rows.reader import RowInput, read_unit_table, unit_rows
 from ..storage import Storage
 from .liveness import Watchdog, all_stacks
+from .recorder import RecorderClient
 from .timeline import StateTimeline
 
 log = logging.getLogger(__name__)
 
-# The recorder answers in milliseconds; a stuck one must not hold the engine for long.
-RECORD_TIMEOUT_S = 30
 # What a row that took the engine down each time it ran alone says in errors/.
 _CONDEMNED = {
     RowError.ENGINE_CRASH: "the engine process died running this row alone",
@@ -108,7 +107,7 @@ class UnitWorker:
         self.incarnation = incarnation
         # The driver's FlightRecorder: told which rows enter the engine (before they can run)
         # and which left, so if a row takes this process down the driver knows which to isolate.
-        self._recorder = recorder
+        self._recorder = RecorderClient(recorder, incarnation)
         self.engine: Engine = make_engine(cfg, incarnation)
         self.storage = Storage.for_input(cfg)
         schema = cfg.structured.json_schema
@@ -134,7 +133,6 @@ class UnitWorker:
         self._flushed = False  # the engine was told nothing more is coming
         self._in_engine = 0  # this actor's rows inside the engine
         self._left: list[tuple[str, int]] = []  # rows back since the last recorder note
-        self._note_lock = threading.Lock()  # notes reach the recorder in the order sent
         # Rows of the units in flight not yet prepared: waiting for a slot or being prepared.
         self._unprepared = 0
         self._units: dict[str, _UnitCollector] = {}
@@ -155,7 +153,7 @@ class UnitWorker:
             inside=lambda: self._in_engine,
             running_rows=self._running_rows,
             on_stall=self._stalled,
-            beat=self._beat if recorder is not None else None,
+            beat=self._recorder.beat if recorder is not None else None,
         )
         self._feeder = threading.Thread(target=self._feed_loop, name="feeder", daemon=True)
         self._feeder.start()
@@ -277,7 +275,11 @@ class UnitWorker:
                 self._cond.notify_all()
         if collector.withdrawn:
             return None
-        return self._result_table(unit, rows, collector, table)
+        results = [collector.results[row.index] for row in rows]
+        metas = [collector.meta[row.index] or {} for row in rows]
+        fields = list(self._parser.columns) if self._parser else []
+        passthrough = self.cfg.input.passthrough_columns
+        return result_table(unit.row_start, rows, results, metas, fields, table, passthrough)
 
     def _check_fatal(self) -> None:
         if self._fatal is not None:
@@ -341,22 +343,9 @@ class UnitWorker:
         t0 = time.perf_counter()
         key = (unit_id, row.index)
         try:
-            data = row.image
-            if isinstance(data, str):
-                data = fetch_uri(data, self.storage)
-            digest = hashlib.sha256(data).hexdigest() if data else None
-            rkey = digest and result_key(digest, self.cfg.prompt.system, row.prompt, self._settings)
-            if rkey and self._reuse is not None and (found := self._reuse.find(rkey)):
-                self._carry_over(collector, key, rkey, *found)
-                return
-            text_tokens = self.engine.count_text_tokens(row.prompt, self.cfg.prompt.system)
-            if text_tokens > self.cfg.prompt.max_prompt_tokens:
-                raise PromptError(
-                    RowError.PROMPT_TOO_LONG,
-                    f"prompt is {text_tokens} tokens; prompt.max_prompt_tokens is "
-                    f"{self.cfg.prompt.max_prompt_tokens}",
-                )
-            img = prepare_image(data, self.cfg.image, digest)
+            prepared = prepare_row(
+                row, self.cfg, self.storage, self.engine.count_text_tokens, self._key_of, self._find
+            )
         except (ImageError, PromptError) as exc:
             result = Result(key, error_code=exc.code, error_message=exc.message)
             self._finish_early(collector, key, result)
@@ -368,6 +357,10 @@ class UnitWorker:
             return
         finally:
             self.timings["prepare_s"] += time.perf_counter() - t0
+        if isinstance(prepared, ReusedRow):
+            self._carry_over(collector, key, prepared)
+            return
+        img = prepared.image
         request = Request(
             key=key,
             row_id=row.row_id,
@@ -376,17 +369,9 @@ class UnitWorker:
             image=img.image,
             image_sha256=img.sha256,
             vision_tokens=img.vision_tokens,
-            text_tokens=text_tokens,
+            text_tokens=prepared.text_tokens,
         )
-        meta = {
-            "image_width": img.original_size[0],
-            "image_height": img.original_size[1],
-            "resized_width": img.resized_size[0],
-            "resized_height": img.resized_size[1],
-            "image_sha256": img.sha256,
-            "image_notes": ",".join(img.notes) or None,
-            "result_key": rkey,
-        }
+        meta = prepared.meta()
         with self._cond:
             self._unprepared -= 1
             if collector.withdrawn:  # taken back while this row was being prepared
@@ -413,10 +398,15 @@ class UnitWorker:
                 collector.put(key[1], result)
             self._cond.notify_all()
 
-    def _carry_over(
-        self, collector: _UnitCollector, key: tuple[str, int], rkey: str, earlier: dict, job: str
-    ) -> None:
+    def _key_of(self, image_sha256: str, prompt: str) -> str:
+        return result_key(image_sha256, self.cfg.prompt.system, prompt, self._settings)
+
+    def _find(self, rkey: str) -> tuple[dict, str] | None:
+        return self._reuse.find(rkey) if self._reuse is not None else None
+
+    def _carry_over(self, collector: _UnitCollector, key: tuple[str, int], row: ReusedRow) -> None:
         """An earlier output has this row's result (same image, prompt and settings)."""
+        rkey, earlier, job = row.result_key, row.earlier, row.job
         columns = self._parser.columns.names if self._parser else []
         result = Result(
             key,
@@ -445,15 +435,7 @@ class UnitWorker:
             prepare_image(blob.getvalue(), self.cfg.image)
         except Exception as exc:  # only the warm-up is lost
             log.warning("image warm-up failed: %s: %s", type(exc).__name__, exc)
-        if self._recorder is not None:  # "nothing inside", and wait for it as for a batch
-            import ray
-
-            try:
-                ray.get(
-                    self._recorder.note.remote(self.incarnation, [], []), timeout=RECORD_TIMEOUT_S
-                )
-            except Exception as exc:
-                log.warning("flight recorder unavailable: %s: %s", type(exc).__name__, exc)
+        self._recorder.warm()
 
     def _warmup(self) -> None:
         t0 = time.perf_counter()
@@ -546,13 +528,11 @@ class UnitWorker:
     def entering(self, keys: Sequence[tuple[str, int]]) -> None:
         """Rows about to run: on record with the driver before they can (rows back since the
         last note leave the record with it, so leaving costs no round trip of its own)."""
-        with self._note_lock:
-            with self._cond:
-                left, self._left = self._left, []
-                for key in keys:
-                    if collector := self._units.get(key[0]):
-                        collector.started += 1
-            self._note(list(keys), left)
+        with self._cond:
+            for key in keys:
+                if collector := self._units.get(key[0]):
+                    collector.started += 1
+        self._recorder.note(list(keys), self._take_left)
 
     def put(self, result: Result) -> None:
         """One row back from the engine (any thread)."""
@@ -575,11 +555,13 @@ class UnitWorker:
             self._cond.notify_all()
         self._slots.release()
         if idle:  # nothing inside: clear the record without waiting for the next group
-            with self._note_lock:
-                with self._cond:
-                    left, self._left = self._left, []
-                if left:
-                    self._note([], left)
+            self._recorder.note([], self._take_left)
+
+    def _take_left(self) -> list[tuple[str, int]]:
+        """The rows back since the last note (the recorder client calls it under its lock)."""
+        with self._cond:
+            left, self._left = self._left, []
+        return left
 
     def alive(self) -> None:
         """A sign of life from the engine between results (a decode step)."""
@@ -601,9 +583,6 @@ class UnitWorker:
         with self._cond:
             return sum(c.answered for c in self._units.values())
 
-    def _beat(self, inside: int, running_rows: int, quiet_s: float) -> None:
-        self._recorder.beat.remote(self.incarnation, inside, running_rows, quiet_s)
-
     def _stalled(self, inside: int, quiet_s: float) -> None:
         """The watchdog's verdict: the engine holds rows and stopped answering. On record with
         the driver (the rows really inside, as a stall), then this process exits at once: an
@@ -616,18 +595,7 @@ class UnitWorker:
             self.cfg.limits.stall_s,
             all_stacks(),
         )
-        if self._recorder is not None:
-            import ray
-
-            try:
-                with self._note_lock:
-                    with self._cond:
-                        left, self._left = self._left, []
-                    self._recorder.note.remote(self.incarnation, [], left)
-                    ref = self._recorder.stalled.remote(self.incarnation)
-                    ray.get(ref, timeout=RECORD_TIMEOUT_S)
-            except Exception as exc:  # its rows then count as a crash's
-                log.warning("flight recorder unavailable: %s: %s", type(exc).__name__, exc)
+        self._recorder.stalled(self._take_left)
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(ACTOR_ENGINE_DEAD)
@@ -647,55 +615,6 @@ class UnitWorker:
             if problem:
                 result.error_code, result.error_message = RowError.OUTPUT_PARSE_ERROR, problem
         return result
-
-    def _note(self, entering: list, left: list) -> None:
-        """Tell the driver's recorder which rows enter and which left (waits for entering
-        rows: they must be on record before a crash can happen; leaving needs no wait)."""
-        if self._recorder is None:
-            return
-        try:
-            ref = self._recorder.note.remote(self.incarnation, entering, left)
-            if entering:
-                import ray
-
-                ray.get(ref, timeout=RECORD_TIMEOUT_S)
-        except Exception as exc:  # only crash isolation is lost for these rows, never the rows
-            log.warning("flight recorder unavailable: %s: %s", type(exc).__name__, exc)
-
-    def _result_table(
-        self, unit: WorkUnit, rows: list[RowInput], collector: _UnitCollector, table: pa.Table
-    ) -> pa.Table:
-        cols: dict[str, list] = {name: [] for name in ROW_RESULT.names}
-        results = [collector.results[row.index] for row in rows]
-        metas = [collector.meta[row.index] for row in rows]
-        for row, result, meta in zip(rows, results, metas):
-            assert result is not None
-            meta = meta or {}
-            ok = result.error_code is None
-            cols["source_row"].append(unit.row_start + row.index)
-            cols["id"].append(row.row_id)
-            cols["ok"].append(ok)
-            cols["text"].append(result.text)
-            cols["finish_reason"].append(result.finish_reason)
-            cols["prompt_tokens"].append(result.prompt_tokens if ok else None)
-            cols["vision_tokens"].append(result.vision_tokens if ok else None)
-            cols["output_tokens"].append(result.output_tokens if ok else None)
-            for name in ("image_width", "image_height", "resized_width", "resized_height"):
-                cols[name].append(meta.get(name))
-            cols["image_sha256"].append(meta.get("image_sha256"))
-            cols["image_notes"].append(meta.get("image_notes"))
-            cols["result_key"].append(meta.get("result_key"))
-            cols["reused_from"].append(result.reused_from)
-            cols["error_code"].append(result.error_code)
-            cols["error_message"].append(result.error_message)
-        out = pa.table(cols, schema=ROW_RESULT)
-        for f in self._parser.columns if self._parser else []:
-            values = [r.values.get(f.name) if r.values else None for r in results]
-            out = out.append_column(f, pa.array(values, type=f.type))
-        indices = pa.array([row.index for row in rows], pa.int64())
-        for name in self.cfg.input.passthrough_columns:
-            out = out.append_column(table.schema.field(name), table.column(name).take(indices))
-        return out
 
     def close(self) -> None:
         self._watchdog.stop()

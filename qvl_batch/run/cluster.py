@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ from ..storage import merge_request_stats
 from .actor import UnitWorker
 from .handout import Outcome
 from .liveness import Beat, silence_limit
+from .recorder import FlightRecorder
 
 log = logging.getLogger("qvl_batch")
 
@@ -72,51 +72,6 @@ def actor_layout(cfg: Config, resources: dict[str, float]) -> tuple[int, dict[st
     options["max_concurrency"] = cfg.batching.units_in_flight_per_actor + 3
     options["max_restarts"] = 0  # the driver replaces dead actors and re-queues their units
     return n, options
-
-
-class FlightRecorder:
-    """What each actor has inside its engine right now, kept outside the actors.
-
-    A worker notes rows as they enter its engine (in groups, waiting for the note) and the
-    rows that came back since its last note (no wait of their own). When an actor process
-    dies, the driver reads what it had inside: those are the rows that may have killed it.
-    Workers also send heartbeats here (``liveness.py``), and a worker whose engine stalled says
-    so before it exits, so its rows are judged as stalls, not crashes.
-    One plain (single-threaded) Ray actor, so notes from one worker are applied in the order
-    they were sent.
-    """
-
-    def __init__(self) -> None:
-        self._inside: dict[int, set] = {}
-        self._stalled: set[int] = set()
-        self._beats: dict[int, tuple[float, int, int, float]] = {}
-
-    def note(self, incarnation: int, entering: list, left: list) -> None:
-        inside = self._inside.setdefault(incarnation, set())
-        inside.difference_update(tuple(k) for k in left)
-        inside.update(tuple(k) for k in entering)
-        if not inside:
-            del self._inside[incarnation]
-
-    def stalled(self, incarnation: int) -> None:
-        """The incarnation's engine stalled (its watchdog, or the driver, declared it dead)."""
-        self._stalled.add(incarnation)
-
-    def beat(self, incarnation: int, inside: int, running_rows: int, quiet_s: float) -> None:
-        self._beats[incarnation] = (time.monotonic(), inside, running_rows, quiet_s)
-
-    def health(self, incarnations: list[int]) -> dict[int, Beat]:
-        """The last heartbeat of each of ``incarnations`` that sent one."""
-        now = time.monotonic()
-        return {i: Beat(now - b[0], *b[1:]) for i in incarnations if (b := self._beats.get(i))}
-
-    def last(self, incarnation: int) -> tuple[list | None, bool]:
-        """(what the incarnation had inside at its death, whether it stalled); forgets it."""
-        inside = self._inside.pop(incarnation, None)
-        self._beats.pop(incarnation, None)
-        stalled = incarnation in self._stalled
-        self._stalled.discard(incarnation)
-        return (sorted(inside) if inside else None), stalled
 
 
 @dataclass
