@@ -9,7 +9,6 @@ any work starts.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import json
@@ -42,7 +41,8 @@ SECRET_WORDS = {
 REDACTED = "***"
 
 
-def _check(cond: bool, key: str, message: str) -> None:
+def check(cond: bool, key: str, message: str) -> None:
+    """A setting's check: a ConfigError that names the key."""
     if not cond:
         raise ConfigError(f"{key}: {message}")
 
@@ -67,11 +67,11 @@ class InputConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # raw fsspec kwargs
 
     def __post_init__(self) -> None:
-        _check(bool(self.image_column), "input.image_column", "must name a column")
+        check(bool(self.image_column), "input.image_column", "must name a column")
 
     def check_required(self) -> None:
         """Checked on the resolved config only (the schema's own defaults have no input)."""
-        _check(
+        check(
             bool(self.paths) or bool(self.manifest),
             "input.paths",
             "no input: set input.paths (Parquet URLs or globs) or input.manifest",
@@ -89,7 +89,7 @@ class PromptConfig:
     max_prompt_tokens: int = 4096
 
     def __post_init__(self) -> None:
-        _check(self.max_prompt_tokens >= 1, "prompt.max_prompt_tokens", "must be >= 1")
+        check(self.max_prompt_tokens >= 1, "prompt.max_prompt_tokens", "must be >= 1")
 
 
 # Source formats decoded by default (Pillow's names): what photo and web datasets hold. MPO is
@@ -112,24 +112,24 @@ class ImageConfig:
     formats: list[str] = field(default_factory=lambda: list(IMAGE_FORMATS))
 
     def __post_init__(self) -> None:
-        _check(self.min_pixels >= 28 * 28, "image.min_pixels", "must be >= 784 (one 28x28 tile)")
-        _check(
+        check(self.min_pixels >= 28 * 28, "image.min_pixels", "must be >= 784 (one 28x28 tile)")
+        check(
             self.max_pixels >= self.min_pixels,
             "image.max_pixels",
             f"must be >= image.min_pixels ({self.min_pixels})",
         )
-        _check(self.max_image_pixels > 0, "image.max_image_pixels", "must be > 0")
-        _check(self.min_side >= 1, "image.min_side", "must be >= 1")
+        check(self.max_image_pixels > 0, "image.max_image_pixels", "must be > 0")
+        check(self.min_side >= 1, "image.min_side", "must be >= 1")
         self._check_formats()
 
     def _check_formats(self) -> None:
         # Whether Pillow decodes each format here: run/validate.py (it needs rows/images).
         self.formats = list(dict.fromkeys(str(name).upper() for name in self.formats))
-        _check(bool(self.formats), "image.formats", "must name at least one source format")
+        check(bool(self.formats), "image.formats", "must name at least one source format")
         # Checked here, at config load, not at first use: a job that cannot decode HEIF stops
         # before any work with the install hint, instead of starting actors that fail every row.
         # find_spec only looks the package up; it is imported where images are decoded.
-        _check(
+        check(
             "HEIF" not in self.formats or importlib.util.find_spec("pillow_heif") is not None,
             "image.formats",
             "HEIF needs pillow-heif, which is not installed: pip install 'qvl-batch[heif]'",
@@ -167,192 +167,20 @@ class BatchingConfig:
     prepare_threads: int = 0  # image decode threads per actor; 0 = the actor's CPU count
 
     def __post_init__(self) -> None:
-        _check(self.max_batch_size >= 1, "batching.max_batch_size", "must be >= 1")
-        _check(self.max_tokens_per_batch >= 1, "batching.max_tokens_per_batch", "must be >= 1")
-        _check(self.max_wait_s >= 0, "batching.max_wait_s", "must be >= 0")
-        _check(self.window_batches >= 1, "batching.window_batches", "must be >= 1")
-        _check(
+        check(self.max_batch_size >= 1, "batching.max_batch_size", "must be >= 1")
+        check(self.max_tokens_per_batch >= 1, "batching.max_tokens_per_batch", "must be >= 1")
+        check(self.max_wait_s >= 0, "batching.max_wait_s", "must be >= 0")
+        check(self.window_batches >= 1, "batching.window_batches", "must be >= 1")
+        check(
             0 <= self.max_padding_fraction < 1, "batching.max_padding_fraction", "must be in [0, 1)"
         )
-        _check(
+        check(
             self.units_in_flight_per_actor >= 1,
             "batching.units_in_flight_per_actor",
             "must be >= 1",
         )
-        _check(self.unit_rows >= 1, "batching.unit_rows", "must be >= 1")
-        _check(self.prepare_threads >= 0, "batching.prepare_threads", "must be >= 0")
-
-
-def parse_lengths(spec: str) -> tuple[str, tuple[float, ...]]:
-    """``fixed:N``, ``uniform:LO:HI`` or ``lognormal:MEAN:CAP`` -> (kind, numbers)."""
-    kind, *args = spec.split(":")
-    want = {"fixed": 1, "uniform": 2, "lognormal": 2}
-    if kind not in want or len(args) != want[kind]:
-        raise ValueError(
-            f"answer lengths {spec!r}: use fixed:N, uniform:LO:HI or lognormal:MEAN:CAP"
-        )
-    try:
-        numbers = tuple(float(a) for a in args)
-    except ValueError:
-        raise ValueError(f"answer lengths {spec!r}: the numbers must be numbers") from None
-    if min(numbers) < 1 or (kind == "uniform" and numbers[0] > numbers[1]):
-        raise ValueError(f"answer lengths {spec!r}: lengths are >= 1 (and LO <= HI)")
-    return kind, numbers
-
-
-@dataclass
-class FakeEngineConfig:
-    """The deterministic engine's latency model and fault injection (tests and benchmarks)."""
-
-    batch_latency_s: float = 0.0
-    row_latency_s: float = 0.0
-    token_latency_s: float = 0.0  # per decode step (per output token of the longest row)
-    fail_ids: list[str] = field(default_factory=list)  # rows that get ENGINE_ERROR
-    raise_ids: list[str] = field(default_factory=list)  # any batch holding one of these raises
-    crash_ids: list[str] = field(default_factory=list)  # ...SIGKILLs the actor process
-    freeze_ids: list[str] = field(default_factory=list)  # ...SIGSTOPs it (see exit_incarnations)
-    bad_json_ids: list[str] = field(default_factory=list)  # answers cut short (not JSON)
-    raise_after_rows: int = 0  # raise once from generate() after this many rows (0 = never)
-    exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
-    exit_incarnations: int = 1  # exit_after_rows, freeze_ids: only in incarnations below this
-    load_s: float = 0.0  # seconds the engine takes to load (a window for start-up faults)
-    # ...per incarnation (actors ready at different times), load_s for those past the list
-    load_s_by_incarnation: list[float] = field(default_factory=list)
-    # A batch (or scheduler step) holding one of slow_ids first sleeps slow_s: a straggler. With
-    # slow_times > 0, only the first slow_times engines to meet the row do (counted with marker
-    # files in marker_dir, shared by every process), so a copy elsewhere runs at full speed.
-    slow_ids: list[str] = field(default_factory=list)
-    slow_s: float = 0.0
-    slow_times: int = 0
-    marker_dir: str = ""
-    # "batch": lock-step with the latency model above. "inflight": an in-flight batching
-    # simulator (slots; a step costs step_s + step_per_active_s x active, plus
-    # prefill_per_token_s per prompt token admitted), each row's answer length drawn from
-    # answer_lengths by its id.
-    mode: str = "batch"
-    feed: str = "stream"  # inflight: "stream" (native) or "batch" (through the batching adapter)
-    slots: int = 64
-    step_s: float = 0.01
-    step_per_active_s: float = 0.0
-    prefill_per_token_s: float = 0.0
-    answer_lengths: str = "fixed:64"  # fixed:N | uniform:LO:HI | lognormal:MEAN:CAP
-    max_in_flight: int = 0  # inflight + stream: rows inside at once; 0 = 2 x slots
-
-    def __post_init__(self) -> None:
-        _check(self.mode in ("batch", "inflight"), "engine.fake.mode", "batch or inflight")
-        _check(self.feed in ("stream", "batch"), "engine.fake.feed", "stream or batch")
-        _check(self.slots >= 1, "engine.fake.slots", "must be >= 1")
-        _check(self.max_in_flight >= 0, "engine.fake.max_in_flight", "must be >= 0")
-        _check(
-            self.slow_times == 0 or bool(self.marker_dir),
-            "engine.fake.marker_dir",
-            "is needed with slow_times > 0 (where the engines count their slow copies)",
-        )
-        _check(
-            min(self.step_s, self.step_per_active_s, self.prefill_per_token_s) >= 0,
-            "engine.fake.step_s",
-            "step and prefill costs must be >= 0",
-        )
-        try:
-            parse_lengths(self.answer_lengths)
-        except ValueError as exc:
-            raise ConfigError(f"engine.fake.answer_lengths: {exc}") from None
-
-
-@dataclass
-class HFEngineConfig:
-    """transformers engine knobs (the reference engine; CPU and GPU)."""
-
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False  # never on unless the job says so: it runs model-repo code
-    # Where pixels are normalised and cut into patches: "device" (torch on the engine's device,
-    # from uint8 pixels) or "processor" (transformers' numpy image processor on the CPU).
-    preprocess: str = "device"
-    # Benchmark-only, for random-weight models (which never emit EOS): each row's answer ends at
-    # a length drawn from its id, fixed:N | uniform:LO:HI | lognormal:MEAN:CAP (as the fake
-    # engine's). A batch still decodes until its longest row ends. "" = off: the model decides.
-    answer_lengths: str = ""
-    # Decode with static KV caches and a torch.compile'd decode step (CUDA graphs); one graph
-    # per batch-size rung and cache length step (qvl_batch.engines.hf.decode). null (auto): on
-    # for a model on one CUDA GPU with transformers >= 4.57.3, off elsewhere (CPU, a device
-    # map); true: required (refused where unsupported); false: off. CUDA graphs keep the decode
-    # loop's speed when the host is busy (the runner's prepare threads, other GPUs' engines):
-    # docs/PERFORMANCE.md "Faster transformers engine".
-    compile: bool | None = None
-    # GiB the compiled decode's static KV caches may hold (one per batch-size rung and cache
-    # length met, kept for the job: qvl_batch.engines.hf.decode); a batch whose cache would pass
-    # it runs eagerly. null: half the GPU memory free once the model is loaded (CPU: no cap).
-    static_cache_gib: float | None = None
-    # At most this many (batch rung, cache length) shapes get a compiled decode (each a compile
-    # of tens of seconds on a 7B, once per actor); batches of other shapes run eagerly.
-    compile_shapes: int = 8
-    # The text model's attention in decode steps: "grouped" (qvl_batch.engines.hf.gqa: each KV
-    # head's query heads attend as its queries, no copy of the cache per query head; the same
-    # output), "stock" (transformers' SDPA: copies every KV head out to its query heads, each step,
-    # when a mask is passed, which a left-padded batch always does), or "auto": grouped with the
-    # compiled decode where the installed transformers' text model is the known shape (4.57.3,
-    # 5.x) and runs sdpa; stock with the eager decode (where grouped measured slower).
-    decode_attention: str = "auto"
-    # The vision tower's attention: "dense" (qvl_batch.engines.hf.vision: a few batched calls
-    # per block, the same output, 2.5x faster at B=128 on an H200), "stock" (transformers' own:
-    # one call per window and image), or "auto": dense where the installed transformers' vision
-    # attention is the shape it was written for (4.57.3, 5.x), else stock with a warning.
-    vision: str = "auto"
-
-    def __post_init__(self) -> None:
-        modes = ("device", "processor")
-        _check(self.preprocess in modes, "engine.hf.preprocess", f"must be one of {modes}")
-        visions = ("auto", "dense", "stock")
-        _check(self.vision in visions, "engine.hf.vision", f"must be one of {visions}")
-        attentions = ("auto", "grouped", "stock")
-        _check(
-            self.decode_attention in attentions,
-            "engine.hf.decode_attention",
-            f"must be one of {attentions}",
-        )
-        _check(self.compile_shapes >= 1, "engine.hf.compile_shapes", "must be >= 1")
-        _check(
-            self.static_cache_gib is None or self.static_cache_gib >= 0,
-            "engine.hf.static_cache_gib",
-            "must be >= 0 GiB, or null (half the GPU memory free once the model is loaded)",
-        )
-        if self.answer_lengths:
-            try:
-                parse_lengths(self.answer_lengths)
-            except ValueError as exc:
-                raise ConfigError(f'engine.hf.answer_lengths: {exc} (or "": off)') from None
-
-
-@dataclass
-class TrtLlmEngineConfig:
-    """TensorRT-LLM LLM API (PyTorch backend) knobs; anything else goes in engine.options."""
-
-    tensor_parallel_size: int = 1
-    max_batch_size: int = 64
-    max_num_tokens: int = 16384
-    max_seq_len: int = 8192
-    kv_cache_free_gpu_memory_fraction: float = 0.85
-    # Off by default: upstream reports wrong outputs with KV block reuse on for several VLMs.
-    enable_block_reuse: bool = False
-    cuda_graphs: bool = True
-    # Requests the actor keeps inside the engine; 0 = 2 x max_batch_size. TensorRT-LLM batches
-    # in flight: a finished sequence's slot is refilled at once, but only from requests already
-    # waiting in its scheduler. Twice the batch keeps a full batch waiting behind the running
-    # one (its prefill and vision encoding overlap the decode), without flooding the queue.
-    max_inflight_requests: int = 0
-    # Seconds one request may take before it is aborted and tried once more (then an
-    # ENGINE_TIMEOUT row): a request that never completes must not hang the actor.
-    request_timeout_s: float = 600.0
-
-    def __post_init__(self) -> None:
-        _check(self.tensor_parallel_size >= 1, "engine.trtllm.tensor_parallel_size", ">= 1")
-        _check(
-            0 < self.kv_cache_free_gpu_memory_fraction <= 1,
-            "engine.trtllm.kv_cache_free_gpu_memory_fraction",
-            "must be in (0, 1]",
-        )
-        _check(self.max_inflight_requests >= 0, "engine.trtllm.max_inflight_requests", ">= 0")
-        _check(self.request_timeout_s > 0, "engine.trtllm.request_timeout_s", "must be > 0")
+        check(self.unit_rows >= 1, "batching.unit_rows", "must be >= 1")
+        check(self.prepare_threads >= 0, "batching.prepare_threads", "must be >= 0")
 
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -372,13 +200,15 @@ class EngineConfig:
     # model), so the first real batch does not pay kernel selection and allocator growth.
     warmup: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # passed through to the engine
-    fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
-    hf: HFEngineConfig = field(default_factory=HFEngineConfig)
-    trtllm: TrtLlmEngineConfig = field(default_factory=TrtLlmEngineConfig)
+    # Each engine's own settings: a mapping here, its engine's dataclass once validated
+    # (run/validate.py, through the registry: engines.settings_of).
+    fake: Any = field(default_factory=dict)
+    hf: Any = field(default_factory=dict)
+    trtllm: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check(self.dtype in DTYPES, "engine.dtype", f"{self.dtype!r} is not one of {DTYPES}")
-        _check(bool(self.model), "engine.model", "must name a model")
+        check(self.dtype in DTYPES, "engine.dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        check(bool(self.model), "engine.model", "must name a model")
 
 
 @dataclass
@@ -393,10 +223,10 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.max_tokens >= 1, "sampling.max_tokens", "must be >= 1")
-        _check(self.temperature >= 0, "sampling.temperature", "must be >= 0")
-        _check(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
-        _check(self.top_k >= 0, "sampling.top_k", "must be >= 0 (0 = off)")
+        check(self.max_tokens >= 1, "sampling.max_tokens", "must be >= 1")
+        check(self.temperature >= 0, "sampling.temperature", "must be >= 0")
+        check(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+        check(self.top_k >= 0, "sampling.top_k", "must be >= 0 (0 = off)")
 
 
 @dataclass
@@ -421,11 +251,11 @@ class StorageConfig:
     read_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        _check(self.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
-        _check(self.backoff_s >= 0, "storage.backoff_s", "must be >= 0")
-        _check(self.max_backoff_s >= self.backoff_s, "storage.max_backoff_s", ">= backoff_s")
-        _check(self.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
-        _check(self.read_timeout_s > 0, "storage.read_timeout_s", "must be > 0")
+        check(self.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
+        check(self.backoff_s >= 0, "storage.backoff_s", "must be >= 0")
+        check(self.max_backoff_s >= self.backoff_s, "storage.max_backoff_s", ">= backoff_s")
+        check(self.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
+        check(self.read_timeout_s > 0, "storage.read_timeout_s", "must be > 0")
 
 
 GUIDED_MODES = ("auto", "required", "off")
@@ -448,7 +278,7 @@ class StructuredConfig:
     def __post_init__(self) -> None:
         if self.guided in ("False", "false"):  # YAML reads an unquoted `off` as false
             self.guided = "off"
-        _check(
+        check(
             self.guided in GUIDED_MODES,
             "structured.guided",
             f"{self.guided!r} is not one of {GUIDED_MODES}",
@@ -471,7 +301,7 @@ class ReuseConfig:
 
     def __post_init__(self) -> None:
         modes = ("error", "skip")
-        _check(self.if_missing in modes, "reuse.if_missing", f"must be one of {modes}")
+        check(self.if_missing in modes, "reuse.if_missing", f"must be one of {modes}")
 
 
 OUTPUT_MODES = ("resume", "overwrite")
@@ -487,7 +317,7 @@ class OutputConfig:
     compression: str = "zstd"
 
     def __post_init__(self) -> None:
-        _check(self.mode in OUTPUT_MODES, "output.mode", f"{self.mode!r} not in {OUTPUT_MODES}")
+        check(self.mode in OUTPUT_MODES, "output.mode", f"{self.mode!r} not in {OUTPUT_MODES}")
 
 
 @dataclass
@@ -506,11 +336,11 @@ class ClusterConfig:
     start_timeout_s: float = 1800.0  # model loads, image pulls and autoscaled nodes take minutes
 
     def __post_init__(self) -> None:
-        _check(self.num_actors >= 0, "cluster.num_actors", "must be >= 0 (0 = auto)")
-        _check(self.min_actors >= 1, "cluster.min_actors", "must be >= 1")
-        _check(self.start_timeout_s > 0, "cluster.start_timeout_s", "must be > 0")
-        _check(self.cpus_per_actor > 0, "cluster.cpus_per_actor", "must be > 0")
-        _check(self.local_num_gpus >= 0, "cluster.local_num_gpus", "must be >= 0 (0 = detect)")
+        check(self.num_actors >= 0, "cluster.num_actors", "must be >= 0 (0 = auto)")
+        check(self.min_actors >= 1, "cluster.min_actors", "must be >= 1")
+        check(self.start_timeout_s > 0, "cluster.start_timeout_s", "must be > 0")
+        check(self.cpus_per_actor > 0, "cluster.cpus_per_actor", "must be > 0")
+        check(self.local_num_gpus >= 0, "cluster.local_num_gpus", "must be >= 0 (0 = detect)")
 
 
 @dataclass
@@ -533,11 +363,11 @@ class LimitsConfig:
     stall_s: float = 300.0
 
     def __post_init__(self) -> None:
-        _check(self.max_unit_attempts >= 1, "limits.max_unit_attempts", "must be >= 1")
-        _check(self.max_actor_restarts >= 0, "limits.max_actor_restarts", "must be >= 0")
-        _check(self.max_row_crashes >= 1, "limits.max_row_crashes", "must be >= 1")
-        _check(self.stall_s > 0, "limits.stall_s", "must be > 0 seconds")
-        _check(
+        check(self.max_unit_attempts >= 1, "limits.max_unit_attempts", "must be >= 1")
+        check(self.max_actor_restarts >= 0, "limits.max_actor_restarts", "must be >= 0")
+        check(self.max_row_crashes >= 1, "limits.max_row_crashes", "must be >= 1")
+        check(self.stall_s > 0, "limits.stall_s", "must be > 0 seconds")
+        check(
             0 <= self.max_error_fraction <= 1,
             "limits.max_error_fraction",
             "must be in [0, 1]",
@@ -700,27 +530,28 @@ def _is_secret_key(key: str) -> bool:
     return any(w in SECRET_WORDS for w in words.replace(".", " ").lower().split())
 
 
-@functools.cache
-def _schema_keys() -> frozenset[str]:
-    """Every field name of the config schema: settings, never secrets (``token_latency_s``)."""
-    keys, todo = set(), [Config]
+def _schema_keys(cfg: Any) -> frozenset[str]:
+    """Every field name of ``cfg``'s dataclasses (the engines' settings too, once built):
+    settings, never secrets (``token_latency_s``)."""
+    keys, todo = set(), [cfg]
     while todo:
-        for f in dataclasses.fields(todo.pop()):
+        obj = todo.pop()
+        for f in dataclasses.fields(obj):
             keys.add(f.name)
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
-                if dataclasses.is_dataclass(default):
-                    todo.append(type(default))
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                todo.append(value)
     return frozenset(keys)
 
 
-def redact(value: Any, parent_key: str = "") -> Any:
-    """Copy with secret-looking values replaced (credentials in storage or engine options)."""
+def redact(value: Any, parent_key: str = "", settings: frozenset[str] = frozenset()) -> Any:
+    """Copy with secret-looking values replaced (credentials in storage or engine options);
+    keys in ``settings`` (the schema's field names) are never secrets."""
     if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
+        return {k: redact(v, str(k), settings) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v, parent_key) for v in value]
-    if value is not None and _is_secret_key(parent_key) and parent_key not in _schema_keys():
+        return [redact(v, parent_key, settings) for v in value]
+    if value is not None and _is_secret_key(parent_key) and parent_key not in settings:
         return REDACTED
     return value
 
@@ -728,7 +559,7 @@ def redact(value: Any, parent_key: str = "") -> Any:
 def saved_config(cfg: Config) -> dict[str, Any]:
     """The config as ``_job.json`` keeps it: secrets redacted, the output schema verbatim (a
     property may well be called ``token``)."""
-    saved = redact(to_dict(cfg))
+    saved = redact(to_dict(cfg), settings=_schema_keys(cfg))
     saved["structured"] = to_dict(cfg)["structured"]
     return saved
 
@@ -740,8 +571,10 @@ def result_settings(cfg: Config) -> dict[str, Any]:
         "sampling": dataclasses.asdict(cfg.sampling),
         "image": dataclasses.asdict(cfg.image),
     }
-    if cfg.engine.name == "hf" and cfg.engine.hf.answer_lengths:  # benchmark answers end early
-        out["engine"]["answer_lengths"] = cfg.engine.hf.answer_lengths
+    hf = cfg.engine.hf  # its settings once validated; a mapping before
+    lengths = hf.get("answer_lengths") if isinstance(hf, dict) else hf.answer_lengths
+    if cfg.engine.name == "hf" and lengths:  # benchmark answers end early
+        out["engine"]["answer_lengths"] = lengths
     if cfg.structured.json_schema is not None:  # absent when unused: older fingerprints hold
         out["structured"] = dataclasses.asdict(cfg.structured)
         # The fingerprint hashes sorted keys; the property order (column order) counts too.

@@ -39,11 +39,11 @@ def small_engine_config(model: str, **hf_knobs):
         BatchingConfig,
         Config,
         EngineConfig,
-        HFEngineConfig,
         ImageConfig,
         PromptConfig,
         SamplingConfig,
     )
+    from qvl_batch.engines.hf.settings import HFEngineConfig
 
     return Config(
         engine=EngineConfig(name="hf", model=model, device="cpu", hf=HFEngineConfig(**hf_knobs)),

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from qvl_batch.config import ConfigError, fingerprint, fingerprint_fields, redact, to_dict
+from qvl_batch.config import (
+    ConfigError,
+    fingerprint,
+    fingerprint_fields,
+    redact,
+    saved_config,
+    to_dict,
+)
 from qvl_batch.run.validate import load_job
 
 from .conftest import write_job
@@ -52,9 +59,9 @@ def test_secrets_are_redacted():
     kept = ["max_tokens", "max_tokens_per_batch", "max_num_tokens", "keyframe", "region"]
     red = redact({k: "v" for k in secret_keys + kept})
     assert [k for k in red if red[k] == "***"] == secret_keys
-    saved = redact(to_dict(load_job(None, _min_overrides())))
+    saved = saved_config(load_job(None, _min_overrides()))
     assert saved["sampling"]["max_tokens"] == 64, "settings are saved, only secrets hidden"
-    assert saved["engine"]["fake"]["token_latency_s"] == 0.0
+    assert saved["engine"]["fake"]["token_latency_s"] == 0.0  # an engine's own setting
 
 
 def _min_overrides():

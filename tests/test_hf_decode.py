@@ -13,16 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from qvl_batch.config import (  # noqa: E402
-    Config,
-    EngineConfig,
-    HFEngineConfig,
-    SamplingConfig,
-)
+from qvl_batch.config import Config, EngineConfig, SamplingConfig  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 from qvl_batch.engines.hf import decode as hf_decode  # noqa: E402
 from qvl_batch.engines.hf import engine as hf  # noqa: E402
 from qvl_batch.engines.hf import vision as hf_vision  # noqa: E402
+from qvl_batch.engines.hf.settings import HFEngineConfig  # noqa: E402
 from qvl_batch.engines.lengths import answer_length  # noqa: E402
 
 from .engine_inputs import engine_requests, small_engine_config  # noqa: E402

@@ -11,16 +11,11 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from qvl_batch.config import (  # noqa: E402
-    Config,
-    ConfigError,
-    EngineConfig,
-    HFEngineConfig,
-    SamplingConfig,
-)
+from qvl_batch.config import Config, ConfigError, EngineConfig, SamplingConfig  # noqa: E402
 from qvl_batch.engines.base import Request  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 from qvl_batch.engines.hf.inputs import ImageInputs  # noqa: E402
+from qvl_batch.engines.hf.settings import HFEngineConfig  # noqa: E402
 
 pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(180)

@@ -246,9 +246,10 @@ def test_the_engine_runs_the_dense_tower_when_the_job_says_so(tiny_model, monkey
     stock tower's; set_modes(vision=...) switches back on the same model."""
     from PIL import Image
 
-    from qvl_batch.config import Config, EngineConfig, HFEngineConfig, SamplingConfig
+    from qvl_batch.config import Config, EngineConfig, SamplingConfig
     from qvl_batch.engines.base import Request
     from qvl_batch.engines.build import make_batch_engine
+    from qvl_batch.engines.hf.settings import HFEngineConfig
     from qvl_batch.engines.hf.vision import is_dense
 
     cfg = Config(

@@ -11,12 +11,12 @@ import time
 import pytest
 from PIL import Image
 
-from qvl_batch.config import ConfigError, FakeEngineConfig, parse_lengths
+from qvl_batch.config import ConfigError
 from qvl_batch.engines.base import BatchEngine, Request, Result
 from qvl_batch.engines.batching import BatchingAdapter
 from qvl_batch.engines.build import make_engine
-from qvl_batch.engines.fake import FakeEngine, InflightSimulator
-from qvl_batch.engines.lengths import answer_length
+from qvl_batch.engines.fake import FakeEngine, FakeEngineConfig, InflightSimulator
+from qvl_batch.engines.lengths import answer_length, parse_lengths
 from qvl_batch.rows.manifest import plan_job
 from qvl_batch.run.actor import UnitWorker
 from qvl_batch.run.recorder import FlightRecorder

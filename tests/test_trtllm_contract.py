@@ -26,16 +26,11 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from qvl_batch.config import (
-    Config,
-    EngineConfig,
-    SamplingConfig,
-    StructuredConfig,
-    TrtLlmEngineConfig,
-)
+from qvl_batch.config import Config, EngineConfig, SamplingConfig, StructuredConfig
 from qvl_batch.engines import trtllm
 from qvl_batch.engines.base import EngineDead, EngineError, Request, Result
 from qvl_batch.engines.build import make_engine
+from qvl_batch.engines.trtllm import TrtLlmEngineConfig
 from qvl_batch.output.structured import OutputParser
 from qvl_batch.tooling.chat_template import CHAT_TEMPLATE
 

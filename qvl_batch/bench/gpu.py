@@ -678,7 +678,7 @@ def add_gpu_bench(kinds, common) -> None:
 
 
 def _lengths(spec: str) -> str:
-    from ..config import parse_lengths
+    from ..engines.lengths import parse_lengths
 
     if spec != "fixed":
         try:

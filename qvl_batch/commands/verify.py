@@ -44,6 +44,7 @@ from ..output.structured import columns_of
 from ..report.totals import error_codes_line
 from ..rows.manifest import InputError, Plan, WorkUnit, plan_job
 from ..rows.reader import read_unit_table
+from ..run.validate import validate
 from ..storage import Storage, StorageError, describe, is_temporary
 
 # Units checked at once: each is a few GETs of tens of ms on object stores and holds one unit's
@@ -124,7 +125,7 @@ def config_from_job(
     saved = _drop_redacted(job.get("config") or {})
     saved.setdefault("output", {})["path"] = url
     try:
-        cfg = config_from_saved(saved, overrides)
+        cfg = validate(config_from_saved(saved, overrides))
     except ConfigError as exc:
         raise ConfigError(f"{url}/{JOB_FILE}: the saved config does not load: {exc}") from None
     for side in (cfg.input, cfg.output):

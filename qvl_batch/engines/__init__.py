@@ -1,16 +1,21 @@
 """The engines by name: the one list that config validates against, that the cluster asks how
-many GPUs an engine spans, and that :mod:`qvl_batch.engines.build` builds from.
+many GPUs an engine spans, and that :mod:`qvl_batch.engines.build` builds from. Each engine
+owns its settings (``engine.<name>.*``): a dataclass in a light module, named here.
 
-Light on purpose (no project or heavy imports): each engine's module is named here as a string
-and imported only when that engine is built, so neither this registry nor the engine seam
-imports a concrete engine, and none imports back.
+Light on purpose (no heavy imports; of the project only errors): each engine's module is named
+here as a string and imported only when that engine is built (its settings' module when a job
+is validated), so neither this registry nor the engine seam imports a concrete engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,7 @@ class EngineEntry:
     module: str  # imported only when the engine is built
     factory: str  # in ``module``: (cfg, incarnation) -> an Engine (stream) or a BatchEngine
     what: str
+    settings: str  # "module:Class", the dataclass of ``engine.<name>.*`` (a light module)
     # GPUs one engine spans on one node beyond cluster.num_gpus_per_actor (tensor parallel)
     spans_gpus: Callable[[Any], int] | None = None
 
@@ -31,19 +37,22 @@ REGISTRY: dict[str, EngineEntry] = {
             "qvl_batch.engines.fake",
             "make_fake_engine",
             "deterministic stand-in: latency model, in-flight simulator, fault injection",
+            "qvl_batch.engines.fake:FakeEngineConfig",
         ),
         EngineEntry(
             "hf",
             "qvl_batch.engines.hf.engine",
             "make_hf_engine",
             "transformers, lock-step batches through the batching adapter",
+            "qvl_batch.engines.hf.settings:HFEngineConfig",
         ),
         EngineEntry(
             "trtllm",
             "qvl_batch.engines.trtllm",
             "make_trtllm_engine",
             "TensorRT-LLM LLM API, fed as a stream",
-            spans_gpus=lambda cfg: cfg.engine.trtllm.tensor_parallel_size,
+            "qvl_batch.engines.trtllm:TrtLlmEngineConfig",
+            spans_gpus=lambda cfg: settings_of(cfg, "trtllm").tensor_parallel_size,
         ),
     )
 }
@@ -54,3 +63,26 @@ def gpus_spanned(cfg: Any) -> int:
     """GPUs one engine of ``cfg`` needs on one node (1 unless the engine is tensor parallel)."""
     entry = REGISTRY.get(cfg.engine.name)
     return entry.spans_gpus(cfg) if entry and entry.spans_gpus else 1
+
+
+def settings_class(name: str) -> type:
+    module, _, cls = REGISTRY[name].settings.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def settings_of(cfg: Any, name: str) -> Any:
+    """``cfg.engine.<name>`` as its engine's settings dataclass (built from the mapping a loaded
+    config holds, once, with a ConfigError naming a key it does not know)."""
+    section = getattr(cfg.engine, name)
+    cls = settings_class(name)
+    if isinstance(section, cls):
+        return section
+    values = dict(section or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(values) - known):
+        raise ConfigError(
+            f"engine.{name}: unknown key(s) {unknown}; allowed: {', '.join(sorted(known))}"
+        )
+    built = cls(**values)
+    setattr(cfg.engine, name, built)
+    return built

@@ -34,13 +34,75 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Config
-from ..errors import RowError
+from ..config import Config, check
+from ..errors import ConfigError, RowError
 from ..output.structured import example_for
+from . import settings_of
 from .base import BatchEngine, Engine, EngineError, Request, Result, ResultSink
-from .lengths import answer_length
+from .lengths import answer_length, parse_lengths
+
+
+@dataclass
+class FakeEngineConfig:
+    """The deterministic engine's latency model and fault injection (tests and benchmarks)."""
+
+    batch_latency_s: float = 0.0
+    row_latency_s: float = 0.0
+    token_latency_s: float = 0.0  # per decode step (per output token of the longest row)
+    fail_ids: list[str] = field(default_factory=list)  # rows that get ENGINE_ERROR
+    raise_ids: list[str] = field(default_factory=list)  # any batch holding one of these raises
+    crash_ids: list[str] = field(default_factory=list)  # ...SIGKILLs the actor process
+    freeze_ids: list[str] = field(default_factory=list)  # ...SIGSTOPs it (see exit_incarnations)
+    bad_json_ids: list[str] = field(default_factory=list)  # answers cut short (not JSON)
+    raise_after_rows: int = 0  # raise once from generate() after this many rows (0 = never)
+    exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
+    exit_incarnations: int = 1  # exit_after_rows, freeze_ids: only in incarnations below this
+    load_s: float = 0.0  # seconds the engine takes to load (a window for start-up faults)
+    # ...per incarnation (actors ready at different times), load_s for those past the list
+    load_s_by_incarnation: list[float] = field(default_factory=list)
+    # A batch (or scheduler step) holding one of slow_ids first sleeps slow_s: a straggler. With
+    # slow_times > 0, only the first slow_times engines to meet the row do (counted with marker
+    # files in marker_dir, shared by every process), so a copy elsewhere runs at full speed.
+    slow_ids: list[str] = field(default_factory=list)
+    slow_s: float = 0.0
+    slow_times: int = 0
+    marker_dir: str = ""
+    # "batch": lock-step with the latency model above. "inflight": an in-flight batching
+    # simulator (slots; a step costs step_s + step_per_active_s x active, plus
+    # prefill_per_token_s per prompt token admitted), each row's answer length drawn from
+    # answer_lengths by its id.
+    mode: str = "batch"
+    feed: str = "stream"  # inflight: "stream" (native) or "batch" (through the batching adapter)
+    slots: int = 64
+    step_s: float = 0.01
+    step_per_active_s: float = 0.0
+    prefill_per_token_s: float = 0.0
+    answer_lengths: str = "fixed:64"  # fixed:N | uniform:LO:HI | lognormal:MEAN:CAP
+    max_in_flight: int = 0  # inflight + stream: rows inside at once; 0 = 2 x slots
+
+    def __post_init__(self) -> None:
+        check(self.mode in ("batch", "inflight"), "engine.fake.mode", "batch or inflight")
+        check(self.feed in ("stream", "batch"), "engine.fake.feed", "stream or batch")
+        check(self.slots >= 1, "engine.fake.slots", "must be >= 1")
+        check(self.max_in_flight >= 0, "engine.fake.max_in_flight", "must be >= 0")
+        check(
+            self.slow_times == 0 or bool(self.marker_dir),
+            "engine.fake.marker_dir",
+            "is needed with slow_times > 0 (where the engines count their slow copies)",
+        )
+        check(
+            min(self.step_s, self.step_per_active_s, self.prefill_per_token_s) >= 0,
+            "engine.fake.step_s",
+            "step and prefill costs must be >= 0",
+        )
+        try:
+            parse_lengths(self.answer_lengths)
+        except ValueError as exc:
+            raise ConfigError(f"engine.fake.answer_lengths: {exc}") from None
+
 
 ALIVE_EVERY_S = 0.1  # the batch engine's decode steps signal life this often (watchdog)
 
@@ -100,7 +162,7 @@ class _Faults:
     """The fault injection both modes share."""
 
     def __init__(self, cfg: Config, incarnation: int):
-        self.fake = cfg.engine.fake
+        self.fake = settings_of(cfg, "fake")
         loads = self.fake.load_s_by_incarnation
         load = loads[incarnation] if incarnation < len(loads) else self.fake.load_s
         if load > 0:  # every fake engine builds one: its "model load"
@@ -185,7 +247,7 @@ class FakeEngine(BatchEngine):
 
     def __init__(self, cfg: Config, incarnation: int = 0):
         self.cfg = cfg
-        self.fake = cfg.engine.fake
+        self.fake = settings_of(cfg, "fake")
         self.faults = _Faults(cfg, incarnation)
         self._raised = False
 
@@ -319,7 +381,7 @@ class _Simulated:
 
 
 def _length(cfg: Config, req: Request) -> int:
-    drawn = answer_length(cfg.engine.fake.answer_lengths, req.row_id)
+    drawn = answer_length(settings_of(cfg, "fake").answer_lengths, req.row_id)
     return min(drawn, cfg.sampling.max_tokens)
 
 
@@ -332,7 +394,7 @@ class FakeInflightEngine(_Simulated, Engine):
 
     def __init__(self, cfg: Config, incarnation: int = 0):
         self.cfg = cfg
-        f = cfg.engine.fake
+        f = settings_of(cfg, "fake")
         # Twice the slots by default: a request always waits to take a slot the moment one
         # frees, as TensorRT-LLM's scheduler wants (see engine.trtllm.max_inflight_requests).
         self._bound = f.max_in_flight or 2 * f.slots
@@ -372,7 +434,9 @@ class FakeInflightBatchEngine(_Simulated, BatchEngine):
         self.faults = _Faults(cfg, incarnation)
         self._cond = threading.Condition()
         self._finished: dict[tuple[str, int], Request] = {}
-        self.sim = InflightSimulator(cfg.engine.fake, self._done, on_admit=self.faults.entering)
+        self.sim = InflightSimulator(
+            settings_of(cfg, "fake"), self._done, on_admit=self.faults.entering
+        )
 
     def _done(self, req: Request) -> None:
         with self._cond:
@@ -393,7 +457,7 @@ class FakeInflightBatchEngine(_Simulated, BatchEngine):
 
 def make_fake_batch_engine(cfg: Config, incarnation: int = 0) -> BatchEngine:
     """The fake engine in lock-step: its batch mode, or the in-flight simulator fed by batch."""
-    if cfg.engine.fake.mode == "inflight":
+    if settings_of(cfg, "fake").mode == "inflight":
         return FakeInflightBatchEngine(cfg, incarnation)
     return FakeEngine(cfg, incarnation)
 
@@ -401,7 +465,7 @@ def make_fake_batch_engine(cfg: Config, incarnation: int = 0) -> BatchEngine:
 def make_fake_engine(cfg: Config, incarnation: int = 0) -> Engine | BatchEngine:
     """The registry's builder: in-flight mode fed as a stream is a stream engine; otherwise a
     lock-step engine (batch mode, or the simulator fed batch by batch)."""
-    fake = cfg.engine.fake
+    fake = settings_of(cfg, "fake")
     if fake.mode == "inflight" and fake.feed == "stream":
         return FakeInflightEngine(cfg, incarnation=incarnation)
     return make_fake_batch_engine(cfg, incarnation)

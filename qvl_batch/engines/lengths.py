@@ -12,11 +12,26 @@ import hashlib
 import math
 from statistics import NormalDist
 
-from ..config import parse_lengths
-
 # Spread of the lognormal answer lengths (sigma of the log): with a mean of ~110 and a cap of
 # 300 this gives a caption-like spread, median ~95 and a few per cent at the cap.
 LOGNORMAL_SIGMA = 0.55
+
+
+def parse_lengths(spec: str) -> tuple[str, tuple[float, ...]]:
+    """``fixed:N``, ``uniform:LO:HI`` or ``lognormal:MEAN:CAP`` -> (kind, numbers)."""
+    kind, *args = spec.split(":")
+    want = {"fixed": 1, "uniform": 2, "lognormal": 2}
+    if kind not in want or len(args) != want[kind]:
+        raise ValueError(
+            f"answer lengths {spec!r}: use fixed:N, uniform:LO:HI or lognormal:MEAN:CAP"
+        )
+    try:
+        numbers = tuple(float(a) for a in args)
+    except ValueError:
+        raise ValueError(f"answer lengths {spec!r}: the numbers must be numbers") from None
+    if min(numbers) < 1 or (kind == "uniform" and numbers[0] > numbers[1]):
+        raise ValueError(f"answer lengths {spec!r}: lengths are >= 1 (and LO <= HI)")
+    return kind, numbers
 
 
 def answer_length(spec: str, row_id: str) -> int:

@@ -51,14 +51,16 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..config import Config
+from ..config import Config, check
 from ..errors import RowError
 from ..rows.prompts import chat_messages
+from . import settings_of
 from .base import Engine, EngineDead, EngineError, Request, Result, ResultSink
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,38 @@ INSTALL_HINT = (
 )
 
 
+@dataclass
+class TrtLlmEngineConfig:
+    """TensorRT-LLM LLM API (PyTorch backend) knobs; anything else goes in engine.options."""
+
+    tensor_parallel_size: int = 1
+    max_batch_size: int = 64
+    max_num_tokens: int = 16384
+    max_seq_len: int = 8192
+    kv_cache_free_gpu_memory_fraction: float = 0.85
+    # Off by default: upstream reports wrong outputs with KV block reuse on for several VLMs.
+    enable_block_reuse: bool = False
+    cuda_graphs: bool = True
+    # Requests the actor keeps inside the engine; 0 = 2 x max_batch_size. TensorRT-LLM batches
+    # in flight: a finished sequence's slot is refilled at once, but only from requests already
+    # waiting in its scheduler. Twice the batch keeps a full batch waiting behind the running
+    # one (its prefill and vision encoding overlap the decode), without flooding the queue.
+    max_inflight_requests: int = 0
+    # Seconds one request may take before it is aborted and tried once more (then an
+    # ENGINE_TIMEOUT row): a request that never completes must not hang the actor.
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        check(self.tensor_parallel_size >= 1, "engine.trtllm.tensor_parallel_size", ">= 1")
+        check(
+            0 < self.kv_cache_free_gpu_memory_fraction <= 1,
+            "engine.trtllm.kv_cache_free_gpu_memory_fraction",
+            "must be in (0, 1]",
+        )
+        check(self.max_inflight_requests >= 0, "engine.trtllm.max_inflight_requests", ">= 0")
+        check(self.request_timeout_s > 0, "engine.trtllm.request_timeout_s", "must be > 0")
+
+
 def import_trtllm() -> ModuleType:
     """Import tensorrt_llm (and its llmapi submodule) or raise ImportError with an install hint."""
     try:
@@ -101,7 +135,7 @@ def llm_kwargs(cfg: Config, api: ModuleType) -> dict[str, Any]:
     for several VLMs); CUDA graphs, when on, are padded up to the engine's max batch size; a job
     with a JSON schema to guide answers gets the xgrammar guided-decoding backend.
     """
-    t = cfg.engine.trtllm
+    t = settings_of(cfg, "trtllm")
     kv_cache = api.llmapi.KvCacheConfig(
         free_gpu_memory_fraction=t.kv_cache_free_gpu_memory_fraction,
         enable_block_reuse=t.enable_block_reuse,
@@ -368,7 +402,7 @@ class TrtLlmEngine(Engine):
         self._sampling = api.SamplingParams(**sampling)
         warm_tokens = min(WARMUP_MAX_TOKENS, cfg.sampling.max_tokens)
         self._warm_sampling = api.SamplingParams(**{**sampling, "max_tokens": warm_tokens})
-        t = cfg.engine.trtllm
+        t = settings_of(cfg, "trtllm")
         self._bound = t.max_inflight_requests or 2 * t.max_batch_size
         self.entry_group = max(1, self._bound // 8)
         self._timeout = t.request_timeout_s

@@ -1,7 +1,8 @@
-"""A job's settings checked against what they name in the wings below: the engine registry,
-the prompt template's fields, the image formats Pillow decodes here, the structured-output
-schema and the output columns it must not replace. ``config.py`` checks each setting alone and
-imports none of these; every command that runs or plans a job loads it with :func:`load_job`.
+"""A job's settings checked against what they name in the wings below: the engine registry and
+each engine's own settings, the prompt template's fields, the image formats Pillow decodes here,
+the structured-output schema and the output columns it must not replace. ``config.py`` checks
+each setting alone and imports none of these; every command that runs or plans a job loads it
+with :func:`load_job`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
-from ..engines import ENGINES
+from ..engines import ENGINES, settings_of
 from ..output.schema import reserved_columns
 from ..output.structured import SchemaError, columns_of
 from ..rows.images import known_formats
@@ -25,6 +26,8 @@ def validate(cfg: Config) -> Config:
     """``cfg`` if its settings fit the modules they name; else a ConfigError saying what to fix."""
     if cfg.engine.name not in ENGINES:
         raise ConfigError(f"engine.name: {cfg.engine.name!r} is not one of {ENGINES}")
+    for name in ENGINES:  # each engine's own settings, checked by its dataclass
+        settings_of(cfg, name)
     known = known_formats()
     unknown = [name for name in cfg.image.formats if name not in known]
     if unknown:

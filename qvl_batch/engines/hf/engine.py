@@ -26,6 +26,7 @@ import transformers
 
 from ...config import Config, SamplingConfig
 from ...errors import RowError
+from .. import settings_of
 from ..base import BatchEngine, Request, Result
 from ..lengths import answer_length
 from .clock import FirstLogits, StageClock
@@ -92,7 +93,7 @@ class HFEngine(BatchEngine):
     version = transformers.__version__
 
     def __init__(self, cfg: Config):
-        hf = cfg.engine.hf
+        hf = settings_of(cfg, "hf")
         self.sampling = cfg.sampling
         self.answer_lengths = hf.answer_lengths  # "" = the model decides
         self._max_pixels = cfg.image.max_pixels
@@ -260,11 +261,13 @@ class HFEngine(BatchEngine):
         """``engine.hf.compile``: the batch-size rungs and transformers' own compiled decode step
         (``compile_config``; CUDA graphs on GPU)."""
         self._rungs = batch_rungs(cfg.batching.max_batch_size)
-        gib = cfg.engine.hf.static_cache_gib
+        gib = settings_of(cfg, "hf").static_cache_gib
         cap = default_cap(self.device) if gib is None else int(gib * 2**30)
         text_config = self.model.config.get_text_config(decoder=True)
         # (rung, length) -> its StaticCache, reused batch after batch, within the cap
-        self.caches = StaticCaches(text_config, self.dtype, cap, cfg.engine.hf.compile_shapes)
+        self.caches = StaticCaches(
+            text_config, self.dtype, cap, settings_of(cfg, "hf").compile_shapes
+        )
         if self.compiled:
             self._use_compile(True)
 

@@ -1,0 +1,73 @@
+"""The hf engine's settings (``engine.hf.*``); light: built at config validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import check
+from ...errors import ConfigError
+from ..lengths import parse_lengths
+
+
+@dataclass
+class HFEngineConfig:
+    """transformers engine knobs (the reference engine; CPU and GPU)."""
+
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False  # never on unless the job says so: it runs model-repo code
+    # Where pixels are normalised and cut into patches: "device" (torch on the engine's device,
+    # from uint8 pixels) or "processor" (transformers' numpy image processor on the CPU).
+    preprocess: str = "device"
+    # Benchmark-only, for random-weight models (which never emit EOS): each row's answer ends at
+    # a length drawn from its id, fixed:N | uniform:LO:HI | lognormal:MEAN:CAP (as the fake
+    # engine's). A batch still decodes until its longest row ends. "" = off: the model decides.
+    answer_lengths: str = ""
+    # Decode with static KV caches and a torch.compile'd decode step (CUDA graphs); one graph
+    # per batch-size rung and cache length step (qvl_batch.engines.hf.decode). null (auto): on
+    # for a model on one CUDA GPU with transformers >= 4.57.3, off elsewhere (CPU, a device
+    # map); true: required (refused where unsupported); false: off. CUDA graphs keep the decode
+    # loop's speed when the host is busy (the runner's prepare threads, other GPUs' engines):
+    # docs/PERFORMANCE.md "Faster transformers engine".
+    compile: bool | None = None
+    # GiB the compiled decode's static KV caches may hold (one per batch-size rung and cache
+    # length met, kept for the job: qvl_batch.engines.hf.decode); a batch whose cache would pass
+    # it runs eagerly. null: half the GPU memory free once the model is loaded (CPU: no cap).
+    static_cache_gib: float | None = None
+    # At most this many (batch rung, cache length) shapes get a compiled decode (each a compile
+    # of tens of seconds on a 7B, once per actor); batches of other shapes run eagerly.
+    compile_shapes: int = 8
+    # The text model's attention in decode steps: "grouped" (qvl_batch.engines.hf.gqa: each KV
+    # head's query heads attend as its queries, no copy of the cache per query head; the same
+    # output), "stock" (transformers' SDPA: copies every KV head out to its query heads, each step,
+    # when a mask is passed, which a left-padded batch always does), or "auto": grouped with the
+    # compiled decode where the installed transformers' text model is the known shape (4.57.3,
+    # 5.x) and runs sdpa; stock with the eager decode (where grouped measured slower).
+    decode_attention: str = "auto"
+    # The vision tower's attention: "dense" (qvl_batch.engines.hf.vision: a few batched calls
+    # per block, the same output, 2.5x faster at B=128 on an H200), "stock" (transformers' own:
+    # one call per window and image), or "auto": dense where the installed transformers' vision
+    # attention is the shape it was written for (4.57.3, 5.x), else stock with a warning.
+    vision: str = "auto"
+
+    def __post_init__(self) -> None:
+        modes = ("device", "processor")
+        check(self.preprocess in modes, "engine.hf.preprocess", f"must be one of {modes}")
+        visions = ("auto", "dense", "stock")
+        check(self.vision in visions, "engine.hf.vision", f"must be one of {visions}")
+        attentions = ("auto", "grouped", "stock")
+        check(
+            self.decode_attention in attentions,
+            "engine.hf.decode_attention",
+            f"must be one of {attentions}",
+        )
+        check(self.compile_shapes >= 1, "engine.hf.compile_shapes", "must be >= 1")
+        check(
+            self.static_cache_gib is None or self.static_cache_gib >= 0,
+            "engine.hf.static_cache_gib",
+            "must be >= 0 GiB, or null (half the GPU memory free once the model is loaded)",
+        )
+        if self.answer_lengths:
+            try:
+                parse_lengths(self.answer_lengths)
+            except ValueError as exc:
+                raise ConfigError(f'engine.hf.answer_lengths: {exc} (or "": off)') from None
