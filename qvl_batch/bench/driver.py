@@ -77,14 +77,38 @@ class SimulatedActor:
 
 
 class SimulatedPool:
-    """The ActorPool interface over ``n`` in-process simulated actors."""
+    """The dispatcher's ``Pool`` over ``n`` in-process simulated actors: ready from the start,
+    never dying, never stalling, units never taken back."""
 
     engine_name, engine_version = "simulated", "0"
+    can_move = False
 
     def __init__(self, n: int, latency_s: float):
         self._executor = ThreadPoolExecutor(max(4, min(64, n * 2)), "sim-actor")
         templates: dict = {}
         self.actors = [SimulatedActor(latency_s, self._executor, templates) for _ in range(n)]
+        self.live = [True] * n
+        self.init_failures = [0] * n
+        self.placement: list = [None] * n
+        self.timelines: list[dict] = []
+
+    def starting(self) -> list:
+        return []
+
+    def started(self, ref):
+        raise RuntimeError("simulated actors are ready from the start")
+
+    def retire(self, index: int) -> None:
+        raise RuntimeError("simulated actors always start")
+
+    def kill_silent(self, index: int, beat) -> None:
+        raise RuntimeError("simulated actors never stall")
+
+    def withdraw(self, index: int, unit_id: str) -> bool:
+        return False  # can_move is False: never asked
+
+    def drop(self, index: int, unit_id: str) -> None:
+        pass  # never a copy: backup copies need moves' tail (can_move)
 
     @staticmethod
     def wait(refs: list, timeout: float) -> list:

@@ -161,7 +161,7 @@ def _print_run(label: str, run: dict) -> None:
 def vision_deviation(engine, requests: list) -> dict:
     """The dense vision tower's embeddings against the stock tower's on one batch (the engine's
     dtype and device): how far apart they are (bf16 on a GPU is not bit-equal; fp32 on the CPU
-    is, to 1e-5, in tests/test_hf_vision.py)."""
+    is, to 1e-5, in tests/engines/test_hf_vision.py)."""
     import torch
 
     from ..engines.hf.vision import vision_tower

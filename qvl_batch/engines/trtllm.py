@@ -1,7 +1,7 @@
 """TensorRT-LLM engine: Qwen2.5-VL through the LLM API (PyTorch backend).
 
 Every TensorRT-LLM name this module touches is listed in ``tests/data/trtllm_api_surface.json``
-(read from upstream source); ``tests/test_trtllm_contract.py`` runs this engine against a
+(read from upstream source); ``tests/engines/test_trtllm_contract.py`` runs this engine against a
 stand-in built from that file, so a keyword the real API lacks fails a test here, not a job on a
 GPU cluster. Names used: ``tensorrt_llm.LLM`` (+ ``generate_async``, ``shutdown``,
 ``__version__``), ``tensorrt_llm.SamplingParams``, ``tensorrt_llm.llmapi.KvCacheConfig``,

@@ -115,6 +115,8 @@ class ActorPool:
         self.init_failures = [0] * self.size  # consecutive constructor failures per slot
         self._starting: dict = {}  # ready() ref -> slot
         self.engine_name: str | None = None
+        self.can_move = True  # withdraw takes back a unit its actor has not started
+        self.timelines: list[dict] = []  # filled by collect_stats
         self.engine_version: str | None = None
         # Where each slot's actor first ran (pid, node, the GPUs Ray gave it): in _metrics.json.
         self.placement: list[dict | None] = [None] * self.size

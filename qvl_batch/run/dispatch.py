@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..output.marker import Marker
 from ..output.writer import UnitIncomplete
@@ -28,6 +28,12 @@ from .isolation import CrashIsolation
 from .liveness import beat_interval, silence_limit
 from .progress import Progress
 from .schedule import Committer, UnitQueue
+
+if TYPE_CHECKING:  # the real pool's module loads Ray
+    from ..engines.bucketing import PaddingStats
+    from .cluster import Start
+    from .handout import Outcome
+    from .liveness import Beat
 
 log = logging.getLogger("qvl_batch")
 
@@ -49,6 +55,59 @@ class Work(Protocol):
 
     def error_check(self, rows: int, errors: int) -> str | None:
         """A failure message once this run's rows so far should stop the job, else None."""
+
+
+class Pool(Protocol):
+    """The actors the loop runs units on (:class:`~qvl_batch.run.cluster.ActorPool`; the driver
+    benchmark's simulated pool implements it in full)."""
+
+    actors: list  # per slot: its actor now (``process_unit.remote`` runs a unit)
+    live: list[bool]  # per slot: ready and not dead
+    init_failures: list[int]  # per slot: failed starts in a row
+    placement: list  # per slot: where its actor runs (node, GPUs), once known
+    timelines: list[dict]  # the actors' busy / waiting / idle bins, after collect_stats
+    engine_name: str | None  # known once the first actor is ready
+    engine_version: str | None
+    can_move: bool  # whether withdraw can take an unstarted unit back
+
+    def starting(self) -> list:
+        """``ready()`` refs of actors still starting."""
+
+    def started(self, ref) -> Start:
+        """The outcome of a finished start; a ready actor's slot becomes live."""
+
+    def retire(self, index: int) -> None:
+        """No more starts for this slot."""
+
+    def replace(self, index: int):
+        """A new actor in the slot (after a death); returns it."""
+
+    def wait(self, refs: list, timeout: float) -> list:
+        """The refs of ``refs`` done within ``timeout``."""
+
+    def get(self, ref) -> Outcome:
+        """A finished unit call's table, or its error."""
+
+    def crash_batch(self, index: int) -> tuple[list | None, bool]:
+        """(rows inside the slot's dead engine, whether it stalled)."""
+
+    def health(self) -> dict[int, Beat] | None:
+        """The last heartbeat per live slot (None: none could be read)."""
+
+    def kill_silent(self, index: int, beat: Beat | None) -> None:
+        """Kill the slot's actor from outside (its heartbeats stopped)."""
+
+    def withdraw(self, index: int, unit_id: str) -> bool:
+        """Take an unstarted unit back from the slot's actor; False if it started."""
+
+    def drop(self, index: int, unit_id: str) -> None:
+        """The slot's copy of a unit lost the race: let it end, unread."""
+
+    def collect_stats(self) -> tuple[PaddingStats, dict[str, float], dict]:
+        """Padding, timings and storage figures over the actors (fills ``timelines``)."""
+
+    def shutdown(self) -> None:
+        """Stop every actor."""
 
 
 @dataclass
@@ -86,7 +145,7 @@ class Dispatcher:
     def __init__(
         self,
         cfg,
-        pool,
+        pool: Pool,
         work: Work,
         job: dict,
         summary,
@@ -101,11 +160,10 @@ class Dispatcher:
         self.t0 = t0  # the job's clock (monotonic): unit_runs and actors_live count from it
         self.lineage: dict = {}  # filled when the first actor is ready (it names the engine)
         self.slots = [_Slot(i, a, live_since=time.monotonic()) for i, a in enumerate(pool.actors)]
-        self.live = getattr(pool, "live", [True] * len(self.slots))
+        self.live = pool.live
         self.runs = Runs(len(self.slots))
         batching = cfg.batching
         self.handout = HandOut(batching.units_in_flight_per_actor, batching.backup_copies)
-        self.can_withdraw = hasattr(pool, "withdraw")  # the driver benchmark's pool cannot
         self.isolation = CrashIsolation(cfg.limits.max_row_crashes)
         self.committer = Committer(commit_threads, PENDING_COMMITS_PER_THREAD)
         self.queue: UnitQueue | None = None
@@ -360,7 +418,7 @@ class Dispatcher:
                 below_since, failure = self._below_min_actors(now, below_since)
                 if failure:
                     break
-                starting = pool.starting() if hasattr(pool, "starting") else []
+                starting = pool.starting()
                 while (
                     not committer.full
                     and (index := self.handout.slot_for_next(self.live, runs, bool(starting)))
@@ -368,7 +426,7 @@ class Dispatcher:
                     and (item := queue.next()) is not None
                 ):
                     self._send(*item, index)
-                if queue.empty and self.can_withdraw:
+                if queue.empty and pool.can_move:
                     self._tail()
                 self._watch(now)
                 # Dropped runs (copies whose twin won) are not waited for at the end.
@@ -396,9 +454,9 @@ class Dispatcher:
             problem = committer.drain(self._book)  # always: what was handed over is written
             out.failure = failure or problem
             self.summary.pipeline_s = time.monotonic() - self.t_ready
-            out.placement = [p for p in getattr(pool, "placement", []) if p]
+            out.placement = [p for p in pool.placement if p]
             out.padding, out.timings, out.storage = pool.collect_stats()
-            out.timelines = getattr(pool, "timelines", [])
+            out.timelines = pool.timelines
             out.generations = [s.generation for s in self.slots]
             return out
         finally:

@@ -1,28 +1,14 @@
-"""The transformers engine's compiled decode: which shapes it runs at, and its static KV caches.
+"""The hf engine's compiled decode (``engine.hf.compile``): its shapes and static KV caches.
 
-Compiled decode (``engine.hf.compile``, transformers >= 4.57.3, one GPU): the decode step runs
-through transformers' own ``torch.compile`` (``compile_config``; CUDA graphs on GPU) on static
-KV caches the engine owns and passes to ``generate`` (reset per batch, never reallocated: a graph
-is specialised to its cache's batch size, length and addresses). So the shapes come in steps:
-
-* batch size: rungs ``B, B/2, B/4, B/8`` (rounded up, ``B = batching.max_batch_size``); a
-  batch is padded up to the next rung with dummy rows (one attended token, no image, ended after
-  one token).
-* length: the batch's prompt width + its longest answer, rounded up to the length grid, two
-  steps per octave (128, 192, 256, 384, 512, 768, ...; at most the model's positions): every
-  decode step attends over the whole cache, so it follows the batch, and a job of mixed image
-  sizes meets a few lengths, not one per 128 tokens.
-
-Each (rung, length) met is one cache and one captured decode graph, made when first met,
-before the batch runs, and timed (``stage_times()["compile"]``); the warm-up makes the full
-batch's. The decode step is compiled with dynamic shapes, so a new length is a new capture, not
-a new compile (a compile per length, tens of seconds each on a 7B, is what stalled mixed-size
-jobs); each rung is compiled once. The shapes are bounded twice, before anything is taken: at
-most ``engine.hf.compile_shapes`` of them, and their caches within
-``engine.hf.static_cache_gib`` (by default half the GPU memory free once the model is loaded;
-caches are never freed, as a graph holds its cache's addresses). A batch of a shape past either
-bound runs eagerly, with the same output (warned once per shape). Measured in
-docs/PERFORMANCE.md ("Never stuck").
+The decode step runs through transformers' own ``torch.compile`` (CUDA graphs on GPU) on static
+caches the engine owns (reset per batch, never reallocated: a graph holds its cache's addresses).
+Shapes come in steps: batch rungs ``B, B/2, B/4, B/8`` (a batch padded up with dummy rows of one
+token) and cache lengths on a grid of two steps per octave (128, 192, 256, 384, ...). The step is
+compiled with dynamic shapes: one compile per rung, a new length is only a new graph capture.
+Each shape is made before its batch and timed (``compile``); at most ``engine.hf.compile_shapes``
+of them, their caches within ``engine.hf.static_cache_gib``, accounted before they are taken; a
+batch past either bound runs eagerly with the same output. Measured: docs/PERFORMANCE.md
+("Never stuck").
 """
 
 from __future__ import annotations

@@ -1,30 +1,16 @@
-"""Grouped decode attention for the text model (hf engine, ``engine.hf.decode_attention``).
+"""Grouped decode attention for the text model (``engine.hf.decode_attention: grouped``).
 
-Qwen2.5-VL's text model has fewer key/value heads than query heads (7B: 28 query heads share 4
-KV heads; 3B: 16 share 2). transformers' SDPA path copies each KV head out to its query heads
-(``repeat_kv``) whenever an attention mask is passed, which a left-padded batch always does:
-PyTorch's own grouped path (``enable_gqa``) would fall back to its math kernel with a mask.
-4.57.3 and 5.17 do so at every decode step; 5.24 packs the queries as below in eager decode but
-still copies under ``torch.compile`` (our compiled decode). For one new token a step, that copy
-writes the whole cache over again ``heads / kv_heads`` times, in every layer: on the 7B at B=128
-and a 384-token cache, ~1.4 GB of memory traffic a layer where the attention itself needs 0.1 GB.
-
-In a decode step each query head has one query, which attends to its group's keys under the
-same padding mask as the other heads of its group. So the group's query heads can stand as that
-KV head's queries: ``(B, heads, 1, D)`` viewed as ``(B, kv_heads, group, D)`` (no copy), attention
-over the uncopied ``(B, kv_heads, L, D)`` keys and values with the ``(B, 1, 1, L)`` mask broadcast
-over the group, the output viewed back. Each (query head, key) pair meets the same arithmetic, so
-the output equals the stock path's to float rounding (``tests/test_hf_gqa.py``). Prefill (many
-queries under a causal mask) and anything else unusual go to transformers' own SDPA function.
-
-Installed by registering :func:`grouped_decode_attention` with transformers' attention interface
-and its SDPA mask function with the mask interface under :data:`NAME`, then naming it in the text
-model's config (the configs the language model and its attention modules hold; the vision tower's
-is untouched). The attention modules look their function up by that name on every call, so the
-switch works on a loaded model, both ways. Only a text model on ``sdpa`` is switched; ``eager``
-and flash attention stay as they are. Written against transformers 4.57.3 and 5.x (the text
-model at ``model.model.language_model``, attention modules with ``num_key_value_groups``); any
-other shape raises ``ValueError`` saying to set ``engine.hf.decode_attention: stock``.
+Qwen2.5-VL's text model has fewer KV heads than query heads (7B: 28 share 4). transformers' SDPA
+path copies each KV head out to its query heads at every step a mask is passed (a left-padded
+batch always does): the whole cache written again ``heads / kv_heads`` times a layer. In a decode
+step each query head has one query, so a group's query heads stand as its KV head's queries:
+``(B, heads, 1, D)`` viewed as ``(B, kv_heads, group, D)``, attention over the uncopied cache with
+the mask broadcast, the output viewed back: equal to stock to float rounding
+(``tests/engines/test_hf_gqa.py``). Prefill and anything unusual go to transformers' own SDPA.
+Installed by registering :func:`grouped_decode_attention` under :data:`NAME` and naming it in the
+text model's config (switchable on a loaded model, both ways); only a text model on ``sdpa`` is
+switched. Written against transformers 4.57.3 and 5.x; any other shape raises ``ValueError``
+saying to set ``engine.hf.decode_attention: stock``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ float32 written by one Python thread, on the critical path of every ``generate``
 competes for the GIL with the actor's prepare threads. :class:`ImageInputs` does the same
 arithmetic as a few tensor ops on the GPU from the uint8 pixels (77 MB for that batch), and the
 processor only tokenizes the text, with each image's placeholder already expanded to its token
-count. ``tests/test_hf_inputs.py`` checks every tensor equals the processor's own output.
+count. ``tests/engines/test_hf_inputs.py`` checks every tensor equals the processor's own output.
 """
 
 from __future__ import annotations

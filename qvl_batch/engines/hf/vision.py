@@ -1,30 +1,14 @@
-"""Dense attention for the Qwen2.5-VL vision tower (hf engine, ``engine.hf.vision: dense``).
+"""Dense attention for the Qwen2.5-VL vision tower (``engine.hf.vision: dense``).
 
-Without flash-attn, transformers runs the vision tower's window and full attention as one small
-attention call per segment of ``cu_seqlens`` (``torch.split`` and a Python loop): for 128 images
-at 448x448 that is 128 images x 16 windows x 32 blocks of tiny calls, seconds of launch overhead
-on a GPU whose matrix work takes a fraction of that. The runner batches images of one resized size
-together, so the segments mostly have equal lengths. :func:`enable_dense_vision` replaces each
-vision block's attention ``forward`` (per module instance; the class and other models stay stock)
-with one that groups the segments by length and runs each group as one batched call of the model's
-configured attention function (``sdpa`` or ``eager``) on ``(segments, heads, length, head_dim)``:
-a batch of equal grids needs one call per block for full attention and one or a few (windows cut
-at the image's edges are shorter) for window attention. Same arithmetic per segment, so the output
-equals the stock forward's to float rounding (``tests/test_hf_vision.py``).
-
-The tower's other per-image work, rotary position ids and the window index (a few small tensor ops
-per image, ~25 ms on a CPU for 128 images), is made once per run of equal grids and tiled with each
-image's offsets (:func:`_tiled`): on 4.57 by overriding the tower instance's ``rot_pos_emb`` and
-``get_window_index``, on 5.x by passing them to the tower's forward as the precomputed
-``position_ids`` / ``window_index`` / ``cu_window_seqlens`` it accepts.
-
-Written against transformers 4.57.3 and 5.24. Both keep the tower at ``model.model.visual`` and the
-same attention module (``qkv``, ``proj``, ``num_heads``, ``scaling``, rotary applied by the
-modeling module's ``apply_rotary_pos_emb_vision`` to ``position_embeddings = (cos, sin)``); the
-forward signatures differ (4.57 takes an unused ``rotary_pos_emb``, 5.x a ``max_seqlen`` that only
-flash attention reads), as does the way the attention function is looked up. Any other shape raises
-``ValueError`` saying to set ``engine.hf.vision: stock``. ``flash_attention_*`` already runs one
-varlen kernel per block, so those models are left stock.
+Without flash-attn, transformers runs the tower's window and full attention as one small call per
+``cu_seqlens`` segment (128 images x 16 windows x 32 blocks at 448x448). :func:`enable_dense_vision`
+replaces each vision block's attention ``forward`` (per module instance) with one that groups the
+segments by length and runs each group as one batched call of the model's attention function; the
+rotary position ids and window index are made once per run of equal grids and tiled
+(:func:`_tiled`). Same arithmetic per segment: the output equals the stock forward's to float
+rounding (``tests/engines/test_hf_vision.py``). Written against transformers 4.57.3 and 5.x (the
+tower at ``model.model.visual``); any other shape raises ``ValueError`` saying to set
+``engine.hf.vision: stock``; flash attention models stay stock.
 """
 
 from __future__ import annotations
