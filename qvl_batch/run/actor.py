@@ -22,7 +22,6 @@ import time
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -30,7 +29,7 @@ from ..config import Config
 from ..engines.base import Engine, Request, Result
 from ..engines.bucketing import PaddingStats
 from ..engines.build import make_engine
-from ..errors import ACTOR_ENGINE_DEAD, RowError
+from ..errors import RowError
 from ..output.reuse import ReuseIndex, ReuseReader, result_key, settings_digest
 from ..output.schema import IMAGE_COLUMNS, result_table
 from ..output.structured import OutputParser
@@ -40,7 +39,8 @@ from ..rows.prepare import ReusedRow, prepare_row
 from ..rows.prompts import PromptError
 from ..rows.reader import RowInput, read_unit_table, unit_rows
 from ..storage import Storage
-from .liveness import Watchdog, all_stacks
+from .collector import UnitCollector
+from .liveness import Watchdog, exit_dead, exit_stalled
 from .recorder import RecorderClient
 from .timeline import StateTimeline
 
@@ -66,30 +66,6 @@ def _visible_gpus() -> list[str]:
         return []
     props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
     return [f"{p.name} GPU-{getattr(p, 'uuid', '?')}" for p in props]
-
-
-@dataclass
-class _UnitCollector:
-    """Results of one unit's rows as they come back, in input order."""
-
-    results: list[Result | None]
-    meta: list[dict | None]
-    remaining: int
-    done: threading.Event = field(default_factory=threading.Event)
-    entered: int = 0  # rows handed to the engine so far
-    started: int = 0  # ...of those, rows the engine started computing (its entering note)
-    answered: int = 0  # rows with a result
-    inside: int = 0  # rows inside the engine now
-    withdrawn: bool = False  # the driver took the unit back: its call returns None
-
-    def put(self, index: int, result: Result) -> None:
-        if self.results[index] is not None:
-            raise RuntimeError(f"row {index} answered twice")
-        self.results[index] = result
-        self.remaining -= 1
-        self.answered += 1
-        if self.remaining == 0:
-            self.done.set()
 
 
 class UnitWorker:
@@ -135,8 +111,8 @@ class UnitWorker:
         self._left: list[tuple[str, int]] = []  # rows back since the last recorder note
         # Rows of the units in flight not yet prepared: waiting for a slot or being prepared.
         self._unprepared = 0
-        self._units: dict[str, _UnitCollector] = {}
-        self._turns: deque[_UnitCollector] = deque()  # units in hand-out order, rows not all out
+        self._units: dict[str, UnitCollector] = {}
+        self._turns: deque[UnitCollector] = deque()  # units in hand-out order, rows not all out
         self._draining: dict[str, int] = {}  # withdrawn unit -> its rows still inside the engine
         self._fatal: BaseException | None = None
         self._closed = False
@@ -211,23 +187,11 @@ class UnitWorker:
         running alone, with that code; they are not run again. ``only``: run just these row
         indices (retry-failed).
         """
-        solo, skip = set(solo), dict(skip or {})
-        t0 = time.perf_counter()
-        table = read_unit_table(unit, self.cfg, self.storage)
-        rows = unit_rows(unit, table, self.cfg)
-        self.timings["read_s"] += time.perf_counter() - t0
-        n = len(rows)
-        if only is not None:
-            wanted = set(only)
-            rows = [r for r in rows if r.index in wanted]
-        collector = _UnitCollector([None] * n, [None] * n, len(rows))
+        table, rows, n = self._read(unit, dict(skip or {}), only)
+        collector = UnitCollector([None] * n, [None] * n, len(rows))
         if not rows:
             collector.done.set()
-        for row in rows:
-            if row.index in skip and not row.error:
-                code = RowError(skip[row.index])
-                row.error = (code, _CONDEMNED[code])
-        todo = sum(not row.error for row in rows)
+        collector.unsent = todo = sum(not row.error for row in rows)
         with self._cond:
             # A withdrawn copy of this unit may still have rows inside the engine: results go
             # by unit id, so this call waits until they are back (and dropped).
@@ -242,32 +206,13 @@ class UnitWorker:
                 while self._turns[0] is not collector and not collector.withdrawn:
                     self._check_fatal()
                     self._cond.wait(0.5)
-            for row in rows:
-                if collector.withdrawn:
-                    break
-                if row.error:
-                    code, message = row.error
-                    key = (unit.unit_id, row.index)
-                    with self._cond:
-                        collector.put(
-                            row.index, Result(key, error_code=code, error_message=message)
-                        )
-                    continue
-                while not self._slots.acquire(timeout=0.5):
-                    self._check_fatal()
-                    if collector.withdrawn:
-                        break
-                else:
-                    self._pool.submit(
-                        self._prepare, collector, unit.unit_id, row, row.index in solo
-                    )
-                    todo -= 1
+            self._hand_out(collector, unit.unit_id, rows, set(solo))
             self._end_turn(collector)
             while not collector.done.wait(0.5):
                 self._check_fatal()
         finally:
             with self._cond:
-                self._unprepared -= todo  # rows never handed to the pool (withdrawn, an error)
+                self._unprepared -= collector.unsent  # never handed out (withdrawn, an error)
                 self._end_turn(collector)
                 if self._units.get(unit.unit_id) is collector:
                     self._clock_engine()
@@ -281,11 +226,50 @@ class UnitWorker:
         passthrough = self.cfg.input.passthrough_columns
         return result_table(unit.row_start, rows, results, metas, fields, table, passthrough)
 
+    def _read(
+        self, unit: WorkUnit, skip: dict[int, str], only: Collection[int] | None
+    ) -> tuple[pa.Table, list[RowInput], int]:
+        """The unit's table, the rows to run (condemned ones as errors) and its row count."""
+        t0 = time.perf_counter()
+        table = read_unit_table(unit, self.cfg, self.storage)
+        rows = unit_rows(unit, table, self.cfg)
+        self.timings["read_s"] += time.perf_counter() - t0
+        n = len(rows)
+        if only is not None:
+            wanted = set(only)
+            rows = [r for r in rows if r.index in wanted]
+        for row in rows:
+            if row.index in skip and not row.error:
+                code = RowError(skip[row.index])
+                row.error = (code, _CONDEMNED[code])
+        return table, rows, n
+
+    def _hand_out(
+        self, collector: UnitCollector, unit_id: str, rows: list[RowInput], solo: set[int]
+    ) -> None:
+        """Rows to the prepare pool as slots free (bad rows straight to their result)."""
+        for row in rows:
+            if collector.withdrawn:
+                break
+            if row.error:
+                code, message = row.error
+                with self._cond:
+                    result = Result((unit_id, row.index), error_code=code, error_message=message)
+                    collector.put(row.index, result)
+                continue
+            while not self._slots.acquire(timeout=0.5):
+                self._check_fatal()
+                if collector.withdrawn:
+                    break
+            else:
+                self._pool.submit(self._prepare, collector, unit_id, row, row.index in solo)
+                collector.unsent -= 1
+
     def _check_fatal(self) -> None:
         if self._fatal is not None:
             raise RuntimeError(f"engine died: {self._fatal!r}")
 
-    def _end_turn(self, collector: _UnitCollector) -> None:
+    def _end_turn(self, collector: UnitCollector) -> None:
         """Every row of ``collector``'s unit is out (or it ended): the next unit's turn."""
         with self._cond:
             if collector in self._turns:
@@ -335,7 +319,7 @@ class UnitWorker:
         return True
 
     def _prepare(
-        self, collector: _UnitCollector, unit_id: str, row: RowInput, solo: bool = False
+        self, collector: UnitCollector, unit_id: str, row: RowInput, solo: bool = False
     ) -> None:
         if collector.withdrawn:
             self._finish_early(collector, (unit_id, row.index), None)
@@ -383,7 +367,7 @@ class UnitWorker:
 
     def _finish_early(
         self,
-        collector: _UnitCollector,
+        collector: UnitCollector,
         key: tuple[str, int],
         result: Result | None,
         meta: dict | None = None,
@@ -404,7 +388,7 @@ class UnitWorker:
     def _find(self, rkey: str) -> tuple[dict, str] | None:
         return self._reuse.find(rkey) if self._reuse is not None else None
 
-    def _carry_over(self, collector: _UnitCollector, key: tuple[str, int], row: ReusedRow) -> None:
+    def _carry_over(self, collector: UnitCollector, key: tuple[str, int], row: ReusedRow) -> None:
         """An earlier output has this row's result (same image, prompt and settings)."""
         rkey, earlier, job = row.result_key, row.earlier, row.job
         columns = self._parser.columns.names if self._parser else []
@@ -584,29 +568,11 @@ class UnitWorker:
             return sum(c.answered for c in self._units.values())
 
     def _stalled(self, inside: int, quiet_s: float) -> None:
-        """The watchdog's verdict: the engine holds rows and stopped answering. On record with
-        the driver (the rows really inside, as a stall), then this process exits at once: an
-        engine that hangs may hang its close too."""
-        log.error(
-            "engine stalled: %d rows inside, no result for %.0f s (limits.stall_s=%g); this "
-            "actor exits and is replaced, its rows run alone next. Threads:\n%s",
-            inside,
-            quiet_s,
-            self.cfg.limits.stall_s,
-            all_stacks(),
-        )
-        self._recorder.stalled(self._take_left)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        os._exit(ACTOR_ENGINE_DEAD)
+        """The watchdog's verdict: on record with the driver as a stall, then exit at once."""
+        exit_stalled(inside, quiet_s, self.cfg.limits.stall_s, self._recorder, self._take_left)
 
     def _exit_dead(self) -> None:
-        closer = threading.Thread(target=self.engine.close, daemon=True)
-        closer.start()
-        closer.join(timeout=30)  # free the device if the engine still can; never hang on it
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        os._exit(ACTOR_ENGINE_DEAD)
+        exit_dead(self.engine.close)
 
     def _parse(self, result: Result) -> Result:
         """Structured output: typed values, or an OUTPUT_PARSE_ERROR row."""

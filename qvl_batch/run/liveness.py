@@ -18,12 +18,16 @@ Two watchers, neither inside an engine's own threads:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
+
+from ..errors import ACTOR_ENGINE_DEAD
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +127,33 @@ class Watchdog:
         while not self._stop.wait(interval):
             if self.check():
                 return
+
+
+def exit_stalled(inside: int, quiet_s: float, stall_s: float, recorder, take_left) -> NoReturn:
+    """The engine holds rows and stopped answering: log where every thread is, put the rows
+    really inside on record as a stall (``recorder``: the actor's RecorderClient), and exit at
+    once (an engine that hangs may hang its close too)."""
+    log.error(
+        "engine stalled: %d rows inside, no result for %.0f s (limits.stall_s=%g); this "
+        "actor exits and is replaced, its rows run alone next. Threads:\n%s",
+        inside,
+        quiet_s,
+        stall_s,
+        all_stacks(),
+    )
+    recorder.stalled(take_left)
+    _exit()
+
+
+def exit_dead(close) -> NoReturn:
+    """The engine is dead: free the device if ``close`` still can (never hang on it), exit."""
+    closer = threading.Thread(target=close, daemon=True)
+    closer.start()
+    closer.join(timeout=30)
+    _exit()
+
+
+def _exit() -> NoReturn:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(ACTOR_ENGINE_DEAD)
