@@ -38,15 +38,12 @@ runner's are, each side's floor from its own token counts (``floor.py``).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import Config
 from ..run.validate import load_job
-from ..tooling.gpu_sampler import GpuSampler
 from .common import job_io
 from .engine import (
     VARIANT_CHOICES,
@@ -54,10 +51,11 @@ from .engine import (
     bench_bare,
     bench_in_actor,
     contention,
-    variant_label,
 )
 from .floor import FLOOR_IMAGES_PER_S, FLOOR_NOTE
+from .gpu_runner import in_child, run_runner
 from .gpu_scaling import add_scaling_args, scaling
+from .gpu_table import BUCKETING_VARIANTS, add_ratios, print_table
 from .workload import (
     MIXED_SIZES,
     WORKLOADS,
@@ -73,9 +71,6 @@ SECTIONS = ("bare", "actor", "runner", "bucketing", "scaling", "contention")
 DEFAULT_SECTIONS = ("bare", "actor", "runner", "bucketing")
 WORKLOAD_SECTIONS = ("bare", "runner")  # what --workload photos|moderation runs its rows in
 
-# (label, batching.bucketing, batching.max_padding_fraction or None for the job's default):
-# size buckets topped up from near sizes, exact-size buckets only, and arrival order.
-BUCKETING_VARIANTS = (("on", "true", None), ("exact", "true", 0), ("off", "false", None))
 MIXED_MAX_PIXELS = 768 * 28 * 28  # 602112: the largest image stays at 768 vision tokens
 
 # --------------------------------------------------------------------------------- model
@@ -142,106 +137,7 @@ def _job_overrides(
     ]
 
 
-def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
-    """One whole job; rates, stage fractions, padding and (on a GPU) its busy fraction."""
-    from ..output.state import METRICS_FILE
-    from ..run.driver import run_job
-
-    sampler = GpuSampler() if cuda else None
-    sampling = sampler.start() if sampler else False
-    t0 = time.perf_counter()
-    try:
-        summary = run_job(cfg, progress_bar=False)
-    finally:
-        if sampler:
-            sampler.stop()
-    wall_s = time.perf_counter() - t0
-    out = Path(cfg.output.path)
-    metrics = json.loads((out / METRICS_FILE).read_text())
-    pipeline = summary.pipeline_s or float("nan")
-    timings = metrics.get("actor_timings_s", {})
-    result = {
-        "status": summary.status,
-        "rows": summary.rows_this_run,
-        "error_rows": summary.errors_this_run,
-        "steady_rows_per_s": round(summary.rows_this_run / pipeline, 3),
-        "e2e_rows_per_s": round(summary.rows_this_run / summary.elapsed_s, 3),
-        "pipeline_s": round(summary.pipeline_s, 2),
-        "elapsed_s": round(summary.elapsed_s, 2),
-        "wall_s": round(wall_s, 2),
-        "actor_timings_s": timings,
-        # prepare_s is summed over the prepare threads, so it can exceed 1. The warm-up is
-        # start-up, before the pipeline: it stays in actor_timings_s only.
-        "stage_fractions": {
-            k.removesuffix("_s"): round(v / pipeline, 4)
-            for k, v in timings.items()
-            if k in ("read_s", "prepare_s", "engine_s", "engine_idle_s")
-        },
-        "padding": metrics.get("padding", {}),
-        # how each actor's engine ran (its settings' auto resolved): what the variant asked for
-        "engine_modes": [a.get("engine_modes") for a in metrics.get("actors", [])],
-    }
-    batches = result["padding"].get("batches") or 0
-    result["engine_s_per_batch"] = {
-        k.removeprefix("engine_").removesuffix("_s"): round(v / batches, 4)
-        for k, v in timings.items()
-        if k.startswith("engine_") and k not in ("engine_s", "engine_idle_s") and batches
-    }
-    result["floor_fraction"] = round(result["steady_rows_per_s"] / FLOOR_IMAGES_PER_S, 4)
-    commits = _commit_times(out)
-    if sampler is not None:
-        if sampling:
-            # Steady part: actors ready -> last commit, i.e. pipeline_s back from the last one.
-            end = commits[-1][0] if commits else time.time()
-            result["gpu"] = sampler.summary(end - summary.pipeline_s, end)
-        else:
-            result["gpu"] = {"note": sampler.note}
-    if summary.status != "succeeded":
-        result["message"] = summary.message
-    pad = result["padding"]
-    print(
-        f"{label}: steady {result['steady_rows_per_s']:8.2f} rows/s, end-to-end "
-        f"{result['e2e_rows_per_s']:8.2f} rows/s ({summary.rows_this_run} rows, pipeline "
-        f"{summary.pipeline_s:.1f}s of {summary.elapsed_s:.1f}s), padding "
-        f"{pad.get('padding_fraction', 0):.3f} (arrival order "
-        f"{pad.get('fifo_padding_fraction', 0):.3f}), mean batch {pad.get('mean_batch_size')}"
-        f"{'' if summary.status == 'succeeded' else ' [' + summary.status + ']'}",
-        flush=True,
-    )
-    return result
-
-
-def _commit_times(out: Path) -> list[tuple[float, int]]:
-    """(commit time as a Unix timestamp, rows) of every unit marker of a local output, sorted."""
-    from ..output.marker import Marker
-    from ..output.state import UNITS_DIR
-
-    commits = []
-    for path in (out / UNITS_DIR).glob("*.json"):
-        marker = Marker.parse(path.read_bytes())
-        if marker is not None:
-            when = dt.datetime.fromisoformat(marker.committed_at).timestamp()
-            commits.append((when, marker.num_rows))
-    return sorted(commits)
-
-
 # ---------------------------------------------------------------------------------- main
-
-
-def _in_child(fn, *args):
-    """``fn(*args)`` in a fresh process that exits before the next section starts.
-
-    Measured on the H200 (docs/PERFORMANCE.md): with the bare engine run in this process, a
-    runner started after it generated 19% slower per batch (6.42 s vs 5.38 s, GPU busy 0.44 vs
-    0.54) than when the engine had run in a process that had exited (the actor section): state
-    the engine leaves in a live process (its CUDA context and whatever else) must not tax the
-    sections after it.
-    """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def _device() -> tuple[str, bool]:
@@ -250,15 +146,6 @@ def _device() -> tuple[str, bool]:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0), True
     return "cpu", False
-
-
-def _bare_figure(bare: dict | None, batch_size: int, variant: dict | None = None) -> float | None:
-    """The bare images/s at ``batch_size`` (of the same variant, when one is given)."""
-    for run in (bare or {}).get("runs", []):
-        same = variant is None or all(run.get(k) == v for k, v in variant.items())
-        if run["batch_size"] == batch_size and same:
-            return run["images_per_s"]
-    return None
 
 
 def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
@@ -326,23 +213,6 @@ def _bucketing(args: argparse.Namespace, config, batch_size: int, cuda: bool) ->
     if "on" in result:
         result["padding_target_met"] = (result["padding_fraction_on"] or 0) <= 0.10
     return result
-
-
-def _add_ratios(report: dict) -> None:
-    """Runner and actor figures over the bare engine's at the same batch size and variant."""
-    bare = report.get("bare")
-    pairs = [("runner", x) for x in report.get("runners", [])]
-    pairs += [("actor", report["actor"])] if "actor" in report else []
-    for key, x in pairs:
-        rate = "steady_rows_per_s" if key == "runner" else "images_per_s"
-        bare_rate = _bare_figure(bare, x["batch_size"], x.get("variant"))
-        x["bare_images_per_s"] = bare_rate
-        x["ratio_steady_vs_bare" if key == "runner" else "ratio_vs_bare"] = (
-            round(x[rate] / bare_rate, 4) if bare_rate else None
-        )
-        if key == "runner":
-            e2e = x["e2e_rows_per_s"]
-            x["ratio_e2e_vs_bare"] = round(e2e / bare_rate, 4) if bare_rate else None
 
 
 def _sections(args: argparse.Namespace) -> list[str]:
@@ -416,11 +286,11 @@ def bench_gpu(args: argparse.Namespace) -> int:
         rows = dataset(square, [(side, side)] * args.rows)
         failed = _square_sections(args, sections, report, rows, config, batch_size, cuda)
     else:
-        lent = Lent(config, run_runner, _in_child, variants(args), runner_variants(args))
+        lent = Lent(config, run_runner, in_child, variants(args), runner_variants(args))
         failed = run_workload(args, sections, report, lent, device, cuda)
-    _add_ratios(report)
+    add_ratios(report)
 
-    _print_table(report)
+    print_table(report)
     print_workload(report)
     line = json.dumps(report)
     print(line, flush=True)
@@ -437,7 +307,7 @@ def _square_sections(args, sections, report, rows, config, batch_size, cuda) -> 
         if section == "bare":
             # The same resolved config as the runner's (engine, prompt, image).
             preprocess = tuple(args.bare_preprocess)
-            run = _in_child if not args.bare_in_process else (lambda fn, *a: fn(*a))
+            run = in_child if not args.bare_in_process else (lambda fn, *a: fn(*a))
             report["bare"] = run(
                 bench_bare,
                 # max_batch_size: the compiled decode's rungs cover every batch size timed
@@ -479,7 +349,7 @@ def _square_sections(args, sections, report, rows, config, batch_size, cuda) -> 
         elif section == "contention":
             b = batch_size()
             gpus = max(args.scaling_actors)
-            report["contention"] = result = _in_child(
+            report["contention"] = result = in_child(
                 contention,
                 config("gpu-unused", b),
                 rows,
@@ -494,88 +364,6 @@ def _square_sections(args, sections, report, rows, config, batch_size, cuda) -> 
                 flush=True,
             )
     return failed
-
-
-def _print_table(r: dict) -> None:
-    """Every figure side by side, each also as a fraction of the compute floor."""
-    floor = r["compute_floor"]["images_per_s"]
-    print(f"--- {r['device']}, {r['size']} {r['dtype']}, floor {floor:g} images/s")
-    for run in (r.get("bare") or {}).get("runs", []):
-        print(
-            f"bare      B={run['batch_size']:<4} {run['images_per_s']:8.2f} images/s "
-            f"{run['output_tokens_per_s']:9.1f} tok/s   floor x{run['floor_fraction']:.3f}"
-            f"   [{run.get('preprocess', '?')} preprocess, {variant_label(run)}]{_per_batch(run)}"
-        )
-    if "actor" in r:
-        x = r["actor"]
-        print(
-            f"actor     B={x['batch_size']:<4} {x['images_per_s']:8.2f} images/s "
-            f"(x{x['ratio_vs_bare'] or float('nan'):.3f} of bare; an idle Ray worker, "
-            f"torch threads {x['torch_threads']}){_per_batch(x)}"
-        )
-    for x in r.get("runners", []):
-        fr = x["stage_fractions"]
-        gpu = x.get("gpu", {})
-        busy = gpu.get("busy_fraction_mean")
-        print(
-            f"runner    B={x['batch_size']:<4} {x['steady_rows_per_s']:8.2f} rows/s steady "
-            f"(x{x['ratio_steady_vs_bare'] or float('nan'):.3f} of bare, target >= 0.95), "
-            f"{x['e2e_rows_per_s']:.2f} end-to-end   floor x{x['floor_fraction']:.3f}"
-            f"   [{variant_label(x.get('variant') or {})}]"
-        )
-        if x.get("engine_s_per_batch"):
-            print(f"         {_per_batch(x)}")
-        stages = ("read", "prepare", "engine", "engine_idle")
-        line = "          of pipeline time: " + ", ".join(
-            f"{k} {fr[k]:.3f}" for k in stages if k in fr
-        )
-        if busy is not None:
-            line += f" | GPU busy {busy:.3f}, peak {gpu['memory_used_peak_mib'] / 1024:.1f} GiB"
-        elif gpu.get("note"):
-            line += f" | {gpu['note']}"
-        print(line)
-    if "contention" in r:
-        c = r["contention"]
-        alone = c["alone"]
-        print(
-            f"contention B={c['batch_size']:<4} alone {alone['images_per_s']:8.2f} images/s, "
-            f"together {[x['images_per_s'] for x in c['together']]}: per GPU "
-            f"{c['per_gpu_ratio']}, scaling {c['scaling']}   [{variant_label(c['variant'])}]"
-        )
-    if "bucketing" in r:
-        b = r["bucketing"]
-        for label, _, _ in BUCKETING_VARIANTS:
-            if label not in b:
-                continue
-            x = b[label]
-            pad = x["padding"]
-            print(
-                f"bucketing {label:<5} B={b['batch_size']:<4} {x['steady_rows_per_s']:8.2f} "
-                f"rows/s padding {pad.get('padding_fraction', 0):.3f} (arrival order "
-                f"{pad.get('fifo_padding_fraction', 0):.3f}), mean batch "
-                f"{pad.get('mean_batch_size')}   floor x{x['floor_fraction']:.3f}"
-                f"{_per_batch(x)}"
-            )
-        gains = [
-            f"{k} x{b[f'gain_{k}_vs_off']:.3f}" for k in ("on", "exact") if f"gain_{k}_vs_off" in b
-        ]
-        if gains:
-            print(f"          rows/s vs off: {', '.join(gains)}")
-        if "padding_target_met" in b:
-            print(
-                f"          padding with bucketing {b['padding_fraction_on']:.3f} "
-                f"{'<=' if b['padding_target_met'] else '>'} 0.10 target"
-            )
-
-
-def _per_batch(run: dict) -> str:
-    """' | per batch: inputs 0.10s, generate 5.2s, ... | GPU busy 0.45' where known."""
-    stages = run.get("engine_s_per_batch") or {}
-    text = ", ".join(f"{k} {v:.3f}s" for k, v in stages.items())
-    busy = (run.get("gpu") or {}).get("busy_fraction_mean")
-    return (f" | per batch: {text}" if text else "") + (
-        f" | GPU busy {busy:.3f}" if busy is not None else ""
-    )
 
 
 def add_gpu_bench(kinds, common) -> None:

@@ -63,7 +63,9 @@ def test_bench_gpu_all_sections_on_cpu(tmp_path, ray_head, capsys):
         assert set(stages) == HF_STAGES
         # Stage clocks are per timed batch (the warm-up is not in them): they fit in the run.
         whole = sum(stages[k] for k in ("inputs", "generate", "outputs"))
-        assert 0 < whole * -(-16 // run["batch_size"]) <= run["seconds"]
+        batches = -(-16 // run["batch_size"])
+        rounding = 0.0005 + 3 * batches * 0.00005  # seconds to 3 decimals, stages to 4
+        assert 0 < whole * batches <= run["seconds"] + rounding
         assert 0 < stages["vision"] < stages["prefill"] <= stages["generate"]
 
     actor = report["actor"]  # the same timing inside an idle Ray actor
