@@ -76,10 +76,8 @@ class Exit(IntEnum):
     """Exit codes of ``qvl-batch`` commands (the README's table is checked against these)."""
 
     OK = 0
-    PROBLEMS = 1  # plan found problems
-    VIOLATIONS = 1  # verify found violations of the output contract
-    CONFIG = 2  # bad config, input or output path (nothing ran)
-    NO_JOB = 2  # status / verify: no job output at that path
+    PROBLEMS = 1  # plan found problems; verify found violations of the output contract
+    CONFIG = 2  # bad config, input or output path (nothing ran); status / verify: no job there
     REFUSED = 3  # the output holds a job with another fingerprint
     FAILED = 4  # the job failed; committed units are kept
     INTERRUPTED = 130  # Ctrl-C; committed units are kept

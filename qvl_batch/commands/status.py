@@ -130,7 +130,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = job_status(args.output, storage)
     except (NotAJobOutput, StorageError) as exc:
         print(f"qvl-batch status: {exc}", file=sys.stderr)
-        return Exit.NO_JOB
+        return Exit.CONFIG
     print(json.dumps(report.to_dict(), indent=2) if args.json else "\n".join(report.lines()))
     return Exit.OK
 

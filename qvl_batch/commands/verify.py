@@ -505,9 +505,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = verify_output(args.output, allow_incomplete=args.allow_incomplete, storage=storage)
     except (NotAJobOutput, ConfigError, StorageError) as exc:
         print(f"qvl-batch verify: {exc}", file=sys.stderr)
-        return Exit.NO_JOB
+        return Exit.CONFIG
     print(json.dumps(report.to_dict(), indent=2) if args.json else "\n".join(report.lines()))
-    return Exit.OK if report.ok else Exit.VIOLATIONS
+    return Exit.OK if report.ok else Exit.PROBLEMS
 
 
 def add_verify_parser(sub) -> None:

@@ -59,6 +59,7 @@ from typing import Any
 
 from ..config import Config, check
 from ..errors import RowError
+from ..rows.images import TILE, vision_tokens
 from ..rows.prompts import chat_messages
 from . import settings_of
 from .base import Engine, EngineDead, EngineError, Request, Result, ResultSink
@@ -239,9 +240,9 @@ def eos_token_ids(model: str, tokenizer: Any) -> list[int]:
 def largest_grid(max_pixels: int) -> tuple[int, int]:
     """(width, height) of the largest image the runner can hand over: the most 28x28 patches
     within ``max_pixels``, the squarest such grid."""
-    patches = max(1, max_pixels // (28 * 28))
+    patches = max(1, max_pixels // TILE**2)
     _, side = max((s * (patches // s), s) for s in range(1, math.isqrt(patches) + 1))
-    return 28 * side, 28 * (patches // side)
+    return TILE * side, TILE * (patches // side)
 
 
 def qwen_chat_text(prompt: str, system: str | None) -> str:
@@ -471,7 +472,7 @@ class TrtLlmEngine(Engine):
         from PIL import Image
 
         width, height = largest_grid(self.cfg.image.max_pixels)
-        tokens = (width // 28) * (height // 28)
+        tokens = vision_tokens(height, width)
         image = Image.new("RGB", (width, height), (128, 128, 128))
         text = self.count_text_tokens("Describe this image.", self.cfg.prompt.system)
         for n in (1, self._bound):

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import RowError
 
-PATCH = 28  # Qwen2.5-VL: 14px patches merged 2x2 -> one vision token per 28x28
+TILE = 28  # Qwen2.5-VL: 14px patches merged 2x2 -> one vision token per 28x28 tile
 MAX_ASPECT = 200  # Qwen's processor refuses images thinner than this
 
 # Never allowed, whatever image.formats says: EPS/PS runs Ghostscript, a PostScript interpreter, on
@@ -92,7 +92,7 @@ class PreparedImage:
 
 
 def smart_resize(
-    height: int, width: int, min_pixels: int, max_pixels: int, factor: int = PATCH
+    height: int, width: int, min_pixels: int, max_pixels: int, factor: int = TILE
 ) -> tuple[int, int]:
     """Qwen2.5-VL's resize rule -> (h, w), both multiples of 28, pixels within [min, max].
 
@@ -119,7 +119,7 @@ def smart_resize(
 
 def vision_tokens(height: int, width: int) -> int:
     """Vision tokens the model spends on an image of this (resized) size: one per 28x28 tile."""
-    return (height // PATCH) * (width // PATCH)
+    return (height // TILE) * (width // TILE)
 
 
 def known_formats() -> frozenset[str]:

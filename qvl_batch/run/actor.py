@@ -117,6 +117,7 @@ class UnitWorker:
         self._fatal: BaseException | None = None
         self._closed = False
         self.timings = {"read_s": 0.0, "prepare_s": 0.0, "engine_s": 0.0, "engine_idle_s": 0.0}
+        self._timing_lock = threading.Lock()  # read and prepare times come from many threads
         self._warm_host()
         if cfg.engine.warmup:  # part of start-up, like loading the model: before ready()
             self._warmup()
@@ -233,7 +234,7 @@ class UnitWorker:
         t0 = time.perf_counter()
         table = read_unit_table(unit, self.cfg, self.storage)
         rows = unit_rows(unit, table, self.cfg)
-        self.timings["read_s"] += time.perf_counter() - t0
+        self._add_time("read_s", time.perf_counter() - t0)
         n = len(rows)
         if only is not None:
             wanted = set(only)
@@ -264,6 +265,10 @@ class UnitWorker:
             else:
                 self._pool.submit(self._prepare, collector, unit_id, row, row.index in solo)
                 collector.unsent -= 1
+
+    def _add_time(self, key: str, seconds: float) -> None:
+        with self._timing_lock:
+            self.timings[key] += seconds
 
     def _check_fatal(self) -> None:
         if self._fatal is not None:
@@ -340,7 +345,7 @@ class UnitWorker:
             self._finish_early(collector, key, result)
             return
         finally:
-            self.timings["prepare_s"] += time.perf_counter() - t0
+            self._add_time("prepare_s", time.perf_counter() - t0)
         if isinstance(prepared, ReusedRow):
             self._carry_over(collector, key, prepared)
             return

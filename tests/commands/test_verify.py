@@ -99,7 +99,7 @@ def test_deleted_data_part(out, capsys):
     text = problems(out)
     assert f"data/part-{unit}.parquet is listed in its marker but missing" in text
     assert f"unit {unit}: 32 input row(s) in neither data/ nor errors/" in text
-    assert cli(out) == Exit.VIOLATIONS and f"part-{unit}" in capsys.readouterr().out
+    assert cli(out) == Exit.PROBLEMS and f"part-{unit}" in capsys.readouterr().out
 
 
 @slow
@@ -261,6 +261,6 @@ def test_wrong_column_type(out):
 def test_path_without_job_exits_2(tmp_path, capsys):
     with pytest.raises(NotAJobOutput, match=r"no _job\.json"):
         verify_output(str(tmp_path))
-    assert cli(tmp_path) == Exit.NO_JOB
+    assert cli(tmp_path) == Exit.CONFIG
     assert "not the output of a qvl-batch job" in capsys.readouterr().err
-    assert cli(tmp_path / "missing") == Exit.NO_JOB
+    assert cli(tmp_path / "missing") == Exit.CONFIG

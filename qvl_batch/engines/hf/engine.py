@@ -26,6 +26,7 @@ import transformers
 
 from ...config import Config, SamplingConfig
 from ...errors import RowError
+from ...rows.images import TILE
 from .. import settings_of
 from ..base import BatchEngine, Request, Result
 from ..lengths import answer_length
@@ -46,7 +47,6 @@ from .vision import vision_tower
 
 log = logging.getLogger(__name__)
 
-PATCH = 14  # vision patch side; merge 2x2 -> one token per 28x28
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -366,8 +366,7 @@ class HFEngine(BatchEngine):
         refused: list[Result] = []
         batch: list[Request] = []
         for req in requests:
-            width, height = req.image.size
-            need = self.count_text_tokens(req.prompt, req.system) + (height // 28) * (width // 28)
+            need = self.count_text_tokens(req.prompt, req.system) + req.vision_tokens
             if need >= self.max_positions:
                 msg = f"prompt is {need} tokens; the model takes at most {self.max_positions}"
                 refused.append(Result(req.key, error_code=RowError.ENGINE_ERROR, error_message=msg))
@@ -391,10 +390,10 @@ class HFEngine(BatchEngine):
         ``batch_size``'s rung at the longest answer; the seconds it took are logged."""
         from PIL import Image
 
-        side = 448 // (2 * PATCH)  # in 28-pixel tiles; smaller if image.max_pixels is
-        while side > 1 and (side * 2 * PATCH) ** 2 > self._max_pixels:
+        side = 448 // TILE  # in tiles; smaller if image.max_pixels is
+        while side > 1 and (side * TILE) ** 2 > self._max_pixels:
             side -= 1
-        image = Image.new("RGB", (side * 2 * PATCH,) * 2, (128, 128, 128))
+        image = Image.new("RGB", (side * TILE,) * 2, (128, 128, 128))
         requests = [
             Request(("warmup", i), "warmup", "Describe this image.", None, image, "", side**2, 0)
             for i in range(batch_size)
@@ -443,7 +442,7 @@ class HFEngine(BatchEngine):
         smallest image, before the batch that needs it runs: its seconds are the compile's."""
         from PIL import Image
 
-        image = Image.new("RGB", (2 * PATCH, 2 * PATCH), (128, 128, 128))
+        image = Image.new("RGB", (TILE, TILE), (128, 128, 128))
         batch = [
             Request(("compile", i), "compile", "Hi", None, image, "", 1, 0) for i in range(rung)
         ]
