@@ -87,6 +87,19 @@ class Exit(IntEnum):
 ACTOR_ENGINE_DEAD = 70
 
 
+class RowFailure(Exception):
+    """A row that cannot run (bad image, prompt, id or fetch): ``code`` is its stable
+    :class:`RowError`, ``message`` says what happened; it becomes an error row."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(code, message)  # both in args, so it pickles across processes
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
 class QvlError(Exception):
     """Base of the errors a command reports as one line and an exit code (:func:`exit_for`)."""
 

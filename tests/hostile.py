@@ -36,7 +36,7 @@ Mark = tuple[tuple[float, float], tuple[int, int, int]]  # (x, y) as fractions o
 class Expected(NamedTuple):
     """What prepare_image must do with a case under the default ImageConfig."""
 
-    outcome: str  # an ImageError code, or "OK"
+    outcome: str  # an RowFailure code, or "OK"
     size: tuple[int, int] | None = None  # OK: upright (width, height) of the source
     notes: frozenset[str] = frozenset()  # OK: PreparedImage.notes, as same_notes compares them
     marks: tuple[Mark, ...] = ()  # OK: colours at points of the prepared image

@@ -16,11 +16,9 @@ from typing import Any
 
 from ..config import Config, ConfigError
 from ..engines.base import estimate_text_tokens
-from ..errors import Exit
-from ..rows.images import ImageError
+from ..errors import Exit, RowFailure
 from ..rows.manifest import InputError, WorkUnit, plan_job
 from ..rows.prepare import PreparedRow, prepare_row
-from ..rows.prompts import PromptError
 from ..rows.reader import read_unit_table, unit_rows
 from ..run.closing import error_fraction_problem
 from ..run.validate import load_job
@@ -176,12 +174,12 @@ def _sample_unit(unit: WorkUnit, cfg: Config, storage: Storage) -> list[SampledR
         item = SampledRow(unit.shard_url, unit.row_start + row.index, row.row_id)
         out.append(item)
         if row.error:
-            item.error = row.error[0]
+            item.error = row.error.code
             continue
         item.text_tokens = estimate_text_tokens(row.prompt or "", cfg.prompt.system)
         try:  # the runner's rule, with an estimated token count (no engine loaded here)
             prepared = prepare_row(row, cfg, storage, estimate_text_tokens)
-        except (ImageError, PromptError) as exc:
+        except RowFailure as exc:
             item.error = exc.code
             continue
         assert isinstance(prepared, PreparedRow)  # no reuse in a plan

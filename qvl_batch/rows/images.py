@@ -1,7 +1,7 @@
 """Decode, validate and resize one encoded image to the Qwen2.5-VL vision grid.
 
 Every failure that is the row's fault (missing, undecodable, a format outside ``image.formats``, too
-large, too small, too thin) raises :class:`ImageError` with a stable code, so the caller can record
+large, too small, too thin) raises :class:`RowFailure` with a stable code, so the caller can record
 it on the row and carry on. Only the allowed formats' plugins ever decode pixels; other formats
 are named from their headers and refused. Pillow's warnings about an image become notes on its row.
 The resize rule is Qwen2.5-VL's own (``smart_resize``), so the engine's processor never resizes
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import RowError
+from ..errors import RowError, RowFailure
 
 TILE = 28  # Qwen2.5-VL: 14px patches merged 2x2 -> one vision token per 28x28 tile
 MAX_ASPECT = 200  # Qwen's processor refuses images thinner than this
@@ -64,18 +64,6 @@ _ORIENTATION_FIX = {
 _SWAPS_AXES = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION = 0x0112
 _WHITE = (255, 255, 255, 255)
-
-
-class ImageError(Exception):
-    """A row-level image problem: .code is a stable error code, .message says what happened."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(code, message)  # both in args, so the error pickles across processes
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
 
 
 @dataclass
@@ -159,12 +147,12 @@ def prepare_image(data: bytes | None, cfg, digest: str | None = None) -> Prepare
     """Decode, validate, orient, flatten to RGB and resize one encoded image to the Qwen grid.
 
     ``cfg`` is an :class:`~qvl_batch.config.ImageConfig` (or anything with its attributes).
-    Raises :class:`ImageError` for problems with the image itself. ``digest``: the bytes'
+    Raises :class:`RowFailure` for problems with the image itself. ``digest``: the bytes'
     sha256 when the caller has it already. Pillow's warnings about the image are added to its
     notes as ``warning:<category>:<message>``; none reach the process's warning machinery.
     """
     if not data:
-        raise ImageError(RowError.MISSING_IMAGE, "no image bytes")
+        raise RowFailure(RowError.MISSING_IMAGE, "no image bytes")
     digest = digest or hashlib.sha256(data).hexdigest()
     formats = _formats(tuple(cfg.formats))
     with _warnings_as_notes() as warned:
@@ -172,11 +160,11 @@ def prepare_image(data: bytes | None, cfg, digest: str | None = None) -> Prepare
             with _open_allowed(data, formats) as src:
                 prepared = _prepare_open(src, digest, cfg)
         except Image.DecompressionBombError as exc:
-            raise ImageError(
+            raise RowFailure(
                 RowError.IMAGE_TOO_LARGE, f"refused by Pillow: {_short(exc)}"
             ) from None
         except _DECODE_ERRORS as exc:
-            raise ImageError(RowError.DECODE_ERROR, _short(exc)) from None
+            raise RowFailure(RowError.DECODE_ERROR, _short(exc)) from None
     prepared.notes += tuple(warned)
     return prepared
 
@@ -191,12 +179,12 @@ def _open_allowed(data: bytes, formats: _Formats) -> Image.Image:
     except UnidentifiedImageError:
         other = _identify_any(data, formats)
         if other is not None:
-            raise ImageError(RowError.UNSUPPORTED_FORMAT, _unsupported(other, formats)) from None
+            raise RowFailure(RowError.UNSUPPORTED_FORMAT, _unsupported(other, formats)) from None
         # Pillow's own message names a BytesIO address: different on every run.
         raise UnidentifiedImageError("cannot identify an image format") from None
     if src.format not in formats.allowed:  # a plugin's factory may return another format
         src.close()
-        raise ImageError(
+        raise RowFailure(
             RowError.UNSUPPORTED_FORMAT, _unsupported(src.format or "unknown", formats)
         )
     return src
@@ -276,16 +264,16 @@ def _check_size(size: tuple[int, int], cfg) -> None:
     """Refuse from the header alone, before any pixels are decoded."""
     width, height = size
     if width * height > cfg.max_image_pixels:
-        raise ImageError(
+        raise RowFailure(
             RowError.IMAGE_TOO_LARGE,
             f"{width}x{height} = {width * height} pixels > max_image_pixels {cfg.max_image_pixels}",
         )
     if min(width, height) < cfg.min_side:
-        raise ImageError(
+        raise RowFailure(
             RowError.IMAGE_TOO_SMALL, f"{width}x{height}: a side is < min_side {cfg.min_side}"
         )
     if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise ImageError(
+        raise RowFailure(
             RowError.ASPECT_RATIO,
             f"{width}x{height}: aspect ratio > {MAX_ASPECT} (Qwen refuses it)",
         )

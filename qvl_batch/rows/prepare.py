@@ -1,8 +1,8 @@
 """A row's preparation, one rule for the runner's actors and ``plan``: fetch the image bytes,
 look for an earlier result (reuse: then nothing is decoded), count the prompt's tokens against
 ``prompt.max_prompt_tokens``, then decode, orient and resize the image. A problem with the row
-raises :class:`~qvl_batch.rows.images.ImageError` or :class:`~qvl_batch.rows.prompts.PromptError`
-with its code; anything else is the caller's PREPARE_ERROR."""
+raises :class:`~qvl_batch.errors.RowFailure` with its code; anything else is the caller's
+PREPARE_ERROR."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
-from ..errors import RowError
+from ..errors import RowError, RowFailure
 from ..storage import Storage
 from .images import PreparedImage, prepare_image
-from .prompts import PromptError
 from .reader import RowInput, fetch_uri
 
 
@@ -72,7 +71,7 @@ def prepare_row(
     system = cfg.prompt.system
     text_tokens = count_tokens(prompt, system)
     if text_tokens > cfg.prompt.max_prompt_tokens:
-        raise PromptError(
+        raise RowFailure(
             RowError.PROMPT_TOO_LONG,
             f"prompt is {text_tokens} tokens; prompt.max_prompt_tokens is "
             f"{cfg.prompt.max_prompt_tokens}",

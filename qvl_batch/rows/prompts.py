@@ -9,18 +9,9 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from ..errors import RowError
+from ..errors import RowError, RowFailure
 
 _FORMATTER = string.Formatter()
-
-
-class PromptError(ValueError):
-    """A row whose prompt cannot be built: ``code`` is the row's error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def template_fields(template: str) -> list[str]:
@@ -49,14 +40,14 @@ def render_prompt(template: str, fields: list[str], row: dict[str, Any]) -> str:
     for name in fields:
         value = row.get(name)
         if value is None:
-            raise PromptError(RowError.BAD_PROMPT, f"template field {{{name}}} is null or missing")
+            raise RowFailure(RowError.BAD_PROMPT, f"template field {{{name}}} is null or missing")
         values[name] = value
     return template.format_map(values)
 
 
 def prompt_from_column(value: Any) -> str:
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise PromptError(RowError.BAD_PROMPT, "prompt column is null or empty")
+        raise RowFailure(RowError.BAD_PROMPT, "prompt column is null or empty")
     return str(value)
 
 

@@ -10,11 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import Config
-from ..errors import RowError
+from ..errors import RowError, RowFailure
 from ..storage import Storage, describe
-from .images import ImageError
 from .manifest import WorkUnit, required_columns
-from .prompts import PromptError, prompt_from_column, render_prompt, template_fields
+from .prompts import prompt_from_column, render_prompt, template_fields
 
 # Tokenizers average 3-5 characters per token on natural text; a prompt over this many
 # characters per allowed token is refused without tokenizing (a multi-megabyte cell is cheap).
@@ -29,7 +28,7 @@ class RowInput:
     row_id: str
     prompt: str | None
     image: bytes | str | None  # encoded bytes or a URI to fetch
-    error: tuple[str, str] | None = None  # (code, message) when the row is bad as read
+    error: RowFailure | None = None  # when the row is bad as read
 
 
 def read_unit_table(unit: WorkUnit, cfg: Config, storage: Storage | None = None) -> pa.Table:
@@ -72,9 +71,9 @@ def fetch_uri(uri: str, storage: Storage) -> bytes:
     try:
         return storage.cat(uri)
     except FileNotFoundError:
-        raise ImageError(RowError.FETCH_ERROR, f"not found: {uri}") from None
+        raise RowFailure(RowError.FETCH_ERROR, f"not found: {uri}") from None
     except Exception as exc:
-        raise ImageError(RowError.FETCH_ERROR, f"{uri}: {describe(exc)}") from None
+        raise RowFailure(RowError.FETCH_ERROR, f"{uri}: {describe(exc)}") from None
 
 
 def unit_rows(unit: WorkUnit, table: pa.Table, cfg: Config) -> list[RowInput]:
@@ -96,23 +95,23 @@ def unit_rows(unit: WorkUnit, table: pa.Table, cfg: Config) -> list[RowInput]:
         row = RowInput(i, row_id, None, image_source(images[i]))
         try:
             if inp.id_column and ids[i] is None:
-                raise PromptError(RowError.MISSING_ID, f"id column {inp.id_column!r} is null")
+                raise RowFailure(RowError.MISSING_ID, f"id column {inp.id_column!r} is null")
             if inp.prompt_column:
                 row.prompt = prompt_from_column(prompt_values[i])
             else:
                 values = {f: field_values[f][i] for f in fields}
                 row.prompt = render_prompt(cfg.prompt.template, fields, values)
             if len(row.prompt) > CHARS_PER_TOKEN_CAP * cfg.prompt.max_prompt_tokens:
-                raise PromptError(
+                raise RowFailure(
                     RowError.PROMPT_TOO_LONG,
                     f"prompt is {len(row.prompt):,} characters; prompt.max_prompt_tokens is "
                     f"{cfg.prompt.max_prompt_tokens}",
                 )
             if row.image is None:
-                raise PromptError(
+                raise RowFailure(
                     RowError.MISSING_IMAGE, f"image column {inp.image_column!r} is null"
                 )
-        except PromptError as exc:
-            row.error = (exc.code, exc.message)
+        except RowFailure as exc:
+            row.error = exc
         rows.append(row)
     return rows

@@ -29,14 +29,13 @@ from ..config import Config
 from ..engines.base import Engine, Request, Result
 from ..engines.bucketing import PaddingStats
 from ..engines.build import make_engine
-from ..errors import RowError
+from ..errors import RowError, RowFailure
 from ..output.reuse import ReuseIndex, ReuseReader, result_key, settings_digest
 from ..output.schema import IMAGE_COLUMNS, result_table
 from ..output.structured import OutputParser
-from ..rows.images import ImageError, prepare_image
+from ..rows.images import prepare_image
 from ..rows.manifest import WorkUnit
 from ..rows.prepare import ReusedRow, prepare_row
-from ..rows.prompts import PromptError
 from ..rows.reader import RowInput, read_unit_table, unit_rows
 from ..storage import Storage
 from .collector import UnitCollector
@@ -242,7 +241,7 @@ class UnitWorker:
         for row in rows:
             if row.index in skip and not row.error:
                 code = RowError(skip[row.index])
-                row.error = (code, _CONDEMNED[code])
+                row.error = RowFailure(code, _CONDEMNED[code])
         return table, rows, n
 
     def _hand_out(
@@ -253,7 +252,7 @@ class UnitWorker:
             if collector.withdrawn:
                 break
             if row.error:
-                code, message = row.error
+                code, message = row.error.code, row.error.message
                 with self._cond:
                     result = Result((unit_id, row.index), error_code=code, error_message=message)
                     collector.put(row.index, result)
@@ -335,7 +334,7 @@ class UnitWorker:
             prepared = prepare_row(
                 row, self.cfg, self.storage, self.engine.count_text_tokens, self._key_of, self._find
             )
-        except (ImageError, PromptError) as exc:
+        except RowFailure as exc:
             result = Result(key, error_code=exc.code, error_message=exc.message)
             self._finish_early(collector, key, result)
             return

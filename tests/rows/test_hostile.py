@@ -18,14 +18,8 @@ import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
 from qvl_batch.config import ImageConfig
-from qvl_batch.errors import IMAGE_CODES
-from qvl_batch.rows.images import (
-    PATCH,
-    ImageError,
-    prepare_image,
-    smart_resize,
-    vision_tokens,
-)
+from qvl_batch.errors import IMAGE_CODES, RowFailure
+from qvl_batch.rows.images import TILE, prepare_image, smart_resize, vision_tokens
 from qvl_batch.run.validate import load_job
 
 from ..conftest import REPO, expected_for, read_output, write_job
@@ -61,7 +55,7 @@ def test_case_outcome(case: Case):
     cfg = ImageConfig()
     expected = case.expected
     if expected.outcome != "OK":
-        with pytest.raises(ImageError) as info:
+        with pytest.raises(RowFailure) as info:
             prepare_image(case.data, cfg)
         message = info.value.message
         assert info.value.code == expected.outcome, message
@@ -74,7 +68,7 @@ def test_case_outcome(case: Case):
     width, height = grid_size(expected.size, cfg)
     assert prepared.original_size == expected.size
     assert prepared.resized_size == (width, height)
-    assert width % PATCH == 0 and height % PATCH == 0
+    assert width % TILE == 0 and height % TILE == 0
     assert prepared.image.mode == "RGB" and prepared.image.size == (width, height)
     assert prepared.vision_tokens == vision_tokens(height, width)
     assert same_notes(prepared.notes, expected.notes), prepared.notes
@@ -124,7 +118,7 @@ def test_header_refusals_decode_no_pixels(decodes):
     refusals = [case for case in CASES if case.expected.outcome in HEADER_REFUSALS]
     assert {case.expected.outcome for case in refusals} == set(HEADER_REFUSALS)
     for case in refusals:
-        with pytest.raises(ImageError) as info:
+        with pytest.raises(RowFailure) as info:
             prepare_image(case.data, ImageConfig())
         assert info.value.code == case.expected.outcome, case.name
         assert decodes == [], case.name
@@ -137,7 +131,8 @@ MEMORY_PROBE = r"""
 import io, json, sys, warnings
 from PIL import Image
 from qvl_batch.config import ImageConfig
-from qvl_batch.rows.images import ImageError, prepare_image
+from qvl_batch.errors import RowFailure
+from qvl_batch.rows.images import prepare_image
 
 warnings.simplefilter("ignore")
 
@@ -162,7 +157,7 @@ for path in sys.argv[1:]:
     try:
         prepare_image(data, ImageConfig())
         code = "OK"
-    except ImageError as exc:
+    except RowFailure as exc:
         code = exc.code
     growth[path] = [code, peak() - before]
 data = read(sys.argv[-1])  # the gauge works: Pillow's own decode of the real bomb

@@ -25,14 +25,9 @@ import pytest
 from PIL import Image, ImageOps, features
 
 from qvl_batch.config import IMAGE_FORMATS, ConfigError, ImageConfig
-from qvl_batch.rows.images import (
-    PATCH,
-    ImageError,
-    PreparedImage,
-    prepare_image,
-    smart_resize,
-    vision_tokens,
-)
+from qvl_batch.errors import RowFailure
+from qvl_batch.rows.images import TILE, PreparedImage, prepare_image, smart_resize, vision_tokens
+from qvl_batch.run.validate import load_job
 from qvl_batch.tooling.synth import stored_as
 
 QWEN_DEFAULT = (56 * 56, 28 * 28 * 1280)  # 3136, 1003520
@@ -56,7 +51,7 @@ def encode(img: Image.Image, fmt: str = "PNG", **params) -> bytes:
 
 
 def error_code(data: bytes | None, cfg: ImageConfig | None = None) -> str:
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(RowFailure) as info:
         prepare_image(data, cfg or ImageConfig())
     return info.value.code
 
@@ -184,7 +179,7 @@ def test_smart_resize_is_symmetric_and_on_the_grid():
             continue
         for min_pixels, max_pixels in PIXEL_SETTINGS:
             rh, rw = smart_resize(h, w, min_pixels, max_pixels)
-            assert rh % PATCH == 0 and rw % PATCH == 0 and rh >= PATCH and rw >= PATCH
+            assert rh % TILE == 0 and rw % TILE == 0 and rh >= TILE and rw >= TILE
             assert smart_resize(w, h, min_pixels, max_pixels) == (rw, rh)
 
 
@@ -460,7 +455,7 @@ def test_truncated_files():
     jpeg = encode(random_image(rng, 400, 300, "RGB"), "JPEG")
     png = encode(random_image(rng, 400, 300, "RGB"), "PNG")
     for data in (jpeg[: len(jpeg) // 2], png[: len(png) // 2]):
-        with pytest.raises(ImageError) as info:
+        with pytest.raises(RowFailure) as info:
             prepare_image(data, ImageConfig())
         assert info.value.code == "DECODE_ERROR"
         assert "\n" not in info.value.message and len(info.value.message) <= 200
@@ -479,7 +474,7 @@ def test_too_small():
 
 def test_too_large_by_config():
     data = encode(Image.new("RGB", (100, 100)))
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(RowFailure) as info:
         prepare_image(data, ImageConfig(max_image_pixels=9_999))
     assert info.value.code == "IMAGE_TOO_LARGE" and "max_image_pixels" in info.value.message
     assert prepare_image(data, ImageConfig(max_image_pixels=10_000)).resized_size == (112, 112)
@@ -514,7 +509,7 @@ def test_identification_failure_of_another_plugin_is_a_decode_error(monkeypatch)
 
     Image.init()
     monkeypatch.setitem(Image.OPEN, "TGA", (broken, None))
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(RowFailure) as info:
         prepare_image(tga, ImageConfig())
     assert info.value.code == "DECODE_ERROR"
     assert info.value.message == "UnidentifiedImageError: cannot identify an image format"
@@ -530,7 +525,7 @@ def test_allowed_plugin_returning_another_format_is_refused(monkeypatch):
         return img
 
     monkeypatch.setitem(Image.OPEN, "PNG", (relabelled, accept))
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(RowFailure) as info:
         prepare_image(encode(Image.new("RGB", (64, 48), RED)), ImageConfig())
     assert info.value.code == "UNSUPPORTED_FORMAT" and "PCX" in info.value.message
 
@@ -566,7 +561,7 @@ def test_avif_decodes_by_default():
 @needs_avif
 def test_avif_outside_image_formats_is_unsupported():
     no_avif = ImageConfig(formats=[name for name in IMAGE_FORMATS if name != "AVIF"])
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(RowFailure) as info:
         prepare_image(encode(red_green(), "AVIF", quality=90), no_avif)
     assert info.value.code == "UNSUPPORTED_FORMAT"
     assert info.value.message.startswith("AVIF is not an allowed source format (image.formats:")
@@ -578,23 +573,27 @@ def test_heic_decodes_only_where_heif_is_allowed():
     buf = io.BytesIO()
     pillow_heif.from_pillow(red_green()).save(buf, quality=90)
     data = buf.getvalue()
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(RowFailure) as info:
         prepare_image(data, ImageConfig())
     assert info.value.code == "UNSUPPORTED_FORMAT" and "HEIF" in info.value.message
     prepared = prepare_image(data, ImageConfig(formats=["JPEG", "heif"]))
     assert (prepared.original_size, prepared.resized_size) == ((168, 112), (168, 112))
     assert_red_green(prepared)
     jpeg_only = ImageConfig(formats=["JPEG"])  # after the HEIF plugin is registered, still refused
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(RowFailure) as info:
         prepare_image(data, jpeg_only)
     assert info.value.code == "UNSUPPORTED_FORMAT" and "HEIF" in info.value.message
 
 
 def test_bad_image_formats_is_a_config_error(monkeypatch):
     assert ImageConfig(formats=["jpeg", "Png", "JPEG"]).formats == ["JPEG", "PNG"]
-    for bad in (["JPEG", "NOPE"], [], ["EPS"]):  # EPS: Pillow reads it, by running Ghostscript
-        with pytest.raises(ConfigError, match=r"^image\.formats: "):
-            ImageConfig(formats=bad)
+    with pytest.raises(ConfigError, match=r"^image\.formats: must name"):
+        ImageConfig(formats=[])
+    job = ["input.paths=[x.parquet]", "output.path=o"]
+    for bad in ("[JPEG,NOPE]", "[EPS]"):  # EPS: Pillow reads it, by running Ghostscript
+        ImageConfig(formats=bad[1:-1].split(","))  # alone a setting is only a list of names
+        with pytest.raises(ConfigError, match=r"^image\.formats: .*not source formats"):
+            load_job(None, [*job, f"image.formats={bad}"])  # checked against Pillow here
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -683,7 +682,7 @@ def test_other_warnings_pass_through(recwarn):
 
 
 def test_image_error_pickles_and_reads_well():
-    err = ImageError("DECODE_ERROR", "cannot identify image file")
+    err = RowFailure("DECODE_ERROR", "cannot identify image file")
     copy = pickle.loads(pickle.dumps(err))
     assert (copy.code, copy.message) == ("DECODE_ERROR", "cannot identify image file")
     assert str(copy) == "DECODE_ERROR: cannot identify image file"
@@ -709,7 +708,7 @@ def test_hash_tokens_and_size(width, height, fmt):
     assert prepared.sha256 == hashlib.sha256(data).hexdigest()
     assert prepared.original_size == (width, height)
     assert (h, w) == smart_resize(height, width, *QWEN_DEFAULT)
-    assert w % PATCH == 0 and h % PATCH == 0
+    assert w % TILE == 0 and h % TILE == 0
     assert prepared.vision_tokens == (h // 28) * (w // 28)
     assert prepared.image.mode == "RGB" and prepared.image.size == (w, h)
     assert np.asarray(prepared.image).shape == (h, w, 3)  # usable, not a closed source image

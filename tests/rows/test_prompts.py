@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from qvl_batch.rows.prompts import PromptError, chat_messages, render_prompt, template_fields
+from qvl_batch.errors import RowFailure
+from qvl_batch.rows.prompts import chat_messages, render_prompt, template_fields
 
 
 class _Template:
@@ -48,7 +49,7 @@ def test_hf_and_trtllm_render_the_same_chat(system):
 def test_template_fields_and_rendering():
     assert template_fields("Q: {question} ({lang})") == ["question", "lang"]
     assert render_prompt("Q: {q}", ["q"], {"q": "why?"}) == "Q: why?"
-    with pytest.raises(PromptError) as err:
+    with pytest.raises(RowFailure) as err:
         render_prompt("Q: {q}", ["q"], {"q": None})
     assert err.value.code == "BAD_PROMPT"
     for unsafe in ("{q.__class__}", "{q[0]}", "{q!r}", "{q:>10}"):
