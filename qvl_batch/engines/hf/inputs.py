@@ -71,6 +71,8 @@ class ImageInputs:
             arrays = [np.asarray(_rgb(images[i])) for i in idx]
             host = torch.from_numpy(np.stack(arrays))  # n, H, W, C uint8
             if self.device.type == "cuda":
+                # The adapter's prepare thread: a host allocation, no stream work, so a decode
+                # graph captured meanwhile on the batch thread (thread-local capture) is safe.
                 host = host.pin_memory()
             stacked.append((idx, height, width, host))
         grid = [[1, img.size[1] // self.patch, img.size[0] // self.patch] for img in images]
