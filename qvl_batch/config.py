@@ -1,4 +1,4 @@
-"""Structured job configuration: dataclass schemas, loading, validation, fingerprint, redaction.
+"""Structured job configuration: dataclass schemas, loading and the checks of each section.
 
 Merge order (later wins): schema defaults -> conf/defaults.yaml -> conf groups named in the job
 file's ``defaults:`` list -> the job file -> ``key=value`` overrides from the command line.
@@ -9,9 +9,7 @@ any work starts.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,21 +22,6 @@ from .errors import ConfigError
 
 _INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
 _NODE_REF = re.compile(r"\.?[A-Za-z_][\w]*(\.[A-Za-z_][\w]*|\[\d+\])*")
-SECRET_WORDS = {
-    "key",
-    "secret",
-    "token",
-    "password",
-    "passwd",
-    "credential",
-    "credentials",
-    "session",
-    "sas",
-    "auth",
-    "authorization",
-    "signature",
-}
-REDACTED = "***"
 
 
 def check(cond: bool, key: str, message: str) -> None:
@@ -187,6 +170,16 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
+class BenchmarkKnobs:
+    """Engine knobs for benchmarks on random-weight models (which never emit EOS); not for jobs."""
+
+    # The hf engine ends each row's answer at a length drawn from its id: fixed:N | uniform:LO:HI
+    # | lognormal:MEAN:CAP (engines/lengths.py). A batch still decodes until its longest row
+    # ends. "" = off: the model decides.
+    answer_lengths: str = ""
+
+
+@dataclass
 class EngineConfig:
     """Which engine runs the model; engine-specific knobs pass through ``options``."""
 
@@ -205,6 +198,7 @@ class EngineConfig:
     fake: Any = field(default_factory=dict)
     hf: Any = field(default_factory=dict)
     trtllm: Any = field(default_factory=dict)
+    benchmark: BenchmarkKnobs = field(default_factory=BenchmarkKnobs)
 
     def __post_init__(self) -> None:
         check(self.dtype in DTYPES, "engine.dtype", f"{self.dtype!r} is not one of {DTYPES}")
@@ -517,86 +511,3 @@ def _resolve(merged: DictConfig, overrides: list[str] | None) -> Config:
         raise (ConfigError(str(cause)) if cause else _explain(exc, "config")) from None
     cfg.input.check_required()
     return cfg
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def _is_secret_key(key: str) -> bool:
-    """True for keys like ``secret``, ``access_key``, ``sessionToken``, ``sas_token``; not for
-    ``max_tokens`` (whole words only, split at ``_``, ``-``, ``.`` and camelCase)."""
-    words = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key).replace("_", " ").replace("-", " ")
-    return any(w in SECRET_WORDS for w in words.replace(".", " ").lower().split())
-
-
-def _schema_keys(cfg: Any) -> frozenset[str]:
-    """Every field name of ``cfg``'s dataclasses (the engines' settings too, once built):
-    settings, never secrets (``token_latency_s``)."""
-    keys, todo = set(), [cfg]
-    while todo:
-        obj = todo.pop()
-        for f in dataclasses.fields(obj):
-            keys.add(f.name)
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                todo.append(value)
-    return frozenset(keys)
-
-
-def redact(value: Any, parent_key: str = "", settings: frozenset[str] = frozenset()) -> Any:
-    """Copy with secret-looking values replaced (credentials in storage or engine options);
-    keys in ``settings`` (the schema's field names) are never secrets."""
-    if isinstance(value, dict):
-        return {k: redact(v, str(k), settings) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, parent_key, settings) for v in value]
-    if value is not None and _is_secret_key(parent_key) and parent_key not in settings:
-        return REDACTED
-    return value
-
-
-def saved_config(cfg: Config) -> dict[str, Any]:
-    """The config as ``_job.json`` keeps it: secrets redacted, the output schema verbatim (a
-    property may well be called ``token``)."""
-    saved = redact(to_dict(cfg), settings=_schema_keys(cfg))
-    saved["structured"] = to_dict(cfg)["structured"]
-    return saved
-
-
-def result_settings(cfg: Config) -> dict[str, Any]:
-    """Settings besides the image and prompt that decide a row's result (the reuse key)."""
-    out = {
-        "engine": {"name": cfg.engine.name, "model": cfg.engine.model, "dtype": cfg.engine.dtype},
-        "sampling": dataclasses.asdict(cfg.sampling),
-        "image": dataclasses.asdict(cfg.image),
-    }
-    hf = cfg.engine.hf  # its settings once validated; a mapping before
-    lengths = hf.get("answer_lengths") if isinstance(hf, dict) else hf.answer_lengths
-    if cfg.engine.name == "hf" and lengths:  # benchmark answers end early
-        out["engine"]["answer_lengths"] = lengths
-    if cfg.structured.json_schema is not None:  # absent when unused: older fingerprints hold
-        out["structured"] = dataclasses.asdict(cfg.structured)
-        # The fingerprint hashes sorted keys; the property order (column order) counts too.
-        out["structured"]["columns"] = list(cfg.structured.json_schema["properties"])
-    return out
-
-
-def fingerprint_fields(cfg: Config, input_fingerprint: str) -> dict[str, Any]:
-    """What decides the outputs. Batching, cluster, limits, reuse and output location do not."""
-    return {
-        **result_settings(cfg),
-        "prompt": dataclasses.asdict(cfg.prompt),
-        "columns": {
-            "id": cfg.input.id_column,
-            "image": cfg.input.image_column,
-            "prompt": cfg.input.prompt_column,
-            "passthrough": list(cfg.input.passthrough_columns),
-        },
-        "input": input_fingerprint,
-    }
-
-
-def fingerprint(fields: dict[str, Any]) -> str:
-    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -132,7 +132,7 @@ def test_backend_kwargs_map_the_storage_section():
 
 
 def test_storage_section_is_validated_and_secrets_in_options_are_redacted(tmp_path):
-    from qvl_batch.config import redact, to_dict
+    from qvl_batch.output.saved_config import redact, to_dict
 
     job = tmp_path / "job.yaml"
     job.write_text("input: {paths: [x]}\noutput: {path: out}\n")

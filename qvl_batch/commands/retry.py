@@ -26,8 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, fingerprint, fingerprint_fields, load_config
+from ..config import ConfigError, load_config
 from ..errors import Exit
+from ..output.fingerprint import fingerprint, fingerprint_fields
 from ..output.marker import Marker
 from ..output.schema import part_columns
 from ..output.state import ERRORS_DIR, SUCCESS_FILE, OutputState
@@ -38,7 +39,7 @@ from ..run.dispatch import Dispatcher
 from ..run.driver import JobSummary, fill_totals, ray_pool
 from ..run.progress import Progress
 from ..storage import Storage, StorageError
-from .verify import config_from_job
+from .existing_output import open_output
 
 log = logging.getLogger("qvl_batch")
 
@@ -78,17 +79,17 @@ class RetryPass:
         # storage.* overrides (an endpoint, a region) are needed to read _job.json at all.
         reach = [o for o in overrides if o.startswith("storage.")]
         reach += ["input.paths=[-]", f"output.path={url}"]
-        state = OutputState(url, Storage(load_config(None, reach).storage))
-        self.job = state.require_job()
+        existing = open_output(url, load_config(None, reach).storage)
+        self.job = existing.job
         try:
-            cfg = config_from_job(self.job, url, overrides=overrides)
+            cfg = existing.config(overrides=overrides)
         except ConfigError as exc:
             raise ConfigError(f"retry-failed: {exc}") from None
         self.cfg = cfg
         self.progress_bar = progress_bar
         self.make_pool = make_pool or ray_pool
         self.input_storage = Storage.for_input(cfg)
-        self.state = OutputState(cfg.output.path, Storage.for_output(cfg))
+        self.state = existing.reopened(cfg)
         self.codes = set(codes)
         self._records: dict[str, Marker] = {}  # every unit's marker, rewritten as units commit
         self.work = RetryWork(self.state, self._records, part_columns(cfg), cfg.output.compression)

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 from ..config import StorageConfig
 from ..errors import Exit
-from ..output.state import NotAJobOutput, OutputState
+from ..output.state import NotAJobOutput
 from ..report.totals import error_codes_line, totals_of
-from ..storage import Storage, StorageError
+from ..storage import StorageError
+from .existing_output import open_output
 
 RATE_WINDOW_S = 300.0  # the rate is measured over the last 5 minutes of commits
 
@@ -90,8 +91,8 @@ def commit_rate(commits: list[tuple[dt.datetime, int]]) -> float | None:
 
 def job_status(url: str, storage: StorageConfig | None = None) -> StatusReport:
     """The progress of the job whose output is ``url``; raises NotAJobOutput, StorageError."""
-    state = OutputState(url, Storage(storage))
-    job = state.require_job()
+    existing = open_output(url, storage)
+    state, job = existing.state, existing.job
     report = StatusReport(
         url,
         job_id=str(job.get("job_id")),

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import REDACTED, Config, ConfigError, StorageConfig, config_from_saved
+from ..config import Config, ConfigError, StorageConfig
 from ..errors import Exit
 from ..output.coverage import coverage
 from ..output.marker import Marker
@@ -32,7 +32,6 @@ from ..output.schema import LINEAGE, ROW_RESULT, part_columns
 from ..output.state import (
     DATA_DIR,
     ERRORS_DIR,
-    JOB_FILE,
     UNITS_DIR,
     NotAJobOutput,
     OutputState,
@@ -44,8 +43,8 @@ from ..output.structured import columns_of
 from ..report.totals import error_codes_line
 from ..rows.manifest import InputError, Plan, WorkUnit, plan_job
 from ..rows.reader import read_unit_table
-from ..run.validate import validate
 from ..storage import Storage, StorageError, describe, is_temporary
+from .existing_output import open_output
 
 # Units checked at once: each is a few GETs of tens of ms on object stores and holds one unit's
 # ids and row numbers, so this bounds both open connections and memory.
@@ -104,33 +103,6 @@ class VerifyReport:
 
 
 # ---- the job and its input ------------------------------------------------------------------
-
-
-def _drop_redacted(value):
-    """The saved config less redacted values: they fall back to defaults / credential chains."""
-    if not isinstance(value, dict):
-        return value
-    hidden = lambda v: v == REDACTED or (isinstance(v, list) and REDACTED in v)  # noqa: E731
-    return {k: _drop_redacted(v) for k, v in value.items() if not hidden(v)}
-
-
-def config_from_job(
-    job: dict,
-    url: str,
-    storage_overrides: dict | None = None,
-    overrides: list[str] | None = None,
-) -> Config:
-    """The job's Config rebuilt from ``_job.json``, its output at ``url`` (where it is now),
-    validated like a job file; ``overrides`` are ``key=value`` settings on top (retry-failed)."""
-    saved = _drop_redacted(job.get("config") or {})
-    saved.setdefault("output", {})["path"] = url
-    try:
-        cfg = validate(config_from_saved(saved, overrides))
-    except ConfigError as exc:
-        raise ConfigError(f"{url}/{JOB_FILE}: the saved config does not load: {exc}") from None
-    for side in (cfg.input, cfg.output):
-        side.storage_options.update(storage_overrides or {})
-    return cfg
 
 
 def _replan(cfg: Config, job: dict, report: VerifyReport) -> Plan | None:
@@ -462,11 +434,11 @@ def verify_output(
     Raises NotAJobOutput where ``url`` holds no job, ConfigError where its saved config does
     not load, StorageError where the output cannot be listed.
     """
-    job = OutputState(url, Storage(storage, storage_overrides)).require_job()
-    cfg = config_from_job(job, url, storage_overrides)
+    existing = open_output(url, storage, storage_overrides)
+    job, cfg = existing.job, existing.config(storage_overrides)
     if storage is not None:
         cfg.storage = storage
-    state = OutputState(url, Storage.for_output(cfg))
+    state = existing.reopened(cfg)
     success = state.success()
     report = VerifyReport(url, job_id=str(job.get("job_id")), complete=success is not None)
     if success is not None and success.get("job_id") != job.get("job_id"):

@@ -2,7 +2,7 @@
 
 Every data row carries ``result_key``: a sha256 over the image's content hash, the system
 prompt, the row's prompt and the settings that decide a result (model, engine, dtype, sampling,
-image and structured-output settings; :func:`~qvl_batch.config.result_settings`). A job with
+image and structured-output settings; :func:`.fingerprint.result_settings`). A job with
 ``reuse.outputs`` reads only that column of the earlier outputs' data files and builds a compact
 index (8-byte key prefix -> file, row; about 16 bytes a row), shipped once to every actor
 through Ray's object store. An actor hashes each row's image bytes before decoding; on a hit
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..config import Config, ConfigError, result_settings
+from ..config import Config, ConfigError
 from ..storage import Storage
+from .fingerprint import result_settings
 from .state import DATA_DIR, NotAJobOutput, OutputState
 
 log = logging.getLogger("qvl_batch")

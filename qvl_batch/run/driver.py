@@ -14,10 +14,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..config import Config, fingerprint, fingerprint_fields, saved_config
+from ..config import Config
 from ..errors import Exit
+from ..output.fingerprint import fingerprint, fingerprint_fields
 from ..output.marker import Marker
 from ..output.reuse import build_index
+from ..output.saved_config import saved_config
 from ..output.schema import part_columns
 from ..output.state import OutputState
 from ..output.writer import commit_unit

@@ -1,0 +1,54 @@
+"""An existing job output opened by a later command (status, verify, retry-failed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config, ConfigError, StorageConfig, config_from_saved
+from ..output.saved_config import without_redacted
+from ..output.state import JOB_FILE, OutputState
+from ..run.validate import validate
+from ..storage import Storage
+
+
+@dataclass
+class ExistingOutput:
+    url: str
+    job: dict  # _job.json
+    state: OutputState  # opened with the storage that reached _job.json
+
+    def config(self, storage_overrides: dict | None = None, overrides: list[str] | None = None):
+        """The job's Config as saved, its output here (see :func:`config_from_job`)."""
+        return config_from_job(self.job, self.url, storage_overrides, overrides)
+
+    def reopened(self, cfg: Config) -> OutputState:
+        """The output opened again with the job's own output storage settings."""
+        return OutputState(self.url, Storage.for_output(cfg))
+
+
+def open_output(
+    url: str, storage: StorageConfig | None = None, storage_overrides: dict | None = None
+) -> ExistingOutput:
+    """The output at ``url``; raises NotAJobOutput where it holds no job, StorageError where
+    ``_job.json`` cannot be read (``storage``: an endpoint or region needed to reach it)."""
+    state = OutputState(url, Storage(storage, storage_overrides))
+    return ExistingOutput(url, state.require_job(), state)
+
+
+def config_from_job(
+    job: dict,
+    url: str,
+    storage_overrides: dict | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """The job's Config rebuilt from ``_job.json``, its output at ``url`` (where it is now),
+    validated like a job file; ``overrides`` are ``key=value`` settings on top (retry-failed)."""
+    saved = without_redacted(job.get("config") or {})
+    saved.setdefault("output", {})["path"] = url
+    try:
+        cfg = validate(config_from_saved(saved, overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{url}/{JOB_FILE}: the saved config does not load: {exc}") from None
+    for side in (cfg.input, cfg.output):
+        side.storage_options.update(storage_overrides or {})
+    return cfg
