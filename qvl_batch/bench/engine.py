@@ -217,7 +217,7 @@ class Variant:
             f"engine.hf.vision={self.vision}",
             f"engine.hf.compile={'true' if self.decode == 'compiled' else 'false'}",
             f"engine.hf.decode_attention={self.attention}",
-            f"engine.hf.answer_lengths='{lengths}'",
+            f"engine.benchmark.answer_lengths='{lengths}'",
         )
 
     def label(self) -> str:

@@ -22,7 +22,7 @@ side at the end with one JSON line:
 Variants (hf): ``--vision stock dense`` x ``--decode eager compiled`` x ``--decode-attention
 stock grouped`` x ``--answer-lengths`` (``fixed``: every answer runs to ``--max-tokens``, as
 random weights never stop; or ``uniform:LO:HI`` / ``lognormal:MEAN:CAP``: each row's answer ends
-at a length drawn from its id, ``engine.hf.answer_lengths``). The bare section times every
+at a length drawn from its id, ``engine.benchmark.answer_lengths``). The bare section times every
 variant on one loaded model; the runner section runs each of ``--runner-variants``
 (vision/decode[/attention]) at every answer length and is compared with the bare run of the same
 variant; contention runs the first variant.

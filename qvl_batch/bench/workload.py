@@ -5,7 +5,7 @@
 ``image.max_pixels`` (Qwen's default, 1280 vision tokens), caption-like answers
 (``lognormal:110:300``). ``moderation``: the same photos, a moderation prompt and short answers
 (``uniform:12:28``, at most 32; no JSON schema: guided decoding on random weights never ends).
-Random weights never say EOS, so ``engine.hf.answer_lengths`` sets each answer's length.
+Random weights never say EOS, so ``engine.benchmark.answer_lengths`` sets each answer's length.
 
 Both sides batch alike: the runner buckets by size under ``batching.max_tokens_per_batch``, and
 the bare engine's batches come from the same :class:`~qvl_batch.engines.bucketing.Bucketer`
@@ -91,7 +91,8 @@ def resolve(args: argparse.Namespace) -> Workload:
 
 def _synth_rows(sizes: list[tuple[int, int]], seed: int) -> list[dict]:
     """One photo-like JPEG per size, each from its own seeded stream: id, image, source."""
-    from ..tooling.synth import SOURCES, encode_jpeg, photo_like
+    from ..tooling.pictures import encode_jpeg, photo_like
+    from ..tooling.synth import SOURCES
 
     def make(i: int) -> dict:
         w, h = sizes[i]

@@ -1,5 +1,5 @@
 """Answer lengths drawn per row for benchmarks: one rule, shared by the fake engine (the lengths
-of its simulated answers) and the transformers engine (``engine.hf.answer_lengths``: where a
+of its simulated answers) and the transformers engine (``engine.benchmark.answer_lengths``: where a
 random-weight model never emits EOS, each row's answer ends at its drawn length).
 
 A row's length depends only on the spec and its id (:func:`answer_length`), so every run, actor,

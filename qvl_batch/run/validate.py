@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
 from ..engines import ENGINES, settings_of
+from ..engines.lengths import parse_lengths
 from ..output.schema import reserved_columns
 from ..output.structured import SchemaError, columns_of
 from ..rows.images import known_formats
@@ -28,6 +29,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"engine.name: {cfg.engine.name!r} is not one of {ENGINES}")
     for name in ENGINES:  # each engine's own settings, checked by its dataclass
         settings_of(cfg, name)
+    if cfg.engine.benchmark.answer_lengths:
+        try:
+            parse_lengths(cfg.engine.benchmark.answer_lengths)
+        except ValueError as exc:
+            raise ConfigError(f'engine.benchmark.answer_lengths: {exc} (or "": off)') from None
     known = known_formats()
     unknown = [name for name in cfg.image.formats if name not in known]
     if unknown:

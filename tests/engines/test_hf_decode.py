@@ -1,7 +1,7 @@
 """The transformers engine's decode side on CPU with the tiny random Qwen2.5-VL: the stage
-clocks (vision tower, prefill, decode), benchmark answer lengths (``engine.hf.answer_lengths``)
-and the compiled decode (``engine.hf.compile``: static cache + torch.compile, greedy output equal
-to eager token for token)."""
+clocks (vision tower, prefill, decode), benchmark answer lengths
+(``engine.benchmark.answer_lengths``) and the compiled decode (``engine.hf.compile``: static
+cache + torch.compile, greedy output equal to eager token for token)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from qvl_batch.config import Config, EngineConfig, SamplingConfig  # noqa: E402
+from qvl_batch.config import BenchmarkKnobs, Config, EngineConfig, SamplingConfig  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine  # noqa: E402
 from qvl_batch.engines.hf import decode as hf_decode  # noqa: E402
 from qvl_batch.engines.hf import engine as hf  # noqa: E402
@@ -27,11 +27,15 @@ pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(300)
 
 
-def _engine(model: str, max_tokens: int, **hf_knobs):
+def _engine(model: str, max_tokens: int, answer_lengths: str = "", **hf_knobs):
     return make_batch_engine(
         Config(
             engine=EngineConfig(
-                name="hf", model=model, device="cpu", hf=HFEngineConfig(**hf_knobs)
+                name="hf",
+                model=model,
+                device="cpu",
+                hf=HFEngineConfig(**hf_knobs),
+                benchmark=BenchmarkKnobs(answer_lengths),
             ),
             sampling=SamplingConfig(max_tokens=max_tokens),
         )
@@ -153,11 +157,16 @@ def test_fixed_length_is_exact_and_capped_by_max_tokens(tiny_model):
 
 def test_answer_lengths_config_is_validated():
     from qvl_batch.errors import ConfigError
+    from qvl_batch.run.validate import load_job
 
-    assert HFEngineConfig().answer_lengths == ""  # off: the model decides
-    assert HFEngineConfig(answer_lengths="lognormal:110:300").answer_lengths
-    with pytest.raises(ConfigError, match=r"engine\.hf\.answer_lengths"):
-        HFEngineConfig(answer_lengths="uniform:9:3")
+    base = ["input.paths=[x.parquet]", "output.path=o", "engine.name=hf", "engine.model=m"]
+    assert load_job(None, base).engine.benchmark.answer_lengths == ""  # off: the model decides
+    spec = "engine.benchmark.answer_lengths=lognormal:110:300"
+    assert load_job(None, [*base, spec]).engine.benchmark.answer_lengths
+    with pytest.raises(ConfigError, match=r"engine\.benchmark\.answer_lengths"):
+        load_job(None, [*base, "engine.benchmark.answer_lengths=uniform:9:3"])
+    with pytest.raises(ConfigError, match=r"engine\.hf: unknown key\(s\) \['answer_lengths'\]"):
+        load_job(None, [*base, "engine.hf.answer_lengths=fixed:8"])
     with pytest.raises(ConfigError, match=r"engine\.hf\.vision"):
         HFEngineConfig(vision="fast")
 

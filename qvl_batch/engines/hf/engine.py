@@ -6,8 +6,9 @@ The job's ``sampling`` section is the whole truth (the checkpoint's sampling def
 used); ``torch.manual_seed(seed)`` runs before every batch. Greedy float32 output is the same
 row by row or batched, eager or compiled (CPU tests). A prompt with no room under the model's
 ``max_position_embeddings`` is ENGINE_ERROR; anything else that fails raises from ``generate``
-and the batching adapter isolates the row. Benchmark answer lengths (``engine.hf.answer_lengths``)
-end each row at a length drawn from its id, as a random-weight model never emits EOS.
+and the batching adapter isolates the row. Benchmark answer lengths
+(``engine.benchmark.answer_lengths``) end each row at a length drawn from its id, as a
+random-weight model never emits EOS.
 Stage clocks: ``inputs`` (on the model's path), ``ahead`` (prepared while the last batch ran),
 ``generate`` (``vision``, ``prefill``, ``decode`` inside it), ``outputs``, ``compile``.
 """
@@ -95,7 +96,7 @@ class HFEngine(BatchEngine):
     def __init__(self, cfg: Config):
         hf = settings_of(cfg, "hf")
         self.sampling = cfg.sampling
-        self.answer_lengths = hf.answer_lengths  # "" = the model decides
+        self.answer_lengths = cfg.engine.benchmark.answer_lengths  # "" = the model decides
         self._max_pixels = cfg.image.max_pixels
         self.compiled = bool(hf.compile)  # None (auto) is decided once the device is known
         if self.compiled:

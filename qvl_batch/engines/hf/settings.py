@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import check
-from ...errors import ConfigError
-from ..lengths import parse_lengths
 
 
 @dataclass
@@ -18,10 +16,6 @@ class HFEngineConfig:
     # Where pixels are normalised and cut into patches: "device" (torch on the engine's device,
     # from uint8 pixels) or "processor" (transformers' numpy image processor on the CPU).
     preprocess: str = "device"
-    # Benchmark-only, for random-weight models (which never emit EOS): each row's answer ends at
-    # a length drawn from its id, fixed:N | uniform:LO:HI | lognormal:MEAN:CAP (as the fake
-    # engine's). A batch still decodes until its longest row ends. "" = off: the model decides.
-    answer_lengths: str = ""
     # Decode with static KV caches and a torch.compile'd decode step (CUDA graphs); one graph
     # per batch-size rung and cache length step (qvl_batch.engines.hf.decode). null (auto): on
     # for a model on one CUDA GPU with transformers >= 4.57.3, off elsewhere (CPU, a device
@@ -66,8 +60,3 @@ class HFEngineConfig:
             "engine.hf.static_cache_gib",
             "must be >= 0 GiB, or null (half the GPU memory free once the model is loaded)",
         )
-        if self.answer_lengths:
-            try:
-                parse_lengths(self.answer_lengths)
-            except ValueError as exc:
-                raise ConfigError(f'engine.hf.answer_lengths: {exc} (or "": off)') from None
