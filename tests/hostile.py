@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, features
 
-from qvl_batch.tooling.synth import encode_jpeg, photo_like, stored_as
+from qvl_batch.tooling.pictures import encode_jpeg, photo_like, stored_as
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 GREY, WHITE = (128, 128, 128), (255, 255, 255)

@@ -14,6 +14,7 @@ import itertools
 import statistics
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -162,24 +163,24 @@ def _pct(values: list[int]) -> str:
 def build_report(state: OutputState) -> bytes:
     """The HTML report of the output behind ``state`` (works on running and finished jobs)."""
     job = state.job() or {}
-    metrics = state.metrics()
+    metrics = state.metrics()  # None: no _metrics.json yet
     markers = state.markers()
     markers.sort(key=lambda m: m.committed_at)
-    timed = [(t, m.num_rows) for m in markers if (t := parse_time(m.committed_at))]
-    times = [t for t, _ in timed]
-    codes: Counter = Counter()
-    for m in markers:
-        codes.update(m.error_codes)
     data_files = sorted(f for m in markers for f in m.files if f.startswith("data/"))
     cols, sample_note = _read_rows(state, data_files)
-    rows = sum(m.num_rows for m in markers)
-    data_rows = sum(m.data_rows for m in markers)
-    error_rows = sum(m.error_rows for m in markers)
-    summary = (metrics or {}).get("summary", {})
-    padding = (metrics or {}).get("padding", {})
+    parts = ["<h2>Summary</h2>", _table(_summary(job, metrics or {}, markers, cols))]
+    if sample_note:
+        parts.append(f"<p class=note>{html.escape(sample_note)}</p>")
+    parts += _plots(metrics, markers, cols)
+    return _page(f"qvl-batch report: {job.get('job_id', state.url)}", parts)
+
+
+def _summary(job: dict, metrics: dict, markers: list, cols: dict) -> list[tuple[str, Any]]:
+    """The summary table's rows: the job, what committed, speed, padding, stages, storage."""
+    summary, padding = metrics.get("summary", {}), metrics.get("padding", {})
     cfg = job.get("config", {})
     engine = cfg.get("engine", {})
-
+    rows = sum(m.num_rows for m in markers)
     table = [
         ("job id", job.get("job_id", "?")),
         ("config name", cfg.get("job", {}).get("name", "?")),
@@ -188,26 +189,11 @@ def build_report(state: OutputState) -> bytes:
         ("status", summary.get("status", "running (no _metrics.json yet)")),
         ("units committed", f"{len(markers):,}"),
         ("rows committed", f"{rows:,} of {job.get('input', {}).get('rows', '?')} planned"),
-        ("data rows", f"{data_rows:,}"),
-        ("error rows", f"{error_rows:,}"),
+        ("data rows", f"{sum(m.data_rows for m in markers):,}"),
+        ("error rows", f"{sum(m.error_rows for m in markers):,}"),
     ]
     if summary:
-        run_rows, elapsed = summary.get("rows_this_run"), summary.get("elapsed_s") or 0
-        pipeline = summary.get("pipeline_s") or 0
-        if isinstance(run_rows, int) and elapsed > 0:
-            per_s = f"{run_rows / elapsed:,.1f}"
-            why = f"{run_rows:,} rows this run / {elapsed:,.1f} s from the driver's start"
-            table.append(("rows/s (whole job)", f"{per_s} ({why})"))
-        else:
-            table.append(("rows/s (last run)", f"{summary.get('rows_per_s', 0):,.1f}"))
-        if isinstance(run_rows, int) and pipeline > 0:
-            why = f"first actor ready to last commit, {pipeline:,.1f} s"
-            table.append(("rows/s (steady)", f"{run_rows / pipeline:,.1f} ({why})"))
-        table += [
-            ("elapsed (last run)", f"{elapsed:,.1f} s"),
-            ("unit retries", summary.get("unit_retries", 0)),
-            ("actor restarts", summary.get("actor_restarts", 0)),
-        ]
+        table += _speed(summary)
     if padding:
         fifo = f"(FIFO would be {padding.get('fifo_padding_fraction', 0):.4f})"
         table.append(("padding fraction", f"{padding.get('padding_fraction', 0):.4f} {fifo}"))
@@ -215,23 +201,48 @@ def build_report(state: OutputState) -> bytes:
         if padding.get("token_capped_batches"):
             capped = f"{padding['token_capped_batches']:,} of {padding.get('batches', 0):,}"
             table.append(("batches cut by batching.max_tokens_per_batch", capped))
-    for stage, secs in sorted((metrics or {}).get("actor_timings_s", {}).items()):
+    for stage, secs in sorted(metrics.get("actor_timings_s", {}).items()):
         table.append((f"stage {stage}", f"{secs:,.1f} s (all actors)"))
-    if metrics and "storage" in metrics:
+    if "storage" in metrics:
         st = metrics["storage"]
         kinds = "".join(f", {k}={v}" for k, v in sorted(st.get("by_kind", {}).items()))
         table.append(
             ("storage retries", f"{st.get('retries', 0)} (gave up {st.get('gave_up', 0)}{kinds})")
         )
-    table += [
-        ("vision tokens/row", _pct(cols["vision_tokens"])),
-        ("output tokens/row", _pct(cols["output_tokens"])),
-    ]
+    table.append(("vision tokens/row", _pct(cols["vision_tokens"])))
+    table.append(("output tokens/row", _pct(cols["output_tokens"])))
+    return table
 
-    parts = ["<h2>Summary</h2>", _table(table)]
-    if sample_note:
-        parts.append(f"<p class=note>{html.escape(sample_note)}</p>")
-    parts.append("<h2>Errors by code</h2>")
+
+def _speed(summary: dict) -> list[tuple[str, Any]]:
+    """Rows/s over the whole job and steady, elapsed time, retries and restarts."""
+    out = []
+    run_rows, elapsed = summary.get("rows_this_run"), summary.get("elapsed_s") or 0
+    pipeline = summary.get("pipeline_s") or 0
+    if isinstance(run_rows, int) and elapsed > 0:
+        per_s = f"{run_rows / elapsed:,.1f}"
+        why = f"{run_rows:,} rows this run / {elapsed:,.1f} s from the driver's start"
+        out.append(("rows/s (whole job)", f"{per_s} ({why})"))
+    else:
+        out.append(("rows/s (last run)", f"{summary.get('rows_per_s', 0):,.1f}"))
+    if isinstance(run_rows, int) and pipeline > 0:
+        why = f"first actor ready to last commit, {pipeline:,.1f} s"
+        out.append(("rows/s (steady)", f"{run_rows / pipeline:,.1f} ({why})"))
+    out.append(("elapsed (last run)", f"{elapsed:,.1f} s"))
+    out.append(("unit retries", summary.get("unit_retries", 0)))
+    out.append(("actor restarts", summary.get("actor_restarts", 0)))
+    return out
+
+
+def _plots(metrics: dict | None, markers: list, cols: dict) -> list[str]:
+    """Errors by code, throughput, the actors' timeline, sizes and commit latency."""
+    codes: Counter = Counter()
+    for m in markers:
+        codes.update(m.error_codes)
+    timed = [(t, m.num_rows) for m in markers if (t := parse_time(m.committed_at))]
+    times = [t for t, _ in timed]
+    padding = (metrics or {}).get("padding", {})
+    parts = ["<h2>Errors by code</h2>"]
     if codes:
         parts += [_table(sorted(codes.items())), _errors(dict(codes))]
     else:
@@ -245,7 +256,7 @@ def build_report(state: OutputState) -> bytes:
         parts.append("<p class=note>No units committed yet.</p>")
     parts += timeline_section(metrics, _png)
     parts.append("<h2>Image and batch sizes</h2>")
-    if data_rows or padding.get("batch_size_counts"):
+    if sum(m.data_rows for m in markers) or padding.get("batch_size_counts"):
         parts.append(_sizes(cols, padding.get("batch_size_counts", {})))
     else:
         parts.append("<p class=note>No data rows and no batch sizes: nothing to plot.</p>")
@@ -259,8 +270,11 @@ def build_report(state: OutputState) -> bytes:
         ]
     else:
         parts.append("<p class=note>Fewer than two commits: no intervals to plot.</p>")
+    return parts
 
-    title = html.escape(f"qvl-batch report: {job.get('job_id', state.url)}")
+
+def _page(title: str, parts: list[str]) -> bytes:
+    title = html.escape(title)
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:960px}th{text-align:left;"
         "padding-right:1em}td,th{border-bottom:1px solid #ddd}.note{color:#555}"

@@ -28,7 +28,7 @@ from qvl_batch.config import IMAGE_FORMATS, ConfigError, ImageConfig
 from qvl_batch.errors import RowFailure
 from qvl_batch.rows.images import TILE, PreparedImage, prepare_image, smart_resize, vision_tokens
 from qvl_batch.run.validate import load_job
-from qvl_batch.tooling.synth import stored_as
+from qvl_batch.tooling.pictures import stored_as
 
 QWEN_DEFAULT = (56 * 56, 28 * 28 * 1280)  # 3136, 1003520
 QWEN_RECOMMENDED = (256 * 28 * 28, 1280 * 28 * 28)

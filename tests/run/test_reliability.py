@@ -64,7 +64,7 @@ def test_bad_rows_get_their_codes_and_hostile_ids_stay_inside_the_output(tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qvl_batch.tooling.synth import encode_jpeg, photo_like
+    from qvl_batch.tooling.pictures import encode_jpeg, photo_like
 
     rng = np.random.default_rng(3)
     jpeg = [encode_jpeg(photo_like(rng, 96 + 8 * i, 80)) for i in range(4)]

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from qvl_batch.tooling import synth
-from qvl_batch.tooling.synth import SynthSpec, encode_jpeg, make_dataset, make_tiny_rows_dataset
+from qvl_batch.tooling.pictures import encode_jpeg, photo_like
+from qvl_batch.tooling.synth import SynthSpec, make_dataset, make_tiny_rows_dataset
 
 ORIENTATION = 0x0112
 SPEC = SynthSpec(
@@ -182,17 +183,17 @@ def test_size_choices_are_used(tmp_path):
 
 
 def test_photo_like_has_realistic_entropy():
-    img = synth.photo_like(np.random.default_rng(0), 320, 240)
+    img = photo_like(np.random.default_rng(0), 320, 240)
     assert img.mode == "RGB" and img.size == (320, 240)
     assert np.asarray(img).reshape(-1, 3).std(axis=0).min() > 10
     flat = Image.new("RGB", img.size, tuple(int(v) for v in np.asarray(img).mean(axis=(0, 1))))
     assert len(encode_jpeg(img)) > 10 * len(encode_jpeg(flat))
-    again = synth.photo_like(np.random.default_rng(0), 320, 240)
+    again = photo_like(np.random.default_rng(0), 320, 240)
     assert np.array_equal(np.asarray(img), np.asarray(again))
 
 
 def test_encode_jpeg_orientation_and_progressive():
-    img = synth.photo_like(np.random.default_rng(1), 64, 48)
+    img = photo_like(np.random.default_rng(1), 64, 48)
     tagged = Image.open(io.BytesIO(encode_jpeg(img, exif_orientation=6)))
     assert tagged.getexif().get(ORIENTATION) == 6
     assert ImageOps.exif_transpose(tagged).size == (48, 64)
