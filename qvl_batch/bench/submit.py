@@ -42,7 +42,8 @@ def bench_submit(args: argparse.Namespace) -> int:
     from transformers import AutoModelForImageTextToText
 
     from ..engines.hf.loading import load_processor
-    from ..engines.trtllm import MM_PROCESSOR_KWARGS, render_chat
+    from ..engines.trtllm.engine import MM_PROCESSOR_KWARGS
+    from ..engines.trtllm.prompts import render_chat
 
     torch.set_num_threads(1)  # one submitting thread
     side = args.size // 28 * 28

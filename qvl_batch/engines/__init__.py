@@ -48,10 +48,10 @@ REGISTRY: dict[str, EngineEntry] = {
         ),
         EngineEntry(
             "trtllm",
-            "qvl_batch.engines.trtllm",
+            "qvl_batch.engines.trtllm.engine",
             "make_trtllm_engine",
             "TensorRT-LLM LLM API, fed as a stream",
-            "qvl_batch.engines.trtllm:TrtLlmEngineConfig",
+            "qvl_batch.engines.trtllm.settings:TrtLlmEngineConfig",
             spans_gpus=lambda cfg: settings_of(cfg, "trtllm").tensor_parallel_size,
         ),
     )

@@ -55,7 +55,7 @@ def test_template_fields_cannot_reach_into_objects(tmp_path):
 def test_trust_remote_code_is_off_unless_set(tmp_path):
     from types import SimpleNamespace
 
-    from qvl_batch.engines.trtllm import llm_kwargs
+    from qvl_batch.engines.trtllm.api import llm_kwargs
 
     cfg = load_job(_job(tmp_path, "engine: {name: hf, model: m}\n"))
     assert cfg.engine.hf.trust_remote_code is False

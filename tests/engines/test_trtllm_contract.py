@@ -27,10 +27,12 @@ import pytest
 from PIL import Image
 
 from qvl_batch.config import Config, EngineConfig, SamplingConfig, StructuredConfig
-from qvl_batch.engines import trtllm
 from qvl_batch.engines.base import EngineDead, EngineError, Request, Result
 from qvl_batch.engines.build import make_engine
-from qvl_batch.engines.trtllm import TrtLlmEngineConfig
+from qvl_batch.engines.trtllm import api as trtllm_api
+from qvl_batch.engines.trtllm import engine as trtllm_engine
+from qvl_batch.engines.trtllm import outputs, prompts
+from qvl_batch.engines.trtllm.settings import TrtLlmEngineConfig
 from qvl_batch.output.structured import OutputParser
 from qvl_batch.tooling.chat_template import CHAT_TEMPLATE
 
@@ -40,7 +42,7 @@ TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 STUB_DIR = TESTS / "trtllm_stub"
 SURFACE = json.loads((TESTS / "data" / "trtllm_api_surface.json").read_text())
-ENGINE_SOURCE = Path(trtllm.__file__)
+ENGINE_SOURCES = sorted(Path(trtllm_engine.__file__).parent.glob("*.py"))
 
 SPECIALS = [
     "<|endoftext|>",
@@ -104,7 +106,7 @@ def stub():
     _purge_trtllm_modules()
     sys.path.insert(0, str(STUB_DIR))
     try:
-        api = trtllm.import_trtllm()
+        api = trtllm_api.import_trtllm()
         assert api.__version__.endswith("+stub"), "a real tensorrt_llm shadowed the stand-in"
         yield api
     finally:
@@ -202,7 +204,7 @@ def pixels_sha(request: Request) -> str:
 
 
 def test_engine_builds_generates_and_maps_outputs(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     assert (engine.name, engine.version) == ("trtllm", "0.0.0+stub")
     requests = make_requests()
     results = run(engine, requests)
@@ -222,7 +224,7 @@ def test_engine_builds_generates_and_maps_outputs(stub, model_dir):
 
 
 def test_vision_tokens_come_from_prompt_ids_not_the_runner(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     (req,) = make_requests(1)
     req.vision_tokens = 999  # a wrong estimate must not leak into the result
     (res,) = run(engine, [req])
@@ -232,7 +234,7 @@ def test_vision_tokens_come_from_prompt_ids_not_the_runner(stub, model_dir):
 
 def test_llm_kwargs_reach_the_llm(stub, model_dir):
     cfg = make_cfg(model_dir, tensor_parallel_size=2, max_batch_size=16, max_seq_len=4096)
-    engine = trtllm.TrtLlmEngine(cfg)
+    engine = trtllm_engine.TrtLlmEngine(cfg)
     passed = engine.llm.passed_kwargs
     assert passed["model"] == str(model_dir)
     assert passed["backend"] == "pytorch"
@@ -252,10 +254,10 @@ def test_llm_kwargs_reach_the_llm(stub, model_dir):
 
 
 def test_max_tokens_is_always_explicit_and_honoured(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     assert engine._sampling.passed_kwargs["max_tokens"] == 64  # the job default, not TRT's 32
     engine.close()
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, sampling={"max_tokens": 2}))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, sampling={"max_tokens": 2}))
     results = run(engine, make_requests())
     assert all(r.output_tokens <= 2 for r in results)
     assert {r.finish_reason for r in results} == {"length"}
@@ -263,17 +265,17 @@ def test_max_tokens_is_always_explicit_and_honoured(stub, model_dir):
 
 
 def test_block_reuse_off_by_default_and_on_when_configured(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     kv = engine.llm.passed_kwargs["kv_cache_config"]
     assert kv.passed_kwargs["enable_block_reuse"] is False  # explicit: TRT's default is True
     engine.close()
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, enable_block_reuse=True))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, enable_block_reuse=True))
     assert engine.llm.passed_kwargs["kv_cache_config"].enable_block_reuse is True
     engine.close()
 
 
 def test_cuda_graphs_off_passes_none(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, cuda_graphs=False))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, cuda_graphs=False))
     assert "cuda_graph_config" in engine.llm.passed_kwargs
     assert engine.llm.passed_kwargs["cuda_graph_config"] is None  # None disables; absent = on
     engine.close()
@@ -281,7 +283,7 @@ def test_cuda_graphs_off_passes_none(stub, model_dir):
 
 def test_passthrough_options_arrive_and_override(stub, model_dir):
     options = {"enable_chunked_prefill": True, "max_input_len": 4096, "dtype": "bfloat16"}
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, options=options))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, options=options))
     for key, value in options.items():
         assert engine.llm.passed_kwargs[key] == value
     engine.close()
@@ -289,31 +291,33 @@ def test_passthrough_options_arrive_and_override(stub, model_dir):
 
 def test_an_option_the_real_api_lacks_fails(stub, model_dir):
     with pytest.raises((TypeError, ValueError), match="not_a_real_arg"):
-        trtllm.TrtLlmEngine(make_cfg(model_dir, options={"not_a_real_arg": 1}))
+        trtllm_engine.TrtLlmEngine(make_cfg(model_dir, options={"not_a_real_arg": 1}))
 
 
 def test_contract_catches_an_engine_passing_an_unknown_name(stub, model_dir, monkeypatch):
     """Proves the contract test can fail: a plausible mistake in the kwargs builder is caught."""
-    real = trtllm.llm_kwargs
+    real = trtllm_api.llm_kwargs
 
     def with_misplaced_field(cfg, api):
         return {**real(cfg, api), "free_gpu_memory_fraction": 0.5}  # belongs in KvCacheConfig
 
-    monkeypatch.setattr(trtllm, "llm_kwargs", with_misplaced_field)
+    monkeypatch.setattr(trtllm_engine, "llm_kwargs", with_misplaced_field)
     with pytest.raises((TypeError, ValueError), match="free_gpu_memory_fraction"):
-        trtllm.TrtLlmEngine(make_cfg(model_dir))
+        trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
 
-    monkeypatch.setattr(trtllm, "llm_kwargs", real)
-    real_sampling = trtllm.sampling_kwargs
-    monkeypatch.setattr(
-        trtllm, "sampling_kwargs", lambda cfg, *a: {**real_sampling(cfg, *a), "max_new_tokens": 8}
-    )
+    monkeypatch.setattr(trtllm_engine, "llm_kwargs", real)
+    real_sampling = trtllm_api.sampling_kwargs
+
+    def with_unknown_field(cfg, *a):
+        return {**real_sampling(cfg, *a), "max_new_tokens": 8}
+
+    monkeypatch.setattr(trtllm_engine, "sampling_kwargs", with_unknown_field)
     with pytest.raises((TypeError, ValueError), match="max_new_tokens"):
-        trtllm.TrtLlmEngine(make_cfg(model_dir))
+        trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
 
 
 def test_guided_decoding_reaches_the_llm_and_every_request(stub, model_dir, monkeypatch):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, structured={"json_schema": MODERATION}))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, structured={"json_schema": MODERATION}))
     try:
         assert engine.guided is True  # guided=auto: TensorRT-LLM always has it
         assert engine.llm.passed_kwargs["guided_decoding_backend"] == "xgrammar"
@@ -339,7 +343,7 @@ def test_guided_decoding_reaches_the_llm_and_every_request(stub, model_dir, monk
 
 @pytest.mark.parametrize("structured", [{}, {"json_schema": MODERATION, "guided": "off"}])
 def test_no_guided_decoding_without_a_schema_or_when_off(stub, model_dir, structured):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, structured=structured))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, structured=structured))
     assert engine.guided is False
     assert "guided_decoding_backend" not in engine.llm.passed_kwargs
     assert "guided_decoding" not in engine._sampling.passed_kwargs
@@ -349,7 +353,7 @@ def test_no_guided_decoding_without_a_schema_or_when_off(stub, model_dir, struct
 def test_guided_decoding_backend_can_be_chosen_in_options(stub, model_dir):
     options = {"guided_decoding_backend": "llguidance"}
     structured = {"json_schema": MODERATION, "guided": "required"}
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, options=options, structured=structured))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, options=options, structured=structured))
     assert engine.guided is True
     assert engine.llm.passed_kwargs["guided_decoding_backend"] == "llguidance"
     engine.close()
@@ -357,13 +361,13 @@ def test_guided_decoding_backend_can_be_chosen_in_options(stub, model_dir):
 
 def test_contract_catches_guided_decoding_misuse(stub, model_dir, monkeypatch):
     """Proves the guided checks can fail: a guide without the LLM's backend, a wrong field."""
-    real = trtllm.llm_kwargs
+    real = trtllm_api.llm_kwargs
 
     def without_backend(cfg, api):
         return {k: v for k, v in real(cfg, api).items() if k != "guided_decoding_backend"}
 
-    monkeypatch.setattr(trtllm, "llm_kwargs", without_backend)
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, structured={"json_schema": MODERATION}))
+    monkeypatch.setattr(trtllm_engine, "llm_kwargs", without_backend)
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, structured={"json_schema": MODERATION}))
     results = run(engine, make_requests(2))
     engine.close()
     assert {r.error_code for r in results} == {"ENGINE_ERROR"}
@@ -389,7 +393,7 @@ def test_stub_rejects_bad_prompt_inputs(stub, model_dir):
 def test_a_failing_row_fails_alone(stub, model_dir, monkeypatch):
     requests = make_requests(4)
     stub_env(monkeypatch, fail=[pixels_sha(requests[2])])  # upstream's RequestError
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     real_submit = engine.llm.generate_async
 
     def refusing(inputs, **kwargs):
@@ -439,7 +443,7 @@ def test_two_threads_inside_generate_async_fail_the_stand_in(stub, model_dir, mo
 
 def test_one_thread_submits_and_results_come_back_as_each_finishes(stub, model_dir, monkeypatch):
     stub_env(monkeypatch, step_s=0.002)
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, max_batch_size=4))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, max_batch_size=4))
     assert engine.max_in_flight == 8  # twice the engine's batch by default
     requests = make_requests(24, prompt="Describe")
     results = run(engine, requests)
@@ -452,7 +456,7 @@ def test_one_thread_submits_and_results_come_back_as_each_finishes(stub, model_d
     assert sorted(order) == sorted(r.key for r in requests)
     assert engine._test_sink.entered == [[r.key for r in requests]]  # one note per group
     engine.close()
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, max_inflight_requests=3))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, max_inflight_requests=3))
     assert engine.max_in_flight == 3
     engine.close()
 
@@ -462,7 +466,7 @@ def test_a_request_that_never_completes_is_aborted_retried_then_a_timeout_row(
 ):
     requests = make_requests(3)
     stub_env(monkeypatch, hang=[pixels_sha(requests[0])])
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, request_timeout_s=0.3))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, request_timeout_s=0.3))
     by_key = {r.key: r for r in run(engine, requests, timeout=20)}
     hung = by_key[requests[0].key]
     assert hung.error_code == "ENGINE_TIMEOUT" and "2 tries" in hung.error_message
@@ -473,7 +477,7 @@ def test_a_request_that_never_completes_is_aborted_retried_then_a_timeout_row(
 
 def test_a_dead_executor_fails_the_engine_not_the_rows(stub, model_dir, monkeypatch):
     stub_env(monkeypatch, die_after=3, step_s=0.05)
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     sink = engine._test_sink = Sink()
     engine.start(sink)
     engine.submit(make_requests(6))
@@ -494,9 +498,9 @@ def test_finish_reasons_timeout_and_cancelled_are_error_rows():
         completion = SimpleNamespace(text="x", token_ids=[1], finish_reason=reason)
         return SimpleNamespace(outputs=[completion], prompt_token_ids=[1, 2])
 
-    assert trtllm.to_result(req, output("timeout"), 0, None).error_code == "ENGINE_TIMEOUT"
-    assert trtllm.to_result(req, output("cancelled"), 0, None).error_code == "ENGINE_ERROR"
-    ok = trtllm.to_result(req, output("stop"), 0, None)
+    assert outputs.to_result(req, output("timeout"), 0, None).error_code == "ENGINE_TIMEOUT"
+    assert outputs.to_result(req, output("cancelled"), 0, None).error_code == "ENGINE_ERROR"
+    ok = outputs.to_result(req, output("stop"), 0, None)
     assert (ok.error_code, ok.text, ok.finish_reason) == (None, "x", "stop")
 
 
@@ -505,7 +509,7 @@ def test_the_processor_never_resizes_what_the_runner_resized(stub, model_dir, mo
     without ``do_resize=False`` TensorRT-LLM's processor would upsize it to 56x56 (four)."""
     img = Image.new("RGB", (28, 28), (200, 10, 10))
     req = Request(("u0", 0), "r0", "Describe", None, img, "", 1, 0)
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     kwargs = engine.inputs(req)["mm_processor_kwargs"]
     assert kwargs == {"do_resize": False}
     reserved = SURFACE["Qwen2_5_VL_model_registration"]["mm_processor_kwargs"]["reserved"]
@@ -513,39 +517,39 @@ def test_the_processor_never_resizes_what_the_runner_resized(stub, model_dir, mo
     (res,) = run(engine, [req])
     assert res.vision_tokens == 1
     engine.close()
-    monkeypatch.setattr(trtllm, "MM_PROCESSOR_KWARGS", {})
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    monkeypatch.setattr(trtllm_engine, "MM_PROCESSOR_KWARGS", {})
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     (res,) = run(engine, [req])
     assert res.vision_tokens == 4  # what the check above guards against
     engine.close()
 
 
 def test_stop_ids_are_every_eos_of_the_generation_config(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     tok = engine._tokenizer
     want = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     assert engine._sampling.passed_kwargs["stop_token_ids"] == want
     engine.close()
     no_files = SimpleNamespace(convert_tokens_to_ids=tok.convert_tokens_to_ids, unk_token_id=0)
-    assert trtllm.eos_token_ids("/nonexistent", no_files) == want  # Qwen's two, by name
+    assert prompts.eos_token_ids("/nonexistent", no_files) == want  # Qwen's two, by name
 
 
 def test_repetition_penalty_is_applied_or_never_silently_ignored(stub, model_dir, monkeypatch):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, sampling={"repetition_penalty": 1.1}))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, sampling={"repetition_penalty": 1.1}))
     assert engine.llm.passed_kwargs["sampler_type"] == "TRTLLMSampler"  # 1.2's TorchSampler
     assert engine._sampling.repetition_penalty == 1.1  # ignores penalties (issue #9442)
     engine.close()
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     assert "sampler_type" not in engine.llm.passed_kwargs  # the default path when neutral
     engine.close()
     monkeypatch.setattr(stub, "__version__", "1.3.0")  # TorchSampler applies them from 1.3
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, sampling={"repetition_penalty": 1.1}))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, sampling={"repetition_penalty": 1.1}))
     assert "sampler_type" not in engine.llm.passed_kwargs
     engine.close()
 
 
 def test_max_input_len_follows_max_seq_len(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir, max_seq_len=4096))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, max_seq_len=4096))
     assert engine.llm.passed_kwargs["max_input_len"] == 4096 == engine.llm.max_seq_len
     engine.close()
 
@@ -553,7 +557,7 @@ def test_max_input_len_follows_max_seq_len(stub, model_dir):
 def test_warmup_runs_one_request_then_a_window_of_the_largest_images(stub, model_dir, monkeypatch):
     stub_env(monkeypatch, step_s=0.05)  # decode slower than submitting: the window overlaps
     cfg = make_cfg(model_dir, max_batch_size=4)
-    engine = trtllm.TrtLlmEngine(cfg)
+    engine = trtllm_engine.TrtLlmEngine(cfg)
     seen = []
     submit = engine.llm.generate_async
 
@@ -563,7 +567,7 @@ def test_warmup_runs_one_request_then_a_window_of_the_largest_images(stub, model
 
     engine.llm.generate_async = spy
     engine.warmup()
-    largest = trtllm.largest_grid(cfg.image.max_pixels)
+    largest = trtllm_engine.largest_grid(cfg.image.max_pixels)
     assert [size for size, _ in seen] == [largest] * (1 + engine.max_in_flight)
     w, h = largest
     assert (w, h) == (32 * 28, 40 * 28)  # all 1,280 patches max_pixels allows
@@ -572,7 +576,7 @@ def test_warmup_runs_one_request_then_a_window_of_the_largest_images(stub, model
 
 
 def test_close_is_idempotent_and_final(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     llm = engine.llm
     engine.close()
     engine.close()
@@ -582,11 +586,11 @@ def test_close_is_idempotent_and_final(stub, model_dir):
 
 
 def test_count_text_tokens_is_the_templated_prompt_without_image_pads(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     tok = engine._tokenizer
     for prompt, system in [("Describe this image.", None), ("Caption in one word", "You are")]:
-        text = trtllm.render_chat(engine._template, prompt, system)
-        assert text.count(trtllm.IMAGE_PAD) == 1
+        text = prompts.render_chat(engine._template, prompt, system)
+        assert text.count(prompts.IMAGE_PAD) == 1
         ids = tok.encode(text, add_special_tokens=False)
         assert engine.count_text_tokens(prompt, system) == len(ids) - 1
     assert engine.count_text_tokens("Describe", None) != engine.count_text_tokens(
@@ -597,7 +601,7 @@ def test_count_text_tokens_is_the_templated_prompt_without_image_pads(stub, mode
 
 def test_make_engine_builds_the_trtllm_engine(stub, model_dir):
     engine = make_engine(make_cfg(model_dir))
-    assert isinstance(engine, trtllm.TrtLlmEngine)
+    assert isinstance(engine, trtllm_engine.TrtLlmEngine)
     engine.close()
 
 
@@ -605,7 +609,7 @@ def test_missing_tensorrt_llm_raises_with_install_hint(model_dir, monkeypatch):
     _purge_trtllm_modules()
     monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="TensorRT-LLM release container"):
-        trtllm.TrtLlmEngine(make_cfg(model_dir))
+        trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
 
 
 # --- pure helpers and the static contract -------------------------------------------------------
@@ -633,19 +637,19 @@ LLM_NAMES = surface_names(SURFACE["LLM.__init__"]["BaseLlmArgs_fields"]) | surfa
 )
 def test_every_keyword_the_engine_passes_is_in_the_json(model_dir, overrides):
     api = SimpleNamespace(llmapi=SimpleNamespace(KvCacheConfig=Recorder, CudaGraphConfig=Recorder))
-    kwargs = trtllm.llm_kwargs(make_cfg(model_dir, **overrides), api)
+    kwargs = trtllm_api.llm_kwargs(make_cfg(model_dir, **overrides), api)
     assert set(kwargs) <= LLM_NAMES, set(kwargs) - LLM_NAMES
     assert set(kwargs["kv_cache_config"].kwargs) <= set(SURFACE["KvCacheConfig"]["fields"])
     if kwargs["cuda_graph_config"] is not None:
         assert set(kwargs["cuda_graph_config"].kwargs) <= set(SURFACE["CudaGraphConfig"]["fields"])
     for sampling in ({}, {"temperature": 0.7, "top_k": 40, "repetition_penalty": 1.1}):
         cfg = make_cfg(model_dir, sampling=sampling)
-        names = set(trtllm.sampling_kwargs(cfg, [151645, 151643]))
+        names = set(trtllm_api.sampling_kwargs(cfg, [151645, 151643]))
         assert names <= set(SURFACE["SamplingParams"]["fields"]), names
-        penalised = set(trtllm.llm_kwargs(cfg, api))  # sampler_type when the penalty is on
+        penalised = set(trtllm_api.llm_kwargs(cfg, api))  # sampler_type when the penalty is on
         assert penalised <= LLM_NAMES, penalised - LLM_NAMES
     assert {"max_tokens", "stop_token_ids"} <= names and "sampler_type" in penalised
-    guided = trtllm.llm_kwargs(make_cfg(model_dir, structured={"json_schema": MODERATION}), api)
+    guided = trtllm_api.llm_kwargs(make_cfg(model_dir, structured={"json_schema": MODERATION}), api)
     assert "guided_decoding_backend" in guided and set(guided) <= LLM_NAMES
     # The engine adds these two names to SamplingParams(...) and GuidedDecodingParams(...).
     assert "guided_decoding" in SURFACE["SamplingParams"]["fields"]
@@ -665,7 +669,7 @@ def _attribute_uses(tree: ast.AST, owner: str) -> set[str]:
 
 def test_every_api_name_in_the_engine_source_is_in_the_json():
     """Reads the engine's source: module attributes, LLM methods and result fields it touches."""
-    tree = ast.parse(ENGINE_SOURCE.read_text())
+    tree = ast.Module([n for f in ENGINE_SOURCES for n in ast.parse(f.read_text()).body], [])
     kv_home = SURFACE["KvCacheConfig"]["import"].rsplit(".", 2)[1]  # 'llmapi'
     assert _attribute_uses(tree, "api") <= {"LLM", "SamplingParams", kv_home, "__version__"}
     llmapi_names = {
@@ -702,7 +706,7 @@ def test_every_api_name_in_the_engine_source_is_in_the_json():
 
 
 def test_prompt_inputs_keys_are_text_prompt_keys(stub, model_dir):
-    engine = trtllm.TrtLlmEngine(make_cfg(model_dir))
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     (req,) = make_requests(1)
     inputs = engine.inputs(req)
     assert set(inputs) <= set(SURFACE["PromptInputs_dict_keys"]["TextPrompt"])
@@ -722,7 +726,7 @@ def test_prompt_inputs_keys_are_text_prompt_keys(stub, model_dir):
     ],
 )
 def test_sampling_mapping(model_dir, sampling, expected):
-    kwargs = trtllm.sampling_kwargs(make_cfg(model_dir, sampling={"seed": 7, **sampling}))
+    kwargs = trtllm_api.sampling_kwargs(make_cfg(model_dir, sampling={"seed": 7, **sampling}))
     assert kwargs["max_tokens"] == 64 and kwargs["seed"] == 7
     assert {k: kwargs[k] for k in expected} == expected
 
@@ -730,23 +734,23 @@ def test_sampling_mapping(model_dir, sampling, expected):
 def test_vision_token_counting():
     image_id, vocab = 151655, 152064
     ids = [1, 2, image_id, image_id, image_id, 3]
-    assert trtllm.count_vision_tokens(ids, image_id, vocab) == 3
+    assert outputs.count_vision_tokens(ids, image_id, vocab) == 3
     # Versions that replace image pads with out-of-vocabulary ids before returning them.
     remapped = [1, 2, vocab + 1, vocab + 1, 3]
-    assert trtllm.count_vision_tokens(remapped, image_id, vocab) == 2
-    assert trtllm.count_vision_tokens([1, 2, 3], image_id, None) == 0
+    assert outputs.count_vision_tokens(remapped, image_id, vocab) == 2
+    assert outputs.count_vision_tokens([1, 2, 3], image_id, None) == 0
 
 
 def test_image_token_id_resolution(model_dir):
     tok = SimpleNamespace(convert_tokens_to_ids=lambda t: 42, unk_token_id=0)
-    assert trtllm.image_token_id({"image_token_id": 7}, tok) == 7
-    assert trtllm.image_token_id({}, tok) == 42
+    assert prompts.image_token_id({"image_token_id": 7}, tok) == 7
+    assert prompts.image_token_id({}, tok) == 42
     unknown = SimpleNamespace(convert_tokens_to_ids=lambda t: 0, unk_token_id=0)
-    assert trtllm.image_token_id({}, unknown) == trtllm.IMAGE_TOKEN_ID
-    cfg = trtllm.read_model_config(str(model_dir))
-    assert trtllm.vocab_size(cfg) == cfg["vocab_size"]
-    assert trtllm.vocab_size({"text_config": {"vocab_size": 5}}) == 5
-    assert trtllm.read_model_config("Qwen/Qwen2.5-VL-7B-Instruct") == {}
+    assert prompts.image_token_id({}, unknown) == prompts.IMAGE_TOKEN_ID
+    cfg = prompts.read_model_config(str(model_dir))
+    assert prompts.vocab_size(cfg) == cfg["vocab_size"]
+    assert prompts.vocab_size({"text_config": {"vocab_size": 5}}) == 5
+    assert prompts.read_model_config("Qwen/Qwen2.5-VL-7B-Instruct") == {}
 
 
 def test_render_chat_falls_back_only_when_jinja_is_missing():
@@ -760,17 +764,17 @@ def test_render_chat_falls_back_only_when_jinja_is_missing():
             assert messages[-1]["content"][0] == {"type": "image"}
             return ["rendered"]
 
-    assert trtllm.render_chat(NoJinja(), "Hi", None) == trtllm.qwen_chat_text("Hi", None)
-    assert trtllm.render_chat(Batched(), "Hi", "Sys") == "rendered"
+    assert prompts.render_chat(NoJinja(), "Hi", None) == prompts.qwen_chat_text("Hi", None)
+    assert prompts.render_chat(Batched(), "Hi", "Sys") == "rendered"
 
 
 def test_builtin_template_equals_qwen_template(model_dir):
     """The jinja-less fallback renders exactly what the model's own template renders."""
     pytest.importorskip("jinja2")
-    source = trtllm.load_template_source(str(model_dir))
+    source = prompts.load_template_source(str(model_dir))
     for prompt, system in [("Describe this image.", None), ("Caption", "Be brief."), ("Hi", "")]:
-        rendered = trtllm.render_chat(source, prompt, system)
-        assert rendered == trtllm.qwen_chat_text(prompt, system)
+        rendered = prompts.render_chat(source, prompt, system)
+        assert rendered == prompts.qwen_chat_text(prompt, system)
 
 
 # --- whole jobs ---------------------------------------------------------------------------------
@@ -815,8 +819,8 @@ def prepared_image(image_bytes: bytes):
 def stub_answers(api, model_dir: Path, data_dir: Path) -> dict[str, str]:
     """id -> the stand-in's deterministic answer for every decodable input row."""
     surface = api._surface
-    source = trtllm.load_template_source(str(model_dir))
-    prompt = trtllm.render_chat(source, "Describe this image.", None)
+    source = prompts.load_template_source(str(model_dir))
+    prompt = prompts.render_chat(source, "Describe this image.", None)
     config = json.loads((model_dir / "config.json").read_text())
     tokenizer = surface.ToyTokenizer(config["image_token_id"], config["vocab_size"])
     sampling = api.SamplingParams(max_tokens=64, seed=0)
@@ -984,7 +988,7 @@ def real_model_or_skip() -> str:
 def test_real_tensorrt_llm_engine_generates():
     model = real_model_or_skip()
     cfg = make_cfg(model, sampling={"max_tokens": 16}, max_batch_size=8, max_seq_len=4096)
-    engine = trtllm.TrtLlmEngine(cfg)
+    engine = trtllm_engine.TrtLlmEngine(cfg)
     try:
         assert not engine.version.endswith("+stub")
         requests = make_requests(3, prompt="Describe this image.")
@@ -1014,7 +1018,7 @@ def test_real_tensorrt_llm_guided_answers_parse():
         max_batch_size=8,
         max_seq_len=4096,
     )
-    engine = trtllm.TrtLlmEngine(cfg)
+    engine = trtllm_engine.TrtLlmEngine(cfg)
     parser = OutputParser(MODERATION)
     try:
         assert engine.guided

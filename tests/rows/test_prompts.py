@@ -38,7 +38,7 @@ def test_hf_and_trtllm_render_the_same_chat(system):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from qvl_batch.engines.hf.tokens import PromptTokens
-    from qvl_batch.engines.trtllm import render_chat
+    from qvl_batch.engines.trtllm.prompts import render_chat
 
     hf, trt = _Template(), _Template()
     PromptTokens.render(SimpleNamespace(processor=hf), "Describe.", system)
