@@ -3,8 +3,8 @@
 TensorRT-LLM runs a multimodal request's input processing inside ``generate_async``, in the
 caller's thread, and the trtllm engine calls it from one thread (upstream's submit path is not
 thread-safe). For Qwen2.5-VL that work is the model's HF processor on the (already resized)
-image and templated prompt, called with ``do_resize=False`` as the engine sends it
-(``_torch/models/modeling_qwen2vl.py``: ``self.processor(text=[text], images=images,
+image and templated prompt (its resize a no-op: the job's pixel bounds lie inside the
+processor's, ``check_image_bounds``; ``_torch/models/modeling_qwen2vl.py``: ``self.processor(text=[text], images=images,
 padding=True, return_tensors='pt', **mm_processor_kwargs)``), then the mRoPE position ids
 (``get_rope_index``, a Python loop). This times both, per request, with transformers' slow and
 fast image processors (1.0 used the slow one, later versions the fast one), on images of
@@ -42,7 +42,6 @@ def bench_submit(args: argparse.Namespace) -> int:
     from transformers import AutoModelForImageTextToText
 
     from ..engines.hf.loading import load_processor
-    from ..engines.trtllm.engine import MM_PROCESSOR_KWARGS
     from ..engines.trtllm.prompts import render_chat
 
     torch.set_num_threads(1)  # one submitting thread
@@ -59,13 +58,7 @@ def bench_submit(args: argparse.Namespace) -> int:
         text = render_chat(processor, "Describe this image.", None)
 
         def process(processor=processor, text=text):
-            return processor(
-                text=[text],
-                images=[image],
-                padding=True,
-                return_tensors="pt",
-                **MM_PROCESSOR_KWARGS,
-            )
+            return processor(text=[text], images=[image], padding=True, return_tensors="pt")
 
         inputs = process()
         name = "processor_fast" if fast else "processor_slow"

@@ -27,6 +27,9 @@ class EngineEntry:
     settings: str  # "module:Class", the dataclass of ``engine.<name>.*`` (a light module)
     # GPUs one engine spans on one node beyond cluster.num_gpus_per_actor (tensor parallel)
     spans_gpus: Callable[[Any], int] | None = None
+    # "module:function" (a light module): (cfg) -> None, a ConfigError for settings this
+    # engine cannot run with, checked with the job before any work
+    job_check: str | None = None
 
 
 REGISTRY: dict[str, EngineEntry] = {
@@ -53,6 +56,7 @@ REGISTRY: dict[str, EngineEntry] = {
             "TensorRT-LLM LLM API, fed as a stream",
             "qvl_batch.engines.trtllm.settings:TrtLlmEngineConfig",
             spans_gpus=lambda cfg: settings_of(cfg, "trtllm").tensor_parallel_size,
+            job_check="qvl_batch.engines.trtllm.prompts:check_image_bounds",
         ),
     )
 }
@@ -63,6 +67,14 @@ def gpus_spanned(cfg: Any) -> int:
     """GPUs one engine of ``cfg`` needs on one node (1 unless the engine is tensor parallel)."""
     entry = REGISTRY.get(cfg.engine.name)
     return entry.spans_gpus(cfg) if entry and entry.spans_gpus else 1
+
+
+def check_job(cfg: Any) -> None:
+    """The chosen engine's own check of the job's settings (a ConfigError), if it has one."""
+    entry = REGISTRY[cfg.engine.name]
+    if entry.job_check:
+        module, _, func = entry.job_check.partition(":")
+        getattr(importlib.import_module(module), func)(cfg)
 
 
 def settings_class(name: str) -> type:

@@ -153,7 +153,25 @@ def exit_dead(close) -> NoReturn:
     _exit()
 
 
+def kill_descendants() -> list[int]:
+    """SIGKILL every process this one started, and theirs: an engine's worker (TensorRT-LLM's
+    MPI worker) would otherwise outlive the actor and keep the GPU from its replacement."""
+    import psutil
+
+    procs = psutil.Process().children(recursive=True)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    return [proc.pid for proc in procs]
+
+
 def _exit() -> NoReturn:
+    killed = kill_descendants()
+    if killed:
+        log.error("killed this actor's child processes %s before it exits", killed)
     for handler in logging.getLogger().handlers:
         handler.flush()
     os._exit(ACTOR_ENGINE_DEAD)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
-from ..engines import ENGINES, settings_of
+from ..engines import ENGINES, check_job, settings_of
 from ..engines.lengths import parse_lengths
 from ..output.schema import reserved_columns
 from ..output.structured import SchemaError, columns_of
@@ -29,6 +29,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"engine.name: {cfg.engine.name!r} is not one of {ENGINES}")
     for name in ENGINES:  # each engine's own settings, checked by its dataclass
         settings_of(cfg, name)
+    check_job(cfg)
     if cfg.engine.benchmark.answer_lengths:
         try:
             parse_lengths(cfg.engine.benchmark.answer_lengths)

@@ -21,7 +21,7 @@ def test_bench_submit_times_the_submit_path(tmp_path, tiny_model, capsys):
     assert bench_submit(args) == 0
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
-    assert report["vision_tokens"] == (112 // 28) ** 2  # do_resize=False kept the grid
+    assert report["vision_tokens"] == (112 // 28) ** 2  # within the processor's bounds: not resized
     assert set(report["stages_ms"]) == {"processor_slow", "processor_fast", "rope"}
     for name, ms in report["per_request_ms"].items():
         assert ms == pytest.approx(report["stages_ms"][name] + report["stages_ms"]["rope"])

@@ -26,7 +26,13 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from qvl_batch.config import Config, EngineConfig, SamplingConfig, StructuredConfig
+from qvl_batch.config import (
+    Config,
+    EngineConfig,
+    ImageConfig,
+    SamplingConfig,
+    StructuredConfig,
+)
 from qvl_batch.engines.base import EngineDead, EngineError, Request, Result
 from qvl_batch.engines.build import make_engine
 from qvl_batch.engines.trtllm import api as trtllm_api
@@ -119,6 +125,7 @@ def make_cfg(
     sampling: dict | None = None,
     options: dict | None = None,
     structured: dict | None = None,
+    image: dict | None = None,
     **trt,
 ):
     """A trtllm Config without job files (output/input are not needed by the engine)."""
@@ -132,6 +139,7 @@ def make_cfg(
         engine=engine,
         sampling=SamplingConfig(**(sampling or {})),
         structured=StructuredConfig(**(structured or {})),
+        image=ImageConfig(**(image or {})),
     )
 
 
@@ -504,23 +512,25 @@ def test_finish_reasons_timeout_and_cancelled_are_error_rows():
     assert (ok.error_code, ok.text, ok.finish_reason) == (None, "x", "stop")
 
 
-def test_the_processor_never_resizes_what_the_runner_resized(stub, model_dir, monkeypatch):
-    """A 28x28 image (image.min_pixels below the processor's 3136) keeps its one vision token;
-    without ``do_resize=False`` TensorRT-LLM's processor would upsize it to 56x56 (four)."""
-    img = Image.new("RGB", (28, 28), (200, 10, 10))
-    req = Request(("u0", 0), "r0", "Describe", None, img, "", 1, 0)
+def test_pixel_bounds_outside_the_processors_are_refused_before_any_work(stub, model_dir):
+    """TensorRT-LLM 1.2 counts an image's tokens with the processor's own bounds (its hash
+    path): a job whose image.min_pixels lies below them would fail row by row, so it is refused
+    with the job; inside them, the processor's resize of the runner's images is a no-op."""
+    from qvl_batch.errors import ConfigError
+    from qvl_batch.run.validate import validate
+
+    (model_dir / "preprocessor_config.json").write_text(
+        json.dumps({"min_pixels": 3136, "max_pixels": 12845056})
+    )
+    with pytest.raises(ConfigError, match=r"image\.min_pixels=784.*\[3136, 12845056\]"):
+        validate(make_cfg(model_dir, image={"min_pixels": 784}))
+    with pytest.raises(ConfigError, match=r"image\.max_pixels"):
+        trtllm_engine.TrtLlmEngine(make_cfg(model_dir, image={"max_pixels": 12845056 * 2}))
     engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
-    kwargs = engine.inputs(req)["mm_processor_kwargs"]
-    assert kwargs == {"do_resize": False}
-    reserved = SURFACE["Qwen2_5_VL_model_registration"]["mm_processor_kwargs"]["reserved"]
-    assert not set(kwargs) & set(reserved)
-    (res,) = run(engine, [req])
-    assert res.vision_tokens == 1
-    engine.close()
-    monkeypatch.setattr(trtllm_engine, "MM_PROCESSOR_KWARGS", {})
-    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
-    (res,) = run(engine, [req])
-    assert res.vision_tokens == 4  # what the check above guards against
+    assert "mm_processor_kwargs" not in engine.inputs(make_requests(1)[0])
+    img = Image.new("RGB", (56, 84), (200, 10, 10))  # 6 tokens, as the runner sized it
+    (res,) = run(engine, [Request(("u0", 0), "r0", "Describe", None, img, "", 6, 0)])
+    assert res.vision_tokens == 6
     engine.close()
 
 
@@ -542,7 +552,19 @@ def test_repetition_penalty_is_applied_or_never_silently_ignored(stub, model_dir
     engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir))
     assert "sampler_type" not in engine.llm.passed_kwargs  # the default path when neutral
     engine.close()
-    monkeypatch.setattr(stub, "__version__", "1.3.0")  # TorchSampler applies them from 1.3
+    # Where the option is gone (PR #18232), the TorchSampler applies penalties (PR #16485):
+    # told by the field, so a 1.3 release candidate that still has it keeps the TRTLLMSampler.
+    from tensorrt_llm.llmapi import llm_args
+
+    fields = dict(llm_args.TorchLlmArgs.model_fields)
+    monkeypatch.setattr(stub, "__version__", "1.3.0rc1")
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, sampling={"repetition_penalty": 1.1}))
+    assert engine.llm.passed_kwargs["sampler_type"] == "TRTLLMSampler"
+    engine.close()
+    del fields["sampler_type"]
+    monkeypatch.setattr(llm_args.TorchLlmArgs, "model_fields", fields)
+    params = {k: v for k, v in stub.LLM.PARAMS.items() if k != "sampler_type"}
+    monkeypatch.setattr(stub.LLM, "PARAMS", params)
     engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, sampling={"repetition_penalty": 1.1}))
     assert "sampler_type" not in engine.llm.passed_kwargs
     engine.close()

@@ -187,3 +187,26 @@ def test_a_wedged_actor_process_is_killed_by_the_driver(tmp_path, dataset, ray_h
     assert summary.exit_code == Exit.OK, summary.lines()
     check_fake_output(dataset, tmp_path / "out")
     assert summary.engine_stalls == 1 and summary.actor_restarts == 1, summary.lines()
+
+
+def test_an_exiting_actor_takes_its_child_processes_with_it():
+    """An engine's worker process (TensorRT-LLM's MPI worker) would outlive the actor and keep
+    the GPU: kill_descendants reaches children's children too. Run in a child process, so it
+    kills only what that process started."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = (
+        "import subprocess, sys, time\n"
+        "from qvl_batch.run.liveness import kill_descendants\n"
+        "child = subprocess.Popen(['bash', '-c', 'sleep 300 & sleep 300'])\n"
+        "time.sleep(0.5)\n"
+        "print(' '.join(map(str, kill_descendants())))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 3, out  # bash and its two sleeps
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert alive == []

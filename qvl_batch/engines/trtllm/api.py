@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 from types import ModuleType
 from typing import Any
 
 from ...config import Config
 from .. import settings_of
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "engine 'trtllm' needs TensorRT-LLM: run in NVIDIA's TensorRT-LLM release container "
@@ -71,14 +75,17 @@ def llm_kwargs(cfg: Config, api: ModuleType) -> dict[str, Any]:
 
 
 def penalties_need_trtllm_sampler(api: ModuleType) -> bool:
-    """True before 1.3: 1.2.x's default TorchSampler accepts repetition_penalty and ignores it
-    (upstream issue #9442; fixed by PR #16485 in 1.3, which also removed ``sampler_type``)."""
-    version = str(getattr(api, "__version__", "0"))
+    """True where the LLM args still offer ``sampler_type``: there (1.2.x) the default
+    TorchSampler accepts repetition_penalty and ignores it (upstream issue #9442) and the
+    TRTLLMSampler applies it; the option went (PR #18232) after the TorchSampler learned
+    penalties (PR #16485). Told by the field, not the version: 1.3 release candidates differ."""
     try:
-        major, minor = (int(x) for x in version.split(".")[:2])
-    except ValueError:
-        return True
-    return (major, minor) < (1, 3)
+        args = importlib.import_module(f"{api.__name__}.llmapi.llm_args").TorchLlmArgs
+        fields = args.model_fields
+    except (ImportError, AttributeError) as exc:
+        log.warning("cannot tell whether TensorRT-LLM offers sampler_type (%s); not passed", exc)
+        return False
+    return "sampler_type" in fields
 
 
 def guided_schema(cfg: Config) -> dict[str, Any] | None:

@@ -17,9 +17,17 @@ from ...rows.images import TILE, vision_tokens
 from .. import settings_of
 from ..base import Engine, EngineDead, EngineError, Request, Result, ResultSink
 from .api import guided_schema, import_trtllm, llm_kwargs, sampling_kwargs
-from .faults import is_request_error, is_shut_down
+from .faults import (
+    Breaker,
+    executor_down,
+    is_fatal,
+    is_out_of_memory,
+    is_request_error,
+    is_shut_down,
+)
 from .outputs import error_result, to_result
 from .prompts import (
+    check_image_bounds,
     eos_token_ids,
     image_token_id,
     load_template_source,
@@ -32,15 +40,15 @@ log = logging.getLogger(__name__)
 
 PROMPT_CACHE_SIZE = 4096  # distinct (prompt, system) pairs whose rendering is kept
 
-# What TensorRT-LLM's Qwen2-VL input processor forwards to the HF processor call: the runner
-# already resized every image to the 28-pixel grid within image.min/max_pixels.
-MM_PROCESSOR_KWARGS = {"do_resize": False}
-
-REQUEST_TRIES = 2  # a request that times out is aborted and tried once more
+REQUEST_TRIES = 2  # a request that times out or runs out of memory is tried once more
 
 ABORT_GRACE_S = 10.0  # how long an aborted request may take to come back 'cancelled'
 
 WARMUP_MAX_TOKENS = 8  # the warm-up pays start-up costs, not decode
+
+HEALTH_POLL_S = 1.0  # how often the health thread looks at the executor's shutdown flag
+
+CLOSE_TIMEOUT_S = 30.0  # a shutdown that blocks longer (a dead worker) is left behind
 
 
 def largest_grid(max_pixels: int) -> tuple[int, int]:
@@ -62,6 +70,7 @@ class TrtLlmEngine(Engine):
         self.version = str(getattr(api, "__version__", "unknown"))
         self.cfg = cfg
         model = cfg.engine.model
+        check_image_bounds(cfg)  # again where the model directory is read: the GPU host
         self._template = load_template_source(model)
         self._tokenizer = getattr(self._template, "tokenizer", self._template)
         self._tokenizer_lock = threading.Lock()  # prepare threads count tokens concurrently
@@ -87,6 +96,10 @@ class TrtLlmEngine(Engine):
         self._timeout = t.request_timeout_s
         self._sink: ResultSink | None = None
         self._dead: BaseException | None = None
+        self._closing = False
+        self._breaker = Breaker(t.max_batch_size)
+        self._last_answer = time.monotonic()  # any response, success or error
+        self._tasks: set[asyncio.Task] = set()  # kept: a task's exception is never lost
         self._submit_s = 0.0  # seconds inside generate_async (its preprocessing), one thread
         self._submitted = 0
         self.llm: Any = api.LLM(**llm_kwargs(cfg, api))
@@ -95,6 +108,10 @@ class TrtLlmEngine(Engine):
         self._thread = threading.Thread(target=self._loop.run_forever, name="trtllm-submit")
         self._thread.daemon = True
         self._thread.start()
+        # Outside the loop, which a blocking call into a dead executor can freeze.
+        self._health = threading.Thread(target=self._watch_health, name="trtllm-health")
+        self._health.daemon = True
+        self._health.start()
         log.info("TensorRT-LLM %s loaded %s", self.version, model)
 
     def _render_uncached(self, prompt: str, system: str | None) -> str:
@@ -115,7 +132,6 @@ class TrtLlmEngine(Engine):
         return {
             "prompt": self._render(request.prompt, request.system),
             "multi_modal_data": {"image": [request.image]},
-            "mm_processor_kwargs": dict(MM_PROCESSOR_KWARGS),
         }
 
     # ---- the stream seam ----------------------------------------------------------------
@@ -194,69 +210,125 @@ class TrtLlmEngine(Engine):
     # ---- on the submit loop (one thread) ------------------------------------------------
     def _spawn(self, requests: list[Request], put, sampling: Any) -> None:
         for request in requests:
-            self._loop.create_task(self._run(request, put, sampling))
+            task = self._loop.create_task(self._run(request, put, sampling))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self, request: Request, put, sampling: Any) -> None:
-        """One request: submit (this loop's thread is the only caller of generate_async),
-        await its result with a deadline; abort and retry once on timeout."""
+        """One request, whatever happens inside: a result, or the engine declared dead."""
+        try:
+            result = await self._attempts(request, sampling)
+        except Exception as exc:  # a bug here must not lose the row
+            log.exception("request %s: unexpected failure", request.key)
+            result = error_result(request, exc)
+        if result is not None and not self._closing:
+            put(result)
+
+    async def _attempts(self, request: Request, sampling: Any) -> Result | None:
+        """Submit (this loop's thread is the only caller of generate_async) and await the
+        answer with a deadline; a timeout or an out-of-memory error is tried once more. None:
+        the engine is dead, the row is not condemned (its unit runs again elsewhere)."""
         for attempt in range(1, REQUEST_TRIES + 1):
-            if self._dead is not None:
-                return  # the actor is going away; its units run again elsewhere
+            if self._dead is not None or self._closing:
+                return None
             t0 = time.perf_counter()
             try:
                 handle = self.llm.generate_async(self.inputs(request), sampling_params=sampling)
             except Exception as exc:
-                if is_shut_down(exc):
-                    return self._die(exc)
-                return put(error_result(request, exc))  # refused: this row alone
+                if is_shut_down(exc) or executor_down(self.llm) or is_fatal(exc):
+                    return self._die(exc)  # 1.2 raises the background error itself first
+                return error_result(request, exc)  # refused: this row alone
             finally:
                 self._submit_s += time.perf_counter() - t0
                 self._submitted += 1
             try:
                 output = await asyncio.wait_for(handle.aresult(), self._timeout)
             except asyncio.TimeoutError:
+                if time.monotonic() - self._last_answer >= self._timeout:
+                    msg = f"no answer of any request for {self._timeout:g} s"
+                    return self._die(EngineDead(msg))  # an abort would block on a dead worker
                 await self._abort(handle)
                 log.warning(
                     "request %s: no answer in %.0fs (try %d)", request.key, self._timeout, attempt
                 )
                 continue
             except Exception as exc:
-                if is_request_error(exc):
-                    return put(error_result(request, exc))
-                return self._die(exc)  # a background error: the executor is shut down
-            return put(to_result(request, output, self._image_id, self._vocab))
+                self._last_answer = time.monotonic()
+                if not is_request_error(exc) or is_fatal(exc):
+                    return self._die(exc)
+                if is_out_of_memory(exc) and attempt < REQUEST_TRIES:
+                    log.warning("request %s: %s; tried once more", request.key, exc)
+                    continue
+                if self._breaker.error():
+                    return self._die(
+                        EngineDead(
+                            f"{self._breaker.run} requests failed in a row, "
+                            f"none succeeded: last {exc}"
+                        )
+                    )
+                return error_result(request, exc)
+            self._last_answer = time.monotonic()
+            self._breaker.success()
+            return to_result(request, output, self._image_id, self._vocab)
         msg = (
             f"no answer within engine.trtllm.request_timeout_s={self._timeout:g}s, "
             f"{REQUEST_TRIES} tries (each aborted)"
         )
-        put(Result(request.key, error_code=RowError.ENGINE_TIMEOUT, error_message=msg))
+        return Result(request.key, error_code=RowError.ENGINE_TIMEOUT, error_message=msg)
 
     async def _abort(self, handle: Any) -> None:
         """Abort a request and give it a moment to come back 'cancelled' (freeing its slot)."""
         try:
             handle.abort()
             await asyncio.wait_for(handle.aresult(), ABORT_GRACE_S)
-        except Exception as exc:  # it may never come back; its slot is TensorRT-LLM's to free
+        except Exception as exc:  # a waiting request never comes back; its slot is freed
             log.debug("aborted request: %s: %s", type(exc).__name__, exc)
 
+    # ---- any thread ---------------------------------------------------------------------
+    def _watch_health(self) -> None:
+        """Declares the engine dead once the executor shuts down (a background error): 1.2
+        tells the requests still inside nothing of it."""
+        while not self._closing and self._dead is None:
+            llm = self.llm
+            if llm is not None and executor_down(llm):
+                self._die(EngineDead("the TensorRT-LLM executor shut down"))
+                return
+            time.sleep(HEALTH_POLL_S)
+
     def _die(self, exc: BaseException) -> None:
-        if self._dead is not None:
-            return
+        if self._dead is not None or self._closing:
+            return None
         self._dead = exc
         log.error("TensorRT-LLM executor is dead: %s: %s", type(exc).__name__, exc)
         if self._sink is not None:
             self._sink.fail(EngineDead(f"{type(exc).__name__}: {exc}"))
+        return None
 
     def close(self) -> None:
-        """Shut the LLM down (frees the GPU), then the submit loop; safe to call twice."""
-        llm, self.llm = self.llm, None
+        """Stop submitting, then shut the LLM down on the loop thread (never beside a submit;
+        upstream's sockets are not thread-safe), waiting at most CLOSE_TIMEOUT_S: a dead worker
+        can block the shutdown for good, and the actor's exit kills it. Safe to call twice."""
+        llm = self.llm
         if llm is None:
             return
-        try:
-            llm.shutdown()
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+        self._closing = True  # before the LLM goes: no task submits to it any more
+        self.llm = None
+        done = threading.Event()
+
+        def shutdown() -> None:
+            try:
+                llm.shutdown()
+            except Exception as exc:
+                log.warning("TensorRT-LLM shutdown failed: %s: %s", type(exc).__name__, exc)
+            finally:
+                done.set()
+                self._loop.stop()
+
+        self._loop.call_soon_threadsafe(shutdown)
+        if not done.wait(CLOSE_TIMEOUT_S):
+            log.warning("TensorRT-LLM shutdown still blocked after %.0f s; left", CLOSE_TIMEOUT_S)
+            return
+        self._thread.join(timeout=10)
 
 
 def make_trtllm_engine(cfg: Config, incarnation: int = 0) -> TrtLlmEngine:

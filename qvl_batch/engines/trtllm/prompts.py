@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ...errors import ConfigError
 from ...rows.prompts import chat_messages
 
 log = logging.getLogger(__name__)
@@ -119,3 +120,34 @@ def vocab_size(model_config: dict[str, Any]) -> int | None:
         "vocab_size"
     )
     return size if isinstance(size, int) else None
+
+
+def processor_pixel_bounds(model: str) -> tuple[int, int] | None:
+    """(min_pixels, max_pixels) the model's image processor resizes to: preprocessor_config.json's
+    keys, or its ``size`` (shortest_edge, longest_edge) in newer files; None where unreadable."""
+    try:
+        conf = json.loads((Path(model) / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = conf.get("size") if isinstance(conf.get("size"), dict) else {}
+    low = conf.get("min_pixels", size.get("shortest_edge"))
+    high = conf.get("max_pixels", size.get("longest_edge"))
+    return (low, high) if isinstance(low, int) and isinstance(high, int) else None
+
+
+def check_image_bounds(cfg: Any) -> None:
+    """image.min_pixels/max_pixels inside the processor's: TensorRT-LLM 1.2 counts an image's
+    tokens with the processor's own bounds (its multimodal hash path) and fails a request whose
+    image yields another count; inside them, its resize of the runner's images is a no-op."""
+    bounds = processor_pixel_bounds(cfg.engine.model)
+    if bounds is None:  # a hub name, or a directory only the GPU hosts see: the engine checks
+        return
+    low, high = bounds
+    image = cfg.image
+    if image.min_pixels < low or image.max_pixels > high:
+        raise ConfigError(
+            f"image.min_pixels={image.min_pixels}, image.max_pixels={image.max_pixels}: "
+            f"engine trtllm needs both within the model's preprocessor_config.json bounds "
+            f"[{low}, {high}] (TensorRT-LLM counts image tokens with those); set "
+            f"image.min_pixels >= {low} and image.max_pixels <= {high}"
+        )
