@@ -4,8 +4,9 @@ TensorRT-LLM runs a multimodal request's input processing inside ``generate_asyn
 caller's thread, and the trtllm engine calls it from one thread (upstream's submit path is not
 thread-safe). For Qwen2.5-VL that work is the model's HF processor on the (already resized)
 image and templated prompt (its resize a no-op: the job's pixel bounds lie inside the
-processor's, ``check_image_bounds``; ``_torch/models/modeling_qwen2vl.py``: ``self.processor(text=[text], images=images,
-padding=True, return_tensors='pt', **mm_processor_kwargs)``), then the mRoPE position ids
+processor's, ``check_image_bounds``; ``_torch/models/modeling_qwen2vl.py``:
+``self.processor(text=[text], images=images, padding=True, return_tensors='pt',
+**mm_processor_kwargs)``), then the mRoPE position ids
 (``get_rope_index``, a Python loop). This times both, per request, with transformers' slow and
 fast image processors (1.0 used the slow one, later versions the fast one), on images of
 ``--size`` pixels a side, and says how many requests per second one thread sustains. Hashing the
