@@ -44,6 +44,13 @@ TRTLLM_HINT = (
 )
 GPU_HINT = "no NVIDIA GPU visible (torch.cuda and nvidia-smi found none)"
 
+# TensorRT-LLM hands each request's pixel_values (float32: 4 patches of 14x14x3x2 values a
+# vision token) to its worker through /dev/shm; the trtllm engine's defaults keep
+# 2 x max_batch_size (128) requests inside per actor, one actor per GPU.
+SHM_BYTES_PER_VISION_TOKEN = 4 * 1176 * 4
+DEFAULT_INFLIGHT = 128
+DEFAULT_VISION_TOKENS = 1280  # image.max_pixels' default: 1280 tiles of 28x28
+
 
 @dataclass
 class Gpu:
@@ -191,6 +198,33 @@ def engine_status(versions: dict[str, str | None], gpus: GpuReport) -> dict[str,
     return status
 
 
+def shm_lines(free_bytes: int | None, actors: int) -> list[str]:
+    """Free /dev/shm against what the trtllm engine's in-flight requests need on this node."""
+    need = DEFAULT_INFLIGHT * DEFAULT_VISION_TOKENS * SHM_BYTES_PER_VISION_TOKEN * max(1, actors)
+    if free_bytes is None:
+        return ["  /dev/shm not found (TensorRT-LLM passes images to its worker through it)"]
+    line = (
+        f"  /dev/shm free {free_bytes / 2**30:.1f} GiB; trtllm needs about {need / 2**30:.1f} GiB "
+        f"({DEFAULT_INFLIGHT} requests inside x {DEFAULT_VISION_TOKENS}-token images x "
+        f"{max(1, actors)} actor(s))"
+    )
+    if free_bytes >= need:
+        return [line + ": OK"]
+    return [
+        line + ": TOO SMALL",
+        "  raise it: docker run --shm-size=<size> or --ipc=host (Kubernetes: an emptyDir with "
+        "medium Memory on /dev/shm), or lower engine.trtllm.max_inflight_requests / "
+        "image.max_pixels",
+    ]
+
+
+def free_shm() -> int | None:
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+
+
 def report_lines(versions: dict[str, str | None], gpus: GpuReport) -> list[str]:
     """The whole report as text lines."""
     lines = ["Packages"]
@@ -210,6 +244,8 @@ def report_lines(versions: dict[str, str | None], gpus: GpuReport) -> list[str]:
     if not gpus.gpus:
         lines.append("  no GPUs found")
     lines += [f"  note: {note}" for note in gpus.notes]
+    lines.append("Shared memory")
+    lines += shm_lines(free_shm(), len(gpus.gpus))
     lines.append("Engines")
     lines += [f"  {name:<14}{state}" for name, state in engine_status(versions, gpus).items()]
     lines.append("Compatibility")

@@ -133,3 +133,14 @@ def test_cli_doctor_exits_zero(capsys, no_gpu_tools):
 def test_pins_spec_forms():
     assert doctor._meets("4.57.3", "==4.57.3") and not doctor._meets("4.57.2", "==4.57.3")
     assert doctor._meets("1.26.4", "<2") and not doctor._meets("2.0.0", "<2")
+
+
+def test_shared_memory_is_checked_against_the_trtllm_in_flight_bound():
+    need = 128 * 1280 * 4 * 1176 * 4  # about 24 MB a 1280-token image, 128 inside an actor
+    assert abs(need / 128 - 24.1e6) < 0.1e6
+    ok = doctor.shm_lines(2 * need, actors=1)
+    assert ok[0].endswith(": OK") and "2.9 GiB" in ok[0]
+    small = doctor.shm_lines(64 * 2**20, actors=1)  # Docker's default
+    assert small[0].endswith("TOO SMALL") and "--shm-size" in small[1] and "--ipc=host" in small[1]
+    assert doctor.shm_lines(2 * need, actors=8)[0].endswith("TOO SMALL")  # 8 actors on a node
+    assert "not found" in doctor.shm_lines(None, actors=1)[0]
