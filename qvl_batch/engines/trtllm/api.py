@@ -60,7 +60,10 @@ def llm_kwargs(cfg: Config, api: ModuleType) -> dict[str, Any]:
         "dtype": cfg.engine.dtype,
         "kv_cache_config": kv_cache,
         "cuda_graph_config": cuda_graphs,
-        "trust_remote_code": False,  # never run model-repo code unless engine.options says so
+        # The model's own code stays off unless engine.options says so; TensorRT-LLM's input
+        # processor loads the HF processor with trust_remote_code=True whatever this says
+        # (inputs/registry.py), harmless for stock Qwen2.5-VL, which ships no code.
+        "trust_remote_code": False,
     }
     # Versions that check prompts against max_input_len (default 1024) must not refuse a long
     # vision prompt (up to 1280 image tokens plus text) that max_seq_len allows.
