@@ -10,9 +10,8 @@ nothing else should. Generation is a deterministic toy: text from a hash of prom
 and seed, prompt ids from a whitespace tokenizer with each image pad expanded to (h/28)*(w/28)
 image token ids. Where the real package is installed, the ``trtllm``-marked tests run instead.
 
-How it fails as 1.2 does (the 1.2 failure notes, trtllm_failures_1_2.md; keys of env
-``TRTLLM_STUB``, see
-``_surface.StubBehaviour``):
+How it fails as 1.2 does (per the 1.2 failure notes, trtllm_failures_1_2.md; each switch is a
+key of env ``TRTLLM_STUB``, see ``_surface.StubBehaviour``):
 - ``LLM()`` starts a worker child process that outlives its parent; ``kill_worker`` (or any
   kill of it) leaves pending results unanswered forever and the executor "healthy";
 - while the worker is dead, ``abort()``, ``shutdown()`` and ``generate_async`` block
