@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import atexit
 import hashlib
 import json
 import os
+import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -197,7 +201,20 @@ PROCESSOR_MIN_PIXELS = 56 * 56  # Qwen2.5-VL's preprocessor_config.json
 PROCESSOR_MAX_PIXELS = 12845056
 
 
-def processed_images(images: list[Any], inputs: dict[str, Any]) -> list[Any]:
+def processor_pixel_bounds(model: Any) -> tuple[int, int]:
+    """The HF processor's own (min_pixels, max_pixels): a model dir's preprocessor_config.json,
+    else Qwen2.5-VL's defaults."""
+    path = Path(str(model)) / "preprocessor_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return (
+        int(config.get("min_pixels", PROCESSOR_MIN_PIXELS)),
+        int(config.get("max_pixels", PROCESSOR_MAX_PIXELS)),
+    )
+
+
+def processed_images(
+    images: list[Any], inputs: dict[str, Any], bounds: tuple[int, int] | None = None
+) -> list[Any]:
     """The images as upstream's Qwen2-VL input processor hands them to the model: the HF
     processor is called with ``**mm_processor_kwargs`` and, unless ``do_resize`` is False,
     smart-resizes each image to its own pixel bounds (so a small image is upsized)."""
@@ -209,12 +226,29 @@ def processed_images(images: list[Any], inputs: dict[str, Any]) -> list[Any]:
         raise ContractError(f"processor() got multiple values for keyword argument(s) {doubled}")
     if kwargs.get("do_resize", True) is False:
         return images
+    low, high = bounds or (PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS)
     out = []
     for img in images:
         w, h = img.size
-        h2, w2 = smart_resize(h, w, PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS)
+        h2, w2 = smart_resize(h, w, low, high)
         out.append(img if (w2, h2) == (w, h) else img.resize((w2, h2)))
     return out
+
+
+def check_hash_path_count(raw: list[Any], processed: list[Any], bounds: tuple[int, int]) -> None:
+    """Upstream's multimodal-hash wrapper (R12): it counts each image's tokens by smart_resize
+    with the processor's own bounds, blind to mm_processor_kwargs, and asserts that the
+    processed prompt holds that many image tokens (``find_mm_token_positions``)."""
+    expected = sum(
+        (h // PATCH) * (w // PATCH)
+        for h, w in (smart_resize(img.size[1], img.size[0], *bounds) for img in raw)
+    )
+    found = sum(max(1, (img.size[0] // PATCH) * (img.size[1] // PATCH)) for img in processed)
+    if found != expected:
+        raise AssertionError(
+            f"stand-in hash path: {found} image token position(s) in the prompt, but "
+            f"get_num_tokens_per_image counted {expected} (processor bounds {bounds})"
+        )
 
 
 def smart_resize(h: int, w: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -286,10 +320,29 @@ def fake_completion(prompt: str, images: list[Any], sampling: Any, tokenizer: To
     )
 
 
+class StubBlocked(TimeoutError):
+    """Raised when a call that TensorRT-LLM 1.2 blocks forever gave up after ``block_s``."""
+
+
+OOM_MESSAGE = (  # torch's text for a CUDA OOM, as a worker's RequestError carries it
+    "CUDA out of memory. Tried to allocate 2.31 GiB. GPU 0 has a total capacity of 79.10 GiB "
+    "of which 1.07 GiB is free. Including non-PyTorch memory, this process has 78.02 GiB memory "
+    "in use. Of the allocated memory 74.65 GiB is allocated by PyTorch, and 2.48 GiB is reserved "
+    "by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation "
+    "for Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)"
+)
+STEP_ERROR_MESSAGE = (
+    "Encountered an error in forward function: CUDA error: an illegal memory access was encountered"
+)
+_OOM_SEEN: set[str] = set()  # oom_once: shas that already failed once in this process
+
+
 class RequestOutput:
     """A request in flight, as upstream's GenerationResult: ``aresult()`` (when submitted from a
     thread with a running event loop), ``result()``, ``abort()``, ``finished``. Its attributes
-    come from the JSON and are filled when the stand-in's scheduler finishes it."""
+    come from the JSON and are filled when the stand-in's scheduler finishes it. Reading the
+    first response runs the executor's background-error handler, as result.py does."""
 
     def __init__(self, llm: LLM, **values: Any):
         for name in OUTPUT_ATTRS:
@@ -300,6 +353,8 @@ class RequestOutput:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._aborted = False
+        self._cancel_requested = False  # the worker got this request's cancel
+        self._handled = False
         try:  # as GenerationResultBase: an async queue only if a loop runs in this thread
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             self._future: asyncio.Future | None = self._loop.create_future()
@@ -324,6 +379,9 @@ class RequestOutput:
             self._future.set_result(None)
 
     def _outcome(self) -> RequestOutput:
+        if not self._handled:  # result.py's _handle_response: a queued background error first
+            self._handled = True
+            self._llm._executor_of_record._handle_background_error()
         if self._error is not None:
             raise self._error
         return self
@@ -343,8 +401,8 @@ class RequestOutput:
         return self._outcome()
 
     def abort(self) -> None:
+        self._llm._executor_of_record.abort_request(self)  # may block: a send to a dead worker
         self._aborted = True
-        self._llm._abort(self)
 
     def aborted(self) -> bool:
         return self._aborted
@@ -352,13 +410,20 @@ class RequestOutput:
 
 class StubBehaviour:
     """How the stand-in runs, from the JSON in env ``TRTLLM_STUB`` (tests set it; every key
-    optional): ``step_s`` per scheduler step (each answer word is one step, so requests finish
-    out of submission order); ``submit_cpu_s`` of work inside ``generate_async`` (its input
-    processor's CPU time); ``stats_dir`` to write what each process saw; faults by the sha256
-    of an image's pixels: ``hang`` (never finishes unless aborted), ``crash`` (SIGKILLs the
-    process when it starts running), ``fail`` (RequestError); ``die_after`` N submissions, the
-    executor dies (a background error, then "LLM is shutting down"), once per ``die_once``
-    marker file."""
+    optional). Timing: ``step_s`` per scheduler step (one answer word per step, so requests
+    finish out of order); ``submit_cpu_s`` inside ``generate_async``; ``stats_dir`` where each
+    process writes what it saw (with ``worker_pid``). Faults by the sha256 of an image's pixels:
+    ``hang`` (never finishes unless aborted); ``crash`` (the whole actor process dies: SIGKILL
+    of the caller); ``fail`` (RequestError at the end); ``oom`` (that request alone fails with a
+    CUDA OOM RequestError each time it runs), ``oom_once`` (only its first run per process);
+    ``step_error`` (its step fails every running request with RequestError
+    ``step_error_message``; the executor keeps looping; ``sticky``, default false: every later
+    step fails too); ``kill_worker`` (SIGKILLs the worker child). ``die_after`` N submissions:
+    a background error (once per ``die_once`` marker file). Switches of 1.2's harshness, on by
+    default: ``dead_blocks`` (abort, shutdown and generate_async block while the worker is dead,
+    forever, or ``block_s`` then StubBlocked), ``hash_check`` (the multimodal-hash token count);
+    off by default: ``answer_aborted_waiting`` (an aborted waiting request answers 'cancelled').
+    ``worker_max_s`` (default 600) ends an orphaned worker child: test hygiene, not upstream."""
 
     def __init__(self) -> None:
         spec = json.loads(os.environ.get("TRTLLM_STUB") or "{}")
@@ -368,8 +433,20 @@ class StubBehaviour:
         self.hang = set(spec.get("hang", []))
         self.crash = set(spec.get("crash", []))
         self.fail = set(spec.get("fail", []))
+        self.oom = set(spec.get("oom", []))
+        self.oom_once = set(spec.get("oom_once", []))
+        self.step_error = set(spec.get("step_error", []))
+        self.step_error_message = str(spec.get("step_error_message", STEP_ERROR_MESSAGE))
+        self.sticky = bool(spec.get("sticky", False))
+        self.kill_worker = set(spec.get("kill_worker", []))
         self.die_after = int(spec.get("die_after", 0))
         self.die_once = spec.get("die_once")
+        self.dead_blocks = bool(spec.get("dead_blocks", True))
+        block_s = spec.get("block_s")
+        self.block_s = None if block_s is None else float(block_s)
+        self.hash_check = bool(spec.get("hash_check", True))
+        self.answer_aborted_waiting = bool(spec.get("answer_aborted_waiting", False))
+        self.worker_max_s = float(spec.get("worker_max_s", 600))
 
 
 def pixels_sha256(images: list[Any]) -> str:
@@ -377,6 +454,90 @@ def pixels_sha256(images: list[Any]) -> str:
     for img in images:
         digest.update(img.tobytes())
     return digest.hexdigest()
+
+
+# The MPI worker's stand-in: a child that only sleeps. No parent-death signal, own stdio closed,
+# so it outlives a parent that dies (upstream 1.2's orphan, R15); it ends after worker_max_s.
+WORKER_CODE = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\n" + (
+    "while time.monotonic() < end:\n    time.sleep(0.5)\n"
+)
+
+
+class Executor:
+    """Stand-in ``GenerationExecutorProxy`` (``llm._executor``): ``is_shutdown()`` returns
+    ``doing_shutdown``, set at the start of ``pre_shutdown`` before any blocking wait; a
+    background error waits in ``_error_queue`` until the next submit or response raises it
+    after ``shutdown()``. Its worker is a real child process (``worker_pid``)."""
+
+    def __init__(self, llm: LLM):
+        self._llm = llm
+        self.doing_shutdown = False
+        self._error_queue: queue.Queue[BaseException] = queue.Queue()
+        self._finished = False
+        self.worker = subprocess.Popen(
+            [sys.executable, "-S", "-c", WORKER_CODE, str(llm.behaviour.worker_max_s)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=False,
+        )
+
+    def is_shutdown(self) -> bool:
+        return self.doing_shutdown
+
+    def worker_dead(self) -> bool:
+        return self.worker.poll() is not None
+
+    def block_if_dead(self, what: str) -> bool:
+        """A blocking ZeroMQ send / MPI future wait with no live worker: never returns (or
+        raises StubBlocked after ``block_s``). True if the worker is dead and nothing blocks."""
+        if not self.worker_dead():
+            return False
+        behaviour = self._llm.behaviour
+        if not behaviour.dead_blocks:
+            return True
+        if behaviour.block_s is None:
+            threading.Event().wait()  # forever, as on 1.2
+        time.sleep(behaviour.block_s)
+        raise StubBlocked(f"stand-in: {what} blocked {behaviour.block_s}s on a dead worker")
+
+    def abort_request(self, output: RequestOutput) -> None:
+        if self._finished:
+            return
+        if self.block_if_dead("abort()"):
+            return  # the cancel goes nowhere
+        self._llm._abort(output)
+
+    def _handle_background_error(self) -> None:
+        """As upstream: the first queued error is raised after a (maybe blocking) shutdown."""
+        try:
+            error = self._error_queue.get_nowait()
+        except queue.Empty:
+            return
+        self.shutdown()
+        raise error
+
+    def pre_shutdown(self) -> None:
+        if self.doing_shutdown:
+            return
+        self.doing_shutdown = True
+        for output in self._llm._pending():  # _abort_all_requests: a send each
+            self.abort_request(output)
+
+    def shutdown(self) -> None:
+        if self._finished:
+            return
+        self.pre_shutdown()
+        self.block_if_dead("shutdown()")  # f.result() on the worker's MPI future
+        self._finished = True
+        self._llm._stop_scheduler()
+        if self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(5)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
 
 
 class LLM(KwOnly):
@@ -403,6 +564,7 @@ class LLM(KwOnly):
         config = read_model_config(self.model)
         image_id = config.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID)
         self.tokenizer = ToyTokenizer(image_id, config.get("vocab_size", DEFAULT_VOCAB))
+        self.pixel_bounds = processor_pixel_bounds(self.model)
         self.behaviour = StubBehaviour()
         self.shutdown_calls = 0
         self.submitted = 0
@@ -412,10 +574,20 @@ class LLM(KwOnly):
         self.peak_running = 0
         self._entry = threading.Lock()
         self._inside = False
-        self._dead: BaseException | None = None
         self._cond = threading.Condition()
         self._waiting: list[list] = []  # [output, steps left, pixels sha]
         self._running: list[list] = []
+        self._stopping = False
+        self._dying = False  # a background error: one response in flight, then no progress
+        self._dead: BaseException | None = None  # that error (tests read it)
+        self._poisoned = False  # a sticky step error happened
+        # Upstream's executor (private, but the runner reads it); None after shutdown() returns.
+        self._executor: Executor | None = Executor(self)
+        self._executor_of_record = self._executor  # the stand-in's own reference, never None
+        # Stand-in only (no such attribute upstream): the pid of the worker child process.
+        self.worker_pid = self._executor.worker.pid
+        atexit.register(_kill_worker_at_exit, self._executor.worker)
+        self._write_stats()
         self._scheduler = threading.Thread(target=self._schedule, daemon=True)
         self._scheduler.start()
 
@@ -439,7 +611,8 @@ class LLM(KwOnly):
 
     def _generate_async(self, *args: Any, **kwargs: Any) -> RequestOutput:
         call = bind("LLM.generate_async", GENERATE_ASYNC_PARAMS, args, kwargs)
-        if self.shutdown_calls or self._dead is not None:
+        executor = self._executor
+        if executor is None or executor.is_shutdown():
             raise RuntimeError("LLM is shutting down")
         inputs = check_prompt(call["inputs"])
         sampling = call.get("sampling_params")
@@ -450,12 +623,17 @@ class LLM(KwOnly):
         if sampling.guided_decoding is not None and self.guided_decoding_backend is None:
             # The JSON's GuidedDecodingParams "requires": no backend, no guided decoder.
             raise ContractError("guided_decoding needs LLM(guided_decoding_backend=...)")
-        images = processed_images(images_of(inputs), inputs)
+        raw_images = images_of(inputs)
+        images = processed_images(raw_images, inputs, self.pixel_bounds)
+        if raw_images and self.behaviour.hash_check:
+            check_hash_path_count(raw_images, images, self.pixel_bounds)
         if self.behaviour.submit_cpu_s:
             time.sleep(self.behaviour.submit_cpu_s)  # the input processor's work, this thread
         prompt = inputs.get("prompt", "")
         ids = inputs.get("prompt_token_ids") or self.tokenizer.encode(prompt, images)
         completion = fake_completion(prompt, images, sampling, self.tokenizer)
+        executor._handle_background_error()  # proxy.submit: before the request is sent
+        executor.block_if_dead("generate_async()")  # the request queue's send
         output = RequestOutput(
             self,
             request_id=self.submitted + 1,
@@ -474,7 +652,7 @@ class LLM(KwOnly):
             die = self.behaviour.die_after and self.submitted >= self.behaviour.die_after
             self._cond.notify_all()
         self._write_stats()
-        if die and self._claim_death():
+        if die and not self._dying and self._claim_death():
             self._die(RuntimeError("Executor worker died (stand-in: a background error)"))
         return output
 
@@ -489,62 +667,121 @@ class LLM(KwOnly):
             return False
 
     # ---- the executor (its own thread) --------------------------------------------------
+    def _pending(self) -> list[RequestOutput]:
+        with self._cond:
+            return [e[0] for e in self._waiting + self._running]
+
     def _schedule(self) -> None:
         slots = int(self.max_batch_size)
+        executor = self._executor_of_record
         while True:
             with self._cond:
-                while not (self._waiting or self._running) and not self.shutdown_calls:
-                    self._cond.wait()
-                if self.shutdown_calls and not (self._waiting or self._running):
+                while not (self._waiting or self._running) and not self._stopping:
+                    self._cond.wait(0.05)
+                    if executor.worker_dead():
+                        return  # the worker is gone: no step ever runs again
+                if self._stopping or executor.worker_dead():
                     return
                 while self._waiting and len(self._running) < slots:
                     entry = self._waiting.pop(0)
                     self._running.append(entry)
                     if entry[2] in self.behaviour.crash:
-                        os.kill(os.getpid(), signal.SIGKILL)  # a poison request kills us
+                        os.kill(os.getpid(), signal.SIGKILL)  # the whole actor process dies
+                    if entry[2] in self.behaviour.kill_worker:
+                        executor.worker.kill()  # the worker child, not this process
+                        executor.worker.wait()
+                        return
                 self.peak_running = max(self.peak_running, len(self._running))
             time.sleep(self.behaviour.step_s)
-            finished: list[tuple[RequestOutput, BaseException | None]] = []
             with self._cond:
-                still = []
-                for entry in self._running:
-                    output, steps, sha = entry
-                    if output._aborted:
-                        output.outputs[0].finish_reason = "cancelled"
-                        finished.append((output, None))
-                        continue
-                    if sha in self.behaviour.hang:
-                        still.append(entry)  # never finishes unless aborted
-                        continue
-                    entry[1] = steps - 1
-                    if entry[1] > 0:
-                        still.append(entry)
-                    elif sha in self.behaviour.fail:
-                        finished.append((output, RequestError("stand-in: the request failed")))
-                    else:
-                        finished.append((output, None))
-                self._running = still
+                if self._stopping or executor.worker_dead():
+                    return
+                if self._dying:  # one response was in flight when the worker failed
+                    pending = self._running or self._waiting
+                    finished = [(pending.pop(0)[0], None)] if pending else []
+                    self._stopping = True
+                else:
+                    finished = self._step()
             for output, error in finished:
                 output._finish(error)
+            if self._dying:
+                return
+
+    def _step(self) -> list[tuple[RequestOutput, BaseException | None]]:
+        """One iteration over the running requests (under ``_cond``): what finishes, and how."""
+        behaviour = self.behaviour
+        finished: list[tuple[RequestOutput, BaseException | None]] = []
+        active = []
+        for entry in self._running:
+            if entry[0]._cancel_requested:
+                entry[0].outputs[0].finish_reason = "cancelled"
+                finished.append((entry[0], None))
+            else:
+                active.append(entry)
+        if active and (self._poisoned or any(e[2] in behaviour.step_error for e in active)):
+            self._poisoned = self._poisoned or behaviour.sticky
+            message = behaviour.step_error_message
+            finished += [(e[0], RequestError(message)) for e in active]  # _handle_errors: all
+            self._running = []
+            return finished
+        still = []
+        for entry in active:
+            output, steps, sha = entry
+            if sha in behaviour.oom or (sha in behaviour.oom_once and sha not in _OOM_SEEN):
+                _OOM_SEEN.add(sha)
+                finished.append((output, RequestError(OOM_MESSAGE)))
+                continue
+            if sha in behaviour.hang:
+                still.append(entry)  # never finishes unless aborted
+                continue
+            entry[1] = steps - 1
+            if entry[1] > 0:
+                still.append(entry)
+            elif sha in behaviour.fail:
+                finished.append((output, RequestError("stand-in: the request failed")))
+            else:
+                finished.append((output, None))
+        self._running = still
+        return finished
 
     def _abort(self, output: RequestOutput) -> None:
+        """The worker handles a cancel: a waiting request is dropped without an answer (as
+        PyExecutor's update_waiting_queue); a running one answers 'cancelled' next step."""
+        answer = False
         with self._cond:
-            for queue in (self._waiting,):
-                for entry in list(queue):
-                    if entry[0] is output:
-                        queue.remove(entry)
-                        output.outputs[0].finish_reason = "cancelled"
-                        output._finish()
+            if self._dying:
+                return  # the failed worker handles no cancel
+            for entry in list(self._waiting):
+                if entry[0] is output:
+                    self._waiting.remove(entry)
+                    answer = self.behaviour.answer_aborted_waiting
+            output._cancel_requested = True
             self._cond.notify_all()
+        if answer:
+            output.outputs[0].finish_reason = "cancelled"
+            output._finish()
 
     def _die(self, error: BaseException) -> None:
-        """A background error: every pending request raises it, later submits are refused."""
+        """A background error (1.2 path c): queued for the next submit or response."""
         with self._cond:
+            self._dying = True
             self._dead = error
-            pending = [e[0] for e in self._waiting + self._running]
+            self._cond.notify_all()
+        self._executor_of_record._error_queue.put(error)
+
+    def _stop_scheduler(self) -> None:
+        """The executor quits (healthy shutdown): running requests answer 'cancelled'."""
+        with self._cond:
+            self._stopping = True
+            running = [e[0] for e in self._running if not e[0].finished]
             self._waiting, self._running = [], []
-        for output in pending:
-            output._finish(error)
+            self._cond.notify_all()
+        for output in running:
+            if output._cancel_requested:
+                output.outputs[0].finish_reason = "cancelled"
+                output._finish()
+        if self._scheduler is not threading.current_thread():
+            self._scheduler.join(timeout=5)
 
     def _write_stats(self) -> None:
         folder = self.behaviour.stats_dir
@@ -552,6 +789,7 @@ class LLM(KwOnly):
             return
         stats = {
             "pid": os.getpid(),
+            "worker_pid": self.worker_pid,
             "submitted": self.submitted,
             "submit_threads": len(self.submit_threads),
             "violations": self.violations,
@@ -565,11 +803,16 @@ class LLM(KwOnly):
         tmp.replace(path)
 
     def shutdown(self) -> None:
-        with self._cond:
-            self.shutdown_calls += 1
-            pending = [e[0] for e in self._waiting + self._running]
-            self._waiting, self._running = [], []
-            self._cond.notify_all()
-        for output in pending:  # upstream aborts what is pending before its workers quit
-            output.outputs[0].finish_reason = "cancelled"
-            output._finish()
+        """As upstream: the executor's shutdown (which may block), then ``_executor = None``."""
+        self.shutdown_calls += 1
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+
+def _kill_worker_at_exit(worker: subprocess.Popen) -> None:
+    """Interpreter exit without shutdown(): end the worker child (test hygiene; upstream's
+    atexit shutdown would do so, or block on a dead worker). os._exit and SIGKILL skip this."""
+    if worker.poll() is None:
+        worker.kill()
+        worker.wait()
