@@ -143,7 +143,7 @@ def make_cfg(
     )
 
 
-SIZES = [(56, 84), (112, 28), (280, 280), (28, 28), (84, 56)]
+SIZES = [(56, 84), (112, 28), (280, 280), (56, 56), (84, 56)]  # within the processor's bounds
 
 
 def make_requests(n: int = 5, prompt: str = "Describe this image.", system: str | None = None):
@@ -184,6 +184,10 @@ class Sink:
             ok = self._cond.wait_for(lambda: len(self.results) >= n or self.failed, timeout)
         assert ok, f"{len(self.results)} of {n} results after {timeout}s"
         return list(self.results)
+
+    def wait_failed(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.failed is not None, timeout)
 
 
 def run(engine, requests: list[Request], timeout: float = 30.0) -> list[Result]:
@@ -472,14 +476,47 @@ def test_one_thread_submits_and_results_come_back_as_each_finishes(stub, model_d
 def test_a_request_that_never_completes_is_aborted_retried_then_a_timeout_row(
     stub, model_dir, monkeypatch
 ):
-    requests = make_requests(3)
+    """While other requests answer, the executor lives: the silent one is aborted (it is
+    running, so 1.2 answers the abort), tried once more, then an ENGINE_TIMEOUT row."""
+    import dataclasses
+
+    hung, *_ = make_requests(1)
+    stub_env(monkeypatch, hang=[pixels_sha(hung)], step_s=0.02)  # others answer in < 0.35 s
+    engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, request_timeout_s=0.5))
+    sink = Sink()
+    engine.start(sink)
+    engine.submit([hung])
+    others = []
+    for wave in range(20):  # answers keep coming for 2 s, past both of the hung row's tries
+        batch = [
+            dataclasses.replace(r, key=("w", wave, i)) for i, r in enumerate(make_requests(5)[1:])
+        ]
+        engine.submit(batch)
+        others += batch
+        time.sleep(0.1)
+    by_key = {r.key: r for r in sink.wait(1 + len(others), timeout=30)}
+    assert sink.failed is None, sink.failed
+    assert by_key[hung.key].error_code == "ENGINE_TIMEOUT"
+    assert "2 tries" in by_key[hung.key].error_message
+    assert [by_key[r.key] for r in others if by_key[r.key].error_code] == []
+    engine.close()
+
+
+def test_nothing_answered_for_request_timeout_s_is_a_dead_executor_not_an_abort(
+    stub, model_dir, monkeypatch
+):
+    """A lone silent request: aborting it would be a blocking send into a possibly dead worker
+    (1.2), and retrying it would cost the timeout again; the engine is declared dead instead,
+    and the row is not condemned (its unit runs again elsewhere)."""
+    requests = make_requests(1)
     stub_env(monkeypatch, hang=[pixels_sha(requests[0])])
     engine = trtllm_engine.TrtLlmEngine(make_cfg(model_dir, request_timeout_s=0.3))
-    by_key = {r.key: r for r in run(engine, requests, timeout=20)}
-    hung = by_key[requests[0].key]
-    assert hung.error_code == "ENGINE_TIMEOUT" and "2 tries" in hung.error_message
-    assert all(by_key[r.key].error_code is None for r in requests[1:])
-    assert engine.llm.submitted == 4  # the hung row went in twice
+    sink = Sink()
+    engine.start(sink)
+    engine.submit(requests)
+    assert sink.wait_failed(10), "the engine must be declared dead"
+    assert "no answer of any request" in str(sink.failed)
+    assert sink.results == []
     engine.close()
 
 
@@ -657,7 +694,7 @@ LLM_NAMES = surface_names(SURFACE["LLM.__init__"]["BaseLlmArgs_fields"]) | surfa
     "overrides",
     [{}, {"cuda_graphs": False, "enable_block_reuse": True}, {"tensor_parallel_size": 4}],
 )
-def test_every_keyword_the_engine_passes_is_in_the_json(model_dir, overrides):
+def test_every_keyword_the_engine_passes_is_in_the_json(stub, model_dir, overrides):
     api = SimpleNamespace(llmapi=SimpleNamespace(KvCacheConfig=Recorder, CudaGraphConfig=Recorder))
     kwargs = trtllm_api.llm_kwargs(make_cfg(model_dir, **overrides), api)
     assert set(kwargs) <= LLM_NAMES, set(kwargs) - LLM_NAMES

@@ -83,7 +83,7 @@ def penalties_need_trtllm_sampler(api: ModuleType) -> bool:
     TRTLLMSampler applies it; the option went (PR #18232) after the TorchSampler learned
     penalties (PR #16485). Told by the field, not the version: 1.3 release candidates differ."""
     try:
-        args = importlib.import_module(f"{api.__name__}.llmapi.llm_args").TorchLlmArgs
+        args = importlib.import_module("tensorrt_llm.llmapi.llm_args").TorchLlmArgs
         fields = args.model_fields
     except (ImportError, AttributeError) as exc:
         log.warning("cannot tell whether TensorRT-LLM offers sampler_type (%s); not passed", exc)

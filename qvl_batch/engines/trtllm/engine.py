@@ -281,6 +281,7 @@ class TrtLlmEngine(Engine):
         try:
             handle.abort()
             await asyncio.wait_for(handle.aresult(), ABORT_GRACE_S)
+            self._last_answer = time.monotonic()
         except Exception as exc:  # a waiting request never comes back; its slot is freed
             log.debug("aborted request: %s: %s", type(exc).__name__, exc)
 
