@@ -138,13 +138,15 @@ def test_worker_survives_its_parents_death(tmp_path):
 @pytest.mark.timeout(60)
 def test_kill_worker_leaves_every_pending_result_unanswered_and_the_executor_healthy(make_llm):
     poison, a, b = image(56, 1), image(56, 2), image(84, 3)
-    llm = make_llm(kill_worker=[sha(poison)], step_s=0.01)
-    outputs = [submit(llm, poison), submit(llm, a), submit(llm, b)]
+    llm = make_llm(kill_worker=[sha(poison)], step_s=0.2)
+    outputs = [submit(llm, a), submit(llm, b), submit(llm, poison)]  # the poison last: a later
+    # submit would block on the dead worker
     wait_until(lambda: llm._executor.worker.poll() is not None)
     assert llm._executor.worker.returncode == -signal.SIGKILL
+    healthy_s = max(len(o.outputs[0].token_ids) for o in outputs) * 0.2  # a live worker's time
     for output in outputs:
         with pytest.raises(TimeoutError):
-            output.result(timeout=1.0)
+            output.result(timeout=healthy_s + 1.0)
     assert llm._executor is not None and llm._executor.is_shutdown() is False
 
 
