@@ -418,12 +418,14 @@ class StubBehaviour:
     CUDA OOM RequestError each time it runs), ``oom_once`` (only its first run per process);
     ``step_error`` (its step fails every running request with RequestError
     ``step_error_message``; the executor keeps looping; ``sticky``, default false: every later
-    step fails too); ``kill_worker`` (SIGKILLs the worker child). ``die_after`` N submissions:
-    a background error (once per ``die_once`` marker file). Switches of 1.2's harshness, on by
-    default: ``dead_blocks`` (abort, shutdown and generate_async block while the worker is dead,
-    forever, or ``block_s`` then StubBlocked), ``hash_check`` (the multimodal-hash token count);
-    off by default: ``answer_aborted_waiting`` (an aborted waiting request answers 'cancelled').
-    ``worker_max_s`` (default 600) ends an orphaned worker child: test hygiene, not upstream."""
+    step fails too); ``kill_worker`` (SIGKILLs the worker child). ``die_after`` N submissions: a
+    background error (once per ``die_once`` marker file); ``kill_worker_after`` N: the worker
+    child is SIGKILLed (once per ``kill_once`` marker file), as the kernel's OOM killer would.
+    Switches of 1.2's harshness, on by default: ``dead_blocks`` (abort, shutdown and
+    generate_async block while the worker is dead, forever, or ``block_s`` then StubBlocked),
+    ``hash_check`` (the multimodal-hash token count); off by default: ``answer_aborted_waiting``
+    (an aborted waiting request answers 'cancelled'). ``worker_max_s`` (default 600) ends an
+    orphaned worker child: test hygiene, not upstream."""
 
     def __init__(self) -> None:
         spec = json.loads(os.environ.get("TRTLLM_STUB") or "{}")
@@ -441,6 +443,8 @@ class StubBehaviour:
         self.kill_worker = set(spec.get("kill_worker", []))
         self.die_after = int(spec.get("die_after", 0))
         self.die_once = spec.get("die_once")
+        self.kill_worker_after = int(spec.get("kill_worker_after", 0))
+        self.kill_once = spec.get("kill_once")
         self.dead_blocks = bool(spec.get("dead_blocks", True))
         block_s = spec.get("block_s")
         self.block_s = None if block_s is None else float(block_s)
@@ -650,14 +654,18 @@ class LLM(KwOnly):
             in_flight = len(self._waiting) + len(self._running)
             self.peak_in_flight = max(self.peak_in_flight, in_flight)
             die = self.behaviour.die_after and self.submitted >= self.behaviour.die_after
+            kill = self.behaviour.kill_worker_after
+            kill = kill and self.submitted >= kill and not self._executor_of_record.worker_dead()
             self._cond.notify_all()
         self._write_stats()
-        if die and not self._dying and self._claim_death():
+        if die and not self._dying and self._claim_death(self.behaviour.die_once):
             self._die(RuntimeError("Executor worker died (stand-in: a background error)"))
+        if kill and self._claim_death(self.behaviour.kill_once):
+            self._executor_of_record.worker.kill()  # nothing tells the pending requests
+            self._executor_of_record.worker.wait()
         return output
 
-    def _claim_death(self) -> bool:
-        marker = self.behaviour.die_once
+    def _claim_death(self, marker: str | None) -> bool:
         if not marker:
             return True
         try:
