@@ -45,14 +45,13 @@ from .timeline import StateTimeline
 
 log = logging.getLogger(__name__)
 
-# What a row that took the engine down each time it ran alone says in errors/.
-_CONDEMNED = {
-    RowError.ENGINE_CRASH: "the engine process died running this row alone",
-    RowError.ENGINE_STALL: "the engine stopped answering running this row alone",
-}
 # Rows prepared ahead of the engine's bound, per prepare thread: enough that the engine finds
 # rows waiting the moment a slot frees, few enough to keep decoded images in memory bounded.
 PREPARED_AHEAD_PER_THREAD = 4
+
+
+class EngineGone(RuntimeError):
+    """The engine failed for good: this actor's process is on its way out."""
 
 
 def _visible_gpus() -> list[str]:
@@ -187,6 +186,15 @@ class UnitWorker:
         running alone, with that code; they are not run again. ``only``: run just these row
         indices (retry-failed).
         """
+        try:
+            return self._run_unit(unit, solo, skip, only)
+        except EngineGone:
+            # This process exits (exit_dead): the driver must see the actor die, the rows that
+            # were inside on record as suspects, not a unit error that uses up an attempt.
+            threading.Event().wait()
+            raise
+
+    def _run_unit(self, unit, solo, skip, only) -> pa.Table | None:
         table, rows, n = self._read(unit, dict(skip or {}), only)
         collector = UnitCollector([None] * n, [None] * n, len(rows))
         if not rows:
@@ -241,7 +249,7 @@ class UnitWorker:
         for row in rows:
             if row.index in skip and not row.error:
                 code = RowError(skip[row.index])
-                row.error = RowFailure(code, _CONDEMNED[code])
+                row.error = RowFailure(code, code.meaning)
         return table, rows, n
 
     def _hand_out(
@@ -271,7 +279,7 @@ class UnitWorker:
 
     def _check_fatal(self) -> None:
         if self._fatal is not None:
-            raise RuntimeError(f"engine died: {self._fatal!r}")
+            raise EngineGone(f"engine died: {self._fatal!r}")
 
     def _end_turn(self, collector: UnitCollector) -> None:
         """Every row of ``collector``'s unit is out (or it ended): the next unit's turn."""
