@@ -685,6 +685,11 @@ def test_every_api_name_in_the_engine_source_is_in_the_json():
     assert _attribute_uses(tree, "completion") <= set(SURFACE["CompletionOutput"]["fields"])
     methods = {m.split("(")[0] for m in SURFACE["RequestOutput"]["methods"]}
     assert _attribute_uses(tree, "handle") <= methods
+    executor = SURFACE["GenerationExecutor"]
+    executor_names = {
+        e.split(" ")[0].split("(")[0] for e in executor["methods"] + executor["attributes"]
+    }
+    assert _attribute_uses(tree, "executor") and _attribute_uses(tree, "executor") <= executor_names
     call_kwargs = {
         kw.arg
         for n in ast.walk(tree)
