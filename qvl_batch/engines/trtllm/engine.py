@@ -242,11 +242,8 @@ class TrtLlmEngine(Engine):
                 self._submit_s += time.perf_counter() - t0
                 self._submitted += 1
             try:
-                output = await asyncio.wait_for(handle.aresult(), self._timeout)
+                output = await self._answer(request, handle)
             except asyncio.TimeoutError:
-                if time.monotonic() - self._last_answer >= self._timeout:
-                    msg = f"no answer of any request for {self._timeout:g} s"
-                    return self._die(EngineDead(msg))  # an abort would block on a dead worker
                 await self._abort(handle)
                 log.warning(
                     "request %s: no answer in %.0fs (try %d)", request.key, self._timeout, attempt
@@ -275,6 +272,23 @@ class TrtLlmEngine(Engine):
             f"{REQUEST_TRIES} tries (each aborted)"
         )
         return Result(request.key, error_code=RowError.ENGINE_TIMEOUT, error_message=msg)
+
+    async def _answer(self, request: Request, handle: Any) -> Any:
+        """The request's output; TimeoutError once it waited ``request_timeout_s`` while other
+        requests were answered. While nothing at all answers, it keeps waiting: an abort would
+        be a blocking send into a worker that may be dead, and whether the engine stalled is
+        the actor watchdog's call (``limits.stall_s``)."""
+        while True:
+            try:
+                return await asyncio.wait_for(handle.aresult(), self._timeout)  # cancel-safe
+            except asyncio.TimeoutError:
+                if time.monotonic() - self._last_answer < self._timeout:
+                    raise
+                log.warning(
+                    "request %s: no answer of any request for %.0f s; not aborted",
+                    request.key,
+                    time.monotonic() - self._last_answer,
+                )
 
     async def _abort(self, handle: Any) -> None:
         """Abort a request and give it a moment to come back 'cancelled' (freeing its slot)."""
