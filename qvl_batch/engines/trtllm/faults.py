@@ -2,7 +2,7 @@
 
 On 1.2 a failing forward step sends the same ``RequestError`` to every active request and the
 executor keeps looping, so a fatal CUDA error looks like many row failures; a killed worker
-answers nothing; a background error shuts the executor down (README "Engines").
+answers nothing; a background error shuts the executor down (README, "Engines").
 """
 
 from __future__ import annotations
