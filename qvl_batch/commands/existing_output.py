@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError, StorageConfig, config_from_saved
-from ..output.saved_config import without_redacted
+from ..output.saved_config import read_back
 from ..output.state import JOB_FILE, OutputState
 from ..run.validate import validate
 from ..storage import Storage
@@ -43,7 +43,7 @@ def config_from_job(
 ) -> Config:
     """The job's Config rebuilt from ``_job.json``, its output at ``url`` (where it is now),
     validated like a job file; ``overrides`` are ``key=value`` settings on top (retry-failed)."""
-    saved = without_redacted(job.get("config") or {})
+    saved = read_back(job.get("config") or {})
     saved.setdefault("output", {})["path"] = url
     try:
         cfg = validate(config_from_saved(saved, overrides))

@@ -76,3 +76,16 @@ def without_redacted(value: Any) -> Any:
         return value
     hidden = lambda v: v == REDACTED or (isinstance(v, list) and REDACTED in v)  # noqa: E731
     return {k: without_redacted(v) for k, v in value.items() if not hidden(v)}
+
+
+def read_back(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config as today's schema reads it: redacted values dropped, and names older
+    outputs saved under moved to where they live now (``engine.hf.answer_lengths``, saved by
+    every hf job before it became ``engine.benchmark.answer_lengths``)."""
+    out = without_redacted(saved)
+    hf = (out.get("engine") or {}).get("hf")
+    if isinstance(hf, dict) and "answer_lengths" in hf:
+        lengths = hf.pop("answer_lengths")
+        if lengths:
+            out["engine"].setdefault("benchmark", {})["answer_lengths"] = lengths
+    return out

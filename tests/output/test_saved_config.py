@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from qvl_batch.output.saved_config import redact, saved_config, to_dict, without_redacted
+from qvl_batch.output.saved_config import (
+    read_back,
+    redact,
+    saved_config,
+    to_dict,
+    without_redacted,
+)
 from qvl_batch.run.validate import load_job
 
 
@@ -36,3 +42,20 @@ def test_a_saved_config_read_back_drops_only_what_was_hidden():
     assert "secret" not in back["input"]["storage_options"]
     assert back["sampling"] == saved["sampling"]
     assert without_redacted({"a": ["x", "***"], "b": ["x"]}) == {"b": ["x"]}
+
+
+def test_an_older_outputs_saved_config_still_loads():
+    """Every hf job saved ``engine.hf.answer_lengths`` before it moved to engine.benchmark:
+    verify and retry-failed must still read those outputs."""
+    from qvl_batch.commands.existing_output import config_from_job
+
+    base = ["input.paths=[x.parquet]", "output.path=o", "engine.name=hf", "engine.model=m"]
+    saved = saved_config(load_job(None, base))
+    for lengths in ("", "fixed:8"):
+        old = json.loads(json.dumps(saved))
+        old["engine"].pop("benchmark")
+        old["engine"]["hf"]["answer_lengths"] = lengths
+        cfg = config_from_job({"config": old}, "/elsewhere/out")
+        assert cfg.engine.benchmark.answer_lengths == lengths
+        assert cfg.output.path == "/elsewhere/out"
+    assert read_back({"engine": {"hf": {"answer_lengths": ""}}}) == {"engine": {"hf": {}}}
