@@ -30,14 +30,15 @@ from ..engines.base import Engine, Request, Result
 from ..engines.bucketing import PaddingStats
 from ..engines.build import make_engine
 from ..errors import RowError, RowFailure
-from ..output.reuse import ReuseIndex, ReuseReader, result_key, settings_digest
-from ..output.schema import IMAGE_COLUMNS, result_table
+from ..output.reuse import ReuseIndex
+from ..output.schema import result_table
 from ..output.structured import OutputParser
 from ..rows.images import prepare_image
 from ..rows.manifest import WorkUnit
 from ..rows.prepare import ReusedRow, prepare_row
 from ..rows.reader import RowInput, read_unit_table, unit_rows
 from ..storage import Storage
+from .carry_over import CarryOver
 from .collector import UnitCollector
 from .liveness import Watchdog, exit_dead, exit_stalled
 from .recorder import RecorderClient
@@ -91,8 +92,8 @@ class UnitWorker:
                 f"structured.guided=required, but the {self.engine.name} engine has no guided "
                 "decoding here; use structured.guided=auto to parse free output instead"
             )
-        self._settings = settings_digest(cfg)
-        self._reuse = ReuseReader(reuse, Storage.for_output(cfg)) if reuse is not None else None
+        columns = list(self._parser.columns.names) if self._parser else []
+        self._carry = CarryOver(cfg, reuse, columns)
         threads = cfg.batching.prepare_threads or max(1, round(cfg.cluster.cpus_per_actor))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
         self._bound = max(1, self.engine.max_in_flight)
@@ -340,7 +341,12 @@ class UnitWorker:
         key = (unit_id, row.index)
         try:
             prepared = prepare_row(
-                row, self.cfg, self.storage, self.engine.count_text_tokens, self._key_of, self._find
+                row,
+                self.cfg,
+                self.storage,
+                self.engine.count_text_tokens,
+                self._carry.key_of,
+                self._carry.find,
             )
         except RowFailure as exc:
             result = Result(key, error_code=exc.code, error_message=exc.message)
@@ -353,8 +359,8 @@ class UnitWorker:
             return
         finally:
             self._add_time("prepare_s", time.perf_counter() - t0)
-        if isinstance(prepared, ReusedRow):
-            self._carry_over(collector, key, prepared)
+        if isinstance(prepared, ReusedRow):  # an earlier output has this row's result
+            self._finish_early(collector, key, *self._carry.result(key, prepared))
             return
         img = prepared.image
         request = Request(
@@ -393,29 +399,6 @@ class UnitWorker:
                 collector.meta[key[1]] = meta
                 collector.put(key[1], result)
             self._cond.notify_all()
-
-    def _key_of(self, image_sha256: str, prompt: str) -> str:
-        return result_key(image_sha256, self.cfg.prompt.system, prompt, self._settings)
-
-    def _find(self, rkey: str) -> tuple[dict, str] | None:
-        return self._reuse.find(rkey) if self._reuse is not None else None
-
-    def _carry_over(self, collector: UnitCollector, key: tuple[str, int], row: ReusedRow) -> None:
-        """An earlier output has this row's result (same image, prompt and settings)."""
-        rkey, earlier, job = row.result_key, row.earlier, row.job
-        columns = self._parser.columns.names if self._parser else []
-        result = Result(
-            key,
-            text=earlier["text"],
-            finish_reason=earlier["finish_reason"],
-            prompt_tokens=earlier["prompt_tokens"],
-            vision_tokens=earlier["vision_tokens"],
-            output_tokens=earlier["output_tokens"],
-            values={c: earlier.get(c) for c in columns} if columns else None,
-            reused_from=earlier.get("reused_from") or job,  # the job that computed it
-        )
-        meta = {name: earlier.get(name) for name in IMAGE_COLUMNS}
-        self._finish_early(collector, key, result, {**meta, "result_key": rkey})
 
     def _warm_host(self) -> None:
         """Pay the first unit's one-time costs at start-up, before ready(): the first call to

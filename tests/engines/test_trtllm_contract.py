@@ -811,6 +811,11 @@ def prepared_image(image_bytes: bytes):
     return prepare_image(image_bytes, ImageConfig()).image
 
 
+def row_sha(row: dict) -> str:
+    """The stand-in's fault key for an input row: the sha256 of its image as the engine gets it."""
+    return hashlib.sha256(prepared_image(row["image"]).tobytes()).hexdigest()
+
+
 def stub_answers(api, model_dir: Path, data_dir: Path) -> dict[str, str]:
     """id -> the stand-in's deterministic answer for every decodable input row."""
     surface = api._surface
@@ -915,7 +920,7 @@ def test_a_dead_executor_mid_job_replaces_the_actor(stub, tmp_path, dataset, mod
 @pytest.mark.timeout(300)
 def test_a_request_that_never_completes_ends_as_a_timeout_row(stub, tmp_path, dataset, model_dir):
     (hung,) = good_rows(dataset, 1, offset=7)
-    sha = hashlib.sha256(prepared_image(hung["image"]).tobytes()).hexdigest()
+    sha = row_sha(hung)
     # step_s: the other rows keep answering for several seconds, past both of its tries
     behaviour = {"hang": [sha], "step_s": 0.02}
     proc, out, _ = trtllm_job(tmp_path, dataset, model_dir, behaviour, request_timeout_s=1.0)
@@ -934,7 +939,7 @@ def test_a_request_that_hangs_every_executor_ends_as_a_stall_row_in_a_one_actor_
     the watchdog (limits.stall_s 2) declares the engine dead once only that request is left
     inside, the row stalls again alone, and the job completes exactly once."""
     (hung,) = good_rows(dataset, 1, offset=7)
-    sha = hashlib.sha256(prepared_image(hung["image"]).tobytes()).hexdigest()
+    sha = row_sha(hung)
     t0 = time.monotonic()
     proc, out, _ = trtllm_job(
         tmp_path, dataset, model_dir, {"hang": [sha]}, actors=1, job_extra={"limits__stall_s": 2}
@@ -955,7 +960,7 @@ def test_a_poison_row_killing_the_process_while_streaming_is_isolated(
     stub, tmp_path, dataset, model_dir
 ):
     (poison,) = good_rows(dataset, 1, offset=11)
-    sha = hashlib.sha256(prepared_image(poison["image"]).tobytes()).hexdigest()
+    sha = row_sha(poison)
     proc, out, _ = trtllm_job(tmp_path, dataset, model_dir, {"crash": [sha]})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     check_stub_output(stub, model_dir, dataset, out, {poison["id"]: "ENGINE_CRASH"})

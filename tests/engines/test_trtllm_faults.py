@@ -6,7 +6,6 @@ the engine did before (the job hangs, or every row becomes an error)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from .test_trtllm_contract import (
     make_cfg,
     make_requests,
     pixels_sha,
-    prepared_image,
+    row_sha,
     run_cli_job,
     stub_env,
     trtllm_job,
@@ -178,7 +177,7 @@ def test_a_sticky_cuda_error_mid_job_condemns_only_the_row_that_causes_it(
     stub, tmp_path, dataset, model_dir
 ):
     (poison,) = good_rows(dataset, 1, offset=11)
-    sha = hashlib.sha256(prepared_image(poison["image"]).tobytes()).hexdigest()
+    sha = row_sha(poison)
     behaviour = {"step_error": [sha], "sticky": True}
     proc, out, seen = trtllm_job(tmp_path, dataset, model_dir, behaviour)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -19,28 +19,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-STUB_DIR = Path(__file__).resolve().parents[1] / "trtllm_stub"
+from .conftest import STUB_DIR
+
 PROMPT = "<|image_pad|> Describe this image."
 
 
-def _purge() -> None:
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        del sys.modules[name]
-
-
 @pytest.fixture
-def api():
+def api(stub):
     """The stand-in package, imported fresh for one test (module state such as oom_once too)."""
-    _purge()
-    sys.path.insert(0, str(STUB_DIR))
-    try:
-        import tensorrt_llm
-
-        assert tensorrt_llm.__version__.endswith("+stub")
-        yield tensorrt_llm
-    finally:
-        sys.path.remove(str(STUB_DIR))
-        _purge()
+    return stub
 
 
 @pytest.fixture

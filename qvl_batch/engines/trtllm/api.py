@@ -71,13 +71,13 @@ def llm_kwargs(cfg: Config, api: ModuleType) -> dict[str, Any]:
     if guided_schema(cfg) is not None:
         # Without a backend the executor refuses requests that carry GuidedDecodingParams.
         kwargs["guided_decoding_backend"] = "xgrammar"
-    if cfg.sampling.repetition_penalty != 1.0 and penalties_need_trtllm_sampler(api):
+    if cfg.sampling.repetition_penalty != 1.0 and penalties_need_trtllm_sampler():
         kwargs["sampler_type"] = "TRTLLMSampler"
     kwargs.update(cfg.engine.options)
     return kwargs
 
 
-def penalties_need_trtllm_sampler(api: ModuleType) -> bool:
+def penalties_need_trtllm_sampler() -> bool:
     """True where the LLM args still offer ``sampler_type``: there (1.2.x) the default
     TorchSampler accepts repetition_penalty and ignores it (upstream issue #9442) and the
     TRTLLMSampler applies it; the option went (PR #18232) after the TorchSampler learned
