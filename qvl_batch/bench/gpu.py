@@ -130,6 +130,7 @@ def _job_overrides(
         # Rows in flight (3 units of 4 batches) exceed the prepared window (8 batches by
         # default), so the window fills and bucketing has rows to choose from.
         f"batching.unit_rows={4 * batch_size}",
+        "batching.min_units_per_actor=0",  # units of exactly that size, whatever --rows
         "batching.units_in_flight_per_actor=3",
         f"batching.prepare_threads={args.prepare_threads}",
         *extra,

@@ -74,6 +74,7 @@ def scaling(
             f"cluster.num_gpus_per_actor={gpus}",
             f"cluster.cpus_per_actor={cpus}",
             f"batching.unit_rows={unit_rows}",
+            "batching.min_units_per_actor=0",  # the units per actor this section sets
             "batching.units_in_flight_per_actor=2",
         )
 

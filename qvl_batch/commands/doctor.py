@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .. import __version__
+from ..engines import REGISTRY
 
 # (label, distribution names to try): NVIDIA publishes TensorRT under several names.
 PACKAGES: list[tuple[str, tuple[str, ...]]] = [
@@ -37,7 +38,7 @@ TRTLLM_PINS: dict[str, dict[str, str]] = {
 }
 TRTLLM_PYTHONS = ("3.10", "3.12")  # the Python versions TensorRT-LLM wheels are built for
 
-HF_HINT = "pip install 'qvl-batch[hf]' (torch + transformers)"
+HF_HINT = REGISTRY["hf"].install_hint
 TRTLLM_HINT = (
     "use NVIDIA's TensorRT-LLM release container (nvcr.io/nvidia/tensorrt-llm/release), "
     "or `pip install tensorrt_llm` on a Linux machine with CUDA"

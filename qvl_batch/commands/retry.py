@@ -33,7 +33,7 @@ from ..output.marker import Marker
 from ..output.schema import part_columns
 from ..output.state import ERRORS_DIR, SUCCESS_FILE, OutputState
 from ..output.writer import commit_retry
-from ..rows.manifest import WorkUnit, plan_job
+from ..rows.manifest import WorkUnit, job_unit_rows, plan_job
 from ..run.closing import close_output, error_fraction_problem
 from ..run.dispatch import Dispatcher
 from ..run.driver import JobSummary, fill_totals, ray_pool
@@ -116,7 +116,7 @@ class RetryPass:
         return now
 
     def prepare(self):
-        plan = plan_job(self.cfg, self.input_storage)
+        plan = plan_job(self.cfg, self.input_storage, job_unit_rows(self.job, self.cfg))
         fields = self._check_same_rows(plan)
         records = self.state.markers()
         self._records.update({m.unit_id: m for m in records})

@@ -41,7 +41,7 @@ from ..output.state import (
 )
 from ..output.structured import columns_of
 from ..report.totals import error_codes_line
-from ..rows.manifest import InputError, Plan, WorkUnit, plan_job
+from ..rows.manifest import InputError, Plan, WorkUnit, job_unit_rows, plan_job
 from ..rows.reader import read_unit_table
 from ..storage import Storage, StorageError, describe, is_temporary
 from .existing_output import open_output
@@ -110,7 +110,7 @@ def _replan(cfg: Config, job: dict, report: VerifyReport) -> Plan | None:
     report.input_rows = int((job.get("input") or {}).get("rows") or 0)
     saved = (job.get("fingerprint_fields") or {}).get("input")
     try:
-        plan = plan_job(cfg)
+        plan = plan_job(cfg, unit_rows=job_unit_rows(job, cfg))
     except (InputError, StorageError) as exc:
         report.violations.append(f"the input cannot be planned any more: {exc}")
         return None

@@ -30,6 +30,10 @@ class EngineEntry:
     # "module:function" (a light module): (cfg) -> None, a ConfigError for settings this
     # engine cannot run with, checked with the job before any work
     job_check: str | None = None
+    # Top-level packages the engine imports (looked up, never imported, by the driver's
+    # pre-flight) and how to get them
+    packages: tuple[str, ...] = ()
+    install_hint: str = ""
 
 
 REGISTRY: dict[str, EngineEntry] = {
@@ -48,6 +52,8 @@ REGISTRY: dict[str, EngineEntry] = {
             "make_hf_engine",
             "transformers, lock-step batches through the batching adapter",
             "qvl_batch.engines.hf.settings:HFEngineConfig",
+            packages=("torch", "transformers"),
+            install_hint="pip install 'qvl-batch[hf]' (torch + transformers)",
         ),
         EngineEntry(
             "trtllm",
@@ -57,6 +63,10 @@ REGISTRY: dict[str, EngineEntry] = {
             "qvl_batch.engines.trtllm.settings:TrtLlmEngineConfig",
             spans_gpus=lambda cfg: settings_of(cfg, "trtllm").tensor_parallel_size,
             job_check="qvl_batch.engines.trtllm.prompts:check_image_bounds",
+            packages=("tensorrt_llm",),
+            install_hint="run in NVIDIA's TensorRT-LLM release container "
+            "(nvcr.io/nvidia/tensorrt-llm/release), or `pip install tensorrt_llm` on a Linux "
+            "machine with CUDA (Python 3.10 or 3.12); `qvl-batch doctor` shows what is missing",
         ),
     )
 }

@@ -20,7 +20,8 @@ the in-flight mode), answers with broken JSON for chosen rows (structured output
 process on a chosen row, SIGSTOPs it on a chosen row (a wedged process), raises once after N
 rows (batch mode), or SIGKILLs its own process after N rows, or holds a chosen row's batch for
 ``slow_s`` (a straggler or, long enough, a hang; optionally only in the first N engines that
-meet it); ``load_s`` makes its construction take that long (start-up faults).
+meet it); ``load_s`` makes its construction take that long (start-up faults), and
+``fail_load`` makes it raise (a deterministic start failure).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class FakeEngineConfig:
     exit_after_rows: int = 0  # SIGKILL the actor process after this many rows (0 = never)
     exit_incarnations: int = 1  # exit_after_rows, freeze_ids: only in incarnations below this
     load_s: float = 0.0  # seconds the engine takes to load (a window for start-up faults)
+    # The constructor raises EngineError with this text after load_s: a deterministic start
+    # failure, as a bad checkpoint gives ("" = never)
+    fail_load: str = ""
     # ...per incarnation (actors ready at different times), load_s for those past the list
     load_s_by_incarnation: list[float] = field(default_factory=list)
     # A batch (or scheduler step) holding one of slow_ids first sleeps slow_s: a straggler. With
@@ -167,6 +171,8 @@ class _Faults:
         load = loads[incarnation] if incarnation < len(loads) else self.fake.load_s
         if load > 0:  # every fake engine builds one: its "model load"
             time.sleep(load)
+        if self.fake.fail_load:
+            raise EngineError(self.fake.fail_load)
         self.incarnation = incarnation
         self.fail_ids = set(self.fake.fail_ids)
         self.raise_ids = set(self.fake.raise_ids)

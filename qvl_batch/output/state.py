@@ -19,6 +19,7 @@ that died mid-commit; they are deleted before a resumed run starts.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,7 +37,13 @@ REPORT_FILE = "_report.html"
 UNITS_DIR = "_state/units"
 DATA_DIR = "data"
 ERRORS_DIR = "errors"
+# What a job writes at the top of its output folder.
+OWN_FILES = frozenset(
+    {JOB_FILE, SUCCESS_FILE, METRICS_FILE, REPORT_FILE, "_state", DATA_DIR, ERRORS_DIR}
+)
 
+
+log = logging.getLogger("qvl_batch")
 
 MARKER_READ_THREADS = 16  # small GETs in parallel: object stores answer each in ~10-50 ms
 
@@ -145,6 +152,16 @@ class OutputState:
         """``_metrics.json``: present once a run has ended (succeeded or failed)."""
         return self._read_json(METRICS_FILE)
 
+    def entries(self) -> list[str]:
+        """Names at the top of the output folder, hidden ones and temporaries left out; empty
+        when the folder does not exist."""
+        try:
+            found = self._call("list", "/", self.fs.ls, self.root, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        names = [posixpath.basename(p.rstrip("/")) for p in found]
+        return [n for n in names if n and not n.startswith(".") and not is_temporary(n)]
+
     def _list(self, sub: str) -> list[str]:
         try:
             # refresh: object-store listings are cached per filesystem instance.
@@ -210,10 +227,26 @@ class OutputState:
         for sub in (UNITS_DIR, DATA_DIR, ERRORS_DIR):
             self.remove(self._list(sub))
 
+    def holds_results(self) -> bool:
+        """Whether any unit was ever committed here, or began to be: a marker or a part file."""
+        return any(self._list(sub) for sub in (UNITS_DIR, DATA_DIR, ERRORS_DIR))
+
     def check_resume(self, fingerprint: str, fields: dict) -> dict | None:
-        """The earlier job's record if it may be resumed; raise ResumeRefused if it differs."""
+        """The earlier job's record if it may be resumed; raise ResumeRefused if it differs.
+
+        An earlier job that committed nothing (its start failed: a bad model, a missing
+        package) locks nothing: its files are removed and None returned, so the corrected job
+        starts here as new."""
         job = self.job()
         if job is None:
+            return None
+        if job.get("fingerprint") != fingerprint and not self.holds_results():
+            log.info(
+                "output %s: the earlier start (job %s) committed nothing; this job replaces it",
+                self.url,
+                job.get("job_id"),
+            )
+            self.wipe()
             return None
         if job.get("fingerprint") != fingerprint:
             diff = _leaf_diff(job.get("fingerprint_fields", {}), fields)

@@ -1,9 +1,11 @@
 """Manifest and planner: list the input shards, fingerprint them, cut them into work units.
 
 A work unit is a contiguous row range of one shard, made of whole row groups where they fit
-under ``batching.unit_rows`` (a larger row group is cut into equal slices). Unit ids are
-``<shard index>-<unit index>``, zero-padded, stable for a given input (the input fingerprint
-guards that the input did not change under a resumed job).
+under the job's unit size (a larger row group is cut into equal slices). The unit size is
+``batching.unit_rows``, lowered for a small job so every actor gets units
+(:func:`sized_unit_rows`). Unit ids are ``<shard index>-<unit index>``, zero-padded, stable for a
+given input and unit size: the input fingerprint guards the input under a resumed job, and
+``_job.json`` keeps the unit size its first run chose (:func:`job_unit_rows`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import Config
@@ -23,6 +26,16 @@ from .prompts import template_fields
 
 GLOB_CHARS = "*?["
 FOOTER_THREADS = 16  # footers are tiny reads; this bounds open connections, not memory
+# A small job's units are cut smaller so each expected actor gets about min_units_per_actor,
+# never below this: a unit costs a commit (two part files and a marker) whatever its size.
+MIN_UNIT_ROWS = 16
+# Actors expected when the config does not say (cluster.num_actors=0 on a cluster Ray has not
+# been asked about yet): a guess; more units than actors cost a commit each, fewer idle actors.
+ACTORS_GUESS = 8
+IMAGE_TYPES_ALLOWED = (
+    "binary or large_binary (encoded image bytes), string or large_string (a URI or path), or "
+    "a struct with a bytes and/or path field (Hugging Face datasets' Image)"
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,8 @@ class WorkUnit:
 class Plan:
     shards: list[Shard]
     fingerprint: str
-    unit_rows: int
+    unit_rows: int  # the unit size units are cut at (a resumed job's: _job.json's)
+    image_kind: str = "bytes"  # the image column's kind in the first shard: image_kind()
 
     @property
     def total_rows(self) -> int:
@@ -183,24 +197,86 @@ def required_columns(cfg: Config) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
-def plan_job(cfg: Config, storage: Storage | None = None) -> Plan:
-    """List, open and fingerprint the input; check the columns the job needs exist."""
+def image_kind(dtype: pa.DataType) -> str | None:
+    """``bytes``, ``uri``, ``struct`` (with a bytes field) or ``path`` (a struct of a path
+    only) for an image column's Arrow type; None for a type the reader cannot take an image
+    from (an int64 column would make every row MISSING_IMAGE)."""
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype):
+        return "bytes"
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return "uri"
+    if pa.types.is_struct(dtype):
+        names = {f.name for f in dtype}
+        return "struct" if "bytes" in names else "path" if "path" in names else None
+    return None
+
+
+def expected_actors(cfg: Config) -> int:
+    """Actors the job expects before Ray is asked: cluster.num_actors, a local Ray's declared
+    GPUs, else :data:`ACTORS_GUESS`."""
+    c = cfg.cluster
+    if c.num_actors:
+        return c.num_actors
+    if not c.address and c.local_num_gpus and c.num_gpus_per_actor > 0:
+        return max(1, int(c.local_num_gpus // c.num_gpus_per_actor))
+    return ACTORS_GUESS
+
+
+def sized_unit_rows(cfg: Config, total_rows: int) -> int:
+    """batching.unit_rows, lowered for a small job so each expected actor gets about
+    batching.min_units_per_actor units (202 rows on 2 actors: 4 units of 51, not one of 202
+    run by one actor while the other runs a backup copy), never below MIN_UNIT_ROWS."""
+    target, per = cfg.batching.unit_rows, cfg.batching.min_units_per_actor
+    if not per or total_rows <= 0:
+        return target
+    cap = -(-total_rows // (per * expected_actors(cfg)))
+    return min(target, max(cap, MIN_UNIT_ROWS))
+
+
+def job_unit_rows(job: dict, cfg: Config) -> int:
+    """The unit size a job's output was planned with: ``_job.json``'s ``unit_rows``, or
+    batching.unit_rows for outputs written before it was recorded (they were cut at that)."""
+    return int(job.get("unit_rows") or cfg.batching.unit_rows)
+
+
+def _check_columns(cfg: Config, shard: Shard, meta) -> str:
+    """The image column's kind; an InputError if a column is missing or the image column's
+    type holds no image."""
+    schema = meta.schema.to_arrow_schema()
+    missing = [c for c in required_columns(cfg) if c not in schema.names]
+    if missing:
+        raise InputError(
+            f"input: {shard.url} lacks column(s) {missing}; it has {sorted(schema.names)}. "
+            "Set input.id_column / input.image_column / input.prompt_column or fix the "
+            "prompt template fields."
+        )
+    column = cfg.input.image_column
+    dtype = schema.field(column).type
+    kind = image_kind(dtype)
+    if kind is None:
+        raise InputError(
+            f"input.image_column: column {column!r} of {shard.url} is {dtype}, which holds no "
+            f"image; it must be {IMAGE_TYPES_ALLOWED}. Set input.image_column to the column "
+            "that holds the images."
+        )
+    return kind
+
+
+def plan_job(cfg: Config, storage: Storage | None = None, unit_rows: int | None = None) -> Plan:
+    """List, open and fingerprint the input; check the columns the job needs exist and the
+    image column holds images. Units are cut at ``unit_rows`` (a resumed job's), else at
+    :func:`sized_unit_rows`."""
     storage = storage or Storage.for_input(cfg)
     listed = list_shard_urls(cfg, storage)
     with ThreadPoolExecutor(min(FOOTER_THREADS, max(1, len(listed)))) as pool:
         infos = list(pool.map(lambda a: _shard_info(a[0], *a[1], storage), enumerate(listed)))
-    needed = required_columns(cfg)
-    for shard, meta in infos:
-        names = set(meta.schema.to_arrow_schema().names)
-        missing = [c for c in needed if c not in names]
-        if missing:
-            raise InputError(
-                f"input: {shard.url} lacks column(s) {missing}; it has {sorted(names)}. "
-                "Set input.id_column / input.image_column / input.prompt_column or fix the "
-                "prompt template fields."
-            )
+    kinds = [_check_columns(cfg, shard, meta) for shard, meta in infos]
     shards = [s for s, _ in infos]
     digest = hashlib.sha256()
     for s in shards:
         digest.update(f"{s.url}\0{s.size}\0{s.version}\0{s.num_rows}\n".encode())
-    return Plan(shards, digest.hexdigest()[:16], cfg.batching.unit_rows)
+    rows = sum(s.num_rows for s in shards)
+    size = unit_rows or sized_unit_rows(cfg, rows)
+    return Plan(shards, digest.hexdigest()[:16], size, kinds[0] if kinds else "bytes")

@@ -24,10 +24,11 @@ from ..output.schema import part_columns
 from ..output.state import OutputState
 from ..output.writer import commit_unit
 from ..report.totals import error_codes_line, totals_of, versions
-from ..rows.manifest import Plan, WorkUnit, plan_job
+from ..rows.manifest import Plan, WorkUnit, job_unit_rows, plan_job
 from ..storage import Storage, StorageError, merge_request_stats
 from .closing import close_output, error_fraction_problem
 from .dispatch import COMMIT_THREADS, Dispatcher, PassResult
+from .preflight import preflight
 from .progress import Progress
 from .validate import validate
 
@@ -164,8 +165,10 @@ class Driver:
 
     # ---- before any work -------------------------------------------------------------
     def prepare(self) -> tuple[Plan, dict, set[str]]:
-        """Plan the input and open the output ledger; raises before any work on problems."""
+        """Plan the input, check what the job needs (pre-flight) and open the output ledger;
+        raises before any work, and before _job.json is written, on problems."""
         plan = plan_job(self.cfg, self.input_storage)
+        preflight(self.cfg, plan, self.state, self.input_storage)
         self._reuse = build_index(self.cfg, self.state.storage)
         fields = fingerprint_fields(self.cfg, plan.fingerprint)
         fp = fingerprint(fields)
@@ -183,6 +186,7 @@ class Driver:
                 "config": saved_config(self.cfg),
                 "versions": versions(),
                 "input": {"shards": len(plan.shards), "rows": plan.total_rows},
+                "unit_rows": plan.unit_rows,  # a resume cuts the same units (same unit ids)
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             }
             try:
@@ -190,6 +194,9 @@ class Driver:
             except OSError as exc:
                 raise StorageError(f"output.path {self.state.url}: cannot write: {exc}") from None
             return plan, job, set()
+        if plan.unit_rows != (saved := job_unit_rows(job, self.cfg)):
+            log.info("resuming with the units the job was planned with (%d rows each)", saved)
+            plan.unit_rows = saved
         self._records = {m.unit_id: m for m in self.state.markers()}
         committed = set(self._records)
         if not self.state.success():

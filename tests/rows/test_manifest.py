@@ -68,3 +68,55 @@ def test_manifest_file_lists_shards(tmp_path, dataset):
         ["input.paths=[]", f"input.manifest={manifest}"],
     )
     assert [s.url for s in plan_job(cfg).shards] == shards[:2]
+
+
+def _table_shard(folder, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), folder / "part-0.parquet")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("column", "kind"),
+    [
+        ([b"\xff\xd8"], "bytes"),
+        (["s3://b/k.jpg"], "uri"),
+        ([{"bytes": b"x", "path": "a.jpg"}], "struct"),
+        ([{"path": "a.jpg"}], "path"),
+    ],
+)
+def test_image_columns_of_the_allowed_types_plan_with_their_kind(tmp_path, column, kind):
+    data = _table_shard(tmp_path / "d", id=["a"], image=column)
+    cfg = load_job(write_job(tmp_path / "j.yaml", data, tmp_path / "o", None))
+    cfg.input.passthrough_columns = []
+    assert plan_job(cfg).image_kind == kind
+
+
+def test_an_image_column_of_another_type_is_refused_naming_it(tmp_path):
+    # An int64 column passed the column check before and made every row MISSING_IMAGE.
+    data = _table_shard(tmp_path / "d", id=["a", "b"], image=[1, 2])
+    cfg = load_job(write_job(tmp_path / "j.yaml", data, tmp_path / "o", None))
+    cfg.input.passthrough_columns = []
+    with pytest.raises(InputError, match=r"column 'image' of .* is int64, .* must be binary"):
+        plan_job(cfg)
+
+
+def test_a_small_job_is_cut_so_each_actor_gets_two_units(tmp_path):
+    from qvl_batch.tooling.synth import SynthSpec, make_dataset
+
+    spec = SynthSpec(rows=202, shards=1, row_group_rows=202, max_side=64, corrupt_fraction=0)
+    make_dataset(str(tmp_path / "d"), spec)
+    job = write_job(tmp_path / "j.yaml", tmp_path / "d", tmp_path / "o", None)
+    cfg = load_job(job, ["batching.unit_rows=512", "cluster.num_actors=2"])
+    units = list(plan_job(cfg).units())
+    assert len(units) >= 4 and sum(u.num_rows for u in units) == 202, units
+    # Never below the floor: 202 rows on 64 actors are units of 16 rows, not of 2.
+    many = load_job(job, ["batching.unit_rows=512", "cluster.num_actors=64"])
+    assert plan_job(many).unit_rows == 16
+    # A large job keeps batching.unit_rows; min_units_per_actor=0 turns the cap off.
+    off = load_job(job, ["batching.unit_rows=512", "batching.min_units_per_actor=0"])
+    assert plan_job(off).num_units() == 1
+    assert plan_job(cfg, unit_rows=512).num_units() == 1  # a resumed job's size wins
