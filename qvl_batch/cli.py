@@ -28,6 +28,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.fresh:
         overrides.append("output.mode=overwrite")
+    if args.verbose:  # Ray's own logs and the actors' output too
+        overrides.append("cluster.ray_logs=true")
     from .run.driver import run_job
 
     cfg = load_job(args.job, overrides)

@@ -333,6 +333,10 @@ class ClusterConfig:
     # than min_actors are live for start_timeout_s (from its start, or from losing actors).
     min_actors: int = 1
     start_timeout_s: float = 1800.0  # model loads, image pulls and autoscaled nodes take minutes
+    # Ray's own output on this terminal: its log lines and every actor's stdout/stderr (stack
+    # dumps included). Off, the actors' own warnings and errors still come back, one line each,
+    # through the driver's log. `qvl-batch -v run` turns it on.
+    ray_logs: bool = False
 
     def __post_init__(self) -> None:
         check(self.num_actors >= 0, "cluster.num_actors", "must be >= 0 (0 = auto)")

@@ -41,7 +41,7 @@ from ..storage import Storage
 from .carry_over import CarryOver
 from .collector import UnitCollector
 from .liveness import Watchdog, exit_dead, exit_stalled
-from .recorder import RecorderClient
+from .recorder import RecorderClient, relay_logs
 from .timeline import StateTimeline
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class UnitWorker:
         # The driver's FlightRecorder: told which rows enter the engine (before they can run)
         # and which left, so if a row takes this process down the driver knows which to isolate.
         self._recorder = RecorderClient(recorder, incarnation)
+        if not cfg.cluster.ray_logs:  # Ray forwards no worker output: send ours via the recorder
+            relay_logs(recorder, incarnation)
         self.engine: Engine = make_engine(cfg, incarnation)
         self.storage = Storage.for_input(cfg)
         schema = cfg.structured.json_schema

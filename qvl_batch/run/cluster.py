@@ -37,7 +37,14 @@ def connect(cfg: Config) -> bool:
     """Join ``cluster.address`` or start a local Ray; returns True if this call started it."""
     if ray.is_initialized():
         return False
-    common = {"include_dashboard": False, "logging_level": logging.WARNING}
+    # ray_logs off: Ray's log lines below ERROR and the workers' output stay off this terminal
+    # (they stay in Ray's session logs); the actors' own messages come via the recorder.
+    loud = cfg.cluster.ray_logs
+    common = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING if loud else logging.ERROR,
+        "log_to_driver": loud,
+    }
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, **common)
     else:
@@ -111,6 +118,7 @@ class ActorPool:
         self.incarnations = 0  # actors started so far; an actor's number is its incarnation
         self.actors: list = [None] * self.size
         self.incarnation_of = [0] * self.size  # slot -> incarnation of its actor
+        self._slot_of: dict[int, int] = {}  # incarnation -> slot, for the relayed messages
         self.live = [False] * self.size
         self.init_failures = [0] * self.size  # consecutive constructor failures per slot
         self._starting: dict = {}  # ready() ref -> slot
@@ -130,6 +138,7 @@ class ActorPool:
         actor = self._remote.remote(self.cfg, self.incarnations, self.recorder, self._reuse)
         self.actors[index] = actor
         self.incarnation_of[index] = self.incarnations
+        self._slot_of[self.incarnations] = index
         self.incarnations += 1
         self.live[index] = False
         self._starting[actor.ready.remote()] = index
@@ -147,11 +156,13 @@ class ActorPool:
         try:
             info = ray.get(ref)
         except ACTOR_DEATH as exc:
+            self.relay()  # what it said before it died, ahead of the driver's line on it
             init_failed = bool(getattr(exc, "actor_init_failed", False))
             if init_failed:
                 self.init_failures[index] += 1
             return Start(index, error=_last_line(exc), init_failed=init_failed)
         except RayTaskError as exc:  # ready() itself raised: treat as a failed start
+            self.relay()
             self.init_failures[index] += 1
             return Start(index, error=_last_line(exc), init_failed=True)
         self.live[index] = True
@@ -193,6 +204,18 @@ class ActorPool:
             )
         return Start(index, ready=True)
 
+    def relay(self) -> None:
+        """Log what the actors said (their warnings and errors, recorder.RelayHandler) as the
+        driver's own lines, naming the actor's slot."""
+        if self.cfg.cluster.ray_logs:  # Ray forwards the actors' output itself
+            return
+        try:
+            said = ray.get(self.recorder.news.remote(), timeout=STATS_TIMEOUT_S)
+        except (GetTimeoutError, RayTaskError, *ACTOR_DEATH):
+            return
+        for incarnation, level, text in said:
+            log.log(level, "actor %s: %s", self._slot_of.get(incarnation, "?"), text)
+
     def retire(self, index: int) -> None:
         """Give up on a slot (its engine cannot start there): kill what is left of it."""
         self.live[index] = False
@@ -216,6 +239,7 @@ class ActorPool:
     def health(self) -> dict[int, Beat] | None:
         """Each live slot's last heartbeat (slots that sent none are left out); None if the
         recorder did not answer."""
+        self.relay()
         slots = [i for i, live in enumerate(self.live) if live]
         try:
             beats = ray.get(
@@ -260,6 +284,7 @@ class ActorPool:
 
     def replace(self, index: int):
         """Kill actor ``index`` (if still alive) and start a fresh one in its place."""
+        self.relay()  # its last words (an engine that died, a stall) before the driver's
         self.retire(index)
         log.warning("actor %d is gone; starting a replacement", index)
         self._start(index)
@@ -330,6 +355,7 @@ class ActorPool:
         return padding, timings, storage
 
     def shutdown(self) -> None:
+        self.relay()
         for actor in [*self.actors, self.recorder]:
             try:
                 ray.kill(actor, no_restart=True)

@@ -1,13 +1,15 @@
 """The flight recorder: which rows are inside each actor's engine, kept outside the actors, so a
 process death is blamed on the rows that were really inside (``isolation.py`` judges them).
 :class:`FlightRecorder` is the driver's one Ray actor; :class:`RecorderClient` an actor's line
-to it."""
+to it. It also carries the actors' own warnings and errors to the driver (:class:`RelayHandler`)
+while Ray's log forwarding is off (``cluster.ray_logs``)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from .liveness import Beat
@@ -16,6 +18,10 @@ log = logging.getLogger(__name__)
 
 # The recorder answers in milliseconds; a stuck one must not hold the engine for long.
 RECORD_TIMEOUT_S = 30
+# Actor messages held for the driver, which takes them every heartbeat interval (seconds); a
+# flood beyond this between two reads loses its oldest lines, never blocks an actor.
+RELAY_KEEP = 1000
+RELAY_WAIT_S = 5  # an error may be an actor's last word before it exits: it is waited for
 
 
 class FlightRecorder:
@@ -34,6 +40,17 @@ class FlightRecorder:
         self._inside: dict[int, set] = {}
         self._stalled: set[int] = set()
         self._beats: dict[int, tuple[float, int, int, float]] = {}
+        self._said: deque[tuple[int, int, str]] = deque(maxlen=RELAY_KEEP)
+
+    def said(self, incarnation: int, level: int, text: str) -> None:
+        """An actor logged a warning or an error (RelayHandler)."""
+        self._said.append((incarnation, level, text))
+
+    def news(self) -> list[tuple[int, int, str]]:
+        """(incarnation, level, text) the actors said since the last call, oldest first."""
+        out = list(self._said)
+        self._said.clear()
+        return out
 
     def note(self, incarnation: int, entering: list, left: list) -> None:
         inside = self._inside.setdefault(incarnation, set())
@@ -108,3 +125,46 @@ class RecorderClient:
                 ray.get(self.recorder.stalled.remote(self.incarnation), timeout=RECORD_TIMEOUT_S)
         except Exception as exc:  # its rows then count as a crash's
             log.warning("flight recorder unavailable: %s: %s", type(exc).__name__, exc)
+
+
+class RelayHandler(logging.Handler):
+    """An actor's own warnings and errors (the ``qvl_batch`` loggers: the runner's and the
+    engines') sent to the recorder, from which the driver logs them as its own lines. With Ray's
+    forwarding of worker output off, this is how a stall or an engine's death still reaches the
+    user. One line each: a thread dump's rest stays in the actor's log (``-v`` forwards it)."""
+
+    def __init__(self, recorder, incarnation: int):
+        super().__init__(logging.WARNING)
+        self.recorder, self.incarnation = recorder, incarnation
+        self._inside = threading.local()  # a failing send logs too: never relay that
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(self._inside, "on", False):
+            return
+        self._inside.on = True
+        try:
+            lines = record.getMessage().splitlines() or [""]
+            text = lines[0]
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                text += f": {type(exc).__name__}: {exc}"
+            if len(lines) > 1:
+                text += f" [{len(lines) - 1} more lines in the actor's log; -v shows them]"
+            ref = self.recorder.said.remote(self.incarnation, record.levelno, text)
+            if record.levelno >= logging.ERROR:
+                import ray
+
+                ray.wait([ref], timeout=RELAY_WAIT_S)
+        except Exception:
+            pass
+        finally:
+            self._inside.on = False
+
+
+def relay_logs(recorder, incarnation: int) -> None:
+    """Send this process's qvl_batch warnings and errors to ``recorder`` (once per process)."""
+    logger = logging.getLogger("qvl_batch")
+    for old in [h for h in logger.handlers if isinstance(h, RelayHandler)]:
+        logger.removeHandler(old)
+    if recorder is not None:
+        logger.addHandler(RelayHandler(recorder, incarnation))

@@ -67,6 +67,9 @@ def test_changed_config_is_refused_with_exit_3(tmp_path, dataset):
     (out / "_job.json").write_text(
         '{"job_id": "old", "fingerprint": "0", "fingerprint_fields": {}}'
     )
+    # A committed unit: an output that committed nothing is replaced instead (test_first_run).
+    (out / "_state" / "units").mkdir(parents=True)
+    (out / "_state" / "units" / "00000-00000.json").write_text("{}")
     code, text = cli("run", write_job(tmp_path / "job.yaml", dataset, out, None))
     assert code == Exit.REFUSED
     assert "different config fingerprint" in text and "--fresh" in text

@@ -75,3 +75,33 @@ def test_a_failed_start_is_one_line_and_the_corrected_run_succeeds(tmp_path, dat
     assert proc.returncode == Exit.OK, log
     assert "committed nothing" in log
     check_fake_output(dataset, out, prompt=prompt)
+
+
+def test_an_actors_warnings_and_errors_reach_the_driver_one_line_each():
+    """With Ray's forwarding of worker output off, an actor's own messages go through the
+    recorder (the driver logs what ``news`` returns as its own lines)."""
+    import logging
+    from types import SimpleNamespace
+
+    from qvl_batch.run.recorder import FlightRecorder, relay_logs
+
+    recorder = FlightRecorder()
+    handle = SimpleNamespace(said=SimpleNamespace(remote=recorder.said))  # stands in for Ray's
+    relay_logs(handle, 3)
+    try:
+        engine_log = logging.getLogger("qvl_batch.engines.trtllm.engine")
+        engine_log.info("loaded")  # not a warning: stays in the actor
+        engine_log.error("engine died (CUDA error: an illegal memory access)\n  frame 1\n  frame 2")
+        logging.getLogger("qvl_batch.run.actor").warning("image warm-up failed: x")
+    finally:
+        relay_logs(None, 0)
+    assert recorder.news() == [
+        (
+            3,
+            logging.ERROR,
+            "engine died (CUDA error: an illegal memory access) [2 more lines in "
+            "the actor's log; -v shows them]",
+        ),
+        (3, logging.WARNING, "image warm-up failed: x"),
+    ]
+    assert recorder.news() == []
