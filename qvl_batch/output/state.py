@@ -27,6 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import NotAJobOutput, ResumeRefused
 from ..storage import Storage, StorageError, atomic_write, describe, is_temporary, join
+from .fingerprint import same_but_relative_model
 from .marker import Marker
 
 JOB_FILE = "_job.json"
@@ -215,7 +216,10 @@ class OutputState:
         job = self.job()
         if job is None:
             return None
-        if job.get("fingerprint") != fingerprint:
+        saved = job.get("fingerprint_fields") or {}
+        if job.get("fingerprint") != fingerprint and not same_but_relative_model(
+            saved, job.get("fingerprint"), fields
+        ):
             diff = _leaf_diff(job.get("fingerprint_fields", {}), fields)
             lines = "\n  ".join(diff[:20]) or "(fingerprint scheme changed)"
             raise ResumeRefused(
