@@ -77,6 +77,10 @@ def _catch_sigterm(command: str) -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def _sigterm_caught(command: str) -> bool:
+    return command in JOB_COMMANDS and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qvl-batch", description="Offline batch inference for Qwen2.5-VL over Parquet."
@@ -138,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qvl-batch: {what}: {exc}", file=sys.stderr)
         return code
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
+        # Ray's waits re-raise a KeyboardInterrupt of their own: the handler having fired (it
+        # leaves SIGTERM ignored) tells a SIGTERM from a Ctrl-C as well.
+        fired = _sigterm_caught(args.command)
+        terminated = isinstance(exc, Terminated) or fired
         what = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"qvl-batch: {what}; committed units are kept, run again to resume", file=sys.stderr)
         return Exit.TERMINATED if terminated else Exit.INTERRUPTED

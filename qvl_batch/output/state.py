@@ -11,6 +11,7 @@ Layout (a contract, documented in the README)::
                                           marker names the files that hold the unit's rows)
     _metrics.json                 throughput, errors, timings
     _SUCCESS                      written last
+    _lease.json                   while a driver runs (output/lease.py): who, and its heartbeat
 
 A unit is committed iff its marker exists. Part files without a marker are leftovers of a run
 that died mid-commit; they are deleted before a resumed run starts.

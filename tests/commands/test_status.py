@@ -59,7 +59,7 @@ def test_status_of_complete_job_matches_its_summary(finished, capsys):
 def test_status_says_running_or_not_from_the_lease(finished, tmp_path, capsys):
     """The same truncated ledger: a rate and an ETA only while a driver's heartbeat is fresh;
     a lease gone stale, or no lease at all, is a job that is not running."""
-    src, summary = finished
+    src, _ = finished
     assert not (src / LEASE_FILE).exists()  # the run released its lease
     out = tmp_path / "copy"
     shutil.copytree(src, out)

@@ -1,4 +1,4 @@
-"""``_lease.json``: one driver per output; a live holder refuses others, a dead one is taken over."""
+"""``_lease.json``: one driver per output; a live holder refuses others, a dead one's is taken."""
 
 from __future__ import annotations
 
