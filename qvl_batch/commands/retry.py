@@ -10,7 +10,8 @@ point) and the old errors file deleted. Every id stays in exactly one place; ``v
 it, accepting rows whose lineage names this pass (the marker lists each pass).
 
 ``_SUCCESS`` is removed while a pass runs and written again at its end (when the error fraction
-is within ``limits.max_error_fraction``), so readers can tell an output being changed.
+is within ``limits.max_error_fraction``), so readers can tell an output being changed; it and
+``_metrics.json``'s summary then tell this pass's outcome. A pass takes the output's lease.
 """
 
 from __future__ import annotations

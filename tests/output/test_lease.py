@@ -106,3 +106,22 @@ def test_a_lease_taken_over_stops_commits_and_is_not_removed(tmp_path, monkeypat
         lease.check()
     lease.release()
     assert read_lease(state)["job_id"] == "other-job"  # the new holder's lease stays
+
+
+def test_the_lease_on_an_object_store(tmp_path):
+    """No rename, no create-if-absent: write, wait, read back; a second driver is refused."""
+    from qvl_batch.config import StorageConfig
+    from qvl_batch.storage import Storage
+    from qvl_batch.tooling.s3local import MotoServer
+
+    with MotoServer(tmp_path / "moto.log") as server:
+        storage = Storage(StorageConfig(endpoint_url=server.endpoint))
+        fs, _ = storage.fs("s3://leases/out")
+        fs.mkdir("leases")
+        state = OutputState("s3://leases/out", storage)
+        lease = Lease.acquire(state, "job-s3")
+        assert read_lease(state)["job_id"] == "job-s3"
+        with pytest.raises(LeaseHeld, match="job-s3"):
+            Lease.acquire(OutputState("s3://leases/out", storage), "job-other")
+        lease.release()
+        assert read_lease(state) is None
