@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
-from .errors import Exit, QvlError, exit_for
+from .errors import Exit, QvlError, Terminated, exit_for
 from .run.validate import load_job
 
 log = logging.getLogger("qvl_batch")
@@ -57,6 +59,28 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .commands.doctor import run_doctor
 
     return run_doctor()
+
+
+# Commands that run a job: SIGTERM (Ray's `jobs cancel`, Kubernetes, systemd, `kill`) takes
+# Ctrl-C's clean path there; the others keep Python's default (die at once).
+JOB_COMMANDS = ("run", "demo", "retry-failed")
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM in a job command: raised once as :class:`Terminated` in the main thread, so the
+    run unwinds as after Ctrl-C (actors stopped, lease released); later ones (a supervisor
+    repeating itself) are ignored while that clean-up runs."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+def _catch_sigterm(command: str) -> None:
+    if command in JOB_COMMANDS and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _sigterm_caught(command: str) -> bool:
+    return command in JOB_COMMANDS and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    _catch_sigterm(args.command)
     try:
         return args.func(args)
     except QvlError as exc:
@@ -118,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         what = "refused" if code == Exit.REFUSED else "error"
         print(f"qvl-batch: {what}: {exc}", file=sys.stderr)
         return code
-    except KeyboardInterrupt:
-        print(
-            "qvl-batch: interrupted; committed units are kept, run again to resume", file=sys.stderr
-        )
-        return Exit.INTERRUPTED
+    except KeyboardInterrupt as exc:
+        # Ray's waits re-raise a KeyboardInterrupt of their own: the handler having fired (it
+        # leaves SIGTERM ignored) tells a SIGTERM from a Ctrl-C as well.
+        fired = _sigterm_caught(args.command)
+        terminated = isinstance(exc, Terminated) or fired
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"qvl-batch: {what}; committed units are kept, run again to resume", file=sys.stderr)
+        return Exit.TERMINATED if terminated else Exit.INTERRUPTED
 
 
 if __name__ == "__main__":

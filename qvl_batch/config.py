@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -520,3 +521,40 @@ def _resolve(merged: DictConfig, overrides: list[str] | None) -> Config:
         raise (ConfigError(str(cause)) if cause else _explain(exc, "config")) from None
     cfg.input.check_required()
     return cfg
+
+
+# "org/name": what a model hub id looks like; a relative engine.model of this shape that is no
+# local path is left as it is (made absolute it would name a folder that does not exist).
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def local_absolute(path: str, base: str | None = None) -> str:
+    """A relative local path made absolute (against ``base``, else the current directory);
+    URLs (a scheme) and absolute paths as they are. Globs keep their wildcards."""
+    if not path or "://" in path:
+        return path
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.abspath(os.path.join(base or os.getcwd(), path))
+
+
+def model_absolute(model: str, base: str | None = None) -> str:
+    """:func:`local_absolute` for ``engine.model``, except a hub-id-like name (``org/name``)
+    that is no local path."""
+    hub_like = "://" not in model and _HUB_ID.fullmatch(model)
+    if hub_like and not os.path.exists(os.path.join(base or os.getcwd(), model)):
+        return model
+    return local_absolute(model, base)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its local paths absolute (input paths and manifest, the model, earlier
+    outputs to reuse): what is saved in ``_job.json`` and fingerprinted must not depend on the
+    directory a command runs from, and actors may run elsewhere."""
+    inp = dataclasses.replace(
+        cfg.input,
+        paths=[local_absolute(p) for p in cfg.input.paths],
+        manifest=local_absolute(cfg.input.manifest) if cfg.input.manifest else None,
+    )
+    engine = dataclasses.replace(cfg.engine, model=model_absolute(cfg.engine.model))
+    reuse = dataclasses.replace(cfg.reuse, outputs=[local_absolute(p) for p in cfg.reuse.outputs])
+    return dataclasses.replace(cfg, input=inp, engine=engine, reuse=reuse)

@@ -78,9 +78,10 @@ class Exit(IntEnum):
     OK = 0
     PROBLEMS = 1  # plan found problems; verify found violations of the output contract
     CONFIG = 2  # bad config, input or output path (nothing ran); status / verify: no job there
-    REFUSED = 3  # the output holds a job with another fingerprint
+    REFUSED = 3  # the output holds a job with another fingerprint, or another driver's lease
     FAILED = 4  # the job failed; committed units are kept
     INTERRUPTED = 130  # Ctrl-C; committed units are kept
+    TERMINATED = 143  # SIGTERM (128 + 15, the shell's convention); committed units are kept
 
 
 # The process exit status of an actor whose engine died (it exits so the driver replaces it).
@@ -128,10 +129,19 @@ class ResumeRefused(QvlError, RuntimeError):
     """The output belongs to a job with another fingerprint; says what differs and what to do."""
 
 
+class LeaseHeld(QvlError, RuntimeError):
+    """Another driver holds the output's ``_lease.json`` and its heartbeat is fresh."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the Ctrl-C path (committed units kept, lease released) by the job
+    commands' handler; a KeyboardInterrupt so every cleanup that handles Ctrl-C handles it."""
+
+
 class SubmitError(QvlError, RuntimeError):
     """The Jobs API cannot be reached, or it refused a request."""
 
 
 def exit_for(exc: QvlError) -> Exit:
     """The exit code a command returns for ``exc``."""
-    return Exit.REFUSED if isinstance(exc, ResumeRefused) else Exit.CONFIG
+    return Exit.REFUSED if isinstance(exc, (ResumeRefused, LeaseHeld)) else Exit.CONFIG

@@ -10,7 +10,8 @@ point) and the old errors file deleted. Every id stays in exactly one place; ``v
 it, accepting rows whose lineage names this pass (the marker lists each pass).
 
 ``_SUCCESS`` is removed while a pass runs and written again at its end (when the error fraction
-is within ``limits.max_error_fraction``), so readers can tell an output being changed.
+is within ``limits.max_error_fraction``), so readers can tell an output being changed; it and
+``_metrics.json``'s summary then tell this pass's outcome. A pass takes the output's lease.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 from ..config import ConfigError, load_config
 from ..errors import Exit
 from ..output.fingerprint import fingerprint, fingerprint_fields
+from ..output.lease import Lease
 from ..output.marker import Marker
 from ..output.schema import part_columns
 from ..output.state import ERRORS_DIR, SUCCESS_FILE, OutputState
@@ -36,7 +38,7 @@ from ..output.writer import commit_retry
 from ..rows.manifest import WorkUnit, job_unit_rows, plan_job
 from ..run.closing import close_output, error_fraction_problem
 from ..run.dispatch import Dispatcher
-from ..run.driver import JobSummary, fill_totals, ray_pool
+from ..run.driver import JobSummary, fill_totals, lease_lost, ray_pool
 from ..run.progress import Progress
 from ..storage import Storage, StorageError
 from .existing_output import open_output
@@ -50,6 +52,7 @@ class RetryWork:
 
     def __init__(self, state: OutputState, records: dict[str, Marker], columns, compression):
         self.state, self.records = state, records
+        self.lease: Lease | None = None  # the pass's hold on the output, taken in prepare
         self.columns, self.compression = columns, compression
         self.rows: dict[str, tuple[pa.Table, pa.Table | None]] = {}  # unit -> (retry, keep)
 
@@ -59,6 +62,8 @@ class RetryWork:
         return {"only": sorted(rows)}
 
     def commit(self, unit: WorkUnit, table, lineage: dict, attempt: int):
+        if self.lease is not None:
+            self.lease.check()  # raises LeaseLost once another driver took the output over
         retry, keep = self.rows[unit.unit_id]
         marker = self.records[unit.unit_id]
         return commit_retry(
@@ -126,15 +131,17 @@ class RetryPass:
                 f"retry-failed {self.state.url}: {len(pending)} units are not committed yet "
                 "(the job has not finished): run the job again, it resumes; then retry-failed"
             )
-        removed = self.state.clean_orphans(records)  # a pass that died mid-commit
-        if removed:
-            log.info("removed %d part files no marker names (an interrupted pass)", len(removed))
         stamp = dt.datetime.now(dt.timezone.utc)
         job = {
             **self.job,
             "job_id": f"{self.job['job_id']}.retry-{stamp:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}",
             "fingerprint": fingerprint(fields),
         }
+        # Like a run: no other driver may be writing while this pass deletes and rewrites.
+        self.work.lease = Lease.acquire(self.state, job["job_id"])
+        removed = self.state.clean_orphans(records)  # a pass that died mid-commit
+        if removed:
+            log.info("removed %d part files no marker names (an interrupted pass)", len(removed))
         return plan, job
 
     def _select(self, plan) -> list[WorkUnit]:
@@ -164,6 +171,14 @@ class RetryPass:
 
     # ---- the pass ----------------------------------------------------------------------
     def run(self) -> JobSummary:
+        """Run the pass; the lease is released however it ends (Ctrl-C and SIGTERM too)."""
+        try:
+            return self._run()
+        finally:
+            if self.work.lease is not None:
+                self.work.lease.release()
+
+    def _run(self) -> JobSummary:
         t0 = time.monotonic()
         plan, job = self.prepare()
         units = self._select(plan)
@@ -195,6 +210,9 @@ class RetryPass:
             f"retried {summary.rows_this_run:,} of {rows:,} error rows: {fixed:,} now in data/, "
             f"{summary.errors_this_run:,} still failing"
         )
+        if lease_lost(self.work.lease, summary):  # the closing files are the new holder's
+            fill_totals(summary, self._records)
+            return summary
         try:
             self._finish(summary, job, failure)
         except StorageError as exc:
@@ -203,6 +221,8 @@ class RetryPass:
         return summary
 
     def _finish(self, summary: JobSummary, job: dict, failure: str | None) -> None:
+        """``_metrics.json`` and ``_SUCCESS`` rewritten with this pass's outcome (an earlier
+        run's "failed" would otherwise outlive a pass that fixed it)."""
         fill_totals(summary, self._records)
         metrics = self.state.metrics() or {}
         metrics.setdefault("retries", []).append(
@@ -215,18 +235,21 @@ class RetryPass:
                 "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             }
         )
-        totals = {k: getattr(summary, k) for k in ("data_rows", "error_rows", "error_codes")}
-        metrics["summary"] = {**(metrics.get("summary") or {}), **totals}
         failure = failure or error_fraction_problem(
             summary.error_rows, summary.rows_total, self.cfg.limits, still=True
         )
-        success = None if failure else {"job_id": self.job["job_id"], **metrics["summary"]}
-        close_output(self.state, metrics, success)
         if failure:
             summary.status, summary.exit_code = "failed", Exit.FAILED
             summary.message += f"; {failure}"
-            return
-        summary.status = "succeeded"
+        else:
+            summary.status = "succeeded"
+        keys = ("data_rows", "error_rows", "error_codes", "status", "exit_code", "message")
+        outcome = {k: getattr(summary, k) for k in keys}
+        earlier = metrics.get("summary") or {}
+        metrics["summary"] = {**earlier, **outcome, "last_pass": job["job_id"]}
+        # _SUCCESS names the job (verify checks it), whichever pass closed the output.
+        success = None if failure else {**metrics["summary"], "job_id": self.job["job_id"]}
+        close_output(self.state, metrics, success)
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """``qvl-batch status OUTPUT``: how far a job has got, read from its ledger alone.
 
-Reads ``_job.json``, the commit markers, ``_SUCCESS`` and ``_metrics.json`` (never part files
-or images), so it is cheap on a running job: rows done, errors by code, the recent commit rate
-and an ETA for the rows still pending.
+Reads ``_job.json``, the commit markers, ``_lease.json``, ``_SUCCESS`` and ``_metrics.json``
+(never part files or images), so it is cheap on a running job: rows done, errors by code, and
+whether a driver is alive (its lease's heartbeat). Only a live job gets a rate and an ETA: a
+dead one's last commits say nothing about when it will finish.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from ..config import StorageConfig
 from ..errors import Exit
+from ..output.lease import heartbeat_age, read_lease, why_dead
 from ..output.state import NotAJobOutput
 from ..report.totals import error_codes_line, totals_of
 from ..storage import StorageError
@@ -30,7 +32,8 @@ class StatusReport:
 
     output: str
     job_id: str = ""
-    state: str = "running or interrupted"  # complete | failed | running or interrupted
+    state: str = "interrupted"  # complete | running | stopped | failed | interrupted
+    driver: str = ""  # running / stopped: who holds the lease and its heartbeat's age
     created_at: str = ""
     rows_total: int = 0
     rows_done: int = 0
@@ -52,21 +55,33 @@ class StatusReport:
         rate = "?" if self.rows_per_s is None else f"{self.rows_per_s:,.1f} rows/s"
         eta = "?" if self.eta_s is None else str(dt.timedelta(seconds=round(self.eta_s)))
         out = [
-            f"job {self.job_id}: {self.state}  ({self.output}, created {self.created_at})",
+            f"job {self.job_id}: {self.state_line()}  ({self.output}, created {self.created_at})",
             f"  rows: {self.rows_done:,} / {self.rows_total:,} done ({pct:.1f}%), "
             f"{self.rows_pending:,} pending; {self.units_committed:,} units committed",
             f"  output: {self.data_rows:,} data rows, {self.error_rows:,} error rows",
         ]
         if self.error_codes:
             out.append(error_codes_line(self.error_codes))
-        if self.state != "complete":
+        if self.state == "running":
             out.append(
                 f"  rate: {rate} (recent commits); ETA {eta}; last commit {self.last_commit_at}"
             )
+        elif self.state != "complete":
+            out.append(f"  last commit {self.last_commit_at}")
         if self.summary:
             keys = ("status", "elapsed_s", "rows_per_s", "rows_this_run", "message")
             out.append("  summary: " + ", ".join(f"{k}={self.summary.get(k)}" for k in keys))
         return out
+
+    def state_line(self) -> str:
+        """The state in words: running (whose driver), or why not."""
+        if self.state == "running":
+            return f"running ({self.driver})"
+        if self.state == "stopped":
+            return f"not running: the driver stopped ({self.driver}); run again to resume"
+        if self.state == "interrupted":
+            return "not running: interrupted (no driver holds the output); run again to resume"
+        return self.state
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "rows_pending": self.rows_pending}
@@ -109,19 +124,36 @@ def job_status(url: str, storage: StorageConfig | None = None) -> StatusReport:
     report.units_committed = totals["units"]
     if commits:
         report.last_commit_at = max(commits)[0].isoformat()
-    report.rows_per_s = commit_rate(commits)
-    if report.rows_per_s:
-        report.eta_s = report.rows_pending / report.rows_per_s
     try:
         metrics = state.metrics() or {}
     except ValueError:
         metrics = {}
-    success, ended = state.success(), metrics.get("summary") or {}
+    success, ended, lease = state.success(), metrics.get("summary") or {}, read_lease(state)
+    dead = why_dead(lease) if lease else None
     if success is not None:
-        report.state, report.eta_s, report.summary = "complete", 0.0, success
+        report.state, report.summary = "complete", success
+    elif lease is not None and dead is None:
+        report.state, report.driver = "running", _driver(lease)
+        report.rows_per_s = commit_rate(commits)
+        if report.rows_per_s:
+            report.eta_s = report.rows_pending / report.rows_per_s
+    elif lease is not None:
+        gone = "" if dead.startswith("no heartbeat") else f"; {dead}"  # a dead pid here
+        report.state, report.driver = "stopped", _driver(lease, "last heartbeat") + gone
     elif ended.get("status") == "failed":  # metrics of an earlier succeeded run are ignored
         report.state, report.summary = "failed", ended
     return report
+
+
+def _driver(lease: dict, beat: str = "heartbeat") -> str:
+    age = _ago(heartbeat_age(lease))
+    return f"driver {lease.get('host')}:{lease.get('pid')}, {beat} {age} ago"
+
+
+def _ago(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    return f"{seconds:.0f} s" if seconds < 120 else str(dt.timedelta(seconds=round(seconds)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any
 
-from ..config import Config
+from ..config import Config, model_absolute
 
 
 def result_settings(cfg: Config) -> dict[str, Any]:
@@ -45,3 +45,14 @@ def fingerprint_fields(cfg: Config, input_fingerprint: str) -> dict[str, Any]:
 def fingerprint(fields: dict[str, Any]) -> str:
     blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def same_but_relative_model(saved_fields: dict, saved: str, fields: dict[str, Any]) -> bool:
+    """True when an output fingerprinted by an older version, which kept a relative
+    ``engine.model`` as typed, is this job: its model made absolute here is today's, and every
+    other field is the same (the saved fingerprint recomputed with the old spelling matches)."""
+    old = (saved_fields.get("engine") or {}).get("model")
+    now = fields["engine"]["model"]
+    if not isinstance(old, str) or old == now or model_absolute(old) != now:
+        return False
+    return fingerprint({**fields, "engine": {**fields["engine"], "model": old}}) == saved

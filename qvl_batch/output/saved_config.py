@@ -1,12 +1,16 @@
-"""The config as ``_job.json`` keeps it (secrets redacted) and as a later command reads it back."""
+"""The config as ``_job.json`` keeps it (secrets redacted, local paths absolute) and as a later
+command reads it back (older outputs' relative paths resolved)."""
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 import re
+from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import Config, local_absolute, model_absolute
 
 SECRET_WORDS = {
     "key",
@@ -89,3 +93,56 @@ def read_back(saved: dict[str, Any]) -> dict[str, Any]:
         if lengths:
             out["engine"].setdefault("benchmark", {})["answer_lengths"] = lengths
     return out
+
+
+# ---- older outputs: local paths saved relative ---------------------------------------------
+
+
+def _job_dir(saved_output: Any, url: str) -> str | None:
+    """The directory a job ran from, read off its relative ``output.path`` as saved and where
+    the output is now (``out`` saved, ``/home/u/proj/out`` now: ``/home/u/proj``); None when the
+    saved path was absolute or a URL, or the output has moved under another name."""
+    if not isinstance(saved_output, str) or "://" in saved_output or "://" in url:
+        return None
+    if not saved_output or os.path.isabs(saved_output):
+        return None
+    here = Path(os.path.abspath(url)).parts
+    rel = Path(os.path.normpath(saved_output)).parts
+    if ".." in rel or len(rel) >= len(here) or here[-len(rel) :] != rel:
+        return None
+    return str(Path(*here[: -len(rel)]))
+
+
+def _exists(path: str) -> bool:
+    if any(c in path for c in "*?["):
+        return bool(glob.glob(path, recursive=True))
+    return os.path.exists(path)
+
+
+def absolute_saved_paths(saved: dict[str, Any], url: str) -> list[tuple[str, str]]:
+    """Make the relative local paths of an older output's saved config absolute, in place.
+
+    Versions before paths were saved absolute kept ``input.paths``, ``input.manifest`` and
+    ``engine.model`` as typed, relative to wherever the job ran. They are resolved against that
+    directory when the saved ``output.path`` tells it (see :func:`_job_dir`), else against the
+    current one: the first where every input path exists. Returns the ``(key, path)`` of input
+    paths found in neither (the caller says how to override them)."""
+    inp, engine = saved.get("input") or {}, saved.get("engine") or {}
+    relative = lambda p: isinstance(p, str) and p and "://" not in p and not os.path.isabs(p)  # noqa: E731
+    entries = [(f"input.paths[{i}]", p) for i, p in enumerate(inp.get("paths") or [])]
+    entries += [("input.manifest", inp.get("manifest"))]
+    entries = [(k, os.path.expanduser(p)) for k, p in entries if relative(p)]
+    model = engine.get("model")
+    if not entries and not relative(model):
+        return []
+    bases = [b for b in (_job_dir((saved.get("output") or {}).get("path"), url), os.getcwd()) if b]
+    base = next((b for b in bases if all(_exists(os.path.join(b, p)) for _, p in entries)), None)
+    base = base or bases[0]
+    missing = [(k, p) for k, p in entries if not _exists(os.path.join(base, p))]
+    if "paths" in inp:
+        inp["paths"] = [local_absolute(p, base) for p in inp["paths"]]
+    if inp.get("manifest"):
+        inp["manifest"] = local_absolute(inp["manifest"], base)
+    if relative(model):
+        engine["model"] = model_absolute(model, base)
+    return missing

@@ -11,6 +11,7 @@ Layout (a contract, documented in the README)::
                                           marker names the files that hold the unit's rows)
     _metrics.json                 throughput, errors, timings
     _SUCCESS                      written last
+    _lease.json                   while a driver runs (output/lease.py): who, and its heartbeat
 
 A unit is committed iff its marker exists. Part files without a marker are leftovers of a run
 that died mid-commit; they are deleted before a resumed run starts.
@@ -28,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import NotAJobOutput, ResumeRefused
 from ..storage import Storage, StorageError, atomic_write, describe, is_temporary, join
+from .fingerprint import same_but_relative_model
 from .marker import Marker
 
 JOB_FILE = "_job.json"
@@ -240,7 +242,11 @@ class OutputState:
         job = self.job()
         if job is None:
             return None
-        if job.get("fingerprint") != fingerprint and not self.holds_results():
+        saved = job.get("fingerprint_fields") or {}
+        changed = job.get("fingerprint") != fingerprint and not same_but_relative_model(
+            saved, job.get("fingerprint"), fields
+        )
+        if changed and not self.holds_results():
             log.info(
                 "output %s: the earlier start (job %s) committed nothing; this job replaces it",
                 self.url,
@@ -248,7 +254,7 @@ class OutputState:
             )
             self.wipe()
             return None
-        if job.get("fingerprint") != fingerprint:
+        if changed:
             diff = _leaf_diff(job.get("fingerprint_fields", {}), fields)
             lines = "\n  ".join(diff[:20]) or "(fingerprint scheme changed)"
             raise ResumeRefused(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,12 +46,21 @@ def connect(cfg: Config) -> bool:
         "logging_level": logging.WARNING if loud else logging.ERROR,
         "log_to_driver": loud,
     }
+    # ray.init installs its own SIGTERM handler (sys.exit mid-call, then a C++ abort at exit):
+    # a handler the command installed (cli.py: SIGTERM as Ctrl-C) is put back after it.
+    on_term = signal.getsignal(signal.SIGTERM) if _main_thread() else None
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, **common)
     else:
         c = cfg.cluster
         ray.init(num_cpus=c.local_num_cpus or None, num_gpus=c.local_num_gpus or None, **common)
+    if callable(on_term):
+        signal.signal(signal.SIGTERM, on_term)
     return True
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def actor_layout(cfg: Config, resources: dict[str, float]) -> tuple[int, dict[str, Any]]:

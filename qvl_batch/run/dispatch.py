@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..output.lease import LeaseLost
 from ..output.marker import Marker
 from ..output.writer import UnitIncomplete
 from ..rows.manifest import WorkUnit
@@ -260,6 +261,8 @@ class Dispatcher:
             return self._requeue(unit, attempt, str(exc))
         except StorageError as exc:  # retries exhausted: stop, keep the rest
             return f"cannot commit unit {unit.unit_id}: {exc}"
+        except LeaseLost as exc:  # another driver owns the output now: commit nothing more
+            return f"unit {unit.unit_id} not committed: {exc}"
         self.isolation.forget(unit.unit_id)
         self.records[record.unit_id] = record
         summary.rows_this_run += done["num_rows"]

@@ -14,9 +14,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..config import Config
+from ..config import Config, with_absolute_paths
 from ..errors import Exit
 from ..output.fingerprint import fingerprint, fingerprint_fields
+from ..output.lease import Lease
 from ..output.marker import Marker
 from ..output.reuse import build_index
 from ..output.saved_config import saved_config
@@ -99,8 +100,10 @@ class JobWork:
     """A job's units as ``run`` runs them (the :class:`~qvl_batch.run.dispatch.Work` of new rows):
     every row of the unit, committed as new part files then the marker."""
 
-    def __init__(self, cfg: Config, state: OutputState, rows_before: int, errors_before: int):
-        self.cfg, self.state = cfg, state
+    def __init__(
+        self, cfg: Config, state: OutputState, rows_before: int, errors_before: int, lease=None
+    ):
+        self.cfg, self.state, self.lease = cfg, state, lease
         self.columns = part_columns(cfg)  # data/ and errors/ columns, before lineage
         # A resumed run judges its error fraction over every committed row, not only its own.
         self.rows_before, self.errors_before = rows_before, errors_before
@@ -109,6 +112,8 @@ class JobWork:
         return {}
 
     def commit(self, unit: WorkUnit, table, lineage: dict, attempt: int) -> tuple[Marker, dict]:
+        if self.lease is not None:
+            self.lease.check()  # raises LeaseLost once another driver took the output over
         marker = commit_unit(
             self.state, unit, table, lineage, attempt, self.columns, self.cfg.output.compression
         )
@@ -119,6 +124,21 @@ class JobWork:
         return error_fraction_problem(
             self.errors_before + errors, self.rows_before + rows, self.cfg.limits, running=True
         )
+
+
+def new_job_id(cfg: Config) -> str:
+    """``<job name>-<UTC time>-<random>``: a run's id, kept by every later resume."""
+    stamp = dt.datetime.now(dt.timezone.utc)
+    return f"{cfg.job.name}-{stamp:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def lease_lost(lease: Lease | None, summary: JobSummary) -> bool:
+    """True (and ``summary`` failed, saying why) when another driver took the lease over."""
+    if lease is None or lease.lost is None:
+        return False
+    summary.status, summary.exit_code = "failed", Exit.FAILED
+    summary.message = f"stopped: {lease.lost}; committed units are kept"
+    return True
 
 
 def fill_totals(summary: JobSummary, records: dict[str, Marker]) -> None:
@@ -151,7 +171,9 @@ class Driver:
         commit_threads: int = COMMIT_THREADS,
         make_pool=ray_pool,
     ):
-        self.cfg = cfg
+        # Local paths absolute: _job.json and the fingerprint must not depend on the directory
+        # the driver runs from (verify and retry-failed may run elsewhere; so may actors).
+        self.cfg = cfg = with_absolute_paths(cfg)
         self.progress_bar = progress_bar
         self.commit_threads = commit_threads
         self.make_pool = make_pool
@@ -160,27 +182,38 @@ class Driver:
         # Commit markers by unit id: read at start, then this run's as they are written.
         self._records: dict[str, Marker] = {}
         self._reuse = None  # the ReuseIndex of reuse.outputs, built before any work
+        self.lease: Lease | None = None  # this driver's hold on the output (prepare takes it)
         self._started_at = time.time()  # this run's start, wall clock (the report's axis)
         self._t0 = time.monotonic()
 
     # ---- before any work -------------------------------------------------------------
     def prepare(self) -> tuple[Plan, dict, set[str]]:
-        """Plan the input, check what the job needs (pre-flight) and open the output ledger;
-        raises before any work, and before _job.json is written, on problems."""
+        """Plan the input, check what the job needs (pre-flight), take the output's lease and
+        open its ledger; raises before any work, and before _job.json is written, on problems
+        (another live driver's lease: LeaseHeld)."""
         plan = plan_job(self.cfg, self.input_storage)
         preflight(self.cfg, plan, self.state, self.input_storage)
         self._reuse = build_index(self.cfg, self.state.storage)
         fields = fingerprint_fields(self.cfg, plan.fingerprint)
         fp = fingerprint(fields)
-        if self.cfg.output.mode == "overwrite":
-            self.state.wipe()
-            job = None
-        else:
+        overwrite = self.cfg.output.mode == "overwrite"
+        if not overwrite and self.state.success():  # nothing to do: no lease needed
             job = self.state.check_resume(fp, fields)
+            if job is not None:
+                self._records = {m.unit_id: m for m in self.state.markers()}
+                return plan, job, set(self._records)
+        # The lease comes before anything that changes the ledger: wiping it (also a failed
+        # start's _job.json, in check_resume), or deleting part files no marker names (another
+        # live driver's commits in progress look like that).
+        self.lease = Lease.acquire(self.state, "starting")
+        job = None if overwrite else self.state.check_resume(fp, fields)
+        job_id = job["job_id"] if job else new_job_id(self.cfg)
+        self.lease.record["job_id"] = self.lease.job_id = job_id  # the next heartbeat says it
+        if overwrite:
+            self.state.wipe()
         if job is None:
             job = {
-                "job_id": f"{self.cfg.job.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
-                f"-{uuid.uuid4().hex[:6]}",
+                "job_id": job_id,
                 "fingerprint": fp,
                 "fingerprint_fields": fields,
                 "config": saved_config(self.cfg),
@@ -198,15 +231,21 @@ class Driver:
             log.info("resuming with the units the job was planned with (%d rows each)", saved)
             plan.unit_rows = saved
         self._records = {m.unit_id: m for m in self.state.markers()}
-        committed = set(self._records)
-        if not self.state.success():
-            removed = self.state.clean_orphans(list(self._records.values()))
-            if removed:
-                log.info("removed %d uncommitted part files of an interrupted run", len(removed))
-        return plan, job, committed
+        removed = self.state.clean_orphans(list(self._records.values()))
+        if removed:
+            log.info("removed %d uncommitted part files of an interrupted run", len(removed))
+        return plan, job, set(self._records)
 
     # ---- the run -------------------------------------------------------------------
     def run(self) -> JobSummary:
+        """Run the job; the lease is released however the run ends (Ctrl-C and SIGTERM too)."""
+        try:
+            return self._run()
+        finally:
+            if self.lease is not None:
+                self.lease.release()
+
+    def _run(self) -> JobSummary:
         t0 = self._t0 = time.monotonic()
         self._started_at = time.time()
         plan, job, committed = self.prepare()
@@ -220,7 +259,7 @@ class Driver:
             return summary
         done_before = sum(u.num_rows for u in plan.units() if u.unit_id in committed)
         before = totals_of(list(self._records.values()))
-        work = JobWork(self.cfg, self.state, before["rows"], before["error_rows"])
+        work = JobWork(self.cfg, self.state, before["rows"], before["error_rows"], self.lease)
         todo: Iterator[WorkUnit] = (u for u in plan.units() if u.unit_id not in committed)
         progress = Progress(plan.total_rows, done_before, bar=self.progress_bar)
         try:
@@ -241,6 +280,9 @@ class Driver:
             progress.close()
         summary.elapsed_s = time.monotonic() - t0
         summary.rows_per_s = summary.rows_this_run / summary.elapsed_s if summary.elapsed_s else 0
+        if lease_lost(self.lease, summary):  # the closing files are the new holder's to write
+            fill_totals(summary, self._records)
+            return summary
         try:
             return self._close(summary, job, outcome)
         except StorageError as exc:  # committed units are safe; only the closing files failed

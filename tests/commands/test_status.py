@@ -11,6 +11,7 @@ import pytest
 
 from qvl_batch.commands.status import add_status_parser, cmd_status, commit_rate, job_status
 from qvl_batch.errors import Exit
+from qvl_batch.output.lease import LEASE_FILE
 from qvl_batch.run.driver import run_job
 from qvl_batch.run.validate import load_job
 
@@ -41,7 +42,8 @@ def test_status_of_complete_job_matches_its_summary(finished, capsys):
     report = job_status(str(out))
     assert report.state == "complete" and report.job_id == summary.job_id
     assert report.rows_done == report.rows_total == summary.rows_total == 240
-    assert report.rows_pending == 0 and report.eta_s == 0.0
+    assert report.rows_pending == 0
+    assert report.rows_per_s is None and report.eta_s is None  # ended: totals only
     assert (report.data_rows, report.error_rows) == (summary.data_rows, summary.error_rows)
     assert report.error_codes == summary.error_codes and report.error_rows > 0
     assert report.units_committed == summary.units_total
@@ -54,8 +56,11 @@ def test_status_of_complete_job_matches_its_summary(finished, capsys):
 
 
 @pytest.mark.slow
-def test_status_of_interrupted_job_counts_pending_rows(finished, tmp_path, capsys):
+def test_status_says_running_or_not_from_the_lease(finished, tmp_path, capsys):
+    """The same truncated ledger: a rate and an ETA only while a driver's heartbeat is fresh;
+    a lease gone stale, or no lease at all, is a job that is not running."""
     src, _ = finished
+    assert not (src / LEASE_FILE).exists()  # the run released its lease
     out = tmp_path / "copy"
     shutil.copytree(src, out)
     (out / "_SUCCESS").unlink()  # _metrics.json stays: a succeeded run's does not mean failed
@@ -65,17 +70,39 @@ def test_status_of_interrupted_job_counts_pending_rows(finished, tmp_path, capsy
     for p in deleted:
         p.unlink()
 
+    _lease(out, age_s=3)
     report = job_status(str(out))
-    assert report.state == "running or interrupted"
+    assert report.state == "running" and "driver host-a:4242, heartbeat 3 s ago" in report.driver
     assert report.rows_pending == lost > 0
     assert report.units_committed == len(markers) - 2
     assert report.rows_per_s is not None and report.rows_per_s > 0
-    assert report.eta_s is not None and 0 < report.eta_s < float("inf")
     assert report.eta_s == pytest.approx(lost / report.rows_per_s)
-
     assert cmd_status(status_args(str(out))) == 0
     text = capsys.readouterr().out
-    assert "running or interrupted" in text and f"{lost:,} pending" in text
+    assert "running (driver host-a:4242, heartbeat 3 s ago)" in text
+    assert f"{lost:,} pending" in text and "ETA" in text
+
+    _lease(out, age_s=600)
+    report = job_status(str(out))
+    assert report.state == "stopped" and report.rows_per_s is None and report.eta_s is None
+    assert cmd_status(status_args(str(out))) == 0
+    text = capsys.readouterr().out
+    assert "not running: the driver stopped (driver host-a:4242, last heartbeat 0:10:00 ago)" in (
+        text
+    )
+    assert "rows/s" not in text and "ETA" not in text
+
+    (out / LEASE_FILE).unlink()
+    report = job_status(str(out))
+    assert report.state == "interrupted" and report.eta_s is None
+    assert cmd_status(status_args(str(out))) == 0
+    assert "not running: interrupted" in capsys.readouterr().out
+
+
+def _lease(out, age_s: float) -> None:
+    beat = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=age_s)).isoformat()
+    lease = {"job_id": "j", "host": "host-a", "pid": 4242, "token": "t" * 32}
+    (out / LEASE_FILE).write_text(json.dumps({**lease, "heartbeat_at": beat}))
 
 
 def test_status_without_job_exits_2(tmp_path, capsys):

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
+
+from qvl_batch.config import ConfigError, with_absolute_paths
 from qvl_batch.output.saved_config import (
+    absolute_saved_paths,
     read_back,
     redact,
     saved_config,
@@ -49,7 +54,7 @@ def test_an_older_outputs_saved_config_still_loads():
     verify and retry-failed must still read those outputs."""
     from qvl_batch.commands.existing_output import config_from_job
 
-    base = ["input.paths=[x.parquet]", "output.path=o", "engine.name=hf", "engine.model=m"]
+    base = ["input.paths=[/in/x.parquet]", "output.path=o", "engine.name=hf", "engine.model=m"]
     saved = saved_config(load_job(None, base))
     for lengths in ("", "fixed:8"):
         old = json.loads(json.dumps(saved))
@@ -59,3 +64,82 @@ def test_an_older_outputs_saved_config_still_loads():
         assert cfg.engine.benchmark.answer_lengths == lengths
         assert cfg.output.path == "/elsewhere/out"
     assert read_back({"engine": {"hf": {"answer_lengths": ""}}}) == {"engine": {"hf": {}}}
+
+
+def test_local_paths_are_saved_absolute_urls_and_hub_ids_as_typed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    cfg = with_absolute_paths(
+        load_job(
+            None,
+            [
+                "input.paths=[data/*.parquet,s3://b/in/*.parquet,/abs/x.parquet]",
+                "input.manifest=lists/m.txt",
+                "output.path=out",
+                "engine.model=model",
+            ],
+        )
+    )
+    assert cfg.input.paths == [
+        f"{tmp_path}/data/*.parquet",
+        "s3://b/in/*.parquet",
+        "/abs/x.parquet",
+    ]
+    assert cfg.input.manifest == f"{tmp_path}/lists/m.txt"
+    assert cfg.engine.model == f"{tmp_path}/model"
+    hub = with_absolute_paths(
+        load_job(None, ["input.paths=[x]", "output.path=o", "engine.model=Qwen/Qwen2.5-VL"])
+    )
+    assert hub.engine.model == "Qwen/Qwen2.5-VL"  # no such folder here: a hub id, kept
+    url = with_absolute_paths(
+        load_job(None, ["input.paths=[x]", "output.path=o", "engine.model=s3://b/m"])
+    )
+    assert url.engine.model == "s3://b/m"
+
+
+def _old(paths, output="runs/out", model="model"):
+    """The config part of an older _job.json: paths as the user typed them."""
+    return {"input": {"paths": list(paths)}, "output": {"path": output}, "engine": {"model": model}}
+
+
+def test_an_older_outputs_relative_paths_resolve_where_the_job_ran(tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "data" / "a.parquet").write_bytes(b"")
+    (proj / "model").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # From anywhere: the output path, saved relative, says where the job ran.
+    saved = _old(["data/*.parquet"])
+    assert absolute_saved_paths(saved, str(proj / "runs" / "out")) == []
+    assert saved["input"]["paths"] == [f"{proj}/data/*.parquet"]
+    assert saved["engine"]["model"] == f"{proj}/model"
+    # An output moved away: the current directory is tried too.
+    monkeypatch.chdir(proj)
+    saved = _old(["data/a.parquet"])
+    assert absolute_saved_paths(saved, str(tmp_path / "moved")) == []
+    assert saved["input"]["paths"] == [f"{proj}/data/a.parquet"]
+    # Found nowhere: the caller is told which key, and says how to override it.
+    monkeypatch.chdir(elsewhere)
+    saved = _old(["data/*.parquet"])
+    assert absolute_saved_paths(saved, str(tmp_path / "moved")) == [
+        ("input.paths[0]", "data/*.parquet")
+    ]
+
+
+def test_an_older_output_whose_relative_input_is_lost_says_how_to_override(tmp_path, monkeypatch):
+    from qvl_batch.commands.existing_output import config_from_job
+
+    monkeypatch.chdir(tmp_path)
+    saved = saved_config(load_job(None, ["input.paths=[/in/x.parquet]", "output.path=o"]))
+    saved["input"]["paths"] = ["data/*.parquet"]  # as an older version saved it
+    with pytest.raises(ConfigError) as err:
+        config_from_job({"config": saved}, str(tmp_path / "moved"))
+    text = str(err.value)
+    assert "input.paths[0] 'data/*.parquet' was saved relative" in text
+    assert "run this command from the directory the job ran in" in text and "input.paths=" in text
+    # retry-failed's override of the input is the way out
+    cfg = config_from_job({"config": saved}, str(tmp_path / "moved"), None, ["input.paths=[/d]"])
+    assert cfg.input.paths == ["/d"]
+    assert os.path.isabs(cfg.engine.model) or "://" in cfg.engine.model
