@@ -37,12 +37,21 @@ class JobConfig:
     name: str = "qvl-batch-job"
 
 
+# What input.paths hold (rows/formats.py reads each); auto decides by extension and content.
+INPUT_FORMATS = ("auto", "parquet", "images", "csv", "jsonl", "webdataset", "openai-batch")
+
+
 @dataclass
 class InputConfig:
     """Where rows come from and which columns mean what."""
 
-    paths: list[str] = field(default_factory=list)  # fsspec URLs or globs of Parquet shards
-    manifest: str | None = None  # a text file (one URL/glob per line) or a JSON list
+    # fsspec URLs, folders or globs: Parquet shards, image files, CSV/JSONL manifests,
+    # WebDataset tar shards or OpenAI Batch files (input.format)
+    paths: list[str] = field(default_factory=list)
+    # a text file (one URL/glob per line) or a JSON list of them; a .csv/.jsonl manifest of
+    # images is read as an input itself
+    manifest: str | None = None
+    format: str = "auto"
     id_column: str | None = "id"  # None: ids are derived as "<shard-name>:<row>"
     image_column: str = "image"  # binary bytes, {bytes, path} struct, or a URI string
     prompt_column: str | None = None  # per-row prompt; else prompt.template is used
@@ -51,6 +60,7 @@ class InputConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.image_column), "input.image_column", "must name a column")
+        check(self.format in INPUT_FORMATS, "input.format", f"must be one of {INPUT_FORMATS}")
 
     def check_required(self) -> None:
         """Checked on the resolved config only (the schema's own defaults have no input)."""

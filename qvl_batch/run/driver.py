@@ -29,7 +29,7 @@ from ..storage import Storage, StorageError, merge_request_stats
 from .closing import close_output, error_fraction_problem
 from .dispatch import COMMIT_THREADS, Dispatcher, PassResult
 from .progress import Progress
-from .validate import validate
+from .validate import validate, with_input_settings
 
 log = logging.getLogger("qvl_batch")
 
@@ -166,6 +166,7 @@ class Driver:
     def prepare(self) -> tuple[Plan, dict, set[str]]:
         """Plan the input and open the output ledger; raises before any work on problems."""
         plan = plan_job(self.cfg, self.input_storage)
+        self.cfg = with_input_settings(self.cfg, plan.settings)
         self._reuse = build_index(self.cfg, self.state.storage)
         fields = fingerprint_fields(self.cfg, plan.fingerprint)
         fp = fingerprint(fields)
