@@ -131,7 +131,7 @@ def test_batch_response_format_becomes_the_schema(tmp_path, inputs):
     lines.append(batch_line("r-text", data, "Safe?", response_format={"type": "json_object"}))
     path = tmp_path / "b.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    plan, cfg, got = rows_of(cfg_for(f"input.paths=[{path}]"))
+    _, cfg, got = rows_of(cfg_for(f"input.paths=[{path}]"))
     assert cfg.structured.json_schema == schema
     assert got["r-text"].error.code == "UNSUPPORTED_REQUEST"
     assert all(got[f"r{i}"].error is None for i in range(3))
@@ -142,7 +142,7 @@ def test_auto_refuses_a_mix_and_unknown_names(tmp_path, inputs):
         plan_job(cfg_for(f"input.paths=[{inputs.csv},{inputs.jsonl}]"))
     odd = tmp_path / "data.bin"
     odd.write_bytes(b"x")
-    with pytest.raises(InputError, match="input.format"):
+    with pytest.raises(InputError, match=r"input\.format"):
         plan_job(cfg_for(f"input.paths=[{odd}]"))
     with pytest.raises(InputError, match="no input files match"):
         plan_job(cfg_for(f"input.paths=[{tmp_path}/nothing/*.jpg]"))
