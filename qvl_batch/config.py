@@ -319,9 +319,13 @@ class OutputConfig:
     mode: str = "resume"
     storage_options: dict[str, Any] = field(default_factory=dict)
     compression: str = "zstd"
+    # openai-batch: also batch_output.jsonl and batch_errors.jsonl in the Batch API's shapes
+    format: str = "parquet"
 
     def __post_init__(self) -> None:
         check(self.mode in OUTPUT_MODES, "output.mode", f"{self.mode!r} not in {OUTPUT_MODES}")
+        formats = ("parquet", "openai-batch")
+        check(self.format in formats, "output.format", f"{self.format!r} not in {formats}")
 
 
 @dataclass

@@ -221,7 +221,7 @@ class RetryPass:
             summary.error_rows, summary.rows_total, self.cfg.limits, still=True
         )
         success = None if failure else {"job_id": self.job["job_id"], **metrics["summary"]}
-        close_output(self.state, metrics, success)
+        close_output(self.state, metrics, success, self.cfg.output.format == "openai-batch")
         if failure:
             summary.status, summary.exit_code = "failed", Exit.FAILED
             summary.message += f"; {failure}"

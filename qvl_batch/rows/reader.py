@@ -14,7 +14,7 @@ from ..errors import RowError, RowFailure
 from ..storage import Storage, describe
 from .manifest import WorkUnit, required_columns
 from .prompts import prompt_from_column, render_prompt, template_fields
-from .sources import ERROR_CODE, ERROR_MESSAGE, read_source_table
+from .sources import ERROR_CODE, ERROR_MESSAGE, read_source_table, resolve_relative
 
 # Tokenizers average 3-5 characters per token on natural text; a prompt over this many
 # characters per allowed token is refused without tokenizing (a multi-megabyte cell is cheap).
@@ -90,6 +90,8 @@ def unit_rows(unit: WorkUnit, table: pa.Table, cfg: Config) -> list[RowInput]:
     shard_name = posixpath.basename(unit.shard_url)
     ids = table.column(inp.id_column).to_pylist() if inp.id_column else [None] * n
     images = table.column(inp.image_column).to_pylist()
+    if unit.format in ("csv", "jsonl"):
+        images = [resolve_relative(v, unit.shard_url) for v in images]
     if inp.prompt_column:
         prompt_values = table.column(inp.prompt_column).to_pylist()
     else:

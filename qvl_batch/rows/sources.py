@@ -29,6 +29,15 @@ IMAGE_SHARD_FILES = 10_000
 SCHEMES = ("data:", "http://", "https://")
 
 
+def resolve_relative(value: Any, manifest_url: str) -> Any:
+    """An image path in a CSV/JSONL manifest is relative to the manifest's folder."""
+    if not isinstance(value, str) or not value or "://" in value or value.startswith(SCHEMES):
+        return value
+    return (
+        value if value.startswith("/") else posixpath.join(posixpath.dirname(manifest_url), value)
+    )
+
+
 def scan(item: Listed, fmt: str, size: int, storage: Storage) -> textfiles.Layout:
     """Rows, group offsets and columns of one CSV, JSONL, Batch or tar file."""
     with storage.open_input(item.fs, item.path, size or None) as fh:
@@ -60,15 +69,6 @@ def listing_version(files: list[tuple]) -> str:
     for rel, size, version in files:
         digest.update(f"{rel}\0{size}\0{version}\n".encode())
     return digest.hexdigest()[:16]
-
-
-def _resolve(value: Any, base: str) -> Any:
-    """A relative local path in a manifest is relative to the manifest's folder."""
-    if not isinstance(value, str) or not value or "://" in value or value.startswith(SCHEMES):
-        return value
-    if value.startswith("/"):
-        return value
-    return posixpath.join(base, value)
 
 
 def _column(values: list[Any]) -> pa.Array:
@@ -103,7 +103,6 @@ def _rows(unit, cfg: Config, storage: Storage) -> list[dict[str, Any]]:
         if unit.format == "csv":
             fh.seek(0)
             head = fh.read(ext.header_end)
-    base = posixpath.dirname(unit.shard_url)
     name = posixpath.basename(unit.shard_url)
     if unit.format == "csv":
         rows = textfiles.csv_rows(head, body, unit.shard_url)
@@ -117,10 +116,6 @@ def _rows(unit, cfg: Config, storage: Storage) -> list[dict[str, Any]]:
         if unit.format == "openai-batch":
             job = _job_values(cfg)
             rows = [r if "_error" in r else openai_batch.batch_row(r, job, name) for r in rows]
-    image_col = "image" if unit.format in ("openai-batch",) else cfg.input.image_column
-    for row in rows:
-        if image_col in row:
-            row[image_col] = _resolve(row[image_col], base)
     return rows
 
 

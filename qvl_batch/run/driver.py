@@ -281,7 +281,7 @@ class Driver:
             summary.status = "succeeded"
         metrics["summary"] = summary.__dict__
         success = None if failure else {"job_id": job["job_id"], **metrics["summary"]}
-        close_output(self.state, metrics, success)
+        close_output(self.state, metrics, success, self.cfg.output.format == "openai-batch")
         # The closing writes may have been retried too: the returned summary counts them.
         summary.storage_retries = storage_stats()["retries"]
         return summary
