@@ -474,12 +474,17 @@ def _check_interpolations(merged: DictConfig) -> None:
     walk(OmegaConf.to_container(merged, resolve=False), "")
 
 
-def load_config(job_file: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Resolve a job: defaults, conf groups, the job file and CLI overrides, then validate."""
+def load_config(job_file: str | Path | dict | None, overrides: list[str] | None = None) -> Config:
+    """Resolve a job: defaults, conf groups, the job file (or a dict of its contents: the
+    Python API) and CLI overrides, then validate."""
     schema = OmegaConf.structured(Config)
     merged = _merge(schema, _load_yaml(conf_dir() / "defaults.yaml"), "conf/defaults.yaml")
-    if job_file is not None:
+    if isinstance(job_file, dict):
+        job = OmegaConf.create(job_file)
+        job_file = "the job dict"
+    elif job_file is not None:
         job = _load_yaml(Path(job_file))
+    if job_file is not None:
         groups = job.pop("defaults", [])
         for group in groups or []:
             group_path = conf_dir() / f"{group}.yaml"
