@@ -38,12 +38,21 @@ class JobConfig:
     name: str = "qvl-batch-job"
 
 
+# What input.paths hold (rows/formats.py reads each); auto decides by extension and content.
+INPUT_FORMATS = ("auto", "parquet", "images", "csv", "jsonl", "webdataset", "openai-batch")
+
+
 @dataclass
 class InputConfig:
     """Where rows come from and which columns mean what."""
 
-    paths: list[str] = field(default_factory=list)  # fsspec URLs or globs of Parquet shards
-    manifest: str | None = None  # a text file (one URL/glob per line) or a JSON list
+    # fsspec URLs, folders or globs: Parquet shards, image files, CSV/JSONL manifests,
+    # WebDataset tar shards or OpenAI Batch files (input.format)
+    paths: list[str] = field(default_factory=list)
+    # a text file (one URL/glob per line) or a JSON list of them; a .csv/.jsonl manifest of
+    # images is read as an input itself
+    manifest: str | None = None
+    format: str = "auto"
     id_column: str | None = "id"  # None: ids are derived as "<shard-name>:<row>"
     image_column: str = "image"  # binary bytes, {bytes, path} struct, or a URI string
     prompt_column: str | None = None  # per-row prompt; else prompt.template is used
@@ -52,6 +61,7 @@ class InputConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.image_column), "input.image_column", "must name a column")
+        check(self.format in INPUT_FORMATS, "input.format", f"must be one of {INPUT_FORMATS}")
 
     def check_required(self) -> None:
         """Checked on the resolved config only (the schema's own defaults have no input)."""
@@ -315,9 +325,13 @@ class OutputConfig:
     mode: str = "resume"
     storage_options: dict[str, Any] = field(default_factory=dict)
     compression: str = "zstd"
+    # openai-batch: also batch_output.jsonl and batch_errors.jsonl in the Batch API's shapes
+    format: str = "parquet"
 
     def __post_init__(self) -> None:
         check(self.mode in OUTPUT_MODES, "output.mode", f"{self.mode!r} not in {OUTPUT_MODES}")
+        formats = ("parquet", "openai-batch")
+        check(self.format in formats, "output.format", f"{self.format!r} not in {formats}")
 
 
 @dataclass
@@ -470,12 +484,17 @@ def _check_interpolations(merged: DictConfig) -> None:
     walk(OmegaConf.to_container(merged, resolve=False), "")
 
 
-def load_config(job_file: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Resolve a job: defaults, conf groups, the job file and CLI overrides, then validate."""
+def load_config(job_file: str | Path | dict | None, overrides: list[str] | None = None) -> Config:
+    """Resolve a job: defaults, conf groups, the job file (or a dict of its contents: the
+    Python API) and CLI overrides, then validate."""
     schema = OmegaConf.structured(Config)
     merged = _merge(schema, _load_yaml(conf_dir() / "defaults.yaml"), "conf/defaults.yaml")
-    if job_file is not None:
+    if isinstance(job_file, dict):
+        job = OmegaConf.create(job_file)
+        job_file = "the job dict"
+    elif job_file is not None:
         job = _load_yaml(Path(job_file))
+    if job_file is not None:
         groups = job.pop("defaults", [])
         for group in groups or []:
             group_path = conf_dir() / f"{group}.yaml"

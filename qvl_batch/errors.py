@@ -31,6 +31,8 @@ class RowError(str, Enum):
     ENGINE_STALL = "ENGINE_STALL"
     OUTPUT_PARSE_ERROR = "OUTPUT_PARSE_ERROR"
     PREPARE_ERROR = "PREPARE_ERROR"
+    MALFORMED_INPUT = "MALFORMED_INPUT"
+    UNSUPPORTED_REQUEST = "UNSUPPORTED_REQUEST"
 
     def __str__(self) -> str:
         return self.value
@@ -59,6 +61,8 @@ MEANINGS: dict[RowError, str] = {
     RowError.ENGINE_STALL: "the engine stopped answering each time this row ran alone",
     RowError.OUTPUT_PARSE_ERROR: "structured output: not JSON, or not the schema",
     RowError.PREPARE_ERROR: "an unexpected error while preparing this row (a bug)",
+    RowError.MALFORMED_INPUT: "a manifest line, CSV record or tar sample that cannot be read",
+    RowError.UNSUPPORTED_REQUEST: "a Batch line asks for settings other lines' job runs without",
 }
 
 # The codes that describe the image itself (decided before any engine runs).

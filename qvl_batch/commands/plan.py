@@ -21,7 +21,7 @@ from ..rows.manifest import InputError, WorkUnit, plan_job
 from ..rows.prepare import PreparedRow, prepare_row
 from ..rows.reader import read_unit_table, unit_rows
 from ..run.closing import error_fraction_problem
-from ..run.validate import load_job
+from ..run.validate import load_job, with_input_settings
 from ..storage import Storage, StorageError
 
 ROWS_PER_UNIT = 8  # sampled rows per unit read: spreads the sample, bounds the units read
@@ -195,6 +195,7 @@ def plan_report(
     """Plan the job and prepare a sample of rows; ``problems`` says why it should not run."""
     storage = Storage.for_input(cfg)
     plan = plan_job(cfg, storage)
+    cfg = with_input_settings(cfg, plan.settings)
     units = list(plan.units())
     report = PlanReport(
         len(plan.shards), len(units), plan.total_rows, rate, gpus, cfg.limits.max_error_fraction

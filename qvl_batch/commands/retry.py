@@ -249,7 +249,7 @@ class RetryPass:
         metrics["summary"] = {**earlier, **outcome, "last_pass": job["job_id"]}
         # _SUCCESS names the job (verify checks it), whichever pass closed the output.
         success = None if failure else {**metrics["summary"], "job_id": self.job["job_id"]}
-        close_output(self.state, metrics, success)
+        close_output(self.state, metrics, success, self.cfg.output.format == "openai-batch")
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:

@@ -27,11 +27,10 @@ import uuid
 
 from ..errors import LeaseHeld
 from ..storage import StorageError
-from .state import OutputState
+from .state import LEASE_FILE, OutputState
 
 log = logging.getLogger("qvl_batch")
 
-LEASE_FILE = "_lease.json"
 # Refresh period: one small PUT every 10 s costs nothing, even on object stores, and lets
 # `status` say "heartbeat Ns ago" with a useful resolution.
 HEARTBEAT_S = 10.0

@@ -39,9 +39,12 @@ REPORT_FILE = "_report.html"
 UNITS_DIR = "_state/units"
 DATA_DIR = "data"
 ERRORS_DIR = "errors"
+LEASE_FILE = "_lease.json"  # output/lease.py
+BATCH_FILES = ("batch_output.jsonl", "batch_errors.jsonl")  # output/batch_files.py
 # What a job writes at the top of its output folder.
 OWN_FILES = frozenset(
-    {JOB_FILE, SUCCESS_FILE, METRICS_FILE, REPORT_FILE, "_state", DATA_DIR, ERRORS_DIR}
+    {JOB_FILE, SUCCESS_FILE, METRICS_FILE, REPORT_FILE, LEASE_FILE, "_state", DATA_DIR, ERRORS_DIR}
+    | set(BATCH_FILES)
 )
 
 
@@ -224,7 +227,7 @@ class OutputState:
 
     def wipe(self) -> None:
         """Remove a previous run's outputs (output.mode=overwrite)."""
-        for name in (SUCCESS_FILE, JOB_FILE, METRICS_FILE, REPORT_FILE):
+        for name in (SUCCESS_FILE, JOB_FILE, METRICS_FILE, REPORT_FILE, *BATCH_FILES):
             self.remove([self.path(name)])
         for sub in (UNITS_DIR, DATA_DIR, ERRORS_DIR):
             self.remove(self._list(sub))

@@ -1,5 +1,5 @@
 """How a run ends, once for ``run`` and ``retry-failed``: the error-fraction rule and the
-closing files (``_metrics.json``, ``_report.html``, then ``_SUCCESS``).
+closing files (``_metrics.json``, ``_report.html``, the Batch files, then ``_SUCCESS``).
 
 The order is the contract: ``_SUCCESS`` is written last and only when nothing failed, so a
 reader that sees it also sees the metrics and the report of the same run.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from ..config import LimitsConfig
+from ..output.batch_files import ERROR_FILE, OUTPUT_FILE, write_batch_files
 from ..output.state import METRICS_FILE, SUCCESS_FILE, OutputState
 
 log = logging.getLogger("qvl_batch")
@@ -45,10 +46,15 @@ def write_report(state: OutputState) -> None:
         log.warning("no _report.html: %s: %s", type(exc).__name__, exc)
 
 
-def close_output(state: OutputState, metrics: dict, success: dict | None) -> None:
-    """``_metrics.json``, the report, then ``_SUCCESS`` with ``success`` (None: the run
-    failed, no ``_SUCCESS``)."""
+def close_output(
+    state: OutputState, metrics: dict, success: dict | None, batch_files: bool = False
+) -> None:
+    """``_metrics.json``, the report, the OpenAI Batch files if asked (``output.format``), then
+    ``_SUCCESS`` with ``success`` (None: the run failed, no ``_SUCCESS``)."""
     state.write_json(METRICS_FILE, metrics)
     write_report(state)
+    if batch_files:
+        lines, errors = write_batch_files(state)
+        log.info("wrote %s (%d lines) and %s (%d lines)", OUTPUT_FILE, lines, ERROR_FILE, errors)
     if success is not None:
         state.write_json(SUCCESS_FILE, success)

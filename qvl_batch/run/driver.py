@@ -31,7 +31,7 @@ from .closing import close_output, error_fraction_problem
 from .dispatch import COMMIT_THREADS, Dispatcher, PassResult
 from .preflight import preflight
 from .progress import Progress
-from .validate import validate
+from .validate import validate, with_input_settings
 
 log = logging.getLogger("qvl_batch")
 
@@ -192,6 +192,7 @@ class Driver:
         open its ledger; raises before any work, and before _job.json is written, on problems
         (another live driver's lease: LeaseHeld)."""
         plan = plan_job(self.cfg, self.input_storage)
+        self.cfg = with_input_settings(self.cfg, plan.settings)
         preflight(self.cfg, plan, self.state, self.input_storage)
         self._reuse = build_index(self.cfg, self.state.storage)
         fields = fingerprint_fields(self.cfg, plan.fingerprint)
@@ -329,7 +330,7 @@ class Driver:
             summary.status = "succeeded"
         metrics["summary"] = summary.__dict__
         success = None if failure else {"job_id": job["job_id"], **metrics["summary"]}
-        close_output(self.state, metrics, success)
+        close_output(self.state, metrics, success, self.cfg.output.format == "openai-batch")
         # The closing writes may have been retried too: the returned summary counts them.
         summary.storage_retries = storage_stats()["retries"]
         return summary

@@ -19,13 +19,13 @@ import re
 from pathlib import Path
 
 import fsspec
-import pyarrow.parquet as pq
 
 from ..config import Config
 from ..engines import REGISTRY
 from ..errors import ConfigError, InputError
 from ..output.state import DATA_DIR, ERRORS_DIR, JOB_FILE, OWN_FILES, OutputState
-from ..rows.manifest import Plan, Shard
+from ..rows.manifest import Plan
+from ..rows.reader import read_unit_table
 from ..storage import Storage, describe
 
 log = logging.getLogger("qvl_batch")
@@ -143,20 +143,20 @@ def check_engine_packages(cfg: Config) -> str:
     return _refuse_or_warn(cfg, problem, "engine packages")
 
 
-def _sample_uris(cfg: Config, shard: Shard, storage: Storage, kind: str) -> list[str] | None:
-    """Up to URI_SAMPLE image URIs of the shard's first row group; None if it cannot be read."""
-    column = cfg.input.image_column + (".path" if kind == "path" else "")
+def _sample_uris(cfg: Config, plan: Plan, storage: Storage, kind: str) -> list[str] | None:
+    """Up to URI_SAMPLE image URIs of the first unit (read as actors read it, any input
+    format); None if it cannot be read."""
     try:
-        fs, path = storage.fs(shard.url)
-        with storage.open_input(fs, path) as fh:
-            pf = pq.ParquetFile(fh)
-            if not pf.metadata.num_row_groups:
-                return []
-            table = pf.read_row_group(0, columns=[column])
-    except Exception as exc:  # the footer read fine: the actors will say what is wrong
-        log.warning("pre-flight: image URIs of %s not checked: %s", shard.url, describe(exc))
+        unit = next(plan.units(), None)
+        if unit is None:
+            return []
+        table = read_unit_table(unit, cfg, storage)
+    except Exception as exc:  # the plan read fine: the actors will say what is wrong
+        log.warning(
+            "pre-flight: image URIs of %s not checked: %s", plan.shards[0].url, describe(exc)
+        )
         return None
-    values = table.column(0).slice(0, URI_SAMPLE).to_pylist()
+    values = table.column(cfg.input.image_column).slice(0, URI_SAMPLE).to_pylist()
     if kind == "path":
         values = [v.get("path") if isinstance(v, dict) else None for v in values]
     return [v for v in values if isinstance(v, str) and v]
@@ -170,7 +170,7 @@ def check_image_uris(cfg: Config, plan: Plan, storage: Storage) -> str:
     # A struct with bytes reads them where present; its paths (file names, mostly) not sampled.
     if kind not in ("uri", "path") or not plan.shards:
         return summary
-    uris = _sample_uris(cfg, plan.shards[0], storage, kind)
+    uris = _sample_uris(cfg, plan, storage, kind)
     if uris is None:
         return summary + " (URIs not checked)"
     protocols: dict[str, str] = {}

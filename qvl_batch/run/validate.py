@@ -7,7 +7,10 @@ with :func:`load_job`.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
+from typing import Any
 
 from ..config import Config, ConfigError, load_config
 from ..engines import ENGINES, check_job, settings_of
@@ -16,6 +19,8 @@ from ..output.schema import reserved_columns
 from ..output.structured import SchemaError, columns_of
 from ..rows.images import known_formats
 from ..rows.prompts import template_fields
+
+log = logging.getLogger("qvl_batch")
 
 
 def load_job(job_file: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -60,3 +65,29 @@ def validate(cfg: Config) -> Config:
                 "same name (core, lineage or input.passthrough_columns); rename them"
             )
     return cfg
+
+
+def with_input_settings(cfg: Config, settings: dict[str, Any]) -> Config:
+    """``cfg`` with the settings its input asks for (an OpenAI Batch file's ``max_tokens``,
+    ...; ``rows.manifest.Plan.settings``), checked again like any setting."""
+    changed = {}
+    for key, value in settings.items():
+        section, name = key.split(".")
+        part = getattr(cfg, section)
+        if getattr(part, name) != value:
+            try:
+                part = dataclasses.replace(part, **{name: value})
+            except ConfigError as exc:
+                raise ConfigError(f"the input asks for {key}={value!r}: {exc}") from None
+            cfg = dataclasses.replace(cfg, **{section: part})
+            changed[key] = value
+    shown = {k: v for k, v in changed.items() if not k.startswith("input.")}
+    if shown:
+        listed = ", ".join(f"{k}={_brief(v)}" for k, v in shown.items())
+        log.info("input: the Batch file's lines ask for %s; the job runs with them", listed)
+    return validate(cfg) if changed else cfg
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
