@@ -38,7 +38,7 @@ def test_missing_input_stops_before_work(tmp_path):
     job = write_job(tmp_path / "job.yaml", tmp_path / "nowhere", out, None)
     code, text = cli("run", job)
     assert code == Exit.CONFIG
-    assert "no Parquet files match" in text and "nowhere" in text
+    assert "no input files match" in text and "nowhere" in text
     assert not out.exists()
 
 
