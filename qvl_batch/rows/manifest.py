@@ -153,13 +153,15 @@ def _extent(shard: Shard, row_start: int, num_rows: int) -> Extent | None:
     )
 
 
-def _read_manifest(url: str, storage: Storage) -> list[str]:
+def _read_manifest(url: str, storage: Storage) -> list[str] | None:
     try:
         text = storage.cat(url).decode()
     except FileNotFoundError:
         raise InputError(f"input.manifest: {url} does not exist") from None
     except (OSError, StorageError) as exc:
         raise InputError(f"input.manifest: cannot read {url}: {describe(exc)}") from None
+    if text.lstrip().startswith("{"):
+        return None
     if text.lstrip().startswith("["):
         entries = json.loads(text)
     else:
@@ -190,7 +192,9 @@ def input_patterns(cfg: Config, storage: Storage) -> list[str]:
         if kind in ("csv", "jsonl") and not manifest.lower().endswith(".json"):
             patterns.append(manifest)
         else:
-            patterns += _read_manifest(manifest, storage)
+            listed = _read_manifest(manifest, storage)
+            # a .json of JSON lines (objects, not a list of URLs) holds rows itself
+            patterns += [manifest] if listed is None else listed
     return patterns
 
 
@@ -198,7 +202,10 @@ def list_inputs(cfg: Config, storage: Storage) -> tuple[str, list[Listed]]:
     """The job's input format and its files, sorted and de-duplicated."""
     found: dict[str, Listed] = {}
     for pattern in input_patterns(cfg, storage):
-        fs, path = storage.fs(pattern)
+        try:
+            fs, path = storage.fs(pattern)
+        except ValueError as exc:  # fsspec: "Protocol not known"
+            raise InputError(f"input: {pattern[:200]!r} is not a path or URL: {exc}") from None
         try:
             matches = list_pattern(storage, fs, path, cfg.input.format)
         except (OSError, StorageError) as exc:

@@ -153,3 +153,17 @@ def test_a_changed_folder_changes_the_fingerprint(tmp_path):
     before = plan_job(cfg_for(f"input.paths=[{inp.folder}]")).fingerprint
     (inp.folder / "a" / "img000.jpg").write_bytes(b"\xff\xd8 changed")
     assert plan_job(cfg_for(f"input.paths=[{inp.folder}]")).fingerprint != before
+
+
+def test_manifests_of_rows_and_of_urls(tmp_path, inputs):
+    as_json = tmp_path / "rows.json"  # JSON lines under a .json name: rows, not a URL list
+    as_json.write_bytes(inputs.jsonl.read_bytes())
+    plan = plan_job(cfg_for(f"input.manifest={as_json}"))
+    assert plan.format == "jsonl" and plan.total_rows == len(inputs.images) + 1
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{inputs.csv}\n# a comment\n")
+    assert plan_job(cfg_for(f"input.manifest={listing}")).format == "csv"
+    bad = tmp_path / "bad.txt"
+    bad.write_text('{"custom_id" :: no}\n')
+    with pytest.raises(InputError):
+        plan_job(cfg_for(f"input.manifest={bad}"))
