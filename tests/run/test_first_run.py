@@ -26,7 +26,13 @@ def one_group(tmp_path):
 
 
 def _prepare(job, *overrides):
-    return Driver(load_job(job, list(overrides))).prepare()
+    """A driver's start, its lease given back (the next start in this process is a new run)."""
+    driver = Driver(load_job(job, list(overrides)))
+    try:
+        return driver.prepare()
+    finally:
+        if driver.lease is not None:
+            driver.lease.release()
 
 
 def test_a_job_that_committed_nothing_is_replaced_by_a_changed_one(tmp_path, one_group):
