@@ -157,7 +157,8 @@ class BatchingConfig:
     unit_rows: int = 512  # target rows per work unit (row groups are grouped up to this)
     # A small job's units are cut smaller so each actor gets about this many (rows / (this x
     # actors), at least 16 rows): 202 rows on 2 actors are 4 units, not one unit that one actor
-    # runs while the other idles. 0: units of unit_rows whatever the job's size.
+    # runs while the other idles (docs/PERFORMANCE.md, "A first run"). 0: units of unit_rows
+    # whatever the job's size.
     min_units_per_actor: int = 2
     # At the tail of a job (nothing left to hand out), an idle actor runs a copy of a unit that
     # another actor still runs; the first complete result commits, the other is dropped.

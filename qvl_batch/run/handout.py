@@ -131,11 +131,14 @@ class HandOut:
     def to_move(runs: Runs, idle: int) -> object | None:
         """A ref of a unit on a busy slot not known to have started there, newest first: it can
         go to the idle slot ``idle`` with nothing lost (its actor refuses if it has started).
-        The slot's first is a candidate too: an actor's calls can begin in any order."""
+        The slot's first is a candidate too: an actor's calls can begin in any order. A slot's
+        only unit stays: moving it would idle its slot instead (and it would move back)."""
         for slot, refs in enumerate(runs.by_slot):
             if slot == idle:
                 continue
             live = [r for r in refs if not runs.by_ref[r].dropped]
+            if len(live) < 2:
+                continue
             for ref in reversed(live):
                 run = runs.by_ref[ref]
                 if not run.started and not run.copy and len(runs.twins(run.unit.unit_id)) == 1:

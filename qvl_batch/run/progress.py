@@ -44,7 +44,7 @@ class Progress:
         return (self.rows + self.running_rows) / elapsed if elapsed > 0 else 0.0
 
     def eta_s(self) -> float | None:
-        left = self.total - self.done_before - self.rows - self.running_rows
+        left = max(0, self.total - self.done_before - self.rows - self.running_rows)
         return left / self.rate if self.rate > 0 else None
 
     def update(self, rows: int, errors: int) -> None:
@@ -55,7 +55,9 @@ class Progress:
     def running(self, rows: int, quiet_s: float) -> None:
         """Rows finished in the units running now, and the longest silence of an engine with
         rows inside (the driver reads both from the actors' heartbeats)."""
-        self.running_rows, self.quiet_s = rows, quiet_s
+        # a unit's backup copy reports its rows too: never more running than rows left
+        left = max(0, self.total - self.done_before - self.rows)
+        self.running_rows, self.quiet_s = min(rows, left), quiet_s
         self._show(0)
 
     def _show(self, committed: int) -> None:

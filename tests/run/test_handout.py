@@ -66,6 +66,15 @@ def test_an_idle_actor_takes_a_queued_unit_first_then_copies_the_newest_running_
     assert HandOut(2, backups=True).to_copy(runs, idle=1) is None
 
 
+def test_a_slots_only_unit_is_not_moved_to_an_idle_actor():
+    # Moving it would idle its own slot, which would take it back: a one-unit job's ping-pong.
+    runs = Runs(2)
+    runs.add("a", _run(0, 0, 0.0))
+    assert HandOut.idle_slots([True, True], runs) == [1]
+    assert HandOut.to_move(runs, idle=1) is None
+    assert HandOut(2, backups=True).to_copy(runs, idle=1) == "a", "a copy may still help"
+
+
 # ---- jobs on a local Ray cluster -----------------------------------------------------------
 @pytest.fixture
 def four_units(tmp_path):
@@ -310,7 +319,16 @@ def test_a_read_ahead_unit_waiting_in_the_batching_window_moves_to_an_idle_actor
     out = tmp_path / "out"
     fake = {"batch_latency_s": 1.5, "load_s_by_incarnation": [0.0, 1.0]}  # a unit: 7.5 s
     # backup copies off: the tail's copies would hide whether the unit moved
-    job = _job(tmp_path, data, out, ray_head, engine__fake=fake, batching__backup_copies=False)
+    # and two units of 40 rows, not a small job's smaller units
+    job = _job(
+        tmp_path,
+        data,
+        out,
+        ray_head,
+        engine__fake=fake,
+        batching__backup_copies=False,
+        batching__min_units_per_actor=0,
+    )
     summary = run_job(load_job(job), progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
     metrics = json.loads((out / "_metrics.json").read_text())

@@ -95,6 +95,9 @@ def test_the_progress_line_counts_rows_in_running_units_and_names_a_silent_engin
     progress.running(40, 95.0)
     assert "an engine quiet 95s" in progress.line()
     assert progress.eta_s() is not None
+    # Backup copies report the same unit's rows twice: never more running than rows left.
+    progress.running(1500, 0.0)
+    assert "+900 running" in progress.line() and progress.eta_s() == 0
 
 
 # ---- whole jobs ---------------------------------------------------------------------------
