@@ -69,6 +69,8 @@ def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
             result["gpu"] = {"note": sampler.note}
     if summary.status != "succeeded":
         result["message"] = summary.message
+    # why rows failed: each error code's count and its first message (the log has neither)
+    result["error_codes"], result["error_messages"] = error_codes(out)
     pad = result["padding"]
     print(
         f"{label}: steady {result['steady_rows_per_s']:8.2f} rows/s, end-to-end "
@@ -79,7 +81,38 @@ def run_runner(cfg: Config, label: str, cuda: bool) -> dict:
         f"{'' if summary.status == 'succeeded' else ' [' + summary.status + ']'}",
         flush=True,
     )
+    if result["error_codes"]:
+        print(f"  {errors_line(result)}", flush=True)
     return result
+
+
+def error_codes(out: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Rows per error code in a local output's ``errors/`` parts, and each code's first message
+    (in part-name order, cut to :data:`MESSAGE_CHARS`)."""
+    import pyarrow.parquet as pq
+
+    from ..output.state import ERRORS_DIR
+
+    counts: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for path in sorted((out / ERRORS_DIR).glob("*.parquet")):
+        table = pq.read_table(path, columns=["error_code", "error_message"])
+        for code, message in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            code = code or "?"
+            counts[code] = counts.get(code, 0) + 1
+            first.setdefault(code, (message or "")[:MESSAGE_CHARS])
+    return dict(sorted(counts.items())), first
+
+
+MESSAGE_CHARS = 500
+
+
+def errors_line(run: dict) -> str:
+    """'errors: ENGINE_ERROR 69 (AssertionError: ...)' from a runner's figures."""
+    codes, messages = run.get("error_codes") or {}, run.get("error_messages") or {}
+    return "errors: " + "; ".join(
+        f"{code} {n} (first: {messages.get(code) or 'no message'})" for code, n in codes.items()
+    )
 
 
 def _commit_times(out: Path) -> list[tuple[float, int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .engine import (
     variant_label,
 )
+from .gpu_runner import errors_line
 
 # (label, batching.bucketing, batching.max_padding_fraction or None for the job's default):
 # size buckets topped up from near sizes, exact-size buckets only, and arrival order.
@@ -75,6 +76,8 @@ def print_table(r: dict) -> None:
         elif gpu.get("note"):
             line += f" | {gpu['note']}"
         print(line)
+        if x.get("error_codes"):
+            print(f"          {errors_line(x)}")
     if "contention" in r:
         c = r["contention"]
         alone = c["alone"]

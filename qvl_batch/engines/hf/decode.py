@@ -5,10 +5,12 @@ caches the engine owns (reset per batch, never reallocated: a graph holds its ca
 Shapes come in steps: batch rungs ``B, B/2, B/4, B/8`` (a batch padded up with dummy rows of one
 token) and cache lengths on a grid of two steps per octave (128, 192, 256, 384, ...). The step is
 compiled with dynamic shapes: one compile per rung, a new length is only a new graph capture.
-Each shape is made before its batch and timed (``compile``); at most ``engine.hf.compile_shapes``
-of them, their caches within ``engine.hf.static_cache_gib``, accounted before they are taken; a
-batch past either bound runs eagerly with the same output. Measured: docs/PERFORMANCE.md
-("Never stuck").
+A shape is compiled the ``engine.hf.compile_after``-th time a batch of it is met (its first
+batches run eagerly: a compile costs ~36 s on a 7B, a mixed-size job meets many shapes once), made
+before its batch and timed (``compile``); at most ``engine.hf.compile_shapes`` of them, their
+caches within ``engine.hf.static_cache_gib``, accounted before they are taken; a batch past
+either bound, or of a shape whose compile failed, runs eagerly with the same output. Measured:
+docs/PERFORMANCE.md ("Never stuck").
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ CACHE_STEP = 128  # the smallest static cache length; the grid is 128 and 192 x 
 COMPILE_MIN_TRANSFORMERS = "4.57.3"
 COMPILE_RUNGS = 4  # batch-size rungs of the compiled decode: B, B/2, B/4, B/8 (rounded up)
 # By default the static caches may take this share of the GPU memory free once the model is
-# loaded; the rest is the prefill's and the vision tower's working memory (and eager batches').
-CACHE_SHARE = 0.5
+# loaded; the rest is the prefill's and the vision tower's working memory, eager batches' caches
+# and the CUDA graphs' pools. Half (31.6 GiB on an H100 with a 7B) left too little: the eager
+# decode of the same photos job alone peaked at 73.2 of 79.6 GiB (session 12).
+CACHE_SHARE = 0.25
 
 
 def compile_supported(gpus: int, version: str | None = None) -> bool:
@@ -111,14 +115,22 @@ class StaticCaches:
     specialised to its cache's addresses."""
 
     def __init__(
-        self, text_config: Any, dtype: torch.dtype, cap_bytes: int | None, max_shapes: int = 8
+        self,
+        text_config: Any,
+        dtype: torch.dtype,
+        cap_bytes: int | None,
+        max_shapes: int = 8,
+        compile_after: int = 1,
     ):
         self.text_config = text_config
         self.per_token = kv_bytes_per_token(text_config, dtype)
         self.cap_bytes = cap_bytes
         self.max_shapes = max_shapes
+        self.compile_after = compile_after
+        self.seen: dict[tuple[int, int], int] = {}  # batches met per shape without a cache
         self.by_shape: dict[tuple[int, int], Any] = {}
         self._refused: set[tuple[int, int]] = set()
+        self.failed: set[tuple[int, int]] = set()  # shapes whose compile raised: eager for good
         self.eager_batches = 0  # batches run eagerly because their cache would pass the cap
 
     def shapes(self) -> list[tuple[int, int]]:
@@ -132,13 +144,18 @@ class StaticCaches:
         return sum(self.bytes_of(*shape) for shape in self.by_shape)
 
     def fits(self, rung: int, length: int) -> bool:
-        """Has the shape a cache, or room for one: fewer than ``max_shapes`` held and its bytes
-        under the cap. Warns once for a shape that has neither (counted in ``eager_batches``
-        each time)."""
+        """Has the shape a cache, or room for one: met ``compile_after`` times, its compile never
+        failed, fewer than ``max_shapes`` held and its bytes under the cap. Warns once for a
+        shape refused past a bound (counted in ``eager_batches`` each time)."""
         shape = (rung, length)
         if shape in self.by_shape:
             return True
-        if len(self.by_shape) >= self.max_shapes:
+        self.seen[shape] = self.seen.get(shape, 0) + 1
+        if self.seen[shape] < self.compile_after:
+            return False  # not met often enough yet to pay for its compile
+        if shape in self.failed:
+            why = "its compile failed"
+        elif len(self.by_shape) >= self.max_shapes:
             why = (
                 f"the compiled decode holds its {self.max_shapes} shapes (engine.hf.compile_shapes)"
             )
@@ -160,6 +177,12 @@ class StaticCaches:
                 why,
             )
         return False
+
+    def drop(self, rung: int, length: int) -> None:
+        """Forget a shape whose compile failed: its cache goes, its batches run eagerly."""
+        self.by_shape.pop((rung, length), None)
+        self.failed.add((rung, length))
+        self._refused.add((rung, length))  # drop's caller warned
 
     def get(self, rung: int, length: int) -> Any:
         """The shape's cache, emptied (call inside inference mode, after ``fits``)."""

@@ -43,6 +43,7 @@ from .decode import (
 from .guided import import_xgrammar, make_guide
 from .inputs import BatchInputs
 from .loading import load_processor, local_model_dir
+from .thread import ModelThread
 from .tokens import PromptTokens
 from .vision import vision_tower
 
@@ -98,6 +99,7 @@ class HFEngine(BatchEngine):
         self.sampling = cfg.sampling
         self.answer_lengths = cfg.engine.benchmark.answer_lengths  # "" = the model decides
         self._max_pixels = cfg.image.max_pixels
+        self._thread = ModelThread()  # every model call on one thread (thread.py says why)
         self.compiled = bool(hf.compile)  # None (auto) is decided once the device is known
         if self.compiled:
             check_compile_supported(transformers.__version__, 0)
@@ -266,8 +268,9 @@ class HFEngine(BatchEngine):
         cap = default_cap(self.device) if gib is None else int(gib * 2**30)
         text_config = self.model.config.get_text_config(decoder=True)
         # (rung, length) -> its StaticCache, reused batch after batch, within the cap
+        hf = settings_of(cfg, "hf")
         self.caches = StaticCaches(
-            text_config, self.dtype, cap, settings_of(cfg, "hf").compile_shapes
+            text_config, self.dtype, cap, hf.compile_shapes, hf.compile_after
         )
         if self.compiled:
             self._use_compile(True)
@@ -381,14 +384,15 @@ class HFEngine(BatchEngine):
         p = prepared if prepared is not None else self.prepare(requests)
         results = list(p.refused)
         if p.requests:
-            results.extend(self._generate(p.requests, p.host, p.seconds, ahead))
+            batch = (p.requests, p.host, p.seconds, ahead)
+            results.extend(self._thread.run(self._generate, *batch))
         return results
 
     def warmup(self, batch_size: int) -> None:
         """A batch of gray 448x448 images at the job's sampling: CUDA kernel selection for
         every decode length, cuBLAS workspaces and the caching allocator's first blocks happen
-        here, not in real work. With ``engine.hf.compile`` it compiles the decode graph of
-        ``batch_size``'s rung at the longest answer; the seconds it took are logged."""
+        here, not in real work. With ``engine.hf.compile`` its shape (``batch_size``'s rung at
+        the longest answer) counts as met once (``compile_after`` 1: compiled now)."""
         from PIL import Image
 
         side = 448 // TILE  # in tiles; smaller if image.max_pixels is
@@ -407,9 +411,10 @@ class HFEngine(BatchEngine):
             self.answer_lengths = lengths
         if self.compiled:
             log.info(
-                "hf engine: warm-up compiled the decode for a batch of %d in %.1f s",
+                "hf engine: warm-up of a batch of %d in %.1f s (compiled shapes: %s)",
                 batch_size,
                 time.perf_counter() - t0,
+                self.caches.shapes(),
             )
 
     def model_inputs(self, batch: list[Request]) -> Any:
@@ -438,9 +443,11 @@ class HFEngine(BatchEngine):
             return None
         return rung, length
 
-    def _compile_shape(self, rung: int, length: int) -> None:
+    def _compile_shape(self, rung: int, length: int) -> bool:
         """Compile (and capture) the decode step of a new shape on a throwaway batch of the
-        smallest image, before the batch that needs it runs: its seconds are the compile's."""
+        smallest image, before the batch that needs it runs: its seconds are the compile's.
+        False if it raised: the shape is dropped and its batches run eagerly (a shape kept after
+        a failed capture failed every batch of it, down to single rows: session 12)."""
         from PIL import Image
 
         image = Image.new("RGB", (TILE, TILE), (128, 128, 128))
@@ -449,13 +456,26 @@ class HFEngine(BatchEngine):
         ]
         inputs = self.model_inputs(batch)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            # a few decode steps: CUDA graph trees run a new graph once before capturing it
-            steps = {"max_new_tokens": 4, "min_new_tokens": 4}
-            cache = {self._cache_kwarg: self.caches.get(rung, length)}
-            self.model.generate(**inputs, **steps, **cache)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        try:
+            with torch.inference_mode():
+                # a few decode steps: CUDA graph trees run a new graph once before capturing it
+                steps = {"max_new_tokens": 4, "min_new_tokens": 4}
+                cache = {self._cache_kwarg: self.caches.get(rung, length)}
+                self.model.generate(**inputs, **steps, **cache)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:
+            self.caches.drop(rung, length)
+            self._times["compile"] += time.perf_counter() - t0
+            log.warning(
+                "engine.hf.compile: compiling the decode for %d rows x %d tokens failed (%s: "
+                "%s); batches of that shape run eagerly",
+                rung,
+                length,
+                type(exc).__name__,
+                exc,
+            )
+            return False
         seconds = time.perf_counter() - t0
         self._times["compile"] += seconds
         log.info(
@@ -468,6 +488,7 @@ class HFEngine(BatchEngine):
             self.caches.max_shapes,
             self.caches.held_bytes / 2**30,
         )
+        return True
 
     def _generate(
         self, batch: list[Request], host: Any, host_s: float, ahead: bool
@@ -497,13 +518,13 @@ class HFEngine(BatchEngine):
         if rows is not None:
             stop_rule = RowLengths(ids.shape[1], rows, self.device)
             extra["stopping_criteria"] = transformers.StoppingCriteriaList([stop_rule])
-        if rung is None and self.compiled:
-            extra["disable_compile"] = True
-        torch.manual_seed(self.sampling.seed)
         t1 = time.perf_counter()
-        self._clock.start()
         if shape is not None and shape not in self.caches.by_shape:
-            self._compile_shape(*shape)
+            shape = shape if self._compile_shape(*shape) else None
+        if shape is None and self.compiled:
+            extra["disable_compile"] = True
+        torch.manual_seed(self.sampling.seed)  # after a compile's throwaway batch
+        self._clock.start()  # the compile is in generate's seconds, not in prefill's
         try:
             with torch.inference_mode():
                 if shape is not None:
@@ -553,6 +574,7 @@ class HFEngine(BatchEngine):
         on_cuda = self.device.type == "cuda"
         self.model = None
         del model
+        self._thread.close()
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()

@@ -25,11 +25,16 @@ class HFEngineConfig:
     compile: bool | None = None
     # GiB the compiled decode's static KV caches may hold (one per batch-size rung and cache
     # length met, kept for the job: qvl_batch.engines.hf.decode); a batch whose cache would pass
-    # it runs eagerly. null: half the GPU memory free once the model is loaded (CPU: no cap).
+    # it runs eagerly. null: a quarter of the GPU memory free once the model is loaded (CPU: no
+    # cap; qvl_batch.engines.hf.decode.CACHE_SHARE says why a quarter).
     static_cache_gib: float | None = None
     # At most this many (batch rung, cache length) shapes get a compiled decode (each a compile
     # of tens of seconds on a 7B, once per actor); batches of other shapes run eagerly.
     compile_shapes: int = 8
+    # A shape's decode is compiled the Nth time a batch of it is met (1: at once, the warm-up's
+    # included); before that its batches run eagerly. A compile took ~36 s a shape on an H100
+    # with a 7B and saves ~20 s a batch of mixed photos: worth it for shapes that come back.
+    compile_after: int = 2
     # The text model's attention in decode steps: "grouped" (qvl_batch.engines.hf.gqa: each KV
     # head's query heads attend as its queries, no copy of the cache per query head; the same
     # output), "stock" (transformers' SDPA: copies every KV head out to its query heads, each step,
@@ -55,8 +60,9 @@ class HFEngineConfig:
             f"must be one of {attentions}",
         )
         check(self.compile_shapes >= 1, "engine.hf.compile_shapes", "must be >= 1")
+        check(self.compile_after >= 1, "engine.hf.compile_after", "must be >= 1")
         check(
             self.static_cache_gib is None or self.static_cache_gib >= 0,
             "engine.hf.static_cache_gib",
-            "must be >= 0 GiB, or null (half the GPU memory free once the model is loaded)",
+            "must be >= 0 GiB, or null (a quarter of the GPU memory free once the model is loaded)",
         )
