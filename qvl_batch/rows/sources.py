@@ -10,6 +10,7 @@ after it treat all inputs alike. Image files by folder or glob are rows of a sor
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
 from typing import Any
@@ -107,12 +108,8 @@ def _rows(unit, cfg: Config, storage: Storage) -> list[dict[str, Any]]:
     if unit.format == "csv":
         rows = textfiles.csv_rows(head, body, unit.shard_url)
     else:
-        lines = [ln.strip() for ln in body.split(b"\n")]
-        rows = [
-            textfiles.parse_json_object(ln, f"{name} at byte {ext.byte_start}")
-            for ln in lines
-            if ln
-        ]
+        lines = textfiles.jsonl_lines(io.BytesIO(body), ext.byte_start)
+        rows = [textfiles.parse_json_object(ln, f"{name} at byte {at}") for at, ln in lines]
         if unit.format == "openai-batch":
             job = _job_values(cfg)
             rows = [r if "_error" in r else openai_batch.batch_row(r, job, name) for r in rows]

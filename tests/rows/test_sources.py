@@ -85,6 +85,8 @@ def test_jsonl_manifest_blank_lines_and_a_broken_line(inputs):
     bad = [r for r in got.values() if r.error is not None]
     assert [r.error.code for r in bad] == ["MALFORMED_INPUT"]
     assert "not JSON" in bad[0].error.message
+    at = int(bad[0].error.message.split(" at byte ")[1].split(":")[0])
+    assert inputs.jsonl.read_bytes()[at:].startswith(b'{"id": "j-bad"'), "names the line"
 
 
 def test_webdataset_tars_samples_and_a_sample_without_image(inputs):
