@@ -148,6 +148,8 @@ def _run(data: Path, out: str, args, extra: list[str], commit_threads: int) -> d
             f"batching.units_in_flight_per_actor={args.window}",
             "limits.min_rows_for_error_check=1000000000",
             "input.passthrough_columns=[]",  # simulated answers carry no input columns
+            "engine.name=fake",  # the actors are simulated: no model to load or check
+            "batching.min_units_per_actor=0",  # units of --unit-rows, whatever the rows
             *extra,
             *args.overrides,
         ],
