@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import InputError
 from ..storage import Storage, describe, full_url
@@ -45,11 +45,14 @@ SNIFF_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class Listed:
-    """One input file: its filesystem and path, and the root its row ids are relative to."""
+    """One input file: its filesystem and path, the root its row ids are relative to, and what
+    the listing said of it (size, etag or mtime) where it said it: a folder of a million photos
+    on S3 is listed in pages, not stat'ed a million times."""
 
     fs: object
     path: str
     root: str
+    info: dict | None = field(default=None, compare=False)
 
     @property
     def url(self) -> str:
@@ -78,15 +81,15 @@ def list_pattern(storage: Storage, fs, path: str, fmt: str) -> list[Listed]:
     if any(c in path for c in GLOB_CHARS):
         listed = storage.call(f"list {path}", fs.glob, path, detail=True)
         files = sorted(p for p, info in listed.items() if info.get("type") != "directory")
-        return [Listed(fs, p, _root_of(path)) for p in files]
+        return [Listed(fs, p, _root_of(path), listed[p]) for p in files]
     if storage.call(f"stat {path}", fs.isdir, path):
-        found = sorted(storage.call(f"list {path}", fs.find, path))
+        found = storage.call(f"list {path}", fs.find, path, detail=True)
         kinds = [fmt] if fmt != "auto" else FOLDER_ORDER
         for kind in kinds:
             exts = EXTENSIONS.get("jsonl" if kind == "openai-batch" else kind, ())
-            picked = [p for p in found if p.lower().endswith(exts)]
+            picked = sorted(p for p in found if p.lower().endswith(exts))
             if picked:
-                return [Listed(fs, p, path.rstrip("/")) for p in picked]
+                return [Listed(fs, p, path.rstrip("/"), found[p]) for p in picked]
         return []
     if storage.call(f"stat {path}", fs.exists, path):
         return [Listed(fs, path, posixpath.dirname(path))]

@@ -57,7 +57,7 @@ def image_listing(listed: list[Listed], storage: Storage) -> list[tuple[str, lis
     """Per root URL, its image files as (relative path, size, mtime), sorted by path."""
     by_root: dict[str, list[tuple]] = {}
     for item in listed:
-        info = storage.call(f"stat {item.path}", item.fs.info, item.path)
+        info = item.info or storage.call(f"stat {item.path}", item.fs.info, item.path)
         version = next((str(info[k]) for k in ("ETag", "etag", "mtime") if info.get(k)), "")
         rel = posixpath.relpath(item.path, item.root) if item.root else item.path
         root = full_url(item.fs, item.root)
