@@ -172,11 +172,15 @@ class RetryPass:
     # ---- the pass ----------------------------------------------------------------------
     def run(self) -> JobSummary:
         """Run the pass; the lease is released however it ends (Ctrl-C and SIGTERM too)."""
+        summary = None
         try:
-            return self._run()
+            summary = self._run()
+            return summary
         finally:
             if self.work.lease is not None:
-                self.work.lease.release()
+                retried = self.work.lease.release()
+                if summary is not None:
+                    summary.storage_retries += retried
 
     def _run(self) -> JobSummary:
         t0 = time.monotonic()

@@ -176,8 +176,14 @@ class Lease:
         if self.lost is not None:
             raise LeaseLost(self.lost)
 
-    def release(self) -> None:
-        """Stop the heartbeat and remove ``_lease.json`` if it is still ours; never raises."""
+    def release(self) -> int:
+        """Stop the heartbeat and remove ``_lease.json`` if it is still ours; never raises.
+        Returns the storage retries this took: they come after the run counted its own."""
+        before = self.state.storage.stats.snapshot()["retries"]
+        self._release()
+        return self.state.storage.stats.snapshot()["retries"] - before
+
+    def _release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=HEARTBEAT_S)

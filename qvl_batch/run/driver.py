@@ -240,11 +240,15 @@ class Driver:
     # ---- the run -------------------------------------------------------------------
     def run(self) -> JobSummary:
         """Run the job; the lease is released however the run ends (Ctrl-C and SIGTERM too)."""
+        summary = None
         try:
-            return self._run()
+            summary = self._run()
+            return summary
         finally:
             if self.lease is not None:
-                self.lease.release()
+                retried = self.lease.release()
+                if summary is not None:
+                    summary.storage_retries += retried
 
     def _run(self) -> JobSummary:
         t0 = self._t0 = time.monotonic()
