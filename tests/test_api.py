@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from qvl_batch import api
+from qvl_batch.commands import api
 from qvl_batch.errors import ConfigError, Exit, NotAJobOutput
 
 from .byo import make_inputs

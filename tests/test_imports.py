@@ -141,7 +141,7 @@ FLOORS = (
     ("run",),
     ("commands",),
     ("bench",),
-    ("cli", "api"),
+    ("cli",),
 )
 
 

@@ -1,6 +1,6 @@
 """The Python API, for notebooks and orchestrators: what the command line does, as calls.
 
-    from qvl_batch.api import run, read_output
+    from qvl_batch.commands.api import run, read_output
     summary = run("jobs/caption.yaml", {"input.paths": ["s3://bucket/photos/"]})
     table = read_output(summary.output).to_table()
 
@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import Config, StorageConfig
-from .errors import NotAJobOutput
+from ..config import Config, StorageConfig
+from ..errors import NotAJobOutput
 
 Job = str | Path | dict | Config
 Overrides = list[str] | dict[str, Any] | None
@@ -31,7 +31,7 @@ def _override_list(overrides: Overrides) -> list[str]:
 
 def load(job: Job, overrides: Overrides = None):
     """The job's resolved, validated config (what ``run`` would run)."""
-    from .run.validate import load_job, validate
+    from ..run.validate import load_job, validate
 
     if isinstance(job, Config):
         if overrides:
@@ -43,7 +43,7 @@ def load(job: Job, overrides: Overrides = None):
 def run(job: Job, overrides: Overrides = None, *, fresh: bool = False, progress: bool = False):
     """Run or resume the job; returns its :class:`~qvl_batch.run.driver.JobSummary`
     (``exit_code`` as the command line's). ``fresh``: discard earlier results first."""
-    from .run.driver import run_job
+    from ..run.driver import run_job
 
     if isinstance(job, Config):
         cfg = load(job, overrides)
@@ -57,21 +57,21 @@ def run(job: Job, overrides: Overrides = None, *, fresh: bool = False, progress:
 
 def retry_failed(output: str, overrides: Overrides = None, codes: list[str] | None = None):
     """Run a finished job's error rows again (``codes``: only those) and fold them in."""
-    from .commands.retry import RetryPass
+    from .retry import RetryPass
 
     return RetryPass(str(output), _override_list(overrides), list(codes or []), False).run()
 
 
 def verify(output: str, *, allow_incomplete: bool = False, storage: StorageConfig | None = None):
     """The output against its input; ``report.violations`` empty means the contract holds."""
-    from .commands.verify import verify_output
+    from .verify import verify_output
 
     return verify_output(str(output), allow_incomplete=allow_incomplete, storage=storage)
 
 
 def status(output: str, storage: StorageConfig | None = None):
     """What the output's ledger says: rows done, failed, pending; errors by code."""
-    from .commands.status import job_status
+    from .status import job_status
 
     return job_status(str(output), storage)
 
@@ -81,8 +81,8 @@ def read_output(output: str, which: str = "data", storage: StorageConfig | None 
     files the commit markers name, so an interrupted job's half-written parts are never read."""
     import pyarrow.dataset as ds
 
-    from .output.state import OutputState
-    from .storage import Storage
+    from ..output.state import OutputState
+    from ..storage import Storage
 
     if which not in ("data", "errors"):
         raise ValueError(f"which: {which!r}, not 'data' or 'errors'")
