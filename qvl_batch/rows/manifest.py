@@ -33,8 +33,6 @@ from .unit_size import job_unit_rows, sized_unit_rows
 __all__ = ["job_unit_rows", "plan_job"]  # job_unit_rows: for the commands that resume a plan
 
 FOOTER_THREADS = 16  # footers are tiny reads; this bounds open connections, not memory
-# Columns a format gives every row by itself (named by input.id_column / image_column).
-INTRINSIC = {"images": {"id", "image"}, "openai-batch": {"id", "image", "prompt"}}
 # What each non-Parquet format's image column holds (image_kind's names).
 FORMAT_IMAGE_KIND = {"webdataset": "bytes"}  # the others: paths or URIs
 IMAGE_TYPES_ALLOWED = (
@@ -380,7 +378,7 @@ def plan_job(cfg: Config, storage: Storage | None = None, unit_rows: int | None 
     elif fmt == "images":
         shards = _image_shards(listed, storage)
         for shard in shards[:1]:
-            _check_columns(shard.url, _intrinsic_names(cfg, fmt, INTRINSIC[fmt]), needed)
+            _check_columns(shard.url, _intrinsic_names(cfg, fmt, sources.INTRINSIC[fmt]), needed)
     else:
         shards, settings = _scanned_shards(cfg, fmt, listed, storage, needed)
     digest = hashlib.sha256()

@@ -28,6 +28,8 @@ ERROR_MESSAGE = "_input_error_message"
 # photos is ~100 shards; the driver keeps the listing (~100 bytes a file) while the job runs.
 IMAGE_SHARD_FILES = 10_000
 SCHEMES = ("data:", "http://", "https://")
+# Columns a format gives every row by itself (named by input.id_column / image_column).
+INTRINSIC = {"images": {"id", "image"}, "openai-batch": {"id", "image", "prompt"}}
 
 
 def resolve_relative(value: Any, manifest_url: str) -> Any:
@@ -49,7 +51,7 @@ def scan(item: Listed, fmt: str, size: int, storage: Storage) -> textfiles.Layou
         hook = openai_batch.count_settings if fmt == "openai-batch" else None
         layout = textfiles.scan_jsonl(fh, size, hook)
         if fmt == "openai-batch":
-            layout.columns = {"id", "image", "prompt"}
+            layout.columns = set(INTRINSIC[fmt])
         return layout
 
 
