@@ -496,15 +496,20 @@ def test_a_shape_whose_compile_fails_runs_eagerly_and_is_not_kept(tiny_model, ca
 
 def test_a_shape_compiles_when_met_again(tiny_model):
     """engine.hf.compile_after (default 2): a shape's first batch runs eagerly, its second
-    compiles; the warm-up's batch counts as one. On the H100 each shape's compile took ~36 s
-    and the mixed photos job met four shapes once each (session 12)."""
+    compiles; the warm-up's shape compiles at once. On the H100 each shape's compile took
+    ~36 s and the mixed photos job met four shapes once each (session 12); a square job's
+    first batch paid the warm-up shape's compile when the warm-up counted once (session 13)."""
     cfg = small_engine_config(tiny_model, compile=True)
     assert cfg.engine.hf.compile_after == 2
     compiled = make_batch_engine(cfg)
     try:
         compiled.warmup(4)
-        assert compiled.caches.shapes() == []  # met once: eager
-        compiled.generate(engine_requests(3))  # (4, 128) again: compiled
+        assert compiled.caches.shapes() == [(4, 128)]  # the warm-up's: compiled
+        compile_s = compiled.stage_times()["compile"]
+        assert compile_s > 0
+        compiled.generate(engine_requests(3))  # (4, 128) again: no compile in the batch
+        assert compiled.stage_times()["compile"] == compile_s
+        compiled.generate(engine_requests(2, prompt="Hi"))  # (2, 128) new: eager
         assert compiled.caches.shapes() == [(4, 128)]
         compiled.generate(engine_requests(1, prompt="Hi"))  # (1, 128) new: eager
         assert compiled.caches.shapes() == [(4, 128)]

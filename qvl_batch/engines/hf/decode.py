@@ -6,7 +6,9 @@ Shapes come in steps: batch rungs ``B, B/2, B/4, B/8`` (a batch padded up with d
 token) and cache lengths on a grid of two steps per octave (128, 192, 256, 384, ...). The step is
 compiled with dynamic shapes: one compile per rung, a new length is only a new graph capture.
 A shape is compiled the ``engine.hf.compile_after``-th time a batch of it is met (its first
-batches run eagerly: a compile costs ~36 s on a 7B, a mixed-size job meets many shapes once), made
+batches run eagerly: a compile costs ~36 s on a 7B, a mixed-size job meets many shapes once), the
+warm-up's at once (the warm-up is where one-time costs belong; a job of one image size runs
+nothing but its shape), made
 before its batch and timed (``compile``); at most ``engine.hf.compile_shapes`` of them, their
 caches within ``engine.hf.static_cache_gib``, accounted before they are taken; a batch past
 either bound, or of a shape whose compile failed, runs eagerly with the same output. Measured:
@@ -143,14 +145,15 @@ class StaticCaches:
     def held_bytes(self) -> int:
         return sum(self.bytes_of(*shape) for shape in self.by_shape)
 
-    def fits(self, rung: int, length: int) -> bool:
-        """Has the shape a cache, or room for one: met ``compile_after`` times, its compile never
-        failed, fewer than ``max_shapes`` held and its bytes under the cap. Warns once for a
-        shape refused past a bound (counted in ``eager_batches`` each time)."""
+    def fits(self, rung: int, length: int, now: bool = False) -> bool:
+        """Has the shape a cache, or room for one: met ``compile_after`` times (``now``: at once,
+        the warm-up's), its compile never failed, fewer than ``max_shapes`` held and its bytes
+        under the cap. Warns once for a shape refused past a bound (counted in
+        ``eager_batches`` each time)."""
         shape = (rung, length)
         if shape in self.by_shape:
             return True
-        self.seen[shape] = self.seen.get(shape, 0) + 1
+        self.seen[shape] = self.seen.get(shape, 0) + (self.compile_after if now else 1)
         if self.seen[shape] < self.compile_after:
             return False  # not met often enough yet to pay for its compile
         if shape in self.failed:

@@ -31,6 +31,7 @@ from ...rows.images import TILE
 from .. import settings_of
 from ..base import BatchEngine, Request, Result
 from ..lengths import answer_length
+from .allocator import settle_allocator
 from .clock import FirstLogits, StageClock
 from .decode import (
     StaticCaches,
@@ -100,6 +101,8 @@ class HFEngine(BatchEngine):
         self.answer_lengths = cfg.engine.benchmark.answer_lengths  # "" = the model decides
         self._max_pixels = cfg.image.max_pixels
         self._thread = ModelThread()  # every model call on one thread (thread.py says why)
+        self._warming = False  # in warmup(): its shape compiles at once
+        self.allocator = "n/a"  # the CUDA caching allocator's settings (allocator.py)
         self.compiled = bool(hf.compile)  # None (auto) is decided once the device is known
         if self.compiled:
             check_compile_supported(transformers.__version__, 0)
@@ -148,6 +151,8 @@ class HFEngine(BatchEngine):
             self.compiled = self.device.type == "cuda" and compile_supported(self.gpus)
         if self.gpus > 1:
             kwargs.setdefault("device_map", "auto")
+        if self.device.type == "cuda":
+            self.allocator = settle_allocator()
         try:
             model = AutoModelForImageTextToText.from_pretrained(
                 path, attn_implementation=attn, **kwargs
@@ -338,6 +343,7 @@ class HFEngine(BatchEngine):
             "decode_attention": self.decode_attention,
             "static_cache_gib": None if cap is None else round(cap / 2**30, 2),
             "compiled_shapes": [list(s) for s in self.caches.shapes()],
+            "allocator": self.allocator,
         }
 
     def stage_times(self) -> dict[str, float]:
@@ -392,7 +398,8 @@ class HFEngine(BatchEngine):
         """A batch of gray 448x448 images at the job's sampling: CUDA kernel selection for
         every decode length, cuBLAS workspaces and the caching allocator's first blocks happen
         here, not in real work. With ``engine.hf.compile`` its shape (``batch_size``'s rung at
-        the longest answer) counts as met once (``compile_after`` 1: compiled now)."""
+        the longest answer) is compiled now, whatever ``compile_after``: otherwise the first batch
+        of a square 448x448 job paid it (77 s on an H100, docs/PERFORMANCE.md)."""
         from PIL import Image
 
         side = 448 // TILE  # in tiles; smaller if image.max_pixels is
@@ -405,10 +412,11 @@ class HFEngine(BatchEngine):
         ]
         t0 = time.perf_counter()
         lengths, self.answer_lengths = self.answer_lengths, ""  # the longest answers' cache
+        self._warming = True
         try:
             self.generate(requests)
         finally:
-            self.answer_lengths = lengths
+            self.answer_lengths, self._warming = lengths, False
         if self.compiled:
             log.info(
                 "hf engine: warm-up of a batch of %d in %.1f s (compiled shapes: %s)",
@@ -439,7 +447,7 @@ class HFEngine(BatchEngine):
                 length,
             )
             return None
-        if not self.caches.fits(rung, length):
+        if not self.caches.fits(rung, length, now=self._warming):
             return None
         return rung, length
 
