@@ -399,7 +399,7 @@ class HFEngine(BatchEngine):
         every decode length, cuBLAS workspaces and the caching allocator's first blocks happen
         here, not in real work. With ``engine.hf.compile`` its shape (``batch_size``'s rung at
         the longest answer) is compiled now, whatever ``compile_after``: otherwise the first batch
-        of a square 448x448 job paid it (77 s on an H100, docs/PERFORMANCE.md)."""
+        of a square 448x448 job paid it (~75 s on an H100, docs/PERFORMANCE.md)."""
         from PIL import Image
 
         side = 448 // TILE  # in tiles; smaller if image.max_pixels is
