@@ -519,3 +519,27 @@ def test_a_shape_compiles_when_met_again(tiny_model):
         assert compiled.caches.eager_batches == 0  # none refused past a bound
     finally:
         compiled.close()
+
+
+def test_at_most_two_compiles_whatever_the_rungs(tiny_model):
+    """The first compile is specialised to its rung (the static cache's batch dimension); the
+    second rung's recompile is dynamic and serves every later rung: two compiles a process (at
+    ~100 s each for a 7B on an H100, what bounds a mixed-size job's compile seconds)."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    cfg = small_engine_config(tiny_model, compile=True, compile_after=1)
+    cfg = dataclasses.replace(cfg, batching=dataclasses.replace(cfg.batching, max_batch_size=16))
+    compiled = make_batch_engine(cfg)
+    torch._dynamo.reset()  # graphs of other engines in this process would serve these rungs
+    counters.clear()
+    try:
+        graphs = []
+        for rows in (16, 8, 3, 16):
+            compiled.generate(engine_requests(rows))
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert compiled.caches.shapes() == [(4, 128), (8, 128), (16, 128)]
+        assert graphs == [1, 2, 2, 2]
+    finally:
+        compiled.close()

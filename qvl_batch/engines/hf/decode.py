@@ -4,7 +4,9 @@ The decode step runs through transformers' own ``torch.compile`` (CUDA graphs on
 caches the engine owns (reset per batch, never reallocated: a graph holds its cache's addresses).
 Shapes come in steps: batch rungs ``B, B/2, B/4, B/8`` (a batch padded up with dummy rows of one
 token) and cache lengths on a grid of two steps per octave (128, 192, 256, 384, ...). The step is
-compiled with dynamic shapes: one compile per rung, a new length is only a new graph capture.
+compiled with dynamic shapes, but the first compile is specialised to its rung (the static cache's
+batch dimension); a second rung recompiles it dynamic, and that graph serves every later rung and
+length (a new shape is only a graph capture): at most two compiles a process.
 A shape is compiled the ``engine.hf.compile_after``-th time a batch of it is met (its first
 batches run eagerly: a compile costs ~36 s on a 7B, a mixed-size job meets many shapes once), the
 warm-up's at once (the warm-up is where one-time costs belong; a job of one image size runs
