@@ -50,7 +50,7 @@ REGISTRY: dict[str, EngineEntry] = {
             "hf",
             "qvl_batch.engines.hf.engine",
             "make_hf_engine",
-            "transformers, lock-step batches through the batching adapter",
+            "transformers: lock-step batches through the batching adapter, or in flight (a stream)",
             "qvl_batch.engines.hf.settings:HFEngineConfig",
             packages=("torch", "transformers"),
             install_hint="pip install 'qvl-batch[hf]' (torch + transformers)",

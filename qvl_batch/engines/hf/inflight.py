@@ -1,0 +1,370 @@
+"""The hf engine in flight (``engine.hf.schedule: inflight``, issue #27): a stream engine.
+
+A fixed number of decode slots (``engine.hf.slots``, 0: ``batching.max_batch_size``). One
+scheduler thread loops: while slots are free and rows wait, a group of waiting rows is
+prefilled (vision tower and text prefill, one forward over the group, left-padded) and its
+keys and values join the running batch; then the running batch takes one decode step. A row
+leaves the moment it ends (EOS, ``max_tokens``, the model's positions, or its benchmark answer
+length) and its result goes to the sink at once. Every model call runs on the hf engine's model
+thread (``thread.py``).
+
+The running batch is one transformers ``DynamicCache``, rows left-padded to a common width, with
+a per-row attention mask and a per-row next position: TGI-style. Joining pads the two caches
+on the left to the wider one and concatenates them; leaving is an ``index_select`` of the rows
+kept, then the columns no row attends any more are cut off the left. Positions are passed to
+the model explicitly: a prefill gets Qwen2.5-VL's multimodal positions (``get_rope_index``);
+a row's decode position is its prompt's largest position + 1 + tokens generated before it, for
+all three rope sections, which is what ``generate`` computes in both transformers 4.57 and 5.x.
+So a row's answer does not depend on the rows it runs with (greedy float32: equal to the
+lock-step engine token for token, ``tests/engines/test_hf_inflight.py``). docs/INFLIGHT.md says
+what is left.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...config import Config
+from ...errors import RowError
+from .. import settings_of
+from ..base import Engine, Request, Result, ResultSink
+from ..lengths import answer_length
+from .engine import HFEngine
+
+log = logging.getLogger(__name__)
+
+TRIES = 2  # a row inside a failing step is run again once before it is an ENGINE_ERROR
+
+
+@dataclass
+class _Row:
+    req: Request
+    prompt_tokens: int = 0
+    vision_tokens: int = 0
+    end: int = 1  # new tokens at most: max_tokens, the model's positions, its drawn length
+    ruled: bool = False  # ``end`` is the drawn benchmark length: ending there is "stop"
+    tokens: list[int] = field(default_factory=list)
+    tries: int = 0
+
+
+@dataclass
+class _Batch:
+    """Rows decoding together: their cache (rows x width), mask, next position, last token."""
+
+    rows: list[_Row]
+    cache: Any
+    mask: torch.Tensor  # (rows, width) long, 1 where a row attends
+    pos: torch.Tensor  # (rows,) long: the position of the token fed next
+    last: torch.Tensor  # (rows,) long: the token fed next
+
+    def select(self, keep: list[int]) -> None:
+        """Keep these rows (indices); cut the columns no row kept attends off the left."""
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:  # the batch is done: its cache goes with it
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(0).long().argmax())
+        self.mask, self.pos, self.last = mask[:, start:], self.pos[index], self.last[index]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[..., start:, :]
+            layer.values = layer.values.index_select(0, index)[..., start:, :]
+
+    def join(self, other: _Batch) -> None:
+        """Append ``other``'s rows: both left-padded to the wider cache, then concatenated."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        pad = torch.nn.functional.pad
+        self.mask = torch.cat([pad(b.mask, (width - b.mask.shape[1], 0)) for b in (self, other)])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                both = [pad(t, (0, 0, width - t.shape[-2], 0)) for t in (a, b)]
+                setattr(mine, name, torch.cat(both))
+        self.rows += other.rows
+        self.pos = torch.cat([self.pos, other.pos])
+        self.last = torch.cat([self.last, other.last])
+
+
+class HFInflightEngine(Engine):
+    """An :class:`HFEngine` (its model, inputs, tokens, model thread) run in flight."""
+
+    def __init__(self, hf: HFEngine, cfg: Config):
+        self.hf = hf
+        self.name, self.version, self.guided = hf.name, hf.version, hf.guided
+        if hf.guide is not None:
+            raise ValueError(
+                "engine.hf.schedule=inflight: guided decoding (structured.json_schema) is not "
+                "supported yet (docs/INFLIGHT.md); set engine.hf.schedule=lockstep"
+            )
+        if cfg.sampling.repetition_penalty != 1.0:
+            raise ValueError(
+                "engine.hf.schedule=inflight: sampling.repetition_penalty is not supported yet "
+                "(docs/INFLIGHT.md); set engine.hf.schedule=lockstep"
+            )
+        self.sampling = cfg.sampling
+        self.slots = settings_of(cfg, "hf").slots or cfg.batching.max_batch_size
+        self._bound = 2 * self.slots  # a row always waits to take a slot the moment one frees
+        self.entry_group = max(1, self._bound // 8)
+        model = hf.model
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        rope = inspect.signature(model.model.get_rope_index).parameters
+        self._rope_types = "mm_token_type_ids" in rope  # transformers 5: needs the modality ids
+        self._warpers = self._make_warpers()
+        self._cond = threading.Condition()
+        self._waiting: deque[_Row] = deque()
+        self._running: _Batch | None = None  # the model thread's, between steps
+        self._closed = False
+        self._sink: ResultSink | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._times = dict.fromkeys(("inputs", "prefill", "decode", "busy", "slot"), 0.0)
+        self.steps = 0
+        self.peak_active = 0
+
+    # ---- the seam -----------------------------------------------------------------------
+    @property
+    def max_in_flight(self) -> int:
+        return self._bound
+
+    def start(self, sink: ResultSink) -> None:
+        self._sink = sink
+        self._loop_thread = threading.Thread(target=self._loop, name="hf-inflight", daemon=True)
+        self._loop_thread.start()
+
+    def submit(self, requests: list[Request]) -> None:
+        assert self._sink is not None, "start() first"
+        rows = []
+        for req in requests:
+            need = self.hf.count_text_tokens(req.prompt, req.system) + req.vision_tokens
+            if need >= self.hf.max_positions:  # as the lock-step engine refuses it
+                msg = f"prompt is {need} tokens; the model takes at most {self.hf.max_positions}"
+                self._sink.put(Result(req.key, error_code=RowError.ENGINE_ERROR, error_message=msg))
+            else:
+                rows.append(_Row(req))
+        with self._cond:
+            self._waiting.extend(rows)
+            self._cond.notify_all()
+
+    def warmup(self) -> None:
+        self.hf.warmup(self.slots)  # the lock-step warm-up: kernels and allocator, same model
+
+    def count_text_tokens(self, prompt: str, system: str | None) -> int:
+        return self.hf.count_text_tokens(prompt, system)
+
+    def modes(self) -> dict[str, Any]:
+        return {**self.hf.modes(), "decode": "eager", "schedule": "inflight", "slots": self.slots}
+
+    def stage_times(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self._times.items()}
+
+    def reset_stage_times(self) -> None:
+        self._times = dict.fromkeys(self._times, 0.0)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout=30)
+        self.hf.close()
+
+    # ---- the scheduler thread -----------------------------------------------------------
+    def _loop(self) -> None:
+        sink = self._sink
+        assert sink is not None
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closed or self._waiting or self._running):
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    free = self.slots - (len(self._running.rows) if self._running else 0)
+                    group = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                t0 = time.perf_counter()
+                if group:
+                    sink.entering([row.req.key for row in group])
+                    for result in self._admit_isolating(group):
+                        sink.put(result)
+                if self._running is not None:
+                    active = len(self._running.rows)
+                    for result in self._step_isolating():
+                        sink.put(result)
+                    seconds = time.perf_counter() - t0
+                    self._times["busy"] += seconds
+                    self._times["slot"] += seconds * active
+                    self.steps += 1
+                    self.peak_active = max(self.peak_active, active)
+                sink.alive()
+        except BaseException as exc:  # a bug: the actor dies and is replaced
+            log.exception("hf in-flight scheduler died")
+            sink.fail(exc)
+
+    def _admit_isolating(self, group: list[_Row]) -> list[Result]:
+        """Prefill a group into the running batch; a group that raises is split in halves to
+        isolate the rows that fail (as the batching adapter does)."""
+        try:
+            host = self.hf.inputs.host_side([row.req for row in group])
+            return self.hf._thread.run(self._admit, group, host)
+        except Exception as exc:
+            if len(group) > 1:
+                mid = len(group) // 2
+                return self._admit_isolating(group[:mid]) + self._admit_isolating(group[mid:])
+            return self._retry_or_fail(group, exc)
+
+    def _step_isolating(self) -> list[Result]:
+        """One decode step; if it raises, the running rows start again (each at most
+        :data:`TRIES` times, then an ENGINE_ERROR)."""
+        try:
+            return self.hf._thread.run(self._step)
+        except Exception as exc:
+            batch, self._running = self._running, None
+            log.warning(
+                "hf in-flight: a decode step of %d rows failed",
+                len(batch.rows) if batch else 0,
+                exc_info=True,
+            )
+            return self._retry_or_fail(batch.rows if batch else [], exc)
+
+    def _retry_or_fail(self, rows: list[_Row], exc: Exception) -> list[Result]:
+        failed = []
+        for row in rows:
+            row.tries += 1
+            if row.tries >= TRIES:
+                msg = f"{type(exc).__name__}: {exc}"
+                error = RowError.ENGINE_ERROR
+                failed.append(Result(row.req.key, error_code=error, error_message=msg))
+            else:
+                row.tokens = []
+                with self._cond:
+                    self._waiting.appendleft(row)
+        return failed
+
+    # ---- on the model thread ------------------------------------------------------------
+    def _make_warpers(self) -> Any:
+        import transformers
+
+        s = self.sampling
+        if s.temperature == 0:
+            return None
+        warpers: list[Any] = [transformers.TemperatureLogitsWarper(s.temperature)]
+        if s.top_k:
+            warpers.append(transformers.TopKLogitsWarper(s.top_k))
+        if s.top_p < 1.0:
+            warpers.append(transformers.TopPLogitsWarper(s.top_p))
+        torch.manual_seed(s.seed)  # once per engine: a row's sample depends on its neighbours
+        return transformers.LogitsProcessorList(warpers)
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each row from its last logits (float32, as generate does)."""
+        logits = logits.float()
+        if self._warpers is None:
+            return logits.argmax(-1)
+        scores = self._warpers(None, logits)
+        return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
+
+    def _admit(self, group: list[_Row], host: Any) -> list[Result]:
+        from transformers import DynamicCache
+
+        hf = self.hf
+        t0 = time.perf_counter()
+        inputs = hf.inputs.device_side(host)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for row, n_prompt, n_vision in zip(
+            group, mask.sum(1).tolist(), (ids == hf.image_token_id).sum(1).tolist()
+        ):
+            limit = max(1, min(self.sampling.max_tokens, hf.max_positions - n_prompt))
+            drawn = answer_length(hf.answer_lengths, row.req.row_id) if hf.answer_lengths else 0
+            row.prompt_tokens, row.vision_tokens = int(n_prompt), int(n_vision)
+            row.end, row.ruled = (min(drawn, limit), drawn <= limit) if drawn else (limit, False)
+        rope = {"image_grid_thw": inputs["image_grid_thw"], "attention_mask": mask}
+        if self._rope_types:
+            rope["mm_token_type_ids"] = inputs["mm_token_type_ids"]
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            positions, _ = hf.model.model.get_rope_index(ids, **rope)
+            cache = DynamicCache()
+            out = hf.model(
+                **inputs,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg: cache},
+            )
+            first = self._choose(out.logits[:, -1])
+        self._times["inputs"] += t1 - t0
+        self._times["prefill"] += time.perf_counter() - t1
+        # A decoded token's position: the prompt's largest + 1, then one more per token.
+        nxt = positions.amax(dim=(0, 2)) + 1
+        batch = _Batch(list(group), cache, mask.long(), nxt, first)
+        results = self._advance(batch, first.tolist())
+        if batch.rows:
+            if self._running is None:
+                self._running = batch
+            else:
+                self._running.join(batch)
+        return results
+
+    def _step(self) -> list[Result]:
+        batch = self._running
+        assert batch is not None
+        t0 = time.perf_counter()
+        n = len(batch.rows)
+        mask = torch.cat([batch.mask, batch.mask.new_ones(n, 1)], dim=1)
+        with torch.inference_mode():
+            out = self.hf.model(
+                input_ids=batch.last[:, None],
+                attention_mask=mask,
+                position_ids=batch.pos.view(1, n, 1).expand(3, n, 1),
+                use_cache=True,
+                **{self._cache_kwarg: batch.cache},
+            )
+            tokens = self._choose(out.logits[:, -1])
+        batch.mask, batch.pos, batch.last = mask, batch.pos + 1, tokens
+        results = self._advance(batch, tokens.tolist())  # waits for the device
+        if not batch.rows:
+            self._running = None
+        self._times["decode"] += time.perf_counter() - t0
+        return results
+
+    def _advance(self, batch: _Batch, tokens: list[int]) -> list[Result]:
+        """Each row takes its new token; rows that end leave the batch as results."""
+        results, keep = [], []
+        for i, (row, token) in enumerate(zip(batch.rows, tokens)):
+            row.tokens.append(token)
+            if token in self.hf.eos_ids:
+                results.append(self._result(row, "stop"))
+            elif len(row.tokens) >= row.end:
+                results.append(self._result(row, "stop" if row.ruled else "length"))
+            else:
+                keep.append(i)
+        if len(keep) < len(batch.rows):
+            batch.select(keep)
+        return results
+
+    def _result(self, row: _Row, reason: str) -> Result:
+        return Result(
+            row.req.key,
+            text=self.hf.tokens.decode(row.tokens),
+            finish_reason=reason,
+            prompt_tokens=row.prompt_tokens,
+            vision_tokens=row.vision_tokens,
+            output_tokens=len(row.tokens),
+        )
+
+
+def make_inflight_engine(cfg: Config) -> HFInflightEngine:
+    hf = HFEngine(cfg)
+    try:
+        return HFInflightEngine(hf, cfg)
+    except Exception:
+        hf.close()
+        raise

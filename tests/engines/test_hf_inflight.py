@@ -1,0 +1,184 @@
+"""The hf engine in flight (``engine.hf.schedule: inflight``, issue #27) on CPU with the tiny
+random Qwen2.5-VL: greedy float32 answers equal the lock-step engine's token for token, with
+rows of mixed image sizes and answer lengths entering mid-decode; a short answer leaves (and
+reaches the sink) before a long one ends; a poison row fails alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from qvl_batch.config import (  # noqa: E402
+    BatchingConfig,
+    BenchmarkKnobs,
+    Config,
+    EngineConfig,
+    SamplingConfig,
+    StructuredConfig,
+)
+from qvl_batch.engines.base import Engine, Result  # noqa: E402
+from qvl_batch.engines.build import make_batch_engine, make_engine  # noqa: E402
+from qvl_batch.engines.hf.inflight import HFInflightEngine  # noqa: E402
+from qvl_batch.engines.hf.settings import HFEngineConfig  # noqa: E402
+from qvl_batch.engines.lengths import answer_length  # noqa: E402
+from qvl_batch.errors import ConfigError, RowError  # noqa: E402
+
+from ..engine_inputs import engine_requests  # noqa: E402
+
+pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
+pytestmark = pytest.mark.timeout(300)
+
+LENGTHS = "uniform:2:14"  # mixed answer lengths, from each row's id
+
+
+def _config(model: str, schedule: str, slots: int = 0, max_tokens: int = 16, **cfg) -> Config:
+    return Config(
+        engine=EngineConfig(
+            name="hf",
+            model=model,
+            device="cpu",
+            hf=HFEngineConfig(schedule=schedule, slots=slots),
+            benchmark=BenchmarkKnobs(LENGTHS),
+        ),
+        sampling=SamplingConfig(max_tokens=max_tokens),
+        batching=BatchingConfig(max_batch_size=16),
+        **cfg,
+    )
+
+
+class Sink:
+    """Records what the engine reports: results in arrival order, with the decode step each
+    came at, and the rows running when each group entered."""
+
+    def __init__(self, engine: HFInflightEngine):
+        self.engine = engine
+        self.results: list[tuple[Result, int]] = []
+        self.entered: list[tuple[int, int]] = []  # (rows entering, rows running then)
+        self.done = threading.Event()
+        self.want = 0
+        self.error: BaseException | None = None
+
+    def entering(self, keys) -> None:
+        running = self.engine._running
+        self.entered.append((len(keys), len(running.rows) if running else 0))
+
+    def put(self, result: Result) -> None:
+        self.results.append((result, self.engine.steps))
+        if len(self.results) >= self.want:
+            self.done.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.done.set()
+
+    def alive(self) -> None:
+        pass
+
+
+def _run_inflight(engine: Engine, requests, parts: int = 1) -> Sink:
+    assert isinstance(engine, HFInflightEngine)
+    sink = Sink(engine)
+    sink.want = len(requests)
+    engine.start(sink)
+    step = -(-len(requests) // parts)
+    for i in range(0, len(requests), step):  # the actor hands rows over as it prepares them
+        engine.submit(requests[i : i + step])
+        time.sleep(0.05)
+    assert sink.done.wait(60), f"{len(sink.results)} of {len(requests)} results"
+    assert sink.error is None
+    return sink
+
+
+def _fields(r: Result) -> tuple:
+    return (r.text, r.output_tokens, r.finish_reason, r.prompt_tokens, r.vision_tokens)
+
+
+@pytest.fixture(scope="module")
+def lockstep_answers(tiny_model):
+    """The lock-step engine's answers to 10 rows, one padded batch: the reference."""
+    requests = engine_requests(10)
+    engine = make_batch_engine(_config(tiny_model, "lockstep"))
+    try:
+        results = engine.generate(requests)
+    finally:
+        engine.close()
+    return requests, {r.key: r for r in results}
+
+
+@pytest.mark.parametrize("slots", [3, 16])
+def test_inflight_answers_equal_lockstep_token_for_token(tiny_model, lockstep_answers, slots):
+    """Greedy fp32: each row's answer is the lock-step engine's, whether its rows decode all
+    together (16 slots) or enter as others leave (3 slots: rows join a running batch)."""
+    requests, want = lockstep_answers
+    assert len({answer_length(LENGTHS, r.row_id) for r in requests}) > 4
+    assert len({r.image.size for r in requests}) == 3
+    engine = make_engine(_config(tiny_model, "inflight", slots=slots))
+    try:
+        sink = _run_inflight(engine, requests, parts=2)
+        assert engine.peak_active <= slots
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    assert sorted(got) == sorted(want)
+    for key, ref in want.items():
+        assert ref.error_code is None and got[key].error_code is None, got[key].error_message
+        assert _fields(got[key]) == _fields(ref), key
+    assert sum(ref.finish_reason == "stop" for ref in want.values()) == len(want)
+    if slots < len(requests):  # some group was prefilled while other rows were decoding
+        assert any(running for _, running in sink.entered), sink.entered
+
+
+def test_a_short_answer_arrives_before_a_long_one_ends(tiny_model):
+    requests = engine_requests(6)
+    lengths = {r.key: answer_length(LENGTHS, r.row_id) for r in requests}
+    engine = make_engine(_config(tiny_model, "inflight", slots=6))
+    try:
+        sink = _run_inflight(engine, requests)
+    finally:
+        engine.close()
+    arrived = [r.key for r, _ in sink.results]
+    assert arrived != [r.key for r in requests]  # out of order: as each ends
+    by_key = {r.key: (r, step) for r, step in sink.results}
+    short, long = min(lengths, key=lengths.get), max(lengths, key=lengths.get)
+    assert lengths[short] < lengths[long]
+    # the short row's result was put steps before the long row's last step
+    assert by_key[short][1] < by_key[long][1]
+    assert by_key[short][0].output_tokens <= lengths[short] < by_key[long][0].output_tokens
+    assert arrived.index(short) < arrived.index(long)
+
+
+def test_a_poison_row_fails_alone(tiny_model, lockstep_answers):
+    """A row whose inputs raise (an image off the 28-pixel grid) is an ENGINE_ERROR; the rows
+    prefilled in its group still get the lock-step answers."""
+    from PIL import Image
+
+    requests, want = lockstep_answers
+    requests = list(requests[:5])
+    bad = engine_requests(1)[0]
+    bad.key, bad.row_id, bad.image = ("unit", 99), "row-99", Image.new("RGB", (30, 30))
+    requests.insert(2, bad)
+    engine = make_engine(_config(tiny_model, "inflight", slots=8))
+    try:
+        sink = _run_inflight(engine, requests)
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    assert got[bad.key].error_code == RowError.ENGINE_ERROR
+    assert "grid" in got[bad.key].error_message
+    for req in requests:
+        if req is not bad:
+            assert _fields(got[req.key]) == _fields(want[req.key]), req.key
+
+
+def test_schedule_setting_is_checked_and_guided_inflight_is_refused(tiny_model):
+    with pytest.raises(ConfigError, match="engine.hf.schedule"):
+        HFEngineConfig(schedule="sometimes")
+    structured = StructuredConfig(json_schema={"type": "object"}, guided="required")
+    pytest.importorskip("xgrammar")
+    with pytest.raises(ValueError, match="guided decoding"):
+        make_engine(_config(tiny_model, "inflight", structured=structured))
