@@ -53,6 +53,7 @@ class _Row:
     ruled: bool = False  # ``end`` is the drawn benchmark length: ending there is "stop"
     tokens: list[int] = field(default_factory=list)
     tries: int = 0
+    matcher: Any = None  # guided decoding: the row's own grammar state (xgrammar)
 
 
 @dataclass
@@ -99,11 +100,6 @@ class HFInflightEngine(Engine):
     def __init__(self, hf: HFEngine, cfg: Config):
         self.hf = hf
         self.name, self.version, self.guided = hf.name, hf.version, hf.guided
-        if hf.guide is not None:
-            raise ValueError(
-                "engine.hf.schedule=inflight: guided decoding (structured.json_schema) is not "
-                "supported yet (docs/INFLIGHT.md); set engine.hf.schedule=lockstep"
-            )
         if cfg.sampling.repetition_penalty != 1.0:
             raise ValueError(
                 "engine.hf.schedule=inflight: sampling.repetition_penalty is not supported yet "
@@ -263,9 +259,24 @@ class HFInflightEngine(Engine):
         torch.manual_seed(s.seed)  # once per engine: a row's sample depends on its neighbours
         return transformers.LogitsProcessorList(warpers)
 
-    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token of each row from its last logits (float32, as generate does)."""
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """The next token of each row from its last logits (float32, as generate does); with
+        guided decoding each row's grammar masks its logits first (before the warpers, as
+        ``guided.py`` does in lock-step)."""
         logits = logits.float()
+        guide = self.hf.guide
+        if guide is not None:
+            xgr = guide._xgr
+            bitmask = xgr.allocate_token_bitmask(len(rows), guide.vocab_size)
+            for i, row in enumerate(rows):
+                if row.matcher.is_terminated():
+                    bitmask[i].fill_(-1)
+                else:
+                    row.matcher.fill_next_token_bitmask(bitmask, i)
+            on = logits.device.type if logits.device.type in ("cpu", "cuda") else "cpu"
+            masked = logits.to(on)
+            xgr.apply_token_bitmask_inplace(masked, bitmask.to(on), vocab_size=guide.vocab_size)
+            logits = masked.to(logits.device)
         if self._warpers is None:
             return logits.argmax(-1)
         scores = self._warpers(None, logits)
@@ -285,6 +296,8 @@ class HFInflightEngine(Engine):
             drawn = answer_length(hf.answer_lengths, row.req.row_id) if hf.answer_lengths else 0
             row.prompt_tokens, row.vision_tokens = int(n_prompt), int(n_vision)
             row.end, row.ruled = (min(drawn, limit), drawn <= limit) if drawn else (limit, False)
+            if hf.guide is not None:
+                row.matcher = hf.guide._xgr.GrammarMatcher(hf.guide.compiled)
         rope = {"image_grid_thw": inputs["image_grid_thw"], "attention_mask": mask}
         if self._rope_types:
             rope["mm_token_type_ids"] = inputs["mm_token_type_ids"]
@@ -299,7 +312,7 @@ class HFInflightEngine(Engine):
                 logits_to_keep=1,
                 **{self._cache_kwarg: cache},
             )
-            first = self._choose(out.logits[:, -1])
+            first = self._choose(out.logits[:, -1], group)
         self._times["inputs"] += t1 - t0
         self._times["prefill"] += time.perf_counter() - t1
         # A decoded token's position: the prompt's largest + 1, then one more per token.
@@ -327,7 +340,7 @@ class HFInflightEngine(Engine):
                 use_cache=True,
                 **{self._cache_kwarg: batch.cache},
             )
-            tokens = self._choose(out.logits[:, -1])
+            tokens = self._choose(out.logits[:, -1], batch.rows)
         batch.mask, batch.pos, batch.last = mask, batch.pos + 1, tokens
         results = self._advance(batch, tokens.tolist())  # waits for the device
         if not batch.rows:
@@ -340,6 +353,9 @@ class HFInflightEngine(Engine):
         results, keep = [], []
         for i, (row, token) in enumerate(zip(batch.rows, tokens)):
             row.tokens.append(token)
+            guided = row.matcher is not None and not row.matcher.is_terminated()
+            if guided and not row.matcher.accept_token(token):
+                raise RuntimeError(f"the JSON grammar refused token {token}")
             if token in self.hf.eos_ids:
                 results.append(self._result(row, "stop"))
             elif len(row.tokens) >= row.end:

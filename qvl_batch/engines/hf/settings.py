@@ -50,7 +50,7 @@ class HFEngineConfig:
     # How rows are scheduled: "lockstep" (batches through the batching adapter, each decoding
     # until its longest answer ends) or "inflight" (qvl_batch.engines.hf.inflight: a stream
     # engine with ``slots`` decode slots; a row leaves as it ends, a waiting row takes its
-    # slot; issue #27, docs/INFLIGHT.md: a first cut, eager decode, no guided decoding yet).
+    # slot; issue #27, docs/INFLIGHT.md: a first cut, eager decode, not measured on a GPU).
     schedule: str = "lockstep"
     # inflight: rows decoding at once (0: batching.max_batch_size).
     slots: int = 0
