@@ -218,3 +218,49 @@ def test_guided_answers_in_flight_equal_lockstep_and_parse(tiny_model):
         values, error = parser.parse(got[key].text, "stop")
         assert error is None or "non-unique" in error, error  # xgrammar leaves uniqueItems
         assert values is None or values["verdict"] in ("allow", "review", "block")
+
+
+def test_a_failing_decode_step_puts_its_rows_back(tiny_model, lockstep_answers, caplog):
+    """A decode step that raises once (a transient fault): its rows are prefilled again and
+    still get the lock-step answers."""
+    requests, want = lockstep_answers
+    engine = make_engine(_config(tiny_model, "inflight", slots=4))
+    model = engine.hf.model
+    forward, decode_steps = model.forward, []
+
+    def flaky(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1:  # a decode step
+            decode_steps.append(kwargs["input_ids"].shape[0])
+            if len(decode_steps) == 5:
+                raise RuntimeError("transient")
+        return forward(*args, **kwargs)
+
+    model.forward = flaky
+    try:
+        sink = _run_inflight(engine, requests[:6])
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    assert len(got) == 6 and "a decode step of" in caplog.text
+    for req in requests[:6]:
+        assert _fields(got[req.key]) == _fields(want[req.key]), req.key
+
+
+def test_rows_of_a_decode_step_that_always_fails_are_errors(tiny_model):
+    engine = make_engine(_config(tiny_model, "inflight", slots=4))
+    model = engine.hf.model
+    forward = model.forward
+
+    def broken(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            raise RuntimeError("poison")
+        return forward(*args, **kwargs)
+
+    model.forward = broken
+    try:
+        sink = _run_inflight(engine, engine_requests(3))
+    finally:
+        engine.close()
+    assert {(r.error_code, r.error_message) for r, _ in sink.results} == {
+        (RowError.ENGINE_ERROR, "RuntimeError: poison")
+    }
