@@ -67,7 +67,7 @@ class Sink:
 
     def entering(self, keys) -> None:
         running = self.engine._running
-        self.entered.append((len(keys), len(running.rows) if running else 0))
+        self.entered.append((len(keys), running.live if running else 0))
 
     def put(self, result: Result) -> None:
         self.results.append((result, self.engine.steps))

@@ -10,8 +10,11 @@ thread (``thread.py``).
 
 The running batch is one transformers ``DynamicCache``, rows left-padded to a common width, with
 a per-row attention mask and a per-row next position: TGI-style. Joining pads the two caches
-on the left to the wider one and concatenates them; leaving is an ``index_select`` of the rows
-kept, then the columns no row attends any more are cut off the left. Positions are passed to
+on the left to the wider one and concatenates them; a row that ends is a dead slot (its tokens
+ignored) until the batch compacts: an ``index_select`` of the rows kept, then the columns no
+row attends any more are cut off the left. Both copy the cache, so groups join a few rows at a
+time (``min_group``) and dead slots are dropped a few at a time (``max_dead``) or when a group
+joins. Positions are passed to
 the model explicitly: a prefill gets Qwen2.5-VL's multimodal positions (``get_rope_index``);
 a row's decode position is its prompt's largest position + 1 + tokens generated before it, for
 all three rope sections, which is what ``generate`` computes in both transformers 4.57 and 5.x.
@@ -54,6 +57,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     tries: int = 0
     matcher: Any = None  # guided decoding: the row's own grammar state (xgrammar)
+    done: bool = False  # ended (its result is out); its slot is dead until the batch compacts
 
 
 @dataclass
@@ -65,6 +69,15 @@ class _Batch:
     mask: torch.Tensor  # (rows, width) long, 1 where a row attends
     pos: torch.Tensor  # (rows,) long: the position of the token fed next
     last: torch.Tensor  # (rows,) long: the token fed next
+
+    @property
+    def live(self) -> int:
+        return sum(not row.done for row in self.rows)
+
+    def compact(self) -> None:
+        """Drop the rows that ended (dead slots)."""
+        if self.live < len(self.rows):
+            self.select([i for i, row in enumerate(self.rows) if not row.done])
 
     def select(self, keep: list[int]) -> None:
         """Keep these rows (indices); cut the columns no row kept attends off the left."""
@@ -109,6 +122,12 @@ class HFInflightEngine(Engine):
         self.slots = settings_of(cfg, "hf").slots or cfg.batching.max_batch_size
         self._bound = 2 * self.slots  # a row always waits to take a slot the moment one frees
         self.entry_group = max(1, self._bound // 8)
+        # A group is prefilled once this many slots are free (or everything waiting fits): a
+        # join copies the running cache, so rows join a few at a time, not one each step.
+        self.min_group = max(1, self.slots // 8)
+        # Rows that ended stay in the batch as dead slots (masked, their tokens ignored) until
+        # this many are dead or a group joins: leaving copies the cache too.
+        self.max_dead = self.slots // 4
         model = hf.model
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -183,15 +202,18 @@ class HFInflightEngine(Engine):
                         self._cond.wait()
                     if self._closed:
                         return
-                    free = self.slots - (len(self._running.rows) if self._running else 0)
-                    group = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                    live = self._running.live if self._running else 0
+                    take = min(self.slots - live, len(self._waiting))
+                    if take < self.min_group and take < len(self._waiting) and live:
+                        take = 0  # wait for more free slots: a group at a time
+                    group = [self._waiting.popleft() for _ in range(take)]
                 t0 = time.perf_counter()
                 if group:
                     sink.entering([row.req.key for row in group])
                     for result in self._admit_isolating(group):
                         sink.put(result)
                 if self._running is not None:
-                    active = len(self._running.rows)
+                    active = self._running.live
                     for result in self._step_isolating():
                         sink.put(result)
                     seconds = time.perf_counter() - t0
@@ -228,7 +250,8 @@ class HFInflightEngine(Engine):
                 len(batch.rows) if batch else 0,
                 exc_info=True,
             )
-            return self._retry_or_fail(batch.rows if batch else [], exc)
+            rows = [row for row in batch.rows if not row.done] if batch else []
+            return self._retry_or_fail(rows, exc)
 
     def _retry_or_fail(self, rows: list[_Row], exc: Exception) -> list[Result]:
         failed = []
@@ -269,7 +292,7 @@ class HFInflightEngine(Engine):
             xgr = guide._xgr
             bitmask = xgr.allocate_token_bitmask(len(rows), guide.vocab_size)
             for i, row in enumerate(rows):
-                if row.matcher.is_terminated():
+                if row.done or row.matcher.is_terminated():
                     bitmask[i].fill_(-1)
                 else:
                     row.matcher.fill_next_token_bitmask(bitmask, i)
@@ -319,10 +342,12 @@ class HFInflightEngine(Engine):
         nxt = positions.amax(dim=(0, 2)) + 1
         batch = _Batch(list(group), cache, mask.long(), nxt, first)
         results = self._advance(batch, first.tolist())
+        batch.compact()
         if batch.rows:
             if self._running is None:
                 self._running = batch
             else:
+                self._running.compact()  # the slots it frees are the group's
                 self._running.join(batch)
         return results
 
@@ -349,21 +374,25 @@ class HFInflightEngine(Engine):
         return results
 
     def _advance(self, batch: _Batch, tokens: list[int]) -> list[Result]:
-        """Each row takes its new token; rows that end leave the batch as results."""
-        results, keep = [], []
-        for i, (row, token) in enumerate(zip(batch.rows, tokens)):
+        """Each row takes its new token; a row that ends is a result at once and a dead slot
+        until the batch compacts (more than ``max_dead`` of them, or none live)."""
+        results = []
+        for row, token in zip(batch.rows, tokens):
+            if row.done:
+                continue
             row.tokens.append(token)
             guided = row.matcher is not None and not row.matcher.is_terminated()
             if guided and not row.matcher.accept_token(token):
                 raise RuntimeError(f"the JSON grammar refused token {token}")
             if token in self.hf.eos_ids:
+                row.done = True
                 results.append(self._result(row, "stop"))
             elif len(row.tokens) >= row.end:
+                row.done = True
                 results.append(self._result(row, "stop" if row.ruled else "length"))
-            else:
-                keep.append(i)
-        if len(keep) < len(batch.rows):
-            batch.select(keep)
+        live = batch.live
+        if live == 0 or len(batch.rows) - live > self.max_dead:
+            batch.compact()
         return results
 
     def _result(self, row: _Row, reason: str) -> Result:
