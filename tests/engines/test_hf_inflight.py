@@ -264,3 +264,27 @@ def test_rows_of_a_decode_step_that_always_fails_are_errors(tiny_model):
     assert {(r.error_code, r.error_message) for r, _ in sink.results} == {
         (RowError.ENGINE_ERROR, "RuntimeError: poison")
     }
+
+
+def test_take_back_gives_back_a_unit_still_waiting_for_slots(tiny_model):
+    requests = engine_requests(5)
+    for req in requests[3:]:
+        req.key = ("other", req.key[1])
+    engine = make_engine(_config(tiny_model, "inflight", slots=1))
+    sink = Sink(engine)
+    sink.want = 3
+    try:
+        engine.start(sink)
+        engine.submit(requests[:3])
+        deadline = time.monotonic() + 30
+        while not sink.entered and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert engine.take_back("unit") is None  # its first row has started
+        engine.submit(requests[3:])  # one slot: they wait behind the unit's other rows
+        assert engine.take_back("other") == 2
+        assert sink.done.wait(60)
+        time.sleep(0.2)
+    finally:
+        engine.close()
+    assert sorted(r.key for r, _ in sink.results) == [("unit", 0), ("unit", 1), ("unit", 2)]
+    assert engine.take_back("unit") == 0  # all out: nothing started, nothing waiting

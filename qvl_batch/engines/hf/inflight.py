@@ -29,7 +29,7 @@ import inspect
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +137,7 @@ class HFInflightEngine(Engine):
         self._cond = threading.Condition()
         self._waiting: deque[_Row] = deque()
         self._running: _Batch | None = None  # the model thread's, between steps
+        self._started: Counter[str] = Counter()  # rows per unit taken from the queue, not out
         self._closed = False
         self._sink: ResultSink | None = None
         self._loop_thread: threading.Thread | None = None
@@ -167,6 +168,23 @@ class HFInflightEngine(Engine):
         with self._cond:
             self._waiting.extend(rows)
             self._cond.notify_all()
+
+    def take_back(self, unit_id: str) -> int | None:
+        """The unit's rows still waiting for a slot, if none of its rows has started."""
+        with self._cond:
+            if self._started[unit_id]:
+                return None
+            kept = [row for row in self._waiting if row.req.key[0] != unit_id]
+            back = len(self._waiting) - len(kept)
+            self._waiting = deque(kept)
+            return back
+
+    def _put(self, result: Result) -> None:
+        assert self._sink is not None
+        with self._cond:
+            self._started[result.key[0]] -= 1
+            self._started += Counter()  # drops the units at zero
+        self._sink.put(result)
 
     def warmup(self) -> None:
         self.hf.warmup(self.slots)  # the lock-step warm-up: kernels and allocator, same model
@@ -207,15 +225,16 @@ class HFInflightEngine(Engine):
                     if take < self.min_group and take < len(self._waiting) and live:
                         take = 0  # wait for more free slots: a group at a time
                     group = [self._waiting.popleft() for _ in range(take)]
+                    self._started.update(row.req.key[0] for row in group if not row.tries)
                 t0 = time.perf_counter()
                 if group:
                     sink.entering([row.req.key for row in group])
                     for result in self._admit_isolating(group):
-                        sink.put(result)
+                        self._put(result)
                 if self._running is not None:
                     active = self._running.live
                     for result in self._step_isolating():
-                        sink.put(result)
+                        self._put(result)
                     seconds = time.perf_counter() - t0
                     self._times["busy"] += seconds
                     self._times["slot"] += seconds * active
