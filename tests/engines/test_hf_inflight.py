@@ -37,17 +37,23 @@ LENGTHS = "uniform:2:14"  # mixed answer lengths, from each row's id
 
 
 def _config(
-    model: str, schedule: str, slots: int = 0, max_tokens: int = 16, lengths=LENGTHS, **cfg
+    model: str,
+    schedule: str,
+    slots: int = 0,
+    max_tokens: int = 16,
+    lengths=LENGTHS,
+    hf=None,
+    **cfg,
 ) -> Config:
     return Config(
         engine=EngineConfig(
             name="hf",
             model=model,
             device="cpu",
-            hf=HFEngineConfig(schedule=schedule, slots=slots),
+            hf=HFEngineConfig(schedule=schedule, slots=slots, **(hf or {})),
             benchmark=BenchmarkKnobs(lengths),
         ),
-        sampling=SamplingConfig(max_tokens=max_tokens),
+        sampling=cfg.pop("sampling", None) or SamplingConfig(max_tokens=max_tokens),
         batching=BatchingConfig(max_batch_size=16),
         **cfg,
     )
@@ -112,15 +118,20 @@ def lockstep_answers(tiny_model):
     return requests, {r.key: r for r in results}
 
 
-@pytest.mark.parametrize("slots", [3, 16])
-def test_inflight_answers_equal_lockstep_token_for_token(tiny_model, lockstep_answers, slots):
+@pytest.mark.parametrize("slots, attention", [(3, "stock"), (16, "stock"), (3, "grouped")], ids=str)
+def test_inflight_answers_equal_lockstep_token_for_token(
+    tiny_model, lockstep_answers, slots, attention
+):
     """Greedy fp32: each row's answer is the lock-step engine's, whether its rows decode all
-    together (16 slots) or enter as others leave (3 slots: rows join a running batch)."""
+    together (16 slots) or enter as others leave (3 slots: rows join a running batch); with
+    the grouped decode attention (gqa.py) too."""
     requests, want = lockstep_answers
     assert len({answer_length(LENGTHS, r.row_id) for r in requests}) > 4
     assert len({r.image.size for r in requests}) == 3
-    engine = make_engine(_config(tiny_model, "inflight", slots=slots))
+    hf = {"decode_attention": attention}
+    engine = make_engine(_config(tiny_model, "inflight", slots=slots, hf=hf))
     try:
+        assert engine.modes()["decode_attention"] == attention
         sink = _run_inflight(engine, requests, parts=2)
         assert engine.peak_active <= slots
     finally:
@@ -186,6 +197,15 @@ def test_schedule_setting_is_checked():
         HFEngineConfig(schedule="sometimes")
     with pytest.raises(ConfigError, match=r"engine\.hf\.slots"):
         HFEngineConfig(slots=-1)
+
+
+def test_inflight_refuses_what_it_does_not_do_yet(tiny_model):
+    with pytest.raises(ValueError, match=r"engine\.hf\.compile=true"):
+        make_engine(_config(tiny_model, "inflight", hf={"compile": True}))
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        make_engine(
+            _config(tiny_model, "inflight", sampling=SamplingConfig(repetition_penalty=1.1))
+        )
 
 
 def test_guided_answers_in_flight_equal_lockstep_and_parse(tiny_model):

@@ -113,6 +113,13 @@ class HFInflightEngine(Engine):
     def __init__(self, hf: HFEngine, cfg: Config):
         self.hf = hf
         self.name, self.version, self.guided = hf.name, hf.version, hf.guided
+        if settings_of(cfg, "hf").compile:
+            raise ValueError(
+                "engine.hf.schedule=inflight: engine.hf.compile=true is not supported yet (the "
+                "in-flight decode is eager; docs/INFLIGHT.md); set engine.hf.compile=null"
+            )
+        if hf.compiled:  # compile: null chose it for the lock-step decode; never used here
+            hf.set_modes(compile=False)
         if cfg.sampling.repetition_penalty != 1.0:
             raise ValueError(
                 "engine.hf.schedule=inflight: sampling.repetition_penalty is not supported yet "
