@@ -199,13 +199,32 @@ def test_schedule_setting_is_checked():
         HFEngineConfig(slots=-1)
 
 
-def test_inflight_refuses_what_it_does_not_do_yet(tiny_model):
+def test_inflight_refuses_the_compiled_decode(tiny_model):
     with pytest.raises(ValueError, match=r"engine\.hf\.compile=true"):
         make_engine(_config(tiny_model, "inflight", hf={"compile": True}))
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        make_engine(
-            _config(tiny_model, "inflight", sampling=SamplingConfig(repetition_penalty=1.1))
-        )
+
+
+def test_repetition_penalty_over_each_rows_own_tokens(tiny_model):
+    """sampling.repetition_penalty in flight: each row's answer is the lock-step engine's for
+    that row alone (a lock-step batch also penalises its padding token in padded rows)."""
+    requests = engine_requests(6)
+    sampling = SamplingConfig(max_tokens=16, repetition_penalty=1.5)
+    lockstep = make_batch_engine(_config(tiny_model, "lockstep", sampling=sampling))
+    plain = make_batch_engine(_config(tiny_model, "lockstep"))
+    try:
+        want = {r.key: lockstep.generate([r])[0] for r in requests}
+        unpenalised = {r.key: plain.generate([r])[0] for r in requests}
+    finally:
+        lockstep.close()
+        plain.close()
+    assert any(_fields(want[k]) != _fields(unpenalised[k]) for k in want)  # it does something
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, sampling=sampling))
+    try:
+        sink = _run_inflight(engine, requests, parts=2)
+    finally:
+        engine.close()
+    for result, _ in sink.results:
+        assert _fields(result) == _fields(want[result.key]), result.key
 
 
 def test_guided_answers_in_flight_equal_lockstep_and_parse(tiny_model):

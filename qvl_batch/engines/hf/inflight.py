@@ -8,19 +8,16 @@ leaves the moment it ends (EOS, ``max_tokens``, the model's positions, or its be
 length) and its result goes to the sink at once. Every model call runs on the hf engine's model
 thread (``thread.py``).
 
-The running batch is one transformers ``DynamicCache``, rows left-padded to a common width, with
-a per-row attention mask and a per-row next position: TGI-style. Joining pads the two caches
-on the left to the wider one and concatenates them; a row that ends is a dead slot (its tokens
-ignored) until the batch compacts: an ``index_select`` of the rows kept, then the columns no
-row attends any more are cut off the left. Both copy the cache, so groups join a few rows at a
-time (``min_group``) and dead slots are dropped a few at a time (``max_dead``) or when a group
-joins. Positions are passed to
-the model explicitly: a prefill gets Qwen2.5-VL's multimodal positions (``get_rope_index``);
-a row's decode position is its prompt's largest position + 1 + tokens generated before it, for
-all three rope sections, which is what ``generate`` computes in both transformers 4.57 and 5.x.
-So a row's answer does not depend on the rows it runs with (greedy float32: equal to the
-lock-step engine token for token, ``tests/engines/test_hf_inflight.py``). docs/INFLIGHT.md says
-what is left.
+The running batch (``running.py``) is one transformers ``DynamicCache``, rows left-padded to a
+common width, with a per-row attention mask and next position: TGI-style. A row that ends is a
+dead slot (its tokens ignored) until the batch compacts; joins and compactions copy the cache,
+so groups join a few rows at a time (``min_group``) and dead slots go a few at a time
+(``max_dead``) or when a group joins. Positions are passed to the model explicitly: a prefill
+gets Qwen2.5-VL's multimodal positions (``get_rope_index``); a row's decode position is its
+prompt's largest position + 1 + tokens generated before it, for all three rope sections, which
+is what ``generate`` computes in both transformers 4.57 and 5.x. So a row's answer does not
+depend on the rows it runs with (greedy float32: equal to the lock-step engine token for token,
+``tests/engines/test_hf_inflight.py``). docs/INFLIGHT.md says what is left.
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,70 +37,11 @@ from .. import settings_of
 from ..base import Engine, Request, Result, ResultSink
 from ..lengths import answer_length
 from .engine import HFEngine
+from .running import Row, RunningBatch
 
 log = logging.getLogger(__name__)
 
 TRIES = 2  # a row inside a failing step is run again once before it is an ENGINE_ERROR
-
-
-@dataclass
-class _Row:
-    req: Request
-    prompt_tokens: int = 0
-    vision_tokens: int = 0
-    end: int = 1  # new tokens at most: max_tokens, the model's positions, its drawn length
-    ruled: bool = False  # ``end`` is the drawn benchmark length: ending there is "stop"
-    tokens: list[int] = field(default_factory=list)
-    tries: int = 0
-    matcher: Any = None  # guided decoding: the row's own grammar state (xgrammar)
-    done: bool = False  # ended (its result is out); its slot is dead until the batch compacts
-
-
-@dataclass
-class _Batch:
-    """Rows decoding together: their cache (rows x width), mask, next position, last token."""
-
-    rows: list[_Row]
-    cache: Any
-    mask: torch.Tensor  # (rows, width) long, 1 where a row attends
-    pos: torch.Tensor  # (rows,) long: the position of the token fed next
-    last: torch.Tensor  # (rows,) long: the token fed next
-
-    @property
-    def live(self) -> int:
-        return sum(not row.done for row in self.rows)
-
-    def compact(self) -> None:
-        """Drop the rows that ended (dead slots)."""
-        if self.live < len(self.rows):
-            self.select([i for i, row in enumerate(self.rows) if not row.done])
-
-    def select(self, keep: list[int]) -> None:
-        """Keep these rows (indices); cut the columns no row kept attends off the left."""
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:  # the batch is done: its cache goes with it
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        start = int(mask.any(0).long().argmax())
-        self.mask, self.pos, self.last = mask[:, start:], self.pos[index], self.last[index]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[..., start:, :]
-            layer.values = layer.values.index_select(0, index)[..., start:, :]
-
-    def join(self, other: _Batch) -> None:
-        """Append ``other``'s rows: both left-padded to the wider cache, then concatenated."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        pad = torch.nn.functional.pad
-        self.mask = torch.cat([pad(b.mask, (width - b.mask.shape[1], 0)) for b in (self, other)])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            for name in ("keys", "values"):
-                a, b = getattr(mine, name), getattr(theirs, name)
-                both = [pad(t, (0, 0, width - t.shape[-2], 0)) for t in (a, b)]
-                setattr(mine, name, torch.cat(both))
-        self.rows += other.rows
-        self.pos = torch.cat([self.pos, other.pos])
-        self.last = torch.cat([self.last, other.last])
 
 
 class HFInflightEngine(Engine):
@@ -120,11 +57,6 @@ class HFInflightEngine(Engine):
             )
         if hf.compiled:  # compile: null chose it for the lock-step decode; never used here
             hf.set_modes(compile=False)
-        if cfg.sampling.repetition_penalty != 1.0:
-            raise ValueError(
-                "engine.hf.schedule=inflight: sampling.repetition_penalty is not supported yet "
-                "(docs/INFLIGHT.md); set engine.hf.schedule=lockstep"
-            )
         self.sampling = cfg.sampling
         self.slots = settings_of(cfg, "hf").slots or cfg.batching.max_batch_size
         self._bound = 2 * self.slots  # a row always waits to take a slot the moment one frees
@@ -142,8 +74,8 @@ class HFInflightEngine(Engine):
         self._rope_types = "mm_token_type_ids" in rope  # transformers 5: needs the modality ids
         self._warpers = self._make_warpers()
         self._cond = threading.Condition()
-        self._waiting: deque[_Row] = deque()
-        self._running: _Batch | None = None  # the model thread's, between steps
+        self._waiting: deque[Row] = deque()
+        self._running: RunningBatch | None = None  # the model thread's, between steps
         self._started: Counter[str] = Counter()  # rows per unit taken from the queue, not out
         self._closed = False
         self._sink: ResultSink | None = None
@@ -171,7 +103,7 @@ class HFInflightEngine(Engine):
                 msg = f"prompt is {need} tokens; the model takes at most {self.hf.max_positions}"
                 self._sink.put(Result(req.key, error_code=RowError.ENGINE_ERROR, error_message=msg))
             else:
-                rows.append(_Row(req))
+                rows.append(Row(req))
         with self._cond:
             self._waiting.extend(rows)
             self._cond.notify_all()
@@ -252,7 +184,7 @@ class HFInflightEngine(Engine):
             log.exception("hf in-flight scheduler died")
             sink.fail(exc)
 
-    def _admit_isolating(self, group: list[_Row]) -> list[Result]:
+    def _admit_isolating(self, group: list[Row]) -> list[Result]:
         """Prefill a group into the running batch; a group that raises is split in halves to
         isolate the rows that fail (as the batching adapter does)."""
         try:
@@ -279,7 +211,7 @@ class HFInflightEngine(Engine):
             rows = [row for row in batch.rows if not row.done] if batch else []
             return self._retry_or_fail(rows, exc)
 
-    def _retry_or_fail(self, rows: list[_Row], exc: Exception) -> list[Result]:
+    def _retry_or_fail(self, rows: list[Row], exc: Exception) -> list[Result]:
         failed = []
         for row in rows:
             row.tries += 1
@@ -308,11 +240,19 @@ class HFInflightEngine(Engine):
         torch.manual_seed(s.seed)  # once per engine: a row's sample depends on its neighbours
         return transformers.LogitsProcessorList(warpers)
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """The next token of each row from its last logits (float32, as generate does); with
-        guided decoding each row's grammar masks its logits first (before the warpers, as
-        ``guided.py`` does in lock-step)."""
+    def _choose(
+        self, logits: torch.Tensor, rows: list[Row], seen: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The next token of each row from its last logits (float32, as generate does): the
+        repetition penalty over the row's own tokens (``seen``: transformers' rule), then with
+        guided decoding each row's grammar mask (before the warpers, as ``guided.py`` does in
+        lock-step)."""
         logits = logits.float()
+        if seen is not None:
+            penalty = self.sampling.repetition_penalty
+            score = logits.gather(1, seen)
+            score = torch.where(score < 0, score * penalty, score / penalty)
+            logits = logits.scatter(1, seen, score)
         guide = self.hf.guide
         if guide is not None:
             xgr = guide._xgr
@@ -331,7 +271,7 @@ class HFInflightEngine(Engine):
         scores = self._warpers(None, logits)
         return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
 
-    def _admit(self, group: list[_Row], host: Any) -> list[Result]:
+    def _admit(self, group: list[Row], host: Any) -> list[Result]:
         from transformers import DynamicCache
 
         hf = self.hf
@@ -361,12 +301,17 @@ class HFInflightEngine(Engine):
                 logits_to_keep=1,
                 **{self._cache_kwarg: cache},
             )
-            first = self._choose(out.logits[:, -1], group)
+            seen = None
+            if self.sampling.repetition_penalty != 1.0:  # padding: the row's last prompt token
+                seen = torch.where(mask.bool(), ids, ids[:, -1:])
+            first = self._choose(out.logits[:, -1], group, seen)
         self._times["inputs"] += t1 - t0
         self._times["prefill"] += time.perf_counter() - t1
         # A decoded token's position: the prompt's largest + 1, then one more per token.
         nxt = positions.amax(dim=(0, 2)) + 1
-        batch = _Batch(list(group), cache, mask.long(), nxt, first)
+        batch = RunningBatch(list(group), cache, mask.long(), nxt, first)
+        if seen is not None:
+            batch.seen = torch.cat([seen, first[:, None]], dim=1)
         results = self._advance(batch, first.tolist())
         batch.compact()
         if batch.rows:
@@ -391,15 +336,17 @@ class HFInflightEngine(Engine):
                 use_cache=True,
                 **{self._cache_kwarg: batch.cache},
             )
-            tokens = self._choose(out.logits[:, -1], batch.rows)
+            tokens = self._choose(out.logits[:, -1], batch.rows, batch.seen)
         batch.mask, batch.pos, batch.last = mask, batch.pos + 1, tokens
+        if batch.seen is not None:
+            batch.seen = torch.cat([batch.seen, tokens[:, None]], dim=1)
         results = self._advance(batch, tokens.tolist())  # waits for the device
         if not batch.rows:
             self._running = None
         self._times["decode"] += time.perf_counter() - t0
         return results
 
-    def _advance(self, batch: _Batch, tokens: list[int]) -> list[Result]:
+    def _advance(self, batch: RunningBatch, tokens: list[int]) -> list[Result]:
         """Each row takes its new token; a row that ends is a result at once and a dead slot
         until the batch compacts (more than ``max_dead`` of them, or none live)."""
         results = []
@@ -421,7 +368,7 @@ class HFInflightEngine(Engine):
             batch.compact()
         return results
 
-    def _result(self, row: _Row, reason: str) -> Result:
+    def _result(self, row: Row, reason: str) -> Result:
         return Result(
             row.req.key,
             text=self.hf.tokens.decode(row.tokens),
