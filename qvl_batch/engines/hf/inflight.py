@@ -80,7 +80,8 @@ class HFInflightEngine(Engine):
         self._closed = False
         self._sink: ResultSink | None = None
         self._loop_thread: threading.Thread | None = None
-        self._times = dict.fromkeys(("inputs", "prefill", "decode", "busy", "slot"), 0.0)
+        stages = ("inputs", "vision", "prefill", "decode", "busy", "slot")
+        self._times = dict.fromkeys(stages, 0.0)
         self.steps = 0
         self.peak_active = 0
 
@@ -291,6 +292,7 @@ class HFInflightEngine(Engine):
         if self._rope_types:
             rope["mm_token_type_ids"] = inputs["mm_token_type_ids"]
         t1 = time.perf_counter()
+        hf._clock.start()  # the vision tower's hooks mark its seconds inside the prefill
         with torch.inference_mode():
             positions, _ = hf.model.model.get_rope_index(ids, **rope)
             cache = DynamicCache()
@@ -305,6 +307,8 @@ class HFInflightEngine(Engine):
             if self.sampling.repetition_penalty != 1.0:  # padding: the row's last prompt token
                 seen = torch.where(mask.bool(), ids, ids[:, -1:])
             first = self._choose(out.logits[:, -1], group, seen)
+        hf._clock.stop()
+        self._times["vision"] += hf._clock.split()["vision"]
         self._times["inputs"] += t1 - t0
         self._times["prefill"] += time.perf_counter() - t1
         # A decoded token's position: the prompt's largest + 1, then one more per token.
