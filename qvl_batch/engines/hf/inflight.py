@@ -1,23 +1,16 @@
 """The hf engine in flight (``engine.hf.schedule: inflight``, issue #27): a stream engine.
 
-A fixed number of decode slots (``engine.hf.slots``, 0: ``batching.max_batch_size``). One
-scheduler thread loops: while slots are free and rows wait, a group of waiting rows is
-prefilled (vision tower and text prefill, one forward over the group, left-padded) and its
-keys and values join the running batch; then the running batch takes one decode step. A row
-leaves the moment it ends (EOS, ``max_tokens``, the model's positions, or its benchmark answer
-length) and its result goes to the sink at once. Every model call runs on the hf engine's model
-thread (``thread.py``).
-
-The running batch (``running.py``) is one transformers ``DynamicCache``, rows left-padded to a
-common width, with a per-row attention mask and next position: TGI-style. A row that ends is a
-dead slot (its tokens ignored) until the batch compacts; joins and compactions copy the cache,
-so groups join a few rows at a time (``min_group``) and dead slots go a few at a time
-(``max_dead``) or when a group joins. Positions are passed to the model explicitly: a prefill
-gets Qwen2.5-VL's multimodal positions (``get_rope_index``); a row's decode position is its
-prompt's largest position + 1 + tokens generated before it, for all three rope sections, which
-is what ``generate`` computes in both transformers 4.57 and 5.x. So a row's answer does not
-depend on the rows it runs with (greedy float32: equal to the lock-step engine token for token,
-``tests/engines/test_hf_inflight.py``). docs/INFLIGHT.md says what is left.
+``engine.hf.slots`` decode slots. One scheduler thread loops: once enough slots are free
+(``min_group``), a group of waiting rows is prefilled (vision tower and text prefill, one
+forward, left-padded) and joins the running batch (``running.py``); then the running batch takes
+one decode step. A row leaves the moment it ends (EOS, ``max_tokens``, the model's positions, its
+benchmark answer length): its result goes to the sink at once. Every model call runs on the hf
+engine's model thread (``thread.py``). Positions are passed to the model explicitly: a prefill
+gets Qwen2.5-VL's multimodal positions (``get_rope_index``); a decode step, each row's prompt's
+largest position + 1 + the tokens it generated before (all three rope sections), as
+``generate`` computes in transformers 4.57 and 5.x. So a row's answer does not depend on the
+rows it runs with: greedy float32 equals the lock-step engine token for token
+(``tests/engines/test_hf_inflight.py``). Design and what is left: docs/INFLIGHT.md.
 """
 
 from __future__ import annotations
@@ -67,10 +60,9 @@ class HFInflightEngine(Engine):
         # Rows that ended stay in the batch as dead slots (masked, their tokens ignored) until
         # this many are dead or a group joins: leaving copies the cache too.
         self.max_dead = self.slots // 4
-        model = hf.model
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        rope = inspect.signature(model.model.get_rope_index).parameters
+        forward = inspect.signature(hf.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        rope = inspect.signature(hf.model.model.get_rope_index).parameters
         self._rope_types = "mm_token_type_ids" in rope  # transformers 5: needs the modality ids
         self._warpers = self._make_warpers()
         self._cond = threading.Condition()
@@ -80,10 +72,8 @@ class HFInflightEngine(Engine):
         self._closed = False
         self._sink: ResultSink | None = None
         self._loop_thread: threading.Thread | None = None
-        stages = ("inputs", "vision", "prefill", "decode", "busy", "slot")
-        self._times = dict.fromkeys(stages, 0.0)
-        self.steps = 0
-        self.peak_active = 0
+        self._times = dict.fromkeys(("inputs", "vision", "prefill", "decode", "busy", "slot"), 0.0)
+        self.steps = self.peak_active = 0
 
     # ---- the seam -----------------------------------------------------------------------
     @property
@@ -127,7 +117,23 @@ class HFInflightEngine(Engine):
         self._sink.put(result)
 
     def warmup(self) -> None:
-        self.hf.warmup(self.slots)  # the lock-step warm-up: kernels and allocator, same model
+        """Throwaway rows in every slot (half join a step in) to the longest answers: kernels,
+        allocator blocks, joins and compactions are paid before real work."""
+        rows = [Row(req) for req in self.hf.warmup_requests(self.slots)]
+        half = max(1, len(rows) // 2)
+        lengths, self.hf.answer_lengths = self.hf.answer_lengths, ""
+        try:
+            for group in filter(None, (rows[:half], rows[half:])):
+                host = self.hf.inputs.host_side([row.req for row in group])
+                self.hf._thread.run(self._admit, group, host)
+                if self._running is not None:
+                    self.hf._thread.run(self._step)
+            while self._running is not None:
+                self.hf._thread.run(self._step)
+        finally:
+            self.hf.answer_lengths = lengths
+            self._running = None
+        self.reset_stage_times()
 
     def count_text_tokens(self, prompt: str, system: str | None) -> int:
         return self.hf.count_text_tokens(prompt, system)
@@ -140,6 +146,7 @@ class HFInflightEngine(Engine):
 
     def reset_stage_times(self) -> None:
         self._times = dict.fromkeys(self._times, 0.0)
+        self.steps = self.peak_active = 0
 
     def close(self) -> None:
         with self._cond:
@@ -384,7 +391,7 @@ class HFInflightEngine(Engine):
 
 
 def make_inflight_engine(cfg: Config) -> HFInflightEngine:
-    hf = HFEngine(cfg)
+    hf = HFEngine(cfg)  # loads the model
     try:
         return HFInflightEngine(hf, cfg)
     except Exception:
