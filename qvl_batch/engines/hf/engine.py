@@ -590,13 +590,3 @@ class HFEngine(BatchEngine):
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()
-
-
-def make_hf_engine(cfg: Config, incarnation: int = 0) -> Any:
-    """The registry's builder (a model load does not depend on the incarnation): the lock-step
-    :class:`HFEngine`, or with ``engine.hf.schedule: inflight`` the stream engine around it."""
-    if settings_of(cfg, "hf").schedule == "inflight":
-        from .inflight import make_inflight_engine
-
-        return make_inflight_engine(cfg)
-    return HFEngine(cfg)
