@@ -149,12 +149,16 @@ class HFInflightEngine(Engine):
         self.steps = self.peak_active = 0
 
     def close(self) -> None:
+        self._stop()
+        self.hf.close()
+
+    def _stop(self) -> None:
+        """End the scheduler thread (the model stays loaded)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=30)
-        self.hf.close()
 
     # ---- the scheduler thread -----------------------------------------------------------
     def _loop(self) -> None:
