@@ -149,6 +149,33 @@ def test_inflight_answers_equal_lockstep_token_for_token(
         assert any(running for _, running in sink.entered), sink.entered
 
 
+def test_answers_that_end_on_eos_between_reads_equal_lockstep(tiny_model):
+    """No benchmark lengths: the random model's own EOS ends most answers, at lengths that are
+    not multiples of READ_EVERY, so an EOS is seen steps after it is chosen; the tokens chosen
+    after it are dropped and each answer is the lock-step engine's token for token."""
+    from qvl_batch.engines.hf.inflight import READ_EVERY
+
+    requests = engine_requests(12)
+    lockstep = make_batch_engine(_config(tiny_model, "lockstep", max_tokens=40, lengths=""))
+    try:
+        want = {r.key: r for r in lockstep.generate(requests)}
+    finally:
+        lockstep.close()
+    stops = [r.output_tokens for r in want.values() if r.finish_reason == "stop"]
+    assert len([n for n in stops if n % READ_EVERY]) >= 4, stops  # EOS between reads
+    assert any(r.finish_reason == "length" for r in want.values())
+    engine = make_engine(_config(tiny_model, "inflight", slots=4, max_tokens=40, lengths=""))
+    try:
+        sink = _run_inflight(engine, requests, parts=2)
+        steps, reads = engine.steps, engine.reads
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    for key, ref in want.items():
+        assert _fields(got[key]) == _fields(ref), key
+    assert reads < steps / 2, (reads, steps)  # the device is not waited for at every step
+
+
 def test_a_short_answer_arrives_before_a_long_one_ends(tiny_model):
     requests = engine_requests(6)
     lengths = {r.key: answer_length(LENGTHS, r.row_id) for r in requests}

@@ -35,6 +35,12 @@ from .running import Row, RunningBatch
 log = logging.getLogger(__name__)
 
 TRIES = 2  # a row inside a failing step is run again once before it is an ENGINE_ERROR
+# Decode steps between reads of the chosen tokens back to the host (without guided decoding,
+# whose grammars take each token as it comes). Reading waits for the device; ends by length are
+# known on the host without it, only an EOS needs the tokens: a row that says EOS decodes on
+# as a dead slot until the next read, at most READ_EVERY - 1 steps. Rows also are read back
+# before a group joins and once none is decoding. To be tuned on a GPU (docs/INFLIGHT.md).
+READ_EVERY = 8
 
 
 class HFInflightEngine(Engine):
@@ -73,7 +79,7 @@ class HFInflightEngine(Engine):
         self._sink: ResultSink | None = None
         self._loop_thread: threading.Thread | None = None
         self._times = dict.fromkeys(("inputs", "vision", "prefill", "decode", "busy", "slot"), 0.0)
-        self.steps = self.peak_active = 0
+        self.steps = self.peak_active = self.reads = 0  # reads: waits for the chosen tokens
 
     # ---- the seam -----------------------------------------------------------------------
     @property
@@ -146,7 +152,7 @@ class HFInflightEngine(Engine):
 
     def reset_stage_times(self) -> None:
         self._times = dict.fromkeys(self._times, 0.0)
-        self.steps = self.peak_active = 0
+        self.steps = self.peak_active = self.reads = 0
 
     def close(self) -> None:
         self._stop()
@@ -232,7 +238,7 @@ class HFInflightEngine(Engine):
                 error = RowError.ENGINE_ERROR
                 failed.append(Result(row.req.key, error_code=error, error_message=msg))
             else:
-                row.tokens = []
+                row.tokens, row.chosen = [], 0
                 with self._cond:
                     self._waiting.appendleft(row)
         return failed
@@ -324,17 +330,24 @@ class HFInflightEngine(Engine):
         self._times["prefill"] += time.perf_counter() - t1
         # A decoded token's position: the prompt's largest + 1, then one more per token.
         nxt = positions.amax(dim=(0, 2)) + 1
-        batch = RunningBatch(list(group), cache, mask.long(), nxt, first)
+        batch = RunningBatch(list(group), cache, mask.long(), nxt, first, pending=[first])
+        for row in group:
+            row.chosen = 1
         if seen is not None:
             batch.seen = torch.cat([seen, first[:, None]], dim=1)
-        results = self._advance(batch, first.tolist())
+        results = self._read_back(batch)
         batch.compact()
+        running = self._running
+        if running is not None:  # the slots it frees are the group's
+            results += self._read_back(running)
+            running.compact()
+            if not running.rows:
+                self._running = running = None
         if batch.rows:
-            if self._running is None:
+            if running is None:
                 self._running = batch
             else:
-                self._running.compact()  # the slots it frees are the group's
-                self._running.join(batch)
+                running.join(batch)
         return results
 
     def _step(self) -> list[Result]:
@@ -355,29 +368,48 @@ class HFInflightEngine(Engine):
         batch.mask, batch.pos, batch.last = mask, batch.pos + 1, tokens
         if batch.seen is not None:
             batch.seen = torch.cat([batch.seen, tokens[:, None]], dim=1)
-        results = self._advance(batch, tokens.tolist())  # waits for the device
+        batch.pending.append(tokens)
+        for row in batch.rows:
+            if not row.done and row.chosen < row.end:
+                row.chosen += 1
+        live = batch.live
+        results = []
+        if (
+            self.hf.guide is not None  # each grammar takes its token before the next step
+            or len(batch.pending) >= READ_EVERY
+            or live == 0
+            or len(batch.rows) - live > self.max_dead
+        ):
+            results = self._read_back(batch)  # waits for the device
         if not batch.rows:
             self._running = None
         self._times["decode"] += time.perf_counter() - t0
         return results
 
-    def _advance(self, batch: RunningBatch, tokens: list[int]) -> list[Result]:
-        """Each row takes its new token; a row that ends is a result at once and a dead slot
+    def _read_back(self, batch: RunningBatch) -> list[Result]:
+        """The pending tokens to the host (one wait for the device): each row takes those
+        chosen for it, up to an EOS or its end; a row that ends is a result and a dead slot
         until the batch compacts (more than ``max_dead`` of them, or none live)."""
+        if not batch.pending:
+            return []
+        steps = torch.stack(batch.pending, dim=1).tolist()  # (rows, steps)
+        batch.pending = []
+        self.reads += 1
         results = []
-        for row, token in zip(batch.rows, tokens):
-            if row.done:
-                continue
-            row.tokens.append(token)
-            guided = row.matcher is not None and not row.matcher.is_terminated()
-            if guided and not row.matcher.accept_token(token):
-                raise RuntimeError(f"the JSON grammar refused token {token}")
-            if token in self.hf.eos_ids:
-                row.done = True
-                results.append(self._result(row, "stop"))
-            elif len(row.tokens) >= row.end:
-                row.done = True
-                results.append(self._result(row, "stop" if row.ruled else "length"))
+        for row, chosen in zip(batch.rows, steps):
+            for token in chosen[: row.chosen - len(row.tokens)] if not row.done else ():
+                row.tokens.append(token)
+                guided = row.matcher is not None and not row.matcher.is_terminated()
+                if guided and not row.matcher.accept_token(token):
+                    raise RuntimeError(f"the JSON grammar refused token {token}")
+                if token in self.hf.eos_ids:
+                    row.done = True
+                    results.append(self._result(row, "stop"))
+                    break
+                if len(row.tokens) >= row.end:
+                    row.done = True
+                    results.append(self._result(row, "stop" if row.ruled else "length"))
+                    break
         live = batch.live
         if live == 0 or len(batch.rows) - live > self.max_dead:
             batch.compact()

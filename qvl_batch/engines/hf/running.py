@@ -25,7 +25,8 @@ class Row:
     vision_tokens: int = 0
     end: int = 1  # new tokens at most: max_tokens, the model's positions, its drawn length
     ruled: bool = False  # ``end`` is the drawn benchmark length: ending there is "stop"
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # read back from the device
+    chosen: int = 0  # tokens chosen for it so far: ``tokens`` and those not yet read back
     tries: int = 0
     matcher: Any = None  # guided decoding: the row's own grammar state (xgrammar)
     done: bool = False  # ended (its result is out); its slot is dead until the batch compacts
@@ -43,18 +44,24 @@ class RunningBatch:
     # sampling.repetition_penalty: each row's tokens so far (prompt and answer), left-filled
     # with a token of its own (a repeat changes nothing); None without a penalty
     seen: torch.Tensor | None = None
+    # the tokens chosen by the steps since the last read-back, one (rows,) tensor a step, still
+    # on the device: rows join and leave only once they are read back
+    pending: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def live(self) -> int:
-        return sum(not row.done for row in self.rows)
+        """Rows still decoding: not ended, short of their length (one that reached it is a
+        free slot before its tokens are read back; an EOS is seen only then)."""
+        return sum(not row.done and row.chosen < row.end for row in self.rows)
 
     def compact(self) -> None:
-        """Drop the rows that ended (dead slots)."""
-        if self.live < len(self.rows):
+        """Drop the rows whose results are out (dead slots)."""
+        if any(row.done for row in self.rows):
             self.select([i for i, row in enumerate(self.rows) if not row.done])
 
     def select(self, keep: list[int]) -> None:
         """Keep these rows (indices); cut the columns no row kept attends off the left."""
+        assert not self.pending, "read the pending tokens back first"
         self.rows = [self.rows[i] for i in keep]
         if not keep:  # the batch is done: its cache goes with it
             return
@@ -70,6 +77,7 @@ class RunningBatch:
 
     def join(self, other: RunningBatch) -> None:
         """Append ``other``'s rows: both left-padded to the wider cache, then concatenated."""
+        assert not self.pending and not other.pending, "read the pending tokens back first"
         width = max(self.mask.shape[1], other.mask.shape[1])
         pad = torch.nn.functional.pad
         self.mask = torch.cat([pad(b.mask, (width - b.mask.shape[1], 0)) for b in (self, other)])
