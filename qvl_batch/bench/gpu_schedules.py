@@ -67,6 +67,9 @@ def add_schedule_ratios(report: dict) -> None:
                 "lockstep_rows_per_s": twin and twin["images_per_s"],
                 "inflight_rows_per_s": x["images_per_s"],
                 "ratio": x["ratio_vs_lockstep"],
+                # in flight before its final drain (stream.py) over lock-step (which has none)
+                "inflight_steady_rows_per_s": x.get("steady_images_per_s"),
+                "ratio_steady": _ratio(x.get("steady_images_per_s"), twin and twin["images_per_s"]),
                 "occupancy": x.get("occupancy"),
                 "output_tokens_mean": _both(twin, x, "output_tokens_mean"),
                 "errors": _both(twin, x, "errors"),
@@ -109,12 +112,15 @@ def print_schedules(report: dict) -> None:
     print("--- in flight vs lock-step (slots = B; pairs are [lock-step, in flight])")
     for side in ("bare", "runner"):
         for x in schedules[side]:
+            ratio = f"x{_cell(x['ratio'])}"
+            if x.get("ratio_steady") is not None:
+                ratio += f" (before its drain x{_cell(x['ratio_steady'])})"
+            errors = x["errors"] if "errors" in x else x["error_rows"]
             print(
                 f"{side:<9} B={x['batch_size']:<4} lock-step {_cell(x['lockstep_rows_per_s'])} "
-                f"in flight {_cell(x['inflight_rows_per_s'])} rows/s: x{_cell(x['ratio'])}, "
-                f"occupancy {_cell(x['occupancy'])}, "
-                f"errors {x.get('errors') or x.get('error_rows')}, "
-                f"GPU peak MiB {x['gpu_memory_peak_mib']}   [{x['variant']}]"
+                f"in flight {_cell(x['inflight_rows_per_s'])} rows/s: {ratio}, occupancy "
+                f"{_cell(x['occupancy'])}, errors {errors}, GPU peak MiB "
+                f"{x['gpu_memory_peak_mib']}   [{x['variant']}]"
             )
 
 

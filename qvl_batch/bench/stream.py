@@ -104,6 +104,10 @@ def time_stream(engine, requests: list, max_s: float, warm: bool, stall_s: float
             sent += len(chunk)
             if max_s and time.perf_counter() - t0 >= max_s:
                 break  # the device run is budgeted: time what fits
+        # Until the last row went in, rows were waiting for every slot that freed: the steady
+        # state of a long job. The drain after it (slots emptying, the last answers alone)
+        # is this run's size, not the engine's.
+        steady = (sink.results, time.perf_counter() - t0)
         sink.wait_until(0)
         secs = time.perf_counter() - t0
     finally:
@@ -125,6 +129,9 @@ def time_stream(engine, requests: list, max_s: float, warm: bool, stall_s: float
         "capped": sent < len(requests),
         "seconds": round(secs, 3),
         "images_per_s": round(done / secs, 3),
+        # rows finished before the last one went in, over that time (None: too few rows for
+        # a window with the engine full: fewer than 2 x slots finished in it)
+        "steady_images_per_s": round(steady[0] / steady[1], 3) if steady[0] >= 2 * slots else None,
         "output_tokens_per_s": round(tokens["answer"] / secs, 1),
         "output_tokens_mean": round(tokens["answer"] / max(1, done - errors), 2),
         "errors": errors,
@@ -136,6 +143,7 @@ def time_stream(engine, requests: list, max_s: float, warm: bool, stall_s: float
         "occupied_slots_mean": round(stages.get("slot", 0.0) / busy, 3) if busy else None,
         "occupancy": round(stages.get("slot", 0.0) / busy / slots, 4) if busy else None,
         "steps": engine.steps,
+        "reads": engine.reads,  # waits for the device's chosen tokens (fewer than steps)
         "peak_active": engine.peak_active,
         "engine_s": stages,  # totals: an in-flight engine has no batches
         "engine_s_per_batch": {},
@@ -174,7 +182,7 @@ def stream_line(label: str, run: dict) -> str:
         f"{run['output_tokens_per_s']:9.1f} output tokens/s ({run['rows']} rows, "
         f"{run['seconds']:.1f}s{', capped' if run['capped'] else ''}); occupancy "
         f"{_num(run['occupancy'])} ({_num(run['occupied_slots_mean'])} of {run['slots']} slots), "
-        f"{run['steps']} steps, errors {run['errors']}"
+        f"{run['steps']} steps ({run['reads']} reads), errors {run['errors']}"
         + (f"; GPU busy {busy:.3f}" if busy is not None else "")
         + (f"; torch reserved {reserved / 1024:.1f} GiB" if reserved is not None else "")
     )
