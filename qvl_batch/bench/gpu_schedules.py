@@ -74,6 +74,7 @@ def add_schedule_ratios(report: dict) -> None:
                 "output_tokens_mean": _both(twin, x, "output_tokens_mean"),
                 "errors": _both(twin, x, "errors"),
                 "torch_max_reserved_mib": _both(twin, x, "torch_max_reserved_mib"),
+                "torch_max_allocated_mib": _both(twin, x, "torch_max_allocated_mib"),
                 "gpu_memory_peak_mib": [twin and _peak(twin), _peak(x)],
             }
         )

@@ -150,13 +150,18 @@ def time_stream(engine, requests: list, max_s: float, warm: bool, stall_s: float
         "padding": {},
         "warmup_s": round(warmup_s, 3) if warm else None,
         "torch_max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20) if cuda else None,
-        "torch_max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20)
-        if cuda
-        else None,
+        "torch_max_allocated_mib": allocated_mib(),
     }
     if sampler is not None:
         run["gpu"] = sampler.summary(start, time.time()) if sampling else {"note": sampler.note}
     return run
+
+
+def allocated_mib() -> int | None:
+    """torch's peak allocated CUDA memory since the last reset, MiB (None without CUDA)."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None
 
 
 def bench_inflight(
