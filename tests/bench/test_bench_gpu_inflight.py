@@ -13,6 +13,8 @@ from qvl_batch.cli import build_parser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
+ROUNDED_ONE = 1.001  # an occupancy of 1 from clocks rounded to 4 decimals
+
 
 def _args(tmp_path, ray_head: str, argv: list[str], overrides: tuple[str, ...] = ()):
     """The session's Ray, the tiny model in float32 in ``tmp_path``, both schedules, ARGV."""
@@ -38,7 +40,8 @@ def _check_bare(report: dict, rows: int, pairs: int) -> None:
             assert run["images_per_s"] > 0
         assert fly["slots"] == b and fly["error_codes"] == {}
         assert fly["output_tokens_mean"] == lock["output_tokens_mean"]
-        assert 0 < fly["occupancy"] <= 1 and 1 <= fly["peak_active"] <= b
+        # (full at times: 1 but for the stage clocks' rounding to 4 decimals)
+        assert 0 < fly["occupancy"] <= ROUNDED_ONE and 1 <= fly["peak_active"] <= b
         assert fly["engine_s"]["busy"] > 0 and fly["engine_s"]["decode"] > 0
         assert fly["ratio_vs_lockstep"] == round(fly["images_per_s"] / lock["images_per_s"], 4)
     table = report["inflight_vs_lockstep"]["bare"]
@@ -64,7 +67,7 @@ def _check_runners(report: dict, rows: int) -> None:
     assert pair["lockstep_rows_per_s"] == lock["steady_rows_per_s"]
     assert pair["inflight_rows_per_s"] == fly["steady_rows_per_s"]
     assert pair["ratio"] == round(fly["steady_rows_per_s"] / lock["steady_rows_per_s"], 4)
-    assert pair["error_rows"] == [0, 0] and 0 < pair["occupancy"] <= 1
+    assert pair["error_rows"] == [0, 0] and 0 < pair["occupancy"] <= ROUNDED_ONE
 
 
 def test_bench_gpu_square_both_schedules_on_cpu(tmp_path, ray_head, capsys):
