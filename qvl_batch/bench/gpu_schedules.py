@@ -67,7 +67,7 @@ def add_schedule_ratios(report: dict) -> None:
                 "lockstep_rows_per_s": twin and twin["images_per_s"],
                 "inflight_rows_per_s": x["images_per_s"],
                 "ratio": x["ratio_vs_lockstep"],
-                # in flight before its final drain (stream.py) over lock-step (which has none)
+                # in flight in its steady state (no fill, no drain: stream.steady_rate)
                 "inflight_steady_rows_per_s": x.get("steady_images_per_s"),
                 "ratio_steady": _ratio(x.get("steady_images_per_s"), twin and twin["images_per_s"]),
                 "occupancy": x.get("occupancy"),
@@ -115,7 +115,7 @@ def print_schedules(report: dict) -> None:
         for x in schedules[side]:
             ratio = f"x{_cell(x['ratio'])}"
             if x.get("ratio_steady") is not None:
-                ratio += f" (before its drain x{_cell(x['ratio_steady'])})"
+                ratio += f" (steady x{_cell(x['ratio_steady'])})"
             errors = x["errors"] if "errors" in x else x["error_rows"]
             print(
                 f"{side:<9} B={x['batch_size']:<4} lock-step {_cell(x['lockstep_rows_per_s'])} "

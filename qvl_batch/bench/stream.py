@@ -29,6 +29,7 @@ class CountingSink:
         self._cond = threading.Condition()
         self.inside = self.results = self.answer_tokens = 0
         self.codes: Counter[str] = Counter()
+        self.times: list[float] = []  # perf_counter of each result
         self.messages: dict[str, str] = {}
         self.failed: BaseException | None = None
         self._last_sign = time.monotonic()
@@ -40,6 +41,7 @@ class CountingSink:
         with self._cond:
             self.inside -= 1
             self.results += 1
+            self.times.append(time.perf_counter())
             if result.error_code is not None:
                 self.codes[result.error_code] += 1
                 self.messages.setdefault(result.error_code, (result.error_message or "")[:500])
@@ -104,10 +106,7 @@ def time_stream(engine, requests: list, max_s: float, warm: bool, stall_s: float
             sent += len(chunk)
             if max_s and time.perf_counter() - t0 >= max_s:
                 break  # the device run is budgeted: time what fits
-        # Until the last row went in, rows were waiting for every slot that freed: the steady
-        # state of a long job. The drain after it (slots emptying, the last answers alone)
-        # is this run's size, not the engine's.
-        steady = (sink.results, time.perf_counter() - t0)
+        last_in = time.perf_counter()
         sink.wait_until(0)
         secs = time.perf_counter() - t0
     finally:
@@ -129,9 +128,7 @@ def time_stream(engine, requests: list, max_s: float, warm: bool, stall_s: float
         "capped": sent < len(requests),
         "seconds": round(secs, 3),
         "images_per_s": round(done / secs, 3),
-        # rows finished before the last one went in, over that time (None: too few rows for
-        # a window with the engine full: fewer than 2 x slots finished in it)
-        "steady_images_per_s": round(steady[0] / steady[1], 3) if steady[0] >= 2 * slots else None,
+        "steady_images_per_s": steady_rate(sink.times, slots, last_in),
         "output_tokens_per_s": round(tokens["answer"] / secs, 1),
         "output_tokens_mean": round(tokens["answer"] / max(1, done - errors), 2),
         "errors": errors,
@@ -155,6 +152,18 @@ def time_stream(engine, requests: list, max_s: float, warm: bool, stall_s: float
     if sampler is not None:
         run["gpu"] = sampler.summary(start, time.time()) if sampling else {"note": sampler.note}
     return run
+
+
+def steady_rate(times: list[float], slots: int, last_in: float) -> float | None:
+    """Rows/s of a long job's steady state: results from the ``slots``-th (the slots filled and
+    turned over once) to the last submit (rows still waited for every slot that freed), so
+    neither the fill, whose work comes out later, nor the final drain (slots emptying, the
+    last answers alone) counts. None: fewer than ``slots`` results in that window."""
+    if len(times) < slots:
+        return None
+    first = sorted(times)[slots - 1]
+    n = sum(first < t <= last_in for t in times)
+    return round(n / (last_in - first), 3) if n >= slots else None
 
 
 def allocated_mib() -> int | None:

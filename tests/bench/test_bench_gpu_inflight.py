@@ -111,3 +111,14 @@ def test_bench_gpu_photos_both_schedules_on_cpu(tmp_path, ray_head):
     fly = next(r for r in report["bare"]["runs"] if r["schedule"] == "inflight")
     assert fly["floor_fraction"] > 0 and fly["tokens_per_row"]["vision"] > 0
     assert report["workload"]["comparison"]  # the first runner (lock-step) vs its bare run
+
+
+def test_steady_rate_leaves_out_the_fill_and_the_drain():
+    from qvl_batch.bench.stream import steady_rate
+
+    # 4 slots: nothing for 10 s (the fill), then 2 rows/s until the last submit at 20 s, then
+    # a slow drain of 1 row/s
+    times = [10 + i / 2 for i in range(1, 21)] + [20 + i for i in range(1, 9)]
+    assert steady_rate(times, 4, last_in=20.0) == 2.0
+    assert steady_rate(times[:3], 4, last_in=20.0) is None  # fewer results than slots
+    assert steady_rate(times, 4, last_in=12.5) is None  # fewer than slots in the window
