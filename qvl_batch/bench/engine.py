@@ -24,6 +24,7 @@ from ..tooling.gpu_sampler import GpuSampler
 # with ~50 prompt and 64 output tokens. Only comparable on that GPU with that model; workloads
 # other than 448x448 squares compute theirs from their token counts (floor.py).
 from .floor import FLOOR_IMAGES_PER_S
+from .stream import allocated_mib, bench_inflight, stream_line
 
 
 def _sync() -> None:
@@ -93,13 +94,16 @@ def time_batches(
     second meeting: compiled inside the clock, 100 s on an H100, session 13.)"""
     import torch
 
+    cuda = torch.cuda.is_available()
+    if cuda:  # memory peaks count the warm-up, as the runner's sampler does
+        torch.cuda.reset_peak_memory_stats()
     if warm:
         engine.warmup(batch_size)
     _sync()
     if barrier is not None:
         barrier.wait()
     engine.reset_stage_times()
-    sampler = GpuSampler() if torch.cuda.is_available() else None
+    sampler = GpuSampler() if cuda else None
     sampling = sampler.start() if sampler else False
     done = out_tokens = errors = 0
     start = time.time()
@@ -133,6 +137,9 @@ def time_batches(
         "engine_s_per_batch": {
             k: round(v / batches, 4) for k, v in engine.stage_times().items() if batches
         },
+        "torch_max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20) if cuda else None,
+        # what the run held at its peak (reserved also counts blocks cached by runs before)
+        "torch_max_allocated_mib": allocated_mib(),
     }
     if sampler is not None:
         run["gpu"] = sampler.summary(start, time.time()) if sampling else {"note": sampler.note}
@@ -149,6 +156,9 @@ def _free(engine) -> None:
 
 
 def _print_run(label: str, run: dict) -> None:
+    if "occupancy" in run:  # an in-flight run: no batches
+        print(stream_line(label, run), flush=True)
+        return
     stages = ", ".join(f"{k} {v:.3f}s" for k, v in run["engine_s_per_batch"].items())
     busy = (run.get("gpu") or {}).get("busy_fraction_mean")
     print(
@@ -194,15 +204,18 @@ def vision_deviation(engine, requests: list) -> dict:
 @dataclass(frozen=True)
 class Variant:
     """One way to run the hf engine on a loaded model: its vision attention, its decode, the
-    benchmark's answer lengths ("fixed": every answer runs to max_tokens) and the text model's
-    decode attention."""
+    benchmark's answer lengths ("fixed": every answer runs to max_tokens), the text model's
+    decode attention, and its schedule (lock-step batches, or in flight: the bare section
+    drives it as a stream, ``stream.py``, on the same loaded model)."""
 
     vision: str = "stock"  # stock | dense (engine.hf.vision)
     decode: str = "eager"  # eager | compiled (engine.hf.compile)
     attention: str = "stock"  # stock | grouped (engine.hf.decode_attention)
     answer_lengths: str = "fixed"
+    schedule: str = "lockstep"  # lockstep | inflight (engine.hf.schedule)
 
     def apply(self, engine) -> None:
+        """Its modes on a loaded lock-step engine (the schedule is the caller's to run)."""
         if engine.name != "hf":
             return
         engine.set_modes(
@@ -220,6 +233,7 @@ class Variant:
             f"engine.hf.compile={'true' if self.decode == 'compiled' else 'false'}",
             f"engine.hf.decode_attention={self.attention}",
             f"engine.benchmark.answer_lengths='{lengths}'",
+            f"engine.hf.schedule={self.schedule}",
         )
 
     def label(self) -> str:
@@ -231,7 +245,15 @@ VARIANT_CHOICES = {
     "vision": ("stock", "dense"),
     "decode": ("eager", "compiled"),
     "attention": ("stock", "grouped"),
+    "schedule": ("lockstep", "inflight"),
 }
+
+
+def same_variant(run: dict, variant: dict) -> bool:
+    """Whether ``run`` (a run or a runner's variant) ran ``variant``; a field it lacks (a JSON
+    from before the field existed) counts as that field's default."""
+    default = asdict(Variant())
+    return all(run.get(k, default.get(k)) == v for k, v in variant.items())
 
 
 def variant_label(run: dict) -> str:
@@ -270,11 +292,11 @@ def bench_bare(
                     shape = (mode, b, *asdict(variant).values())
                     warm = shape not in warmed
                     warmed.add(shape)
-                    run = {
-                        "preprocess": mode,
-                        **asdict(variant),
-                        **time_batches(engine, requests, b, max_s, warm, barrier),
-                    }
+                    if variant.schedule == "inflight":  # slots = B, on the same loaded model
+                        timed = bench_inflight(engine, cfg, requests, b, max_s, warm)
+                    else:
+                        timed = time_batches(engine, requests, b, max_s, warm, barrier)
+                    run = {"preprocess": mode, **asdict(variant), **timed}
                     runs.append(run)
                     _print_run(f"bare {mode} {variant.label()}", run)
     finally:

@@ -27,6 +27,12 @@ variant on one loaded model; the runner section runs each of ``--runner-variants
 (vision/decode[/attention]) at every answer length and is compared with the bare run of the same
 variant; contention runs the first variant.
 
+``--schedules lockstep inflight`` runs every variant both ways (``engine.hf.schedule``): bare,
+the in-flight engine with B slots wraps the bare section's loaded model and is fed as a stream
+(``stream.py``: every row through the engine seam, results from the sink, occupancy from its
+clocks); in the runner, a job with ``engine.hf.schedule=inflight``. In-flight over lock-step at
+the same B and variant is printed and in the JSON's ``inflight_vs_lockstep`` (``gpu_schedules.py``).
+
 The figures are compared with the compute floor of the issue (:data:`FLOOR_IMAGES_PER_S`), which
 only means something for the 7B in bf16 on an H200.
 
@@ -40,7 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..run.validate import load_job
@@ -55,6 +61,7 @@ from .engine import (
 from .floor import FLOOR_IMAGES_PER_S, FLOOR_NOTE
 from .gpu_runner import in_child, run_runner
 from .gpu_scaling import add_scaling_args, scaling
+from .gpu_schedules import add_schedule_ratios, print_schedules
 from .gpu_table import BUCKETING_VARIANTS, add_ratios, print_table
 from .workload import (
     MIXED_SIZES,
@@ -150,18 +157,27 @@ def _device() -> tuple[str, bool]:
 
 
 def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
-    """Every --vision x --decode x --decode-attention x --answer-lengths, in that order."""
+    """Every --vision x --decode x --decode-attention x --answer-lengths x --schedules, in
+    that order (each schedule right after the other on the same variant), but in flight with
+    the compiled decode (not supported in flight)."""
     return tuple(
-        Variant(vision, decode, attention, lengths)
+        Variant(vision, decode, attention, lengths, schedule)
         for vision in args.vision
         for decode in args.decode
         for attention in args.decode_attention
         for lengths in args.answer_lengths
+        for schedule in args.schedules
+        if _runs(decode, schedule)
     )
 
 
+def _runs(decode: str, schedule: str) -> bool:
+    return not (decode == "compiled" and schedule == "inflight")
+
+
 def runner_variants(args: argparse.Namespace) -> list[Variant]:
-    """Each --runner-variants vision/decode[/attention] at every --answer-lengths."""
+    """Each --runner-variants vision/decode[/attention] at every --answer-lengths and
+    --schedules (in flight: eager decode only)."""
     first = f"{args.vision[0]}/{args.decode[0]}/{args.decode_attention[0]}"
     out = []
     for spec in args.runner_variants or [first]:
@@ -173,7 +189,14 @@ def runner_variants(args: argparse.Namespace) -> list[Variant]:
                 f"--runner-variants {spec!r}: use VISION/DECODE[/ATTENTION], e.g. "
                 "dense/compiled or dense/compiled/grouped"
             )
-        out += [Variant(vision, decode, attention, lengths) for lengths in args.answer_lengths]
+        out += [
+            Variant(vision, decode, attention, lengths, schedule)
+            for lengths in args.answer_lengths
+            for schedule in args.schedules
+            if _runs(decode, schedule)
+        ]
+    if not out:
+        raise SystemExit("--runner-variants: every one is compiled, and --schedules inflight only")
     return out
 
 
@@ -238,6 +261,10 @@ def bench_gpu(args: argparse.Namespace) -> int:
 
     resolve(args)  # --answer-lengths and --max-tokens left out: the workload's
     sections = _sections(args)
+    if not variants(args):
+        raise SystemExit("--schedules inflight runs the eager decode: add --decode eager")
+    if "inflight" in args.schedules and "compiled" in args.decode:
+        print("in flight: the compiled decode is not supported; in-flight runs are eager only")
     work = Path(args.workdir)
     device, cuda = _device()
     model = _ensure_model(args)
@@ -255,6 +282,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "answer_lengths": args.answer_lengths,
         "variants": [asdict(v) for v in variants(args)],
+        "schedules": list(args.schedules),
         "sections": sections,
         "compute_floor": {"images_per_s": FLOOR_IMAGES_PER_S, "for": FLOOR_NOTE},
     }
@@ -290,9 +318,11 @@ def bench_gpu(args: argparse.Namespace) -> int:
         lent = Lent(config, run_runner, in_child, variants(args), runner_variants(args))
         failed = run_workload(args, sections, report, lent, device, cuda)
     add_ratios(report)
+    add_schedule_ratios(report)
 
     print_table(report)
     print_workload(report)
+    print_schedules(report)
     line = json.dumps(report)
     print(line, flush=True)
     if args.json_out:
@@ -321,7 +351,7 @@ def _square_sections(args, sections, report, rows, config, batch_size, cuda) -> 
             )
         elif section == "actor":
             b = batch_size()
-            first = variants(args)[0]
+            first = replace(variants(args)[0], schedule="lockstep")  # it times batches
             actor = bench_in_actor(
                 config("gpu-unused", b, first.overrides()), rows, b, args.bare_max_s
             )
@@ -453,6 +483,15 @@ def add_gpu_bench(kinds, common) -> None:
         help="fixed (every answer runs to --max-tokens) | uniform:LO:HI | lognormal:MEAN:CAP "
         "(each row's answer ends at a length drawn from its id; benchmark-only); default: the "
         "workload's (square: fixed)",
+    )
+    p.add_argument(
+        "--schedules",
+        nargs="+",
+        choices=VARIANT_CHOICES["schedule"],
+        default=["lockstep"],
+        help="engine.hf.schedule of every variant, bare and runner: lockstep (batches), "
+        "inflight (a stream engine with B slots, on the bare section's loaded model; eager "
+        "decode only); with both, in flight / lock-step is printed and in the JSON",
     )
     p.add_argument(
         "--runner-variants",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from .engine import (
-    variant_label,
-)
+from .engine import same_variant, variant_label
 from .gpu_runner import errors_line
 
 # (label, batching.bucketing, batching.max_padding_fraction or None for the job's default):
@@ -15,7 +13,7 @@ BUCKETING_VARIANTS = (("on", "true", None), ("exact", "true", 0), ("off", "false
 def bare_figure(bare: dict | None, batch_size: int, variant: dict | None = None) -> float | None:
     """The bare images/s at ``batch_size`` (of the same variant, when one is given)."""
     for run in (bare or {}).get("runs", []):
-        same = variant is None or all(run.get(k) == v for k, v in variant.items())
+        same = variant is None or same_variant(run, variant)
         if run["batch_size"] == batch_size and same:
             return run["images_per_s"]
     return None

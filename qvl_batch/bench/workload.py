@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import Config
-from .engine import Variant
+from .engine import Variant, same_variant
 from .floor import floor_for
 from .workload_bare import bench_bare_workload, room
 
@@ -273,13 +273,10 @@ def compare(report: dict) -> dict | None:
     """The first runner beside the bare run of its batch size and variant: each figure of both
     and runner/bare."""
     runner = report.get("runner")
-    keys = list(asdict(Variant()))
     same = [
         r
         for r in (report.get("bare") or {}).get("runs", [])
-        if runner
-        and r["batch_size"] == runner["batch_size"]
-        and all(r[k] == runner["variant"][k] for k in keys)
+        if runner and r["batch_size"] == runner["batch_size"] and same_variant(r, runner["variant"])
     ]
     if not runner or not same or runner["status"] != "succeeded":
         return None

@@ -18,6 +18,7 @@ from ..engines.bucketing import Bucketer
 from ..rows.images import smart_resize, vision_tokens
 from ..tooling.gpu_sampler import GpuSampler
 from .engine import Variant, _free, _print_run, _sync, loaded_with_requests
+from .stream import allocated_mib, bench_inflight
 
 PROMPT_ROOM = 128  # tokens a row's prompt may take in the budget (chat template included)
 
@@ -113,6 +114,8 @@ def time_workload(engine, batches: list[list], batch_size: int, max_s: float, wa
         "warmup_s": round(warmup_s, 3) if warm else None,
         "warmup_stage_s": {k: round(v, 3) for k, v in warmup_stages.items()} if warm else None,
         "torch_max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20) if cuda else None,
+        # what the run held at its peak (reserved also counts blocks cached by runs before)
+        "torch_max_allocated_mib": allocated_mib(),
     }
     if sampler is not None:
         run["gpu"] = sampler.summary(start, time.time()) if sampling else {"note": sampler.note}
@@ -123,7 +126,8 @@ def bench_bare_workload(
     cfgs: dict[int, Config], rows: list[dict], max_s: float, variants: tuple[Variant, ...]
 ) -> dict:
     """The engine alone (one load) on ``rows``: per variant and batch size B (``cfgs[B]``, the
-    runner's config at B), the runner's batches of the prepared rows after the actor's warm-up."""
+    runner's config at B), the runner's batches of the prepared rows after the actor's warm-up;
+    an in-flight variant streams them through B slots of the same loaded model instead."""
     first = cfgs[max(cfgs)]  # max_batch_size: the compiled decode's rungs cover every B
     engine, requests, load_s, prepare_s = loaded_with_requests(first, rows)
     try:
@@ -132,14 +136,18 @@ def bench_bare_workload(
         for variant in variants:
             variant.apply(engine)
             for b, cfg in sorted(cfgs.items()):
-                batches, padding = bucketed(requests, cfg)
                 shape = (b, *asdict(replace(variant, answer_lengths="")).values())
                 warm = shape not in warmed
                 warmed.add(shape)
-                run = {**asdict(variant), **time_workload(engine, batches, b, max_s, warm)}
+                if variant.schedule == "inflight":  # slots = B, rows in arrival order
+                    timed = bench_inflight(engine, cfg, requests, b, max_s, warm)
+                    run = {**asdict(variant), **timed}
+                else:
+                    batches, padding = bucketed(requests, cfg)
+                    run = {**asdict(variant), **time_workload(engine, batches, b, max_s, warm)}
+                    run["padding"] = padding
+                    run["max_tokens_per_batch"] = cfg.batching.max_tokens_per_batch
                 run["preprocess"] = engine.modes().get("preprocess", "?")
-                run["padding"] = padding
-                run["max_tokens_per_batch"] = cfg.batching.max_tokens_per_batch
                 runs.append(run)
                 _print_run(f"bare {variant.label()}", run)
     finally:

@@ -48,9 +48,9 @@ REGISTRY: dict[str, EngineEntry] = {
         ),
         EngineEntry(
             "hf",
-            "qvl_batch.engines.hf.engine",
+            "qvl_batch.engines.hf.build",
             "make_hf_engine",
-            "transformers, lock-step batches through the batching adapter",
+            "transformers: lock-step batches through the batching adapter, or in flight (a stream)",
             "qvl_batch.engines.hf.settings:HFEngineConfig",
             packages=("torch", "transformers"),
             install_hint="pip install 'qvl-batch[hf]' (torch + transformers)",

@@ -384,7 +384,10 @@ def test_auto_without_xgrammar_warns_once_and_generates_freely(tiny_model, monke
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head):
+@pytest.mark.parametrize("schedule", ["lockstep", "inflight"])
+def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head, schedule):
+    """A job through actors: every row's answer is the model's own, lock-step or in flight
+    (``engine.hf.schedule``; 3 slots: rows enter as others leave)."""
     from qvl_batch.rows.images import prepare_image
     from qvl_batch.run.driver import run_job
     from qvl_batch.tooling.synth import SynthSpec, make_dataset
@@ -397,6 +400,7 @@ def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head):
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", data, out, ray_head)
     overrides = ["engine.name=hf", f"engine.model={tiny_model}", "sampling.max_tokens=12"]
+    overrides += [f"engine.hf.schedule={schedule}", "engine.hf.slots=3"]
     cfg = load_job(job, overrides)
     summary = run_job(cfg, progress_bar=False)
     assert summary.exit_code == Exit.OK, summary.lines()
@@ -406,6 +410,11 @@ def test_job_with_hf_engine_end_to_end(tmp_path, tiny_model, direct, ray_head):
     assert not errors
     assert sorted(r["id"] for r in rows) == sorted(inputs), "every id exactly once"
     assert all(r["engine"] == "hf" for r in rows)
+    metrics = json.loads((out / "_metrics.json").read_text())
+    modes = [actor["engine_modes"] for actor in metrics["actors"]]
+    assert modes and {m.get("schedule", "lockstep") for m in modes} == {schedule}
+    if schedule == "inflight":  # its occupancy clocks reach the job's metrics
+        assert metrics["actor_timings_s"]["engine_slot_s"] > 0
     for row in rows:
         prepared = prepare_image(inputs[row["id"]]["image"], cfg.image)
         assert (row["resized_width"], row["resized_height"]) == prepared.image.size

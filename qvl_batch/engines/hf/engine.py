@@ -400,16 +400,7 @@ class HFEngine(BatchEngine):
         here, not in real work. With ``engine.hf.compile`` its shape (``batch_size``'s rung at
         the longest answer) is compiled now, whatever ``compile_after``: otherwise the first batch
         of a square 448x448 job paid it (~75 s on an H100, docs/PERFORMANCE.md)."""
-        from PIL import Image
-
-        side = 448 // TILE  # in tiles; smaller if image.max_pixels is
-        while side > 1 and (side * TILE) ** 2 > self._max_pixels:
-            side -= 1
-        image = Image.new("RGB", (side * TILE,) * 2, (128, 128, 128))
-        requests = [
-            Request(("warmup", i), "warmup", "Describe this image.", None, image, "", side**2, 0)
-            for i in range(batch_size)
-        ]
+        requests = self.warmup_requests(batch_size)
         t0 = time.perf_counter()
         lengths, self.answer_lengths = self.answer_lengths, ""  # the longest answers' cache
         self._warming = True
@@ -424,6 +415,19 @@ class HFEngine(BatchEngine):
                 time.perf_counter() - t0,
                 self.caches.shapes(),
             )
+
+    def warmup_requests(self, n: int) -> list[Request]:
+        """``n`` throwaway requests: gray 448x448 images (smaller if image.max_pixels is)."""
+        from PIL import Image
+
+        side = 448 // TILE  # in tiles
+        while side > 1 and (side * TILE) ** 2 > self._max_pixels:
+            side -= 1
+        image = Image.new("RGB", (side * TILE,) * 2, (128, 128, 128))
+        return [
+            Request(("warmup", i), "warmup", "Describe this image.", None, image, "", side**2, 0)
+            for i in range(n)
+        ]
 
     def model_inputs(self, batch: list[Request]) -> Any:
         """What ``generate`` takes for ``batch``, on the engine's device."""
@@ -586,8 +590,3 @@ class HFEngine(BatchEngine):
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()
-
-
-def make_hf_engine(cfg: Config, incarnation: int = 0) -> HFEngine:
-    """The registry's builder (a model load does not depend on the incarnation)."""
-    return HFEngine(cfg)

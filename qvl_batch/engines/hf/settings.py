@@ -47,6 +47,13 @@ class HFEngineConfig:
     # one call per window and image), or "auto": dense where the installed transformers' vision
     # attention is the shape it was written for (4.57.3, 5.x), else stock with a warning.
     vision: str = "auto"
+    # How rows are scheduled: "lockstep" (batches through the batching adapter, each decoding
+    # until its longest answer ends) or "inflight" (qvl_batch.engines.hf.inflight: a stream
+    # engine with ``slots`` decode slots; a row leaves as it ends, a waiting row takes its
+    # slot; issue #27, docs/INFLIGHT.md: a first cut, eager decode, not measured on a GPU).
+    schedule: str = "lockstep"
+    # inflight: rows decoding at once (0: batching.max_batch_size).
+    slots: int = 0
 
     def __post_init__(self) -> None:
         modes = ("device", "processor")
@@ -59,6 +66,9 @@ class HFEngineConfig:
             "engine.hf.decode_attention",
             f"must be one of {attentions}",
         )
+        schedules = ("lockstep", "inflight")
+        check(self.schedule in schedules, "engine.hf.schedule", f"must be one of {schedules}")
+        check(self.slots >= 0, "engine.hf.slots", "must be >= 0 (0: batching.max_batch_size)")
         check(self.compile_shapes >= 1, "engine.hf.compile_shapes", "must be >= 1")
         check(self.compile_after >= 1, "engine.hf.compile_after", "must be >= 1")
         check(

@@ -1,0 +1,33 @@
+"""The hf in-flight engine around the bench's already loaded lock-step engine.
+
+``HFInflightEngine`` wraps an ``HFEngine`` and closes it with itself: right for a job, where
+one engine owns its model. The bare section loads the model once (~1 min for a 7B on a GPU)
+and times lock-step batches and in-flight streams of several slot counts on it, so the
+wrapper it builds per run stops its scheduler and leaves the model to the section.
+Imported only when a bare section runs in flight (it imports torch).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ..config import Config
+from ..engines import settings_of
+from ..engines.hf.inflight import HFInflightEngine
+
+
+class BorrowedInflight(HFInflightEngine):
+    """An in-flight engine on a model it does not own: ``close`` leaves the model loaded."""
+
+    def close(self) -> None:
+        self._stop()
+
+
+def inflight_on(hf, cfg: Config, slots: int) -> BorrowedInflight:
+    """The in-flight schedule with ``slots`` decode slots on ``hf``'s loaded model (its current
+    modes: vision, decode attention, answer lengths)."""
+    cfg = copy.deepcopy(cfg)
+    settings = settings_of(cfg, "hf")
+    settings.schedule, settings.slots = "inflight", slots
+    settings.compile = False  # the in-flight decode is eager (a lock-step variant may compile)
+    return BorrowedInflight(hf, cfg)

@@ -1,0 +1,359 @@
+"""The hf engine in flight (``engine.hf.schedule: inflight``, issue #27) on CPU with the tiny
+random Qwen2.5-VL: greedy float32 answers equal the lock-step engine's token for token, with
+rows of mixed image sizes and answer lengths entering mid-decode; a short answer leaves (and
+reaches the sink) before a long one ends; a poison row fails alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from qvl_batch.config import (  # noqa: E402
+    BatchingConfig,
+    BenchmarkKnobs,
+    Config,
+    EngineConfig,
+    SamplingConfig,
+    StructuredConfig,
+)
+from qvl_batch.engines.base import Engine, Result  # noqa: E402
+from qvl_batch.engines.build import make_batch_engine, make_engine  # noqa: E402
+from qvl_batch.engines.hf.inflight import HFInflightEngine  # noqa: E402
+from qvl_batch.engines.hf.settings import HFEngineConfig  # noqa: E402
+from qvl_batch.engines.lengths import answer_length  # noqa: E402
+from qvl_batch.errors import ConfigError, RowError  # noqa: E402
+
+from ..engine_inputs import engine_requests  # noqa: E402
+
+pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
+pytestmark = pytest.mark.timeout(300)
+
+LENGTHS = "uniform:2:14"  # mixed answer lengths, from each row's id
+
+
+def _config(
+    model: str,
+    schedule: str,
+    slots: int = 0,
+    max_tokens: int = 16,
+    lengths=LENGTHS,
+    hf=None,
+    **cfg,
+) -> Config:
+    return Config(
+        engine=EngineConfig(
+            name="hf",
+            model=model,
+            device="cpu",
+            hf=HFEngineConfig(schedule=schedule, slots=slots, **(hf or {})),
+            benchmark=BenchmarkKnobs(lengths),
+        ),
+        sampling=cfg.pop("sampling", None) or SamplingConfig(max_tokens=max_tokens),
+        batching=BatchingConfig(max_batch_size=16),
+        **cfg,
+    )
+
+
+class Sink:
+    """Records what the engine reports: results in arrival order, with the decode step each
+    came at, and the rows running when each group entered."""
+
+    def __init__(self, engine: HFInflightEngine):
+        self.engine = engine
+        self.results: list[tuple[Result, int]] = []
+        self.entered: list[tuple[int, int]] = []  # (rows entering, rows running then)
+        self.done = threading.Event()
+        self.want = 0
+        self.error: BaseException | None = None
+
+    def entering(self, keys) -> None:
+        running = self.engine._running
+        self.entered.append((len(keys), running.live if running else 0))
+
+    def put(self, result: Result) -> None:
+        self.results.append((result, self.engine.steps))
+        if len(self.results) >= self.want:
+            self.done.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.done.set()
+
+    def alive(self) -> None:
+        pass
+
+
+def _run_inflight(engine: Engine, requests, parts: int = 1) -> Sink:
+    assert isinstance(engine, HFInflightEngine)
+    sink = Sink(engine)
+    sink.want = len(requests)
+    engine.start(sink)
+    step = -(-len(requests) // parts)
+    for i in range(0, len(requests), step):  # the actor hands rows over as it prepares them
+        engine.submit(requests[i : i + step])
+        time.sleep(0.05)
+    assert sink.done.wait(60), f"{len(sink.results)} of {len(requests)} results"
+    assert sink.error is None
+    return sink
+
+
+def _fields(r: Result) -> tuple:
+    return (r.text, r.output_tokens, r.finish_reason, r.prompt_tokens, r.vision_tokens)
+
+
+@pytest.fixture(scope="module")
+def lockstep_answers(tiny_model):
+    """The lock-step engine's answers to 10 rows, one padded batch: the reference."""
+    requests = engine_requests(10)
+    engine = make_batch_engine(_config(tiny_model, "lockstep"))
+    try:
+        results = engine.generate(requests)
+    finally:
+        engine.close()
+    return requests, {r.key: r for r in results}
+
+
+@pytest.mark.parametrize("slots, attention", [(3, "stock"), (16, "stock"), (3, "grouped")], ids=str)
+def test_inflight_answers_equal_lockstep_token_for_token(
+    tiny_model, lockstep_answers, slots, attention
+):
+    """Greedy fp32: each row's answer is the lock-step engine's, whether its rows decode all
+    together (16 slots) or enter as others leave (3 slots: rows join a running batch); with
+    the grouped decode attention (gqa.py) too."""
+    requests, want = lockstep_answers
+    assert len({answer_length(LENGTHS, r.row_id) for r in requests}) > 4
+    assert len({r.image.size for r in requests}) == 3
+    hf = {"decode_attention": attention}
+    engine = make_engine(_config(tiny_model, "inflight", slots=slots, hf=hf))
+    try:
+        assert engine.modes()["decode_attention"] == attention
+        if slots == 3:  # the warm-up leaves nothing behind that changes an answer
+            engine.warmup()
+            assert engine.steps == 0 and engine._running is None
+        sink = _run_inflight(engine, requests, parts=2)
+        assert engine.peak_active <= slots
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    assert sorted(got) == sorted(want)
+    for key, ref in want.items():
+        assert ref.error_code is None and got[key].error_code is None, got[key].error_message
+        assert _fields(got[key]) == _fields(ref), key
+    assert sum(ref.finish_reason == "stop" for ref in want.values()) == len(want)
+    if slots < len(requests):  # some group was prefilled while other rows were decoding
+        assert any(running for _, running in sink.entered), sink.entered
+
+
+def test_answers_that_end_on_eos_between_reads_equal_lockstep(tiny_model):
+    """No benchmark lengths: the random model's own EOS ends most answers, at lengths that are
+    not multiples of READ_EVERY, so an EOS is seen steps after it is chosen; the tokens chosen
+    after it are dropped and each answer is the lock-step engine's token for token."""
+    from qvl_batch.engines.hf.inflight import READ_EVERY
+
+    requests = engine_requests(12)
+    lockstep = make_batch_engine(_config(tiny_model, "lockstep", max_tokens=40, lengths=""))
+    try:
+        want = {r.key: r for r in lockstep.generate(requests)}
+    finally:
+        lockstep.close()
+    stops = [r.output_tokens for r in want.values() if r.finish_reason == "stop"]
+    assert len([n for n in stops if n % READ_EVERY]) >= 4, stops  # EOS between reads
+    assert any(r.finish_reason == "length" for r in want.values())
+    engine = make_engine(_config(tiny_model, "inflight", slots=4, max_tokens=40, lengths=""))
+    try:
+        sink = _run_inflight(engine, requests, parts=2)
+        steps, reads = engine.steps, engine.reads
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    for key, ref in want.items():
+        assert _fields(got[key]) == _fields(ref), key
+    assert reads < steps / 2, (reads, steps)  # the device is not waited for at every step
+
+
+def test_a_short_answer_arrives_before_a_long_one_ends(tiny_model):
+    requests = engine_requests(6)
+    lengths = {r.key: answer_length(LENGTHS, r.row_id) for r in requests}
+    engine = make_engine(_config(tiny_model, "inflight", slots=6))
+    try:
+        sink = _run_inflight(engine, requests)
+        times = engine.stage_times()
+    finally:
+        engine.close()
+    # the clocks the bench reads (as the fake in-flight engine's): slot-seconds over busy
+    assert 0 < times["vision"] < times["prefill"] and times["decode"] > 0
+    assert 1 <= times["slot"] / times["busy"] <= 6
+    arrived = [r.key for r, _ in sink.results]
+    assert arrived != [r.key for r in requests]  # out of order: as each ends
+    by_key = {r.key: (r, step) for r, step in sink.results}
+    short, long = min(lengths, key=lengths.get), max(lengths, key=lengths.get)
+    assert lengths[short] < lengths[long]
+    # the short row's result was put steps before the long row's last step
+    assert by_key[short][1] < by_key[long][1]
+    assert by_key[short][0].output_tokens <= lengths[short] < by_key[long][0].output_tokens
+    assert arrived.index(short) < arrived.index(long)
+
+
+def test_a_poison_row_fails_alone(tiny_model, lockstep_answers):
+    """A row whose inputs raise (an image off the 28-pixel grid) is an ENGINE_ERROR; the rows
+    prefilled in its group still get the lock-step answers."""
+    from PIL import Image
+
+    requests, want = lockstep_answers
+    requests = list(requests[:5])
+    bad = engine_requests(1)[0]
+    bad.key, bad.row_id, bad.image = ("unit", 99), "row-99", Image.new("RGB", (30, 30))
+    requests.insert(2, bad)
+    engine = make_engine(_config(tiny_model, "inflight", slots=8))
+    try:
+        sink = _run_inflight(engine, requests)
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    assert got[bad.key].error_code == RowError.ENGINE_ERROR
+    assert "grid" in got[bad.key].error_message
+    for req in requests:
+        if req is not bad:
+            assert _fields(got[req.key]) == _fields(want[req.key]), req.key
+
+
+def test_schedule_setting_is_checked():
+    with pytest.raises(ConfigError, match=r"engine\.hf\.schedule"):
+        HFEngineConfig(schedule="sometimes")
+    with pytest.raises(ConfigError, match=r"engine\.hf\.slots"):
+        HFEngineConfig(slots=-1)
+
+
+def test_inflight_refuses_the_compiled_decode(tiny_model):
+    with pytest.raises(ValueError, match=r"engine\.hf\.compile=true"):
+        make_engine(_config(tiny_model, "inflight", hf={"compile": True}))
+
+
+def test_repetition_penalty_over_each_rows_own_tokens(tiny_model):
+    """sampling.repetition_penalty in flight: each row's answer is the lock-step engine's for
+    that row alone (a lock-step batch also penalises its padding token in padded rows)."""
+    requests = engine_requests(6)
+    sampling = SamplingConfig(max_tokens=16, repetition_penalty=1.5)
+    lockstep = make_batch_engine(_config(tiny_model, "lockstep", sampling=sampling))
+    plain = make_batch_engine(_config(tiny_model, "lockstep"))
+    try:
+        want = {r.key: lockstep.generate([r])[0] for r in requests}
+        unpenalised = {r.key: plain.generate([r])[0] for r in requests}
+    finally:
+        lockstep.close()
+        plain.close()
+    assert any(_fields(want[k]) != _fields(unpenalised[k]) for k in want)  # it does something
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, sampling=sampling))
+    try:
+        sink = _run_inflight(engine, requests, parts=2)
+    finally:
+        engine.close()
+    for result, _ in sink.results:
+        assert _fields(result) == _fields(want[result.key]), result.key
+
+
+def test_guided_answers_in_flight_equal_lockstep_and_parse(tiny_model):
+    """Each row's grammar joins and leaves with it: the guided answers (the random model's
+    noise bounded to the moderation schema) are the lock-step engine's and parse."""
+    pytest.importorskip("xgrammar")
+    from qvl_batch.output.structured import OutputParser
+
+    from ..conftest import MODERATION
+
+    structured = StructuredConfig(json_schema=MODERATION, guided="required")
+    requests = engine_requests(6, prompt="Moderate this image.")
+    knobs = {"max_tokens": 96, "lengths": "", "structured": structured}
+    lockstep = make_batch_engine(_config(tiny_model, "lockstep", **knobs))
+    try:
+        want = {r.key: r for r in lockstep.generate(requests)}
+    finally:
+        lockstep.close()
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, **knobs))
+    try:
+        assert engine.guided
+        sink = _run_inflight(engine, requests, parts=2)
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    parser = OutputParser(MODERATION)
+    for key, ref in want.items():
+        assert _fields(got[key]) == _fields(ref), key
+        assert got[key].finish_reason == "stop", got[key].text
+        values, error = parser.parse(got[key].text, "stop")
+        assert error is None or "non-unique" in error, error  # xgrammar leaves uniqueItems
+        assert values is None or values["verdict"] in ("allow", "review", "block")
+
+
+def test_a_failing_decode_step_puts_its_rows_back(tiny_model, lockstep_answers, caplog):
+    """A decode step that raises once (a transient fault): its rows are prefilled again and
+    still get the lock-step answers."""
+    requests, want = lockstep_answers
+    engine = make_engine(_config(tiny_model, "inflight", slots=4))
+    model = engine.hf.model
+    forward, decode_steps = model.forward, []
+
+    def flaky(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1:  # a decode step
+            decode_steps.append(kwargs["input_ids"].shape[0])
+            if len(decode_steps) == 5:
+                raise RuntimeError("transient")
+        return forward(*args, **kwargs)
+
+    model.forward = flaky
+    try:
+        sink = _run_inflight(engine, requests[:6])
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    assert len(got) == 6 and "a decode step of" in caplog.text
+    for req in requests[:6]:
+        assert _fields(got[req.key]) == _fields(want[req.key]), req.key
+
+
+def test_rows_of_a_decode_step_that_always_fails_are_errors(tiny_model):
+    engine = make_engine(_config(tiny_model, "inflight", slots=4))
+    model = engine.hf.model
+    forward = model.forward
+
+    def broken(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            raise RuntimeError("poison")
+        return forward(*args, **kwargs)
+
+    model.forward = broken
+    try:
+        sink = _run_inflight(engine, engine_requests(3))
+    finally:
+        engine.close()
+    assert {(r.error_code, r.error_message) for r, _ in sink.results} == {
+        (RowError.ENGINE_ERROR, "RuntimeError: poison")
+    }
+
+
+def test_take_back_gives_back_a_unit_still_waiting_for_slots(tiny_model):
+    requests = engine_requests(5)
+    for req in requests[3:]:
+        req.key = ("other", req.key[1])
+    engine = make_engine(_config(tiny_model, "inflight", slots=1))
+    sink = Sink(engine)
+    sink.want = 3
+    try:
+        engine.start(sink)
+        engine.submit(requests[:3])
+        deadline = time.monotonic() + 30
+        while not sink.entered and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert engine.take_back("unit") is None  # its first row has started
+        engine.submit(requests[3:])  # one slot: they wait behind the unit's other rows
+        assert engine.take_back("other") == 2
+        assert sink.done.wait(60)
+        time.sleep(0.2)
+    finally:
+        engine.close()
+    assert sorted(r.key for r, _ in sink.results) == [("unit", 0), ("unit", 1), ("unit", 2)]
+    assert engine.take_back("unit") == 0  # all out: nothing started, nothing waiting
