@@ -181,6 +181,7 @@ def compiled(tiny_model):
 
     # compile_after 1: the warm-up's shape compiles at once (the default waits for a 2nd batch)
     eng = make_batch_engine(small_engine_config(tiny_model, compile=True, compile_after=1))
+    torch._dynamo.reset()  # a test module before this one may have compiled these shapes
     counters.clear()
     t0 = time.perf_counter()
     eng.warmup(4)
