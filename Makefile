@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 TEST_VENV := .venv-test
 PINNED_VENV := .venv-test-trtllm-pins
-ENGINE_TESTS := tests/engines/test_hf_engine.py tests/engines/test_hf_inputs.py tests/engines/test_hf_vision.py tests/engines/test_hf_decode.py tests/engines/test_hf_gqa.py tests/tooling/test_modelgen.py tests/rows/test_images.py tests/engines/test_trtllm_contract.py
+ENGINE_TESTS := tests/engines/test_hf_engine.py tests/engines/test_hf_inflight.py tests/engines/test_hf_inputs.py tests/engines/test_hf_vision.py tests/engines/test_hf_decode.py tests/engines/test_hf_gqa.py tests/tooling/test_modelgen.py tests/rows/test_images.py tests/engines/test_trtllm_contract.py
 PIP_FLAGS := -q --disable-pip-version-check
 
 .PHONY: demo test lint format bench clean
