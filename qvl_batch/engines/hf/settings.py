@@ -54,6 +54,13 @@ class HFEngineConfig:
     schedule: str = "lockstep"
     # inflight: rows decoding at once (0: batching.max_batch_size).
     slots: int = 0
+    # inflight: the running batch's KV cache. "dynamic": one transformers DynamicCache, rows
+    # concatenated as they join and compacted as they leave (eager decode). "static"
+    # (qvl_batch.engines.hf.slots): slots x length allocated once (length from the job's longest
+    # prompt and max_tokens, within static_cache_gib), a row keeps its slot for life: every
+    # decode step has the same shapes, compiled with ``compile`` (true; null: on one CUDA GPU).
+    # Default dynamic until measured on a GPU (docs/INFLIGHT.md "Static slots").
+    inflight_cache: str = "dynamic"
 
     def __post_init__(self) -> None:
         modes = ("device", "processor")
@@ -69,6 +76,8 @@ class HFEngineConfig:
         schedules = ("lockstep", "inflight")
         check(self.schedule in schedules, "engine.hf.schedule", f"must be one of {schedules}")
         check(self.slots >= 0, "engine.hf.slots", "must be >= 0 (0: batching.max_batch_size)")
+        caches = ("dynamic", "static")
+        check(self.inflight_cache in caches, "engine.hf.inflight_cache", f"must be one of {caches}")
         check(self.compile_shapes >= 1, "engine.hf.compile_shapes", "must be >= 1")
         check(self.compile_after >= 1, "engine.hf.compile_after", "must be >= 1")
         check(
