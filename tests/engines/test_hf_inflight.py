@@ -418,3 +418,29 @@ def test_static_slots_within_the_caches_cap(tiny_model):
     hf = {"inflight_cache": "static", "static_cache_gib": 0.0001}
     with pytest.raises(ValueError, match=r"over the static caches' cap.*engine\.hf\.slots"):
         make_engine(_config(tiny_model, "inflight", slots=16, hf=hf))
+
+
+@pytest.mark.parametrize("attention", ["stock", "grouped"])
+def test_static_slots_compiled_step_one_graph_equal_answers(
+    tiny_model, lockstep_answers, attention
+):
+    """engine.hf.compile: true with the static slots (torch.compile's default mode on CPU; CUDA
+    graphs on a GPU): rows join mid-decode and leave, the step's shapes never change, so Dynamo
+    makes one graph for the job; the answers are the lock-step engine's token for token."""
+    from torch._dynamo.utils import counters
+
+    requests, want = lockstep_answers
+    hf = {"inflight_cache": "static", "compile": True, "decode_attention": attention}
+    engine = make_engine(_config(tiny_model, "inflight", slots=3, hf=hf))
+    try:
+        assert engine.modes()["decode"] == "compiled"
+        counters.clear()
+        sink = _run_inflight(engine, requests, parts=2)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        engine.close()
+    assert graphs == 1, dict(counters["stats"])
+    assert any(running for _, running in sink.entered), sink.entered  # joins mid-decode
+    got = {r.key: r for r, _ in sink.results}
+    for key, ref in want.items():
+        assert _fields(got[key]) == _fields(ref), key

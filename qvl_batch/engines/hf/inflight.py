@@ -10,7 +10,10 @@ gets Qwen2.5-VL's multimodal positions (``get_rope_index``); a decode step, each
 largest position + 1 + the tokens it generated before (all three rope sections), as
 ``generate`` computes in transformers 4.57 and 5.x. So a row's answer does not depend on the
 rows it runs with: greedy float32 equals the lock-step engine token for token
-(``tests/engines/test_hf_inflight.py``). Design and what is left: docs/INFLIGHT.md.
+(``tests/engines/test_hf_inflight.py``). The running batch is a ``DynamicCache`` whose rows are
+concatenated and compacted (``running.py``), or with ``engine.hf.inflight_cache: static`` slots
+allocated once, a row keeping its slot for life (``slots.py``): a decode step of fixed shapes,
+compiled under ``engine.hf.compile``. Design and what is left: docs/INFLIGHT.md.
 """
 
 from __future__ import annotations

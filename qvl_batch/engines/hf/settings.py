@@ -21,7 +21,8 @@ class HFEngineConfig:
     # for a model on one CUDA GPU with transformers >= 4.57.3, off elsewhere (CPU, a device
     # map); true: required (refused where unsupported); false: off. CUDA graphs keep the decode
     # loop's speed when the host is busy (the runner's prepare threads, other GPUs' engines):
-    # docs/PERFORMANCE.md "Faster transformers engine".
+    # docs/PERFORMANCE.md "Faster transformers engine". In flight (schedule: inflight) it
+    # compiles the static slots' decode step (inflight_cache: static; refused with dynamic).
     compile: bool | None = None
     # GiB the compiled decode's static KV caches may hold (one per batch-size rung and cache
     # length met, kept for the job: qvl_batch.engines.hf.decode); a batch whose cache would pass
@@ -50,7 +51,7 @@ class HFEngineConfig:
     # How rows are scheduled: "lockstep" (batches through the batching adapter, each decoding
     # until its longest answer ends) or "inflight" (qvl_batch.engines.hf.inflight: a stream
     # engine with ``slots`` decode slots; a row leaves as it ends, a waiting row takes its
-    # slot; issue #27, docs/INFLIGHT.md: a first cut, eager decode, not measured on a GPU).
+    # slot; issue #27, docs/INFLIGHT.md: a first cut, not measured on a GPU).
     schedule: str = "lockstep"
     # inflight: rows decoding at once (0: batching.max_batch_size).
     slots: int = 0

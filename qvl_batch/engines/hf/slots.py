@@ -147,6 +147,7 @@ class SlotBatch:
     static: bool = False  # the cache's addresses are marked static (CUDA graphs)
 
     @classmethod
+    @torch.inference_mode()  # as a step's outputs: a compiled step's guards see one kind
     def allocate(
         cls,
         text_config: Any,
