@@ -61,9 +61,10 @@ class HFInflightEngine(Engine):
                 "engine.hf.inflight_cache=static (the dynamic cache's decode is eager; "
                 "docs/INFLIGHT.md); set engine.hf.compile=null or inflight_cache=static"
             )
-        # compile: null chose the compiled decode for this device (one CUDA GPU): in flight,
-        # the static slots' step is compiled instead; generate's compiled step is never used
-        compile_slots = self.static and hf.compiled
+        # compile: true, or null where it chose the compiled decode for this device (one CUDA
+        # GPU): in flight, the static slots' step is compiled; generate's is never used (false,
+        # as the bench sets for an eager run, holds even if the wrapped engine compiles)
+        compile_slots = self.static and hfs.compile is not False and hf.compiled
         if hf.compiled:
             hf.set_modes(compile=False)
         self.sampling = cfg.sampling
