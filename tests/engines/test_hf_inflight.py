@@ -245,6 +245,8 @@ def test_schedule_setting_is_checked():
         HFEngineConfig(slots=-1)
     with pytest.raises(ConfigError, match=r"engine\.hf\.inflight_cache"):
         HFEngineConfig(inflight_cache="paged")
+    with pytest.raises(ConfigError, match=r"engine\.hf\.inflight_tokens"):
+        HFEngineConfig(inflight_tokens=-1)
 
 
 def test_inflight_refuses_the_compiled_decode(tiny_model):
@@ -383,13 +385,8 @@ def test_take_back_gives_back_a_unit_still_waiting_for_slots(tiny_model):
     assert engine.take_back("unit") == 0  # all out: nothing started, nothing waiting
 
 
-def test_static_slots_grow_for_a_prompt_past_the_jobs_bounds(tiny_model, caplog):
-    """Slots sized for the job's bounds (here 8 prompt tokens, 4 vision tokens: the shortest
-    length, 128) take rows whose prompts pass them (~250 tokens, not through the runner's
-    checks) while short ones decode: the slots grow, the rows in them are kept, every
-    answer is the lock-step engine's."""
-    from qvl_batch.config import ImageConfig, PromptConfig
-
+def _long_and_short(tiny_model):
+    """Three rows of short prompts then three of ~250 tokens, and the lock-step answers."""
     long = engine_requests(6, prompt="Describe this image in a few words. " * 16)
     requests = engine_requests(6)[:3] + long[3:]
     lockstep = make_batch_engine(_config(tiny_model, "lockstep"))
@@ -398,8 +395,26 @@ def test_static_slots_grow_for_a_prompt_past_the_jobs_bounds(tiny_model, caplog)
     finally:
         lockstep.close()
     assert min(want[r.key].prompt_tokens for r in long[3:]) > 128
-    bounds = {"prompt": PromptConfig(max_prompt_tokens=8), "image": ImageConfig(max_pixels=3136)}
-    hf = {"inflight_cache": "static"}
+    return requests, want
+
+
+@pytest.mark.parametrize("small", ["job bounds", "inflight_tokens"])
+def test_static_slots_grow_for_a_prompt_past_them(tiny_model, caplog, small):
+    """Slots of the shortest length (128), from the job's bounds (8 prompt tokens, 4 vision
+    tokens) or engine.hf.inflight_tokens, take rows whose prompts pass them (~250 tokens, not
+    through the runner's checks) while short ones decode: the slots grow, the rows in them are
+    kept, every answer is the lock-step engine's."""
+    from qvl_batch.config import ImageConfig, PromptConfig
+
+    requests, want = _long_and_short(tiny_model)
+    hf, bounds = {"inflight_cache": "static"}, {}
+    if small == "job bounds":
+        bounds = {
+            "prompt": PromptConfig(max_prompt_tokens=8),
+            "image": ImageConfig(max_pixels=3136),
+        }
+    else:
+        hf["inflight_tokens"] = 100
     engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf, **bounds))
     try:
         assert engine._slot_batch.cache.length == 128
@@ -410,6 +425,31 @@ def test_static_slots_grow_for_a_prompt_past_the_jobs_bounds(tiny_model, caplog)
     assert "do not fit the static slots" in caplog.text
     for result, _ in sink.results:
         assert _fields(result) == _fields(want[result.key]), result.key
+
+
+def test_static_slots_do_not_grow_past_the_caches_cap(tiny_model):
+    """Slots that would pass engine.hf.static_cache_gib to hold a row do not grow: the long
+    rows are ENGINE_ERRORs saying why, the short ones running beside them get their answers."""
+    requests, want = _long_and_short(tiny_model)
+    hf = {"inflight_cache": "static", "inflight_tokens": 100}
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
+    cache = engine._slot_batch.cache
+    engine.close()
+    gib = 2 * 128 * cache.bytes_per_slot_token / 2**30  # exactly the first slots
+    hf["static_cache_gib"] = gib
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
+    try:
+        sink = _run_inflight(engine, requests, parts=2)
+        assert engine._slot_batch.cache.length == 128
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    for key, ref in want.items():
+        if ref.prompt_tokens > 128:
+            assert got[key].error_code == RowError.ENGINE_ERROR
+            assert "over the caches' cap" in got[key].error_message
+        else:
+            assert _fields(got[key]) == _fields(ref), key
 
 
 def test_static_slots_within_the_caches_cap(tiny_model):

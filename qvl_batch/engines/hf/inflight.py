@@ -34,7 +34,7 @@ from ..base import Engine, Request, Result, ResultSink
 from ..lengths import answer_length
 from .engine import HFEngine
 from .running import Row, RunningBatch
-from .slots import SlotBatch, decode_step, job_slots, slot_length
+from .slots import SlotBatch, decode_step, job_slots
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class HFInflightEngine(Engine):
         self._decode_step: Any = decode_step
         if self.static:
             penalty = self.sampling.repetition_penalty != 1.0
-            self._slot_batch = job_slots(hf, cfg, self.slots, penalty, compiled=compile_slots)
+            tokens = hfs.inflight_tokens
+            self._slot_batch = job_slots(hf, cfg, self.slots, tokens, penalty, compile_slots)
             if compile_slots:
                 mode = "reduce-overhead" if hf.device.type == "cuda" else "default"
                 self._decode_step = torch.compile(decode_step, mode=mode, dynamic=False)
@@ -365,6 +366,8 @@ class HFInflightEngine(Engine):
             row.chosen = 1
         if seen is not None:
             batch.seen = torch.cat([seen, first[:, None]], dim=1)
+        if self._slot_batch is not None:  # before any row's result is out: this may raise
+            self._fit_slots(batch)
         results = self._read_back(batch)
         batch.compact()
         running = self._running
@@ -455,24 +458,20 @@ class HFInflightEngine(Engine):
             batch.compact()
         return results
 
-    def _join_slots(self, group: RunningBatch) -> None:
-        """A prefilled group into free slots; a group wider than the slots (a prompt past the
-        job's bounds: a row not checked by the runner) grows them first (warned: a compiled
-        step compiles again)."""
+    def _fit_slots(self, group: RunningBatch) -> None:
+        """The slots grown for a group wider than them (``SlotBatch.room_for``; raises past the
+        caches' cap: the group's rows fail)."""
         slots = self._slot_batch
         assert slots is not None
-        if not slots.fits(group):
-            need = group.mask.shape[1] + max(row.end for row in group.rows) - 1
-            length = slot_length(need)
-            log.warning(
-                "hf in flight: %d tokens do not fit the static slots (%d); they grow to %d",
-                need,
-                slots.cache.length,
-                length,
-            )
-            self._slot_batch = slots = slots.grown(length)
-        slots.join(group)
-        self._running = slots
+        self._slot_batch = grown = slots.room_for(group, self.hf.caches.cap_bytes)
+        if self._running is slots:
+            self._running = grown
+
+    def _join_slots(self, group: RunningBatch) -> None:
+        """A prefilled group into free slots (:meth:`_fit_slots` made room)."""
+        assert self._slot_batch is not None
+        self._slot_batch.join(group)
+        self._running = self._slot_batch
 
     def _result(self, row: Row, reason: str) -> Result:
         return Result(

@@ -62,6 +62,12 @@ class HFEngineConfig:
     # decode step has the same shapes, compiled with ``compile`` (true; null: on one CUDA GPU).
     # Default dynamic until measured on a GPU (docs/INFLIGHT.md "Static slots").
     inflight_cache: str = "dynamic"
+    # inflight_cache: static: the slots' length in tokens (rounded up to the grid); 0: the job's
+    # longest prompt (prompt.max_prompt_tokens + image.max_pixels' vision tokens) + max_tokens.
+    # Every step attends all of it: a length near what rows use reads less (4096 + 1280 + 300
+    # by default: 6144, slots x 6144 x 56 KiB a step on a 7B). A group that does not fit grows
+    # the slots (warned; a compiled step compiles again): answers are the same either way.
+    inflight_tokens: int = 0
 
     def __post_init__(self) -> None:
         modes = ("device", "processor")
@@ -79,6 +85,7 @@ class HFEngineConfig:
         check(self.slots >= 0, "engine.hf.slots", "must be >= 0 (0: batching.max_batch_size)")
         caches = ("dynamic", "static")
         check(self.inflight_cache in caches, "engine.hf.inflight_cache", f"must be one of {caches}")
+        check(self.inflight_tokens >= 0, "engine.hf.inflight_tokens", "must be >= 0 (0: the job's)")
         check(self.compile_shapes >= 1, "engine.hf.compile_shapes", "must be >= 1")
         check(self.compile_after >= 1, "engine.hf.compile_after", "must be >= 1")
         check(

@@ -61,6 +61,10 @@ class SlotCache:
         self.write = torch.zeros(slots, dtype=torch.long, device=device)  # the next KV's column
         self.slots, self.length = slots, length
 
+    @property
+    def bytes_per_slot_token(self) -> int:
+        return sum(t[0, :, 0].numel() * t.element_size() for t in self.keys + self.values)
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a decode step writes in place (a CUDA graph holds their addresses)."""
         return [*self.keys, *self.values, self.mask, self.write]
@@ -101,12 +105,15 @@ def decode_step(
     return out.logits[:, -1]
 
 
-def job_slots(hf: Any, cfg: Config, slots: int, penalty: bool, compiled: bool) -> SlotBatch:
-    """The engine's slots (``hf``: the loaded :class:`HFEngine`), sized for the longest prompt
-    the job lets through (``prompt.max_prompt_tokens`` of templated text, ``image.max_pixels``
-    of vision tokens) and ``sampling.max_tokens``, taken once, within the static caches' cap
-    (``engine.hf.static_cache_gib``: refused past it, saying what to lower). ``penalty``: keep
-    each slot's tokens; ``compiled``: its step is compiled (on CUDA, static addresses)."""
+def job_slots(
+    hf: Any, cfg: Config, slots: int, tokens: int, penalty: bool, compiled: bool
+) -> SlotBatch:
+    """The engine's slots (``hf``: the loaded :class:`HFEngine`), ``tokens`` long (0: sized
+    for the longest prompt the job lets through, ``prompt.max_prompt_tokens`` of templated
+    text and ``image.max_pixels`` of vision tokens, and ``sampling.max_tokens``), taken once,
+    within the static caches' cap (``engine.hf.static_cache_gib``: refused past it, saying what
+    to lower). ``penalty``: keep each slot's tokens; ``compiled``: its step is compiled (on
+    CUDA, static addresses)."""
     text = hf.model.config.get_text_config(decoder=True)
     if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
         raise ValueError(
@@ -114,15 +121,16 @@ def job_slots(hf: Any, cfg: Config, slots: int, penalty: bool, compiled: bool) -
             "supported: the step's mask is full attention); set inflight_cache=dynamic"
         )
     longest = cfg.prompt.max_prompt_tokens + cfg.image.max_pixels // TILE**2
-    length = slot_length(longest + cfg.sampling.max_tokens)
+    length = slot_length(tokens or longest + cfg.sampling.max_tokens)
     size = SlotBatch.bytes_of(text, slots, length, hf.dtype)
     cap = hf.caches.cap_bytes
     if cap is not None and size > cap:
         raise ValueError(
             f"engine.hf.inflight_cache=static: {slots} slots x {length} tokens take "
             f"{size / 2**30:.2f} GiB, over the static caches' cap ({cap / 2**30:.2f} GiB, "
-            "engine.hf.static_cache_gib); lower engine.hf.slots, prompt.max_prompt_tokens, "
-            "image.max_pixels or sampling.max_tokens, or raise engine.hf.static_cache_gib"
+            "engine.hf.static_cache_gib); lower engine.hf.slots or engine.hf.inflight_tokens "
+            "(0: prompt.max_prompt_tokens, image.max_pixels and sampling.max_tokens decide), "
+            "or raise engine.hf.static_cache_gib"
         )
     log.info("hf in flight: static slots, %d x %d tokens, %.2f GiB", slots, length, size / 2**30)
     static = compiled and hf.device.type == "cuda"  # CUDA graphs hold its addresses
@@ -256,6 +264,29 @@ class SlotBatch:
             self.seen.index_copy_(0, index, row)
         for i, r in zip(free, group.rows):
             self.rows[i] = r
+
+    def room_for(self, group: RunningBatch, cap_bytes: int | None) -> SlotBatch:
+        """This batch if the group fits, else this batch grown to the grid length that holds it
+        (``engine.hf.inflight_tokens`` short of it, or a prompt past the job's bounds: a row not
+        checked by the runner; warned: a compiled step compiles again). Past ``cap_bytes`` it
+        raises: the group's rows fail, the running ones are untouched."""
+        if self.fits(group):
+            return self
+        need = group.mask.shape[1] + max(row.end for row in group.rows) - 1
+        length = slot_length(need)
+        size = self.cache.slots * length * self.cache.bytes_per_slot_token
+        if cap_bytes is not None and size > cap_bytes:
+            raise RuntimeError(
+                f"static slots: {need} tokens need {self.cache.slots} x {length} "
+                f"({size / 2**30:.2f} GiB), over the caches' cap (engine.hf.static_cache_gib)"
+            )
+        log.warning(
+            "hf in flight: %d tokens do not fit the static slots (%d); they grow to %d",
+            need,
+            self.cache.length,
+            length,
+        )
+        return self.grown(length)
 
     @torch.inference_mode()
     def grown(self, length: int) -> SlotBatch:
