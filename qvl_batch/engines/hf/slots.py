@@ -185,10 +185,6 @@ class SlotBatch:
         return all(row is None for row in self.rows)
 
     @property
-    def free(self) -> int:
-        return sum(row is None for row in self.rows)
-
-    @property
     def live(self) -> int:
         """Rows still decoding (as :attr:`RunningBatch.live`)."""
         return sum(row is not None and not row.done and row.chosen < row.end for row in self.rows)
@@ -202,6 +198,7 @@ class SlotBatch:
         """One decode step (``step``: :func:`decode_step` or its compiled self); the logits."""
         return step(model, self.cache, self.last, self.pos, cache_kwarg)
 
+    @torch.inference_mode()
     def advance(self, tokens: torch.Tensor) -> None:
         """After a step: each slot's chosen token is fed next, one position on."""
         self.pos, self.last = self.pos + 1, tokens
@@ -292,7 +289,8 @@ class SlotBatch:
     def grown(self, length: int) -> SlotBatch:
         """This batch in a longer cache (a new shape: a compiled step compiles again)."""
         cache = self.cache
-        text = _Shape(len(cache.keys), *cache.keys[0].shape[1:2], cache.keys[0].shape[3])
+        _, heads, _, dim = cache.keys[0].shape
+        text = _Shape(len(cache.keys), heads, dim)
         dtype, device = cache.keys[0].dtype, cache.mask.device
         penalty = self.seen is not None
         bigger = SlotBatch.allocate(text, cache.slots, length, dtype, device, penalty, self.static)
