@@ -159,7 +159,9 @@ def _device() -> tuple[str, bool]:
 def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
     """Every --vision x --decode x --decode-attention x --answer-lengths x --schedules, in
     that order (each schedule right after the other on the same variant), but in flight with
-    the compiled decode (not supported in flight)."""
+    the compiled decode unless the overrides put it on static slots
+    (``engine.hf.inflight_cache=static``, whose step compiles)."""
+    static = static_slots(args)
     return tuple(
         Variant(vision, decode, attention, lengths, schedule)
         for vision in args.vision
@@ -167,17 +169,28 @@ def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
         for attention in args.decode_attention
         for lengths in args.answer_lengths
         for schedule in args.schedules
-        if _runs(decode, schedule)
+        if _runs(decode, schedule, static)
     )
 
 
-def _runs(decode: str, schedule: str) -> bool:
-    return not (decode == "compiled" and schedule == "inflight")
+def static_slots(args: argparse.Namespace) -> bool:
+    """Do the user's overrides set ``engine.hf.inflight_cache=static`` (the last one wins)."""
+    value = "dynamic"
+    for override in args.overrides:
+        key, _, v = override.partition("=")
+        if key.strip() == "engine.hf.inflight_cache":
+            value = v.strip().strip("'\"")
+    return value == "static"
+
+
+def _runs(decode: str, schedule: str, static: bool) -> bool:
+    """In flight, the compiled decode runs on the static slots only."""
+    return static or not (decode == "compiled" and schedule == "inflight")
 
 
 def runner_variants(args: argparse.Namespace) -> list[Variant]:
     """Each --runner-variants vision/decode[/attention] at every --answer-lengths and
-    --schedules (in flight: eager decode only)."""
+    --schedules (in flight: eager decode only, unless on static slots)."""
     first = f"{args.vision[0]}/{args.decode[0]}/{args.decode_attention[0]}"
     out = []
     for spec in args.runner_variants or [first]:
@@ -193,7 +206,7 @@ def runner_variants(args: argparse.Namespace) -> list[Variant]:
             Variant(vision, decode, attention, lengths, schedule)
             for lengths in args.answer_lengths
             for schedule in args.schedules
-            if _runs(decode, schedule)
+            if _runs(decode, schedule, static_slots(args))
         ]
     if not out:
         raise SystemExit("--runner-variants: every one is compiled, and --schedules inflight only")
@@ -262,9 +275,15 @@ def bench_gpu(args: argparse.Namespace) -> int:
     resolve(args)  # --answer-lengths and --max-tokens left out: the workload's
     sections = _sections(args)
     if not variants(args):
-        raise SystemExit("--schedules inflight runs the eager decode: add --decode eager")
-    if "inflight" in args.schedules and "compiled" in args.decode:
-        print("in flight: the compiled decode is not supported; in-flight runs are eager only")
+        raise SystemExit(
+            "--schedules inflight runs the eager decode on the dynamic cache: add --decode "
+            "eager, or engine.hf.inflight_cache=static"
+        )
+    if "inflight" in args.schedules and "compiled" in args.decode and not static_slots(args):
+        print(
+            "in flight: the compiled decode needs engine.hf.inflight_cache=static; in-flight "
+            "runs are eager only"
+        )
     work = Path(args.workdir)
     device, cuda = _device()
     model = _ensure_model(args)
@@ -491,7 +510,8 @@ def add_gpu_bench(kinds, common) -> None:
         default=["lockstep"],
         help="engine.hf.schedule of every variant, bare and runner: lockstep (batches), "
         "inflight (a stream engine with B slots, on the bare section's loaded model; eager "
-        "decode only); with both, in flight / lock-step is printed and in the JSON",
+        "decode only, unless engine.hf.inflight_cache=static is among the overrides: its "
+        "slots' step compiles); with both, in flight / lock-step is printed and in the JSON",
     )
     p.add_argument(
         "--runner-variants",

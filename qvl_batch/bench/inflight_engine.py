@@ -17,17 +17,27 @@ from ..engines.hf.inflight import HFInflightEngine
 
 
 class BorrowedInflight(HFInflightEngine):
-    """An in-flight engine on a model it does not own: ``close`` leaves the model loaded."""
+    """An in-flight engine on a model it does not own: ``close`` leaves the model loaded, its
+    lock-step engine's decode as it was lent (building this one switches ``generate``'s
+    compiled decode off)."""
+
+    def __init__(self, hf, cfg: Config):
+        self._lent_compiled = hf.compiled
+        super().__init__(hf, cfg)
 
     def close(self) -> None:
         self._stop()
+        if self._lent_compiled and not self.hf.compiled:
+            self.hf.set_modes(compile=True)
 
 
 def inflight_on(hf, cfg: Config, slots: int) -> BorrowedInflight:
     """The in-flight schedule with ``slots`` decode slots on ``hf``'s loaded model (its current
-    modes: vision, decode attention, answer lengths)."""
+    modes: vision, decode attention, answer lengths, and with the static slots
+    ``engine.hf.inflight_cache=static`` its decode: the compiled variant compiles their step)."""
     cfg = copy.deepcopy(cfg)
     settings = settings_of(cfg, "hf")
     settings.schedule, settings.slots = "inflight", slots
-    settings.compile = False  # the in-flight decode is eager (a lock-step variant may compile)
+    # the dynamic cache's decode is eager (a lock-step variant may compile)
+    settings.compile = hf.compiled if settings.inflight_cache == "static" else False
     return BorrowedInflight(hf, cfg)

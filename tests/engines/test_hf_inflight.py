@@ -1,7 +1,8 @@
 """The hf engine in flight (``engine.hf.schedule: inflight``, issue #27) on CPU with the tiny
 random Qwen2.5-VL: greedy float32 answers equal the lock-step engine's token for token, with
 rows of mixed image sizes and answer lengths entering mid-decode; a short answer leaves (and
-reaches the sink) before a long one ends; a poison row fails alone."""
+reaches the sink) before a long one ends; a poison row fails alone. Most tests run with both
+running caches (``engine.hf.inflight_cache``): the DynamicCache and the static slots."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ pytest_plugins = ["tests.models"]  # the session-scoped tiny_model fixture
 pytestmark = pytest.mark.timeout(300)
 
 LENGTHS = "uniform:2:14"  # mixed answer lengths, from each row's id
+CACHES = ["dynamic", "static"]  # engine.hf.inflight_cache
 
 
 def _config(
@@ -102,6 +104,12 @@ def _run_inflight(engine: Engine, requests, parts: int = 1) -> Sink:
     return sink
 
 
+def _slot_tensors(engine: HFInflightEngine) -> list[int]:
+    """The addresses of the static slots' tensors (none with the dynamic cache)."""
+    batch = engine._slot_batch
+    return [t.data_ptr() for t in batch.cache.tensors()] if batch is not None else []
+
+
 def _fields(r: Result) -> tuple:
     return (r.text, r.output_tokens, r.finish_reason, r.prompt_tokens, r.vision_tokens)
 
@@ -118,25 +126,30 @@ def lockstep_answers(tiny_model):
     return requests, {r.key: r for r in results}
 
 
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("slots, attention", [(3, "stock"), (16, "stock"), (3, "grouped")], ids=str)
 def test_inflight_answers_equal_lockstep_token_for_token(
-    tiny_model, lockstep_answers, slots, attention
+    tiny_model, lockstep_answers, slots, attention, cache
 ):
     """Greedy fp32: each row's answer is the lock-step engine's, whether its rows decode all
     together (16 slots) or enter as others leave (3 slots: rows join a running batch); with
-    the grouped decode attention (gqa.py) too."""
+    the grouped decode attention (gqa.py) too. The static slots are taken once: rows join
+    and leave without a copy of the cache."""
     requests, want = lockstep_answers
     assert len({answer_length(LENGTHS, r.row_id) for r in requests}) > 4
     assert len({r.image.size for r in requests}) == 3
-    hf = {"decode_attention": attention}
+    hf = {"decode_attention": attention, "inflight_cache": cache}
     engine = make_engine(_config(tiny_model, "inflight", slots=slots, hf=hf))
     try:
         assert engine.modes()["decode_attention"] == attention
+        assert engine.modes()["inflight_cache"] == cache
+        held = _slot_tensors(engine)
         if slots == 3:  # the warm-up leaves nothing behind that changes an answer
             engine.warmup()
             assert engine.steps == 0 and engine._running is None
         sink = _run_inflight(engine, requests, parts=2)
         assert engine.peak_active <= slots
+        assert _slot_tensors(engine) == held  # the same memory from start to end
     finally:
         engine.close()
     got = {r.key: r for r, _ in sink.results}
@@ -149,7 +162,8 @@ def test_inflight_answers_equal_lockstep_token_for_token(
         assert any(running for _, running in sink.entered), sink.entered
 
 
-def test_answers_that_end_on_eos_between_reads_equal_lockstep(tiny_model):
+@pytest.mark.parametrize("cache", CACHES)
+def test_answers_that_end_on_eos_between_reads_equal_lockstep(tiny_model, cache):
     """No benchmark lengths: the random model's own EOS ends most answers, at lengths that are
     not multiples of READ_EVERY, so an EOS is seen steps after it is chosen; the tokens chosen
     after it are dropped and each answer is the lock-step engine's token for token."""
@@ -164,7 +178,8 @@ def test_answers_that_end_on_eos_between_reads_equal_lockstep(tiny_model):
     stops = [r.output_tokens for r in want.values() if r.finish_reason == "stop"]
     assert len([n for n in stops if n % READ_EVERY]) >= 4, stops  # EOS between reads
     assert any(r.finish_reason == "length" for r in want.values())
-    engine = make_engine(_config(tiny_model, "inflight", slots=4, max_tokens=40, lengths=""))
+    hf = {"inflight_cache": cache}
+    engine = make_engine(_config(tiny_model, "inflight", slots=4, max_tokens=40, lengths="", hf=hf))
     try:
         sink = _run_inflight(engine, requests, parts=2)
         steps, reads = engine.steps, engine.reads
@@ -176,10 +191,11 @@ def test_answers_that_end_on_eos_between_reads_equal_lockstep(tiny_model):
     assert reads < steps / 2, (reads, steps)  # the device is not waited for at every step
 
 
-def test_a_short_answer_arrives_before_a_long_one_ends(tiny_model):
+@pytest.mark.parametrize("cache", CACHES)
+def test_a_short_answer_arrives_before_a_long_one_ends(tiny_model, cache):
     requests = engine_requests(6)
     lengths = {r.key: answer_length(LENGTHS, r.row_id) for r in requests}
-    engine = make_engine(_config(tiny_model, "inflight", slots=6))
+    engine = make_engine(_config(tiny_model, "inflight", slots=6, hf={"inflight_cache": cache}))
     try:
         sink = _run_inflight(engine, requests)
         times = engine.stage_times()
@@ -227,6 +243,10 @@ def test_schedule_setting_is_checked():
         HFEngineConfig(schedule="sometimes")
     with pytest.raises(ConfigError, match=r"engine\.hf\.slots"):
         HFEngineConfig(slots=-1)
+    with pytest.raises(ConfigError, match=r"engine\.hf\.inflight_cache"):
+        HFEngineConfig(inflight_cache="paged")
+    with pytest.raises(ConfigError, match=r"engine\.hf\.inflight_tokens"):
+        HFEngineConfig(inflight_tokens=-1)
 
 
 def test_inflight_refuses_the_compiled_decode(tiny_model):
@@ -234,7 +254,8 @@ def test_inflight_refuses_the_compiled_decode(tiny_model):
         make_engine(_config(tiny_model, "inflight", hf={"compile": True}))
 
 
-def test_repetition_penalty_over_each_rows_own_tokens(tiny_model):
+@pytest.mark.parametrize("cache", CACHES)
+def test_repetition_penalty_over_each_rows_own_tokens(tiny_model, cache):
     """sampling.repetition_penalty in flight: each row's answer is the lock-step engine's for
     that row alone (a lock-step batch also penalises its padding token in padded rows)."""
     requests = engine_requests(6)
@@ -248,7 +269,8 @@ def test_repetition_penalty_over_each_rows_own_tokens(tiny_model):
         lockstep.close()
         plain.close()
     assert any(_fields(want[k]) != _fields(unpenalised[k]) for k in want)  # it does something
-    engine = make_engine(_config(tiny_model, "inflight", slots=2, sampling=sampling))
+    hf = {"inflight_cache": cache}
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, sampling=sampling, hf=hf))
     try:
         sink = _run_inflight(engine, requests, parts=2)
     finally:
@@ -257,7 +279,8 @@ def test_repetition_penalty_over_each_rows_own_tokens(tiny_model):
         assert _fields(result) == _fields(want[result.key]), result.key
 
 
-def test_guided_answers_in_flight_equal_lockstep_and_parse(tiny_model):
+@pytest.mark.parametrize("cache", CACHES)
+def test_guided_answers_in_flight_equal_lockstep_and_parse(tiny_model, cache):
     """Each row's grammar joins and leaves with it: the guided answers (the random model's
     noise bounded to the moderation schema) are the lock-step engine's and parse."""
     pytest.importorskip("xgrammar")
@@ -273,7 +296,9 @@ def test_guided_answers_in_flight_equal_lockstep_and_parse(tiny_model):
         want = {r.key: r for r in lockstep.generate(requests)}
     finally:
         lockstep.close()
-    engine = make_engine(_config(tiny_model, "inflight", slots=2, **knobs))
+    engine = make_engine(
+        _config(tiny_model, "inflight", slots=2, hf={"inflight_cache": cache}, **knobs)
+    )
     try:
         assert engine.guided
         sink = _run_inflight(engine, requests, parts=2)
@@ -289,11 +314,12 @@ def test_guided_answers_in_flight_equal_lockstep_and_parse(tiny_model):
         assert values is None or values["verdict"] in ("allow", "review", "block")
 
 
-def test_a_failing_decode_step_puts_its_rows_back(tiny_model, lockstep_answers, caplog):
+@pytest.mark.parametrize("cache", CACHES)
+def test_a_failing_decode_step_puts_its_rows_back(tiny_model, lockstep_answers, caplog, cache):
     """A decode step that raises once (a transient fault): its rows are prefilled again and
     still get the lock-step answers."""
     requests, want = lockstep_answers
-    engine = make_engine(_config(tiny_model, "inflight", slots=4))
+    engine = make_engine(_config(tiny_model, "inflight", slots=4, hf={"inflight_cache": cache}))
     model = engine.hf.model
     forward, decode_steps = model.forward, []
 
@@ -357,3 +383,104 @@ def test_take_back_gives_back_a_unit_still_waiting_for_slots(tiny_model):
         engine.close()
     assert sorted(r.key for r, _ in sink.results) == [("unit", 0), ("unit", 1), ("unit", 2)]
     assert engine.take_back("unit") == 0  # all out: nothing started, nothing waiting
+
+
+def _long_and_short(tiny_model):
+    """Three rows of short prompts then three of ~250 tokens, and the lock-step answers."""
+    long = engine_requests(6, prompt="Describe this image in a few words. " * 16)
+    requests = engine_requests(6)[:3] + long[3:]
+    lockstep = make_batch_engine(_config(tiny_model, "lockstep"))
+    try:
+        want = {r.key: r for r in lockstep.generate(requests)}
+    finally:
+        lockstep.close()
+    assert min(want[r.key].prompt_tokens for r in long[3:]) > 128
+    return requests, want
+
+
+@pytest.mark.parametrize("small", ["job bounds", "inflight_tokens"])
+def test_static_slots_grow_for_a_prompt_past_them(tiny_model, caplog, small):
+    """Slots of the shortest length (128), from the job's bounds (8 prompt tokens, 4 vision
+    tokens) or engine.hf.inflight_tokens, take rows whose prompts pass them (~250 tokens, not
+    through the runner's checks) while short ones decode: the slots grow, the rows in them are
+    kept, every answer is the lock-step engine's."""
+    from qvl_batch.config import ImageConfig, PromptConfig
+
+    requests, want = _long_and_short(tiny_model)
+    hf, bounds = {"inflight_cache": "static"}, {}
+    if small == "job bounds":
+        bounds = {
+            "prompt": PromptConfig(max_prompt_tokens=8),
+            "image": ImageConfig(max_pixels=3136),
+        }
+    else:
+        hf["inflight_tokens"] = 100
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf, **bounds))
+    try:
+        assert engine._slot_batch.cache.length == 128
+        sink = _run_inflight(engine, requests, parts=2)
+        assert engine._slot_batch.cache.length > 128
+    finally:
+        engine.close()
+    assert "do not fit the static slots" in caplog.text
+    for result, _ in sink.results:
+        assert _fields(result) == _fields(want[result.key]), result.key
+
+
+def test_static_slots_do_not_grow_past_the_caches_cap(tiny_model):
+    """Slots that would pass engine.hf.static_cache_gib to hold a row do not grow: the long
+    rows are ENGINE_ERRORs saying why, the short ones running beside them get their answers."""
+    requests, want = _long_and_short(tiny_model)
+    hf = {"inflight_cache": "static", "inflight_tokens": 100}
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
+    cache = engine._slot_batch.cache
+    engine.close()
+    gib = 2 * 128 * cache.bytes_per_slot_token / 2**30  # exactly the first slots
+    hf["static_cache_gib"] = gib
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
+    try:
+        sink = _run_inflight(engine, requests, parts=2)
+        assert engine._slot_batch.cache.length == 128
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    for key, ref in want.items():
+        if ref.prompt_tokens > 128:
+            assert got[key].error_code == RowError.ENGINE_ERROR
+            assert "over the caches' cap" in got[key].error_message
+        else:
+            assert _fields(got[key]) == _fields(ref), key
+
+
+def test_static_slots_within_the_caches_cap(tiny_model):
+    """The slots are accounted before they are taken: past engine.hf.static_cache_gib the
+    engine is refused, saying what to lower."""
+    hf = {"inflight_cache": "static", "static_cache_gib": 0.0001}
+    with pytest.raises(ValueError, match=r"over the static caches' cap.*engine\.hf\.slots"):
+        make_engine(_config(tiny_model, "inflight", slots=16, hf=hf))
+
+
+@pytest.mark.parametrize("attention", ["stock", "grouped"])
+def test_static_slots_compiled_step_one_graph_equal_answers(
+    tiny_model, lockstep_answers, attention
+):
+    """engine.hf.compile: true with the static slots (torch.compile's default mode on CPU; CUDA
+    graphs on a GPU): rows join mid-decode and leave, the step's shapes never change, so Dynamo
+    makes one graph for the job; the answers are the lock-step engine's token for token."""
+    from torch._dynamo.utils import counters
+
+    requests, want = lockstep_answers
+    hf = {"inflight_cache": "static", "compile": True, "decode_attention": attention}
+    engine = make_engine(_config(tiny_model, "inflight", slots=3, hf=hf))
+    try:
+        assert engine.modes()["decode"] == "compiled"
+        counters.clear()
+        sink = _run_inflight(engine, requests, parts=2)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        engine.close()
+    assert graphs == 1, dict(counters["stats"])
+    assert any(running for _, running in sink.entered), sink.entered  # joins mid-decode
+    got = {r.key: r for r, _ in sink.results}
+    for key, ref in want.items():
+        assert _fields(got[key]) == _fields(ref), key

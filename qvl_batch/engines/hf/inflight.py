@@ -10,7 +10,10 @@ gets Qwen2.5-VL's multimodal positions (``get_rope_index``); a decode step, each
 largest position + 1 + the tokens it generated before (all three rope sections), as
 ``generate`` computes in transformers 4.57 and 5.x. So a row's answer does not depend on the
 rows it runs with: greedy float32 equals the lock-step engine token for token
-(``tests/engines/test_hf_inflight.py``). Design and what is left: docs/INFLIGHT.md.
+(``tests/engines/test_hf_inflight.py``). The running batch is a ``DynamicCache`` whose rows are
+concatenated and compacted (``running.py``), or with ``engine.hf.inflight_cache: static`` slots
+allocated once, a row keeping its slot for life (``slots.py``): a decode step of fixed shapes,
+compiled under ``engine.hf.compile``. Design and what is left: docs/INFLIGHT.md.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..base import Engine, Request, Result, ResultSink
 from ..lengths import answer_length
 from .engine import HFEngine
 from .running import Row, RunningBatch
+from .slots import SlotBatch, decode_step, job_slots
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +53,22 @@ class HFInflightEngine(Engine):
     def __init__(self, hf: HFEngine, cfg: Config):
         self.hf = hf
         self.name, self.version, self.guided = hf.name, hf.version, hf.guided
-        if settings_of(cfg, "hf").compile:
+        hfs = settings_of(cfg, "hf")
+        self.static = hfs.inflight_cache == "static"
+        if hfs.compile and not self.static:
             raise ValueError(
-                "engine.hf.schedule=inflight: engine.hf.compile=true is not supported yet (the "
-                "in-flight decode is eager; docs/INFLIGHT.md); set engine.hf.compile=null"
+                "engine.hf.schedule=inflight: engine.hf.compile=true needs "
+                "engine.hf.inflight_cache=static (the dynamic cache's decode is eager; "
+                "docs/INFLIGHT.md); set engine.hf.compile=null or inflight_cache=static"
             )
-        if hf.compiled:  # compile: null chose it for the lock-step decode; never used here
+        # compile: true, or null where it chose the compiled decode for this device (one CUDA
+        # GPU): in flight, the static slots' step is compiled; generate's is never used (false,
+        # as the bench sets for an eager run, holds even if the wrapped engine compiles)
+        compile_slots = self.static and hfs.compile is not False and hf.compiled
+        if hf.compiled:
             hf.set_modes(compile=False)
         self.sampling = cfg.sampling
-        self.slots = settings_of(cfg, "hf").slots or cfg.batching.max_batch_size
+        self.slots = hfs.slots or cfg.batching.max_batch_size
         self._bound = 2 * self.slots  # a row always waits to take a slot the moment one frees
         self.entry_group = max(1, self._bound // 8)
         # A group is prefilled once this many slots are free (or everything waiting fits): a
@@ -71,9 +82,19 @@ class HFInflightEngine(Engine):
         rope = inspect.signature(hf.model.model.get_rope_index).parameters
         self._rope_types = "mm_token_type_ids" in rope  # transformers 5: needs the modality ids
         self._warpers = self._make_warpers()
+        self._slot_batch: SlotBatch | None = None  # engine.hf.inflight_cache=static
+        self._decode_step: Any = decode_step
+        if self.static:
+            penalty = self.sampling.repetition_penalty != 1.0
+            tokens = hfs.inflight_tokens
+            self._slot_batch = job_slots(hf, cfg, self.slots, tokens, penalty, compile_slots)
+            if compile_slots:
+                mode = "reduce-overhead" if hf.device.type == "cuda" else "default"
+                self._decode_step = torch.compile(decode_step, mode=mode, dynamic=False)
         self._cond = threading.Condition()
         self._waiting: deque[Row] = deque()
-        self._running: RunningBatch | None = None  # the model thread's, between steps
+        # the model thread's, between steps (static: the slot batch while a row is in it)
+        self._running: RunningBatch | SlotBatch | None = None
         self._started: Counter[str] = Counter()  # rows per unit taken from the queue, not out
         self._closed = False
         self._sink: ResultSink | None = None
@@ -138,14 +159,21 @@ class HFInflightEngine(Engine):
                 self.hf._thread.run(self._step)
         finally:
             self.hf.answer_lengths = lengths
-            self._running = None
+            self._drop_running()
         self.reset_stage_times()
 
     def count_text_tokens(self, prompt: str, system: str | None) -> int:
         return self.hf.count_text_tokens(prompt, system)
 
     def modes(self) -> dict[str, Any]:
-        return {**self.hf.modes(), "decode": "eager", "schedule": "inflight", "slots": self.slots}
+        decode = "compiled" if self._decode_step is not decode_step else "eager"
+        return {
+            **self.hf.modes(),
+            "decode": decode,
+            "schedule": "inflight",
+            "slots": self.slots,
+            "inflight_cache": "static" if self.static else "dynamic",
+        }
 
     def stage_times(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in self._times.items()}
@@ -220,14 +248,17 @@ class HFInflightEngine(Engine):
         try:
             return self.hf._thread.run(self._step)
         except Exception as exc:
-            batch, self._running = self._running, None
-            log.warning(
-                "hf in-flight: a decode step of %d rows failed",
-                len(batch.rows) if batch else 0,
-                exc_info=True,
-            )
-            rows = [row for row in batch.rows if not row.done] if batch else []
+            batch = self._running
+            rows = [row for row in batch.rows if row and not row.done] if batch else []
+            self._drop_running()
+            log.warning("hf in-flight: a decode step of %d rows failed", len(rows), exc_info=True)
             return self._retry_or_fail(rows, exc)
+
+    def _drop_running(self) -> None:
+        """No batch runs any more (its rows are put back or done); the slots stay allocated."""
+        self._running = None
+        if self._slot_batch is not None:
+            self._slot_batch.clear()
 
     def _retry_or_fail(self, rows: list[Row], exc: Exception) -> list[Result]:
         failed = []
@@ -276,7 +307,7 @@ class HFInflightEngine(Engine):
             xgr = guide._xgr
             bitmask = xgr.allocate_token_bitmask(len(rows), guide.vocab_size)
             for i, row in enumerate(rows):
-                if row.done or row.matcher.is_terminated():
+                if row is None or row.done or row.matcher.is_terminated():
                     bitmask[i].fill_(-1)
                 else:
                     row.matcher.fill_next_token_bitmask(bitmask, i)
@@ -335,15 +366,19 @@ class HFInflightEngine(Engine):
             row.chosen = 1
         if seen is not None:
             batch.seen = torch.cat([seen, first[:, None]], dim=1)
+        if self._slot_batch is not None:  # before any row's result is out: this may raise
+            self._fit_slots(batch)
         results = self._read_back(batch)
         batch.compact()
         running = self._running
         if running is not None:  # the slots it frees are the group's
             results += self._read_back(running)
             running.compact()
-            if not running.rows:
+            if running.empty:
                 self._running = running = None
-        if batch.rows:
+        if batch.rows and self._slot_batch is not None:
+            self._join_slots(batch)
+        elif batch.rows:
             if running is None:
                 self._running = batch
             else:
@@ -354,23 +389,29 @@ class HFInflightEngine(Engine):
         batch = self._running
         assert batch is not None
         t0 = time.perf_counter()
-        n = len(batch.rows)
-        mask = torch.cat([batch.mask, batch.mask.new_ones(n, 1)], dim=1)
-        with torch.inference_mode():
-            out = self.hf.model(
-                input_ids=batch.last[:, None],
-                attention_mask=mask,
-                position_ids=batch.pos.view(1, n, 1).expand(3, n, 1),
-                use_cache=True,
-                **{self._cache_kwarg: batch.cache},
-            )
-            tokens = self._choose(out.logits[:, -1], batch.rows, batch.seen)
-        batch.mask, batch.pos, batch.last = mask, batch.pos + 1, tokens
-        if batch.seen is not None:
-            batch.seen = torch.cat([batch.seen, tokens[:, None]], dim=1)
+        if isinstance(batch, SlotBatch):  # fixed shapes: the step may be compiled
+            with torch.inference_mode():
+                logits = batch.forward(self.hf.model, self._cache_kwarg, self._decode_step)
+                tokens = self._choose(logits, batch.rows, batch.seen)
+                batch.advance(tokens)
+        else:
+            n = len(batch.rows)
+            mask = torch.cat([batch.mask, batch.mask.new_ones(n, 1)], dim=1)
+            with torch.inference_mode():
+                out = self.hf.model(
+                    input_ids=batch.last[:, None],
+                    attention_mask=mask,
+                    position_ids=batch.pos.view(1, n, 1).expand(3, n, 1),
+                    use_cache=True,
+                    **{self._cache_kwarg: batch.cache},
+                )
+                tokens = self._choose(out.logits[:, -1], batch.rows, batch.seen)
+            batch.mask, batch.pos, batch.last = mask, batch.pos + 1, tokens
+            if batch.seen is not None:
+                batch.seen = torch.cat([batch.seen, tokens[:, None]], dim=1)
         batch.pending.append(tokens)
         for row in batch.rows:
-            if not row.done and row.chosen < row.end:
+            if row is not None and not row.done and row.chosen < row.end:
                 row.chosen += 1
         live = batch.live
         results = []
@@ -378,18 +419,19 @@ class HFInflightEngine(Engine):
             self.hf.guide is not None  # each grammar takes its token before the next step
             or len(batch.pending) >= READ_EVERY
             or live == 0
-            or len(batch.rows) - live > self.max_dead
+            or batch.dead > self.max_dead
         ):
             results = self._read_back(batch)  # waits for the device
-        if not batch.rows:
+        if batch.empty:
             self._running = None
         self._times["decode"] += time.perf_counter() - t0
         return results
 
-    def _read_back(self, batch: RunningBatch) -> list[Result]:
+    def _read_back(self, batch: RunningBatch | SlotBatch) -> list[Result]:
         """The pending tokens to the host (one wait for the device): each row takes those
         chosen for it, up to an EOS or its end; a row that ends is a result and a dead slot
-        until the batch compacts (more than ``max_dead`` of them, or none live)."""
+        until the batch compacts (more than ``max_dead`` of them, or none live; static slots:
+        at once, freeing a slot copies nothing)."""
         if not batch.pending:
             return []
         steps = torch.stack(batch.pending, dim=1).tolist()  # (rows, steps)
@@ -397,7 +439,9 @@ class HFInflightEngine(Engine):
         self.reads += 1
         results = []
         for row, chosen in zip(batch.rows, steps):
-            for token in chosen[: row.chosen - len(row.tokens)] if not row.done else ():
+            if row is None or row.done:
+                continue
+            for token in chosen[: row.chosen - len(row.tokens)]:
                 row.tokens.append(token)
                 guided = row.matcher is not None and not row.matcher.is_terminated()
                 if guided and not row.matcher.accept_token(token):
@@ -410,10 +454,24 @@ class HFInflightEngine(Engine):
                     row.done = True
                     results.append(self._result(row, "stop" if row.ruled else "length"))
                     break
-        live = batch.live
-        if live == 0 or len(batch.rows) - live > self.max_dead:
+        if isinstance(batch, SlotBatch) or batch.live == 0 or batch.dead > self.max_dead:
             batch.compact()
         return results
+
+    def _fit_slots(self, group: RunningBatch) -> None:
+        """The slots grown for a group wider than them (``SlotBatch.room_for``; raises past the
+        caches' cap: the group's rows fail)."""
+        slots = self._slot_batch
+        assert slots is not None
+        self._slot_batch = grown = slots.room_for(group, self.hf.caches.cap_bytes)
+        if self._running is slots:
+            self._running = grown
+
+    def _join_slots(self, group: RunningBatch) -> None:
+        """A prefilled group into free slots (:meth:`_fit_slots` made room)."""
+        assert self._slot_batch is not None
+        self._slot_batch.join(group)
+        self._running = self._slot_batch
 
     def _result(self, row: Row, reason: str) -> Result:
         return Result(

@@ -54,6 +54,15 @@ class RunningBatch:
         free slot before its tokens are read back; an EOS is seen only then)."""
         return sum(not row.done and row.chosen < row.end for row in self.rows)
 
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+    @property
+    def dead(self) -> int:
+        """Rows in the batch that no longer decode (ended, or at their length)."""
+        return len(self.rows) - self.live
+
     def compact(self) -> None:
         """Drop the rows whose results are out (dead slots)."""
         if any(row.done for row in self.rows):

@@ -21,7 +21,8 @@ class HFEngineConfig:
     # for a model on one CUDA GPU with transformers >= 4.57.3, off elsewhere (CPU, a device
     # map); true: required (refused where unsupported); false: off. CUDA graphs keep the decode
     # loop's speed when the host is busy (the runner's prepare threads, other GPUs' engines):
-    # docs/PERFORMANCE.md "Faster transformers engine".
+    # docs/PERFORMANCE.md "Faster transformers engine". In flight (schedule: inflight) it
+    # compiles the static slots' decode step (inflight_cache: static; refused with dynamic).
     compile: bool | None = None
     # GiB the compiled decode's static KV caches may hold (one per batch-size rung and cache
     # length met, kept for the job: qvl_batch.engines.hf.decode); a batch whose cache would pass
@@ -50,10 +51,23 @@ class HFEngineConfig:
     # How rows are scheduled: "lockstep" (batches through the batching adapter, each decoding
     # until its longest answer ends) or "inflight" (qvl_batch.engines.hf.inflight: a stream
     # engine with ``slots`` decode slots; a row leaves as it ends, a waiting row takes its
-    # slot; issue #27, docs/INFLIGHT.md: a first cut, eager decode, not measured on a GPU).
+    # slot; issue #27, docs/INFLIGHT.md: a first cut, not measured on a GPU).
     schedule: str = "lockstep"
     # inflight: rows decoding at once (0: batching.max_batch_size).
     slots: int = 0
+    # inflight: the running batch's KV cache. "dynamic": one transformers DynamicCache, rows
+    # concatenated as they join and compacted as they leave (eager decode). "static"
+    # (qvl_batch.engines.hf.slots): slots x length allocated once (length from the job's longest
+    # prompt and max_tokens, within static_cache_gib), a row keeps its slot for life: every
+    # decode step has the same shapes, compiled with ``compile`` (true; null: on one CUDA GPU).
+    # Default dynamic until measured on a GPU (docs/INFLIGHT.md "Static slots").
+    inflight_cache: str = "dynamic"
+    # inflight_cache: static: the slots' length in tokens (rounded up to the grid); 0: the job's
+    # longest prompt (prompt.max_prompt_tokens + image.max_pixels' vision tokens) + max_tokens.
+    # Every step attends all of it: a length near what rows use reads less (4096 + 1280 + 300
+    # by default: 6144, slots x 6144 x 56 KiB a step on a 7B). A group that does not fit grows
+    # the slots (warned; a compiled step compiles again): answers are the same either way.
+    inflight_tokens: int = 0
 
     def __post_init__(self) -> None:
         modes = ("device", "processor")
@@ -69,6 +83,9 @@ class HFEngineConfig:
         schedules = ("lockstep", "inflight")
         check(self.schedule in schedules, "engine.hf.schedule", f"must be one of {schedules}")
         check(self.slots >= 0, "engine.hf.slots", "must be >= 0 (0: batching.max_batch_size)")
+        caches = ("dynamic", "static")
+        check(self.inflight_cache in caches, "engine.hf.inflight_cache", f"must be one of {caches}")
+        check(self.inflight_tokens >= 0, "engine.hf.inflight_tokens", "must be >= 0 (0: the job's)")
         check(self.compile_shapes >= 1, "engine.hf.compile_shapes", "must be >= 1")
         check(self.compile_after >= 1, "engine.hf.compile_after", "must be >= 1")
         check(

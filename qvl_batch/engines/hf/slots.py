@@ -1,0 +1,318 @@
+"""The in-flight hf engine's static slot cache (``engine.hf.inflight_cache: static``).
+
+A KV cache of ``slots x length`` per layer, allocated once; each row keeps its slot from its join
+to its end. A joining group is prefilled on its own (a ``DynamicCache``, as the dynamic path
+does) and its left-padded rows are copied into free slots at columns ``0 .. width``: one
+``index_copy_`` per layer and tensor. Each slot has its own write column (the next token's KV
+goes there: a ``scatter_`` per layer, not ``StaticCache``'s one ``cache_position`` for all rows)
+and its own mask row (the columns it attends: its prompt, less the padding, and its tokens so
+far). A row that ends frees its slot (its mask row zeroed): nothing is copied. So a decode step
+takes tensors of fixed shapes, ``(slots, 1)`` tokens over ``(slots, length)`` caches, every
+step: one compile (one CUDA graph) serves the job. Design: docs/INFLIGHT.md "Static slots".
+
+The cache object is what the text model of transformers 4.57.3 and 5.x asks of one: ``update``
+(4.57 passes ``cache_kwargs`` positionally, 5.x ``kwargs=``) and ``get_seq_length`` (read only
+where positions or masks are not given; both are given here). The mask goes in prepared, as
+``generate`` passes it (``{"full_attention": (slots, 1, 1, length) bool}``): the model builds
+none.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...config import Config
+from ...rows.images import TILE
+from .decode import CACHE_STEP, kv_bytes_per_token
+from .running import Row, RunningBatch
+
+log = logging.getLogger(__name__)
+
+
+def slot_length(tokens: int) -> int:
+    """The cache length for ``tokens`` columns: decode.py's grid (128 and 192 x powers of two),
+    not capped by the model's positions (a column is not a position: a left-padded row's last
+    column can pass its last position)."""
+    length = CACHE_STEP
+    while length < tokens:
+        length = length * 3 // 2 if length & (length - 1) == 0 else length * 4 // 3
+    return length
+
+
+class SlotCache:
+    """Keys and values ``(slots, kv_heads, length, head_dim)`` per layer, each slot's write
+    column and mask row. ``update`` writes each row's new KV at its own column and returns the
+    whole cache (attention over every column, the mask says which count)."""
+
+    def __init__(self, text_config: Any, slots: int, length: int, dtype: torch.dtype, device):
+        heads = int(text_config.num_key_value_heads)
+        dim = getattr(text_config, "head_dim", None) or (
+            text_config.hidden_size // text_config.num_attention_heads
+        )
+        shape = (slots, heads, length, int(dim))
+        layers = int(text_config.num_hidden_layers)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.mask = torch.zeros(slots, length, dtype=torch.bool, device=device)
+        self.write = torch.zeros(slots, dtype=torch.long, device=device)  # the next KV's column
+        self.slots, self.length = slots, length
+
+    @property
+    def bytes_per_slot_token(self) -> int:
+        return sum(t[0, :, 0].numel() * t.element_size() for t in self.keys + self.values)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a decode step writes in place (a CUDA graph holds their addresses)."""
+        return [*self.keys, *self.values, self.mask, self.write]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_, **__
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step's ``(slots, kv_heads, 1, head_dim)`` keys and values, each row's at
+        its own column."""
+        index = self.write.view(-1, 1, 1, 1).expand_as(key_states)
+        self.keys[layer_idx].scatter_(2, index, key_states)
+        self.values[layer_idx].scatter_(2, index, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Not a length here (each slot has its own): 0. transformers reads it only to derive
+        positions or a mask, and both are passed in."""
+        return 0
+
+
+def decode_step(
+    model: Any, cache: SlotCache, last: torch.Tensor, pos: torch.Tensor, cache_kwarg: str
+) -> torch.Tensor:
+    """One decode step over every slot: each feeds its last token at its position, its KV is
+    written at its column, which it attends from now on; the next column is its write column
+    (at most the last: a row that ended decodes on until it is read back, its tokens dropped).
+    Returns the ``(slots, vocab)`` logits. Fixed shapes: the function ``torch.compile`` gets."""
+    n = last.shape[0]
+    cache.mask.scatter_(1, cache.write[:, None], True)
+    out = model(
+        input_ids=last[:, None],
+        attention_mask={"full_attention": cache.mask[:, None, None, :]},
+        position_ids=pos.view(1, n, 1).expand(3, n, 1),
+        use_cache=True,
+        **{cache_kwarg: cache},
+    )
+    cache.write.copy_((cache.write + 1).clamp(max=cache.length - 1))
+    return out.logits[:, -1]
+
+
+def job_slots(
+    hf: Any, cfg: Config, slots: int, tokens: int, penalty: bool, compiled: bool
+) -> SlotBatch:
+    """The engine's slots (``hf``: the loaded :class:`HFEngine`), ``tokens`` long (0: sized
+    for the longest prompt the job lets through, ``prompt.max_prompt_tokens`` of templated
+    text and ``image.max_pixels`` of vision tokens, and ``sampling.max_tokens``), taken once,
+    within the static caches' cap (``engine.hf.static_cache_gib``: refused past it, saying what
+    to lower). ``penalty``: keep each slot's tokens; ``compiled``: its step is compiled (on
+    CUDA, static addresses)."""
+    text = hf.model.config.get_text_config(decoder=True)
+    if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
+        raise ValueError(
+            "engine.hf.inflight_cache=static: the text model has sliding-window layers (not "
+            "supported: the step's mask is full attention); set inflight_cache=dynamic"
+        )
+    longest = cfg.prompt.max_prompt_tokens + cfg.image.max_pixels // TILE**2
+    length = slot_length(tokens or longest + cfg.sampling.max_tokens)
+    size = SlotBatch.bytes_of(text, slots, length, hf.dtype)
+    cap = hf.caches.cap_bytes
+    if cap is not None and size > cap:
+        raise ValueError(
+            f"engine.hf.inflight_cache=static: {slots} slots x {length} tokens take "
+            f"{size / 2**30:.2f} GiB, over the static caches' cap ({cap / 2**30:.2f} GiB, "
+            "engine.hf.static_cache_gib); lower engine.hf.slots or engine.hf.inflight_tokens "
+            "(0: prompt.max_prompt_tokens, image.max_pixels and sampling.max_tokens decide), "
+            "or raise engine.hf.static_cache_gib"
+        )
+    log.info("hf in flight: static slots, %d x %d tokens, %.2f GiB", slots, length, size / 2**30)
+    static = compiled and hf.device.type == "cuda"  # CUDA graphs hold its addresses
+    return SlotBatch.allocate(text, slots, length, hf.dtype, hf.device, penalty, static)
+
+
+@dataclass
+class SlotBatch:
+    """The running rows in their slots (None: a free slot); the per-slot next position and last
+    token; with a repetition penalty each slot's tokens so far (``seen``, ``(slots, length)``,
+    columns not yet written filled with a token of the row's own: a repeat changes nothing).
+    Its interface is :class:`RunningBatch`'s where the engine uses both. Its tensors change
+    in inference mode only (a step's outputs are inference tensors)."""
+
+    cache: SlotCache
+    rows: list[Row | None]
+    pos: torch.Tensor  # (slots,) long: the position of the token fed next
+    last: torch.Tensor  # (slots,) long: the token fed next
+    seen: torch.Tensor | None = None
+    pending: list[torch.Tensor] = field(default_factory=list)
+
+    static: bool = False  # the cache's addresses are marked static (CUDA graphs)
+
+    @classmethod
+    @torch.inference_mode()  # as a step's outputs: a compiled step's guards see one kind
+    def allocate(
+        cls,
+        text_config: Any,
+        slots: int,
+        length: int,
+        dtype: torch.dtype,
+        device: Any,
+        penalty: bool,
+        static: bool = False,
+    ) -> SlotBatch:
+        """Empty slots; ``penalty``: keep ``seen``; ``static``: mark the cache's tensors as
+        static addresses (a CUDA graph replays over them without copies)."""
+        cache = SlotCache(text_config, slots, length, dtype, device)
+        if static:
+            for tensor in cache.tensors():
+                torch._dynamo.mark_static_address(tensor)
+        zeros = torch.zeros(slots, dtype=torch.long, device=device)
+        seen = torch.zeros(slots, length, dtype=torch.long, device=device) if penalty else None
+        return cls(cache, [None] * slots, zeros, zeros.clone(), seen, static=static)
+
+    @staticmethod
+    def bytes_of(text_config: Any, slots: int, length: int, dtype: torch.dtype) -> int:
+        return slots * length * kv_bytes_per_token(text_config, dtype)
+
+    @property
+    def empty(self) -> bool:
+        return all(row is None for row in self.rows)
+
+    @property
+    def live(self) -> int:
+        """Rows still decoding (as :attr:`RunningBatch.live`)."""
+        return sum(row is not None and not row.done and row.chosen < row.end for row in self.rows)
+
+    @property
+    def dead(self) -> int:
+        """Rows in slots that no longer decode (ended, or at their length)."""
+        return sum(row is not None for row in self.rows) - self.live
+
+    def forward(self, model: Any, cache_kwarg: str, step: Any = decode_step) -> torch.Tensor:
+        """One decode step (``step``: :func:`decode_step` or its compiled self); the logits."""
+        return step(model, self.cache, self.last, self.pos, cache_kwarg)
+
+    @torch.inference_mode()
+    def advance(self, tokens: torch.Tensor) -> None:
+        """After a step: each slot's chosen token is fed next, one position on."""
+        self.pos, self.last = self.pos + 1, tokens
+        if self.seen is not None:  # at the column its KV goes to next step
+            self.seen.scatter_(1, self.cache.write[:, None], tokens[:, None])
+
+    @torch.inference_mode()
+    def compact(self) -> None:
+        """Free the slots of the rows whose results are out (their mask rows zeroed); nothing
+        moves."""
+        assert not self.pending, "read the pending tokens back first"
+        done = [i for i, row in enumerate(self.rows) if row is not None and row.done]
+        if not done:
+            return
+        for i in done:
+            self.rows[i] = None
+        index = torch.tensor(done, dtype=torch.long, device=self.cache.mask.device)
+        self.cache.mask.index_fill_(0, index, False)
+        self.cache.write.index_fill_(0, index, 0)
+
+    @torch.inference_mode()
+    def clear(self) -> None:
+        """Every slot free (a failed step's rows go back to the queue)."""
+        self.rows, self.pending = [None] * self.cache.slots, []
+        self.cache.mask.zero_()
+        self.cache.write.zero_()
+
+    def fits(self, group: RunningBatch) -> bool:
+        """Do the group's rows fit a slot: their prompt width and longest answer (a row's
+        tokens after its end are written at the last column)."""
+        width = group.mask.shape[1]
+        return width + max(row.end for row in group.rows) - 1 <= self.cache.length
+
+    @torch.inference_mode()
+    def join(self, group: RunningBatch) -> None:
+        """The group's rows into free slots: KV, mask and tokens so far copied at columns
+        ``0 .. width``, the write column after them."""
+        assert not self.pending and not group.pending, "read the pending tokens back first"
+        free = [i for i, row in enumerate(self.rows) if row is None][: len(group.rows)]
+        assert len(free) == len(group.rows), f"{len(group.rows)} rows, {len(free)} free slots"
+        assert self.fits(group), "a group wider than the slots (SlotBatch.fits)"
+        cache = self.cache
+        width = group.mask.shape[1]
+        index = torch.tensor(free, dtype=torch.long, device=cache.mask.device)
+        for i, layer in enumerate(group.cache.layers):
+            cache.keys[i][:, :, :width].index_copy_(0, index, layer.keys)
+            cache.values[i][:, :, :width].index_copy_(0, index, layer.values)
+        mask = torch.zeros(len(free), cache.length, dtype=torch.bool, device=index.device)
+        mask[:, :width] = group.mask.bool()
+        cache.mask.index_copy_(0, index, mask)
+        cache.write.index_fill_(0, index, width)
+        self.pos.index_copy_(0, index, group.pos)
+        self.last.index_copy_(0, index, group.last)
+        if self.seen is not None and group.seen is not None:
+            # the group's tokens: the columns a compaction cut (padding of every kept row)
+            # are left out of ``seen`` too, so its first answer token sits at ``width``
+            seen = group.seen[:, group.seen.shape[1] - width - 1 :]
+            row = seen[:, :1].expand(-1, cache.length).clone()
+            row[:, : width + 1] = seen
+            self.seen.index_copy_(0, index, row)
+        for i, r in zip(free, group.rows):
+            self.rows[i] = r
+
+    def room_for(self, group: RunningBatch, cap_bytes: int | None) -> SlotBatch:
+        """This batch if the group fits, else this batch grown to the grid length that holds it
+        (``engine.hf.inflight_tokens`` short of it, or a prompt past the job's bounds: a row not
+        checked by the runner; warned: a compiled step compiles again). Past ``cap_bytes`` it
+        raises: the group's rows fail, the running ones are untouched."""
+        if self.fits(group):
+            return self
+        need = group.mask.shape[1] + max(row.end for row in group.rows) - 1
+        length = slot_length(need)
+        size = self.cache.slots * length * self.cache.bytes_per_slot_token
+        if cap_bytes is not None and size > cap_bytes:
+            raise RuntimeError(
+                f"static slots: {need} tokens need {self.cache.slots} x {length} "
+                f"({size / 2**30:.2f} GiB), over the caches' cap (engine.hf.static_cache_gib)"
+            )
+        log.warning(
+            "hf in flight: %d tokens do not fit the static slots (%d); they grow to %d",
+            need,
+            self.cache.length,
+            length,
+        )
+        return self.grown(length)
+
+    @torch.inference_mode()
+    def grown(self, length: int) -> SlotBatch:
+        """This batch in a longer cache (a new shape: a compiled step compiles again)."""
+        cache = self.cache
+        _, heads, _, dim = cache.keys[0].shape
+        text = _Shape(len(cache.keys), heads, dim)
+        dtype, device = cache.keys[0].dtype, cache.mask.device
+        penalty = self.seen is not None
+        bigger = SlotBatch.allocate(text, cache.slots, length, dtype, device, penalty, self.static)
+        new = bigger.cache
+        old = cache.length
+        for mine, theirs in zip(new.keys + new.values, cache.keys + cache.values):
+            mine[:, :, :old].copy_(theirs)
+        new.mask[:, :old].copy_(cache.mask)
+        new.write.copy_(cache.write)
+        if self.seen is not None and bigger.seen is not None:
+            bigger.seen[:, :old].copy_(self.seen)
+            bigger.seen[:, old:] = self.seen[:, :1]
+        bigger.rows, bigger.pending = list(self.rows), list(self.pending)
+        bigger.pos.copy_(self.pos)
+        bigger.last.copy_(self.last)
+        return bigger
+
+
+@dataclass
+class _Shape:
+    """The text config fields :class:`SlotCache` reads, for a cache made from another."""
+
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
