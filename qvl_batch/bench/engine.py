@@ -24,7 +24,7 @@ from ..tooling.gpu_sampler import GpuSampler
 # with ~50 prompt and 64 output tokens. Only comparable on that GPU with that model; workloads
 # other than 448x448 squares compute theirs from their token counts (floor.py).
 from .floor import FLOOR_IMAGES_PER_S
-from .stream import allocated_mib, bench_inflight, stream_line
+from .stream import bench_inflight, stream_line, torch_peaks
 
 
 def _sync() -> None:
@@ -137,9 +137,7 @@ def time_batches(
         "engine_s_per_batch": {
             k: round(v / batches, 4) for k, v in engine.stage_times().items() if batches
         },
-        "torch_max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20) if cuda else None,
-        # what the run held at its peak (reserved also counts blocks cached by runs before)
-        "torch_max_allocated_mib": allocated_mib(),
+        **torch_peaks(),
     }
     if sampler is not None:
         run["gpu"] = sampler.summary(start, time.time()) if sampling else {"note": sampler.note}

@@ -146,8 +146,7 @@ def time_stream(engine, requests: list, max_s: float, warm: bool, stall_s: float
         "engine_s_per_batch": {},
         "padding": {},
         "warmup_s": round(warmup_s, 3) if warm else None,
-        "torch_max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20) if cuda else None,
-        "torch_max_allocated_mib": allocated_mib(),
+        **torch_peaks(),
     }
     if sampler is not None:
         run["gpu"] = sampler.summary(start, time.time()) if sampling else {"note": sampler.note}
@@ -166,11 +165,18 @@ def steady_rate(times: list[float], slots: int, last_in: float) -> float | None:
     return round(n / (last_in - first), 3) if n >= slots else None
 
 
-def allocated_mib() -> int | None:
-    """torch's peak allocated CUDA memory since the last reset, MiB (None without CUDA)."""
+def torch_peaks() -> dict[str, int | None]:
+    """torch's peak reserved and allocated CUDA memory since the last reset, MiB (None without
+    CUDA): reserved also counts blocks cached by the runs before, allocated is what this run
+    held at its peak."""
     import torch
 
-    return round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return {"torch_max_reserved_mib": None, "torch_max_allocated_mib": None}
+    return {
+        "torch_max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20),
+        "torch_max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20),
+    }
 
 
 def bench_inflight(

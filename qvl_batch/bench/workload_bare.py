@@ -18,7 +18,7 @@ from ..engines.bucketing import Bucketer
 from ..rows.images import smart_resize, vision_tokens
 from ..tooling.gpu_sampler import GpuSampler
 from .engine import Variant, _free, _print_run, _sync, loaded_with_requests
-from .stream import allocated_mib, bench_inflight
+from .stream import bench_inflight, torch_peaks
 
 PROMPT_ROOM = 128  # tokens a row's prompt may take in the budget (chat template included)
 
@@ -113,9 +113,7 @@ def time_workload(engine, batches: list[list], batch_size: int, max_s: float, wa
         },
         "warmup_s": round(warmup_s, 3) if warm else None,
         "warmup_stage_s": {k: round(v, 3) for k, v in warmup_stages.items()} if warm else None,
-        "torch_max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20) if cuda else None,
-        # what the run held at its peak (reserved also counts blocks cached by runs before)
-        "torch_max_allocated_mib": allocated_mib(),
+        **torch_peaks(),
     }
     if sampler is not None:
         run["gpu"] = sampler.summary(start, time.time()) if sampling else {"note": sampler.note}
