@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 
 from ..config import Config
@@ -87,56 +88,80 @@ BATCH_STAGES = ("inputs", "generate", "outputs")
 def time_batches(
     engine, requests: list, batch_size: int, max_s: float, warm: bool = True, barrier=None
 ) -> dict:
-    """The engine's own warm-up, as an actor's (unless ``warm`` is False: this shape ran
-    already), then ``generate`` over ``requests`` in batches (stops after max_s).
-    ``barrier``: waited on after the warm-up, so engines in several processes time the same
-    seconds. (A real batch as the warm-up made the hf engine's first timed batch its shape's
-    second meeting: compiled inside the clock, 100 s on an H100, session 13.)"""
+    """:func:`time_generate` over ``requests`` cut into batches of ``batch_size`` in order, with
+    the fraction of the 448x448 compute floor."""
+    batches = [requests[lo : lo + batch_size] for lo in range(0, len(requests), batch_size)]
+    run = time_generate(engine, batches, batch_size, max_s, warm, barrier)
+    run["floor_fraction"] = round(run["images_per_s"] / FLOOR_IMAGES_PER_S, 4)
+    return run
+
+
+def time_generate(
+    engine, batches: list[list], batch_size: int, max_s: float, warm: bool = True, barrier=None
+) -> dict:
+    """The engine's own warm-up, as an actor's (timed; unless ``warm`` is False: this shape ran
+    already), then ``generate`` over ``batches`` (stops after max_s): rows/s, tokens per row,
+    stage seconds per batch, memory. ``barrier``: waited on after the warm-up, so engines in
+    several processes time the same seconds. (A real batch as the warm-up made the hf engine's
+    first timed batch its shape's second meeting: compiled inside the clock, 100 s on an H100,
+    session 13.)"""
     import torch
 
     cuda = torch.cuda.is_available()
     if cuda:  # memory peaks count the warm-up, as the runner's sampler does
         torch.cuda.reset_peak_memory_stats()
+    engine.reset_stage_times()
+    t0 = time.perf_counter()
     if warm:
         engine.warmup(batch_size)
     _sync()
+    warmup_s = time.perf_counter() - t0
+    warmup_stages = engine.stage_times()  # with a "compile" key where the engine has one
     if barrier is not None:
         barrier.wait()
     engine.reset_stage_times()
     sampler = GpuSampler() if cuda else None
     sampling = sampler.start() if sampler else False
-    done = out_tokens = errors = 0
+    done = ran = errors = 0
+    tokens = Counter()
     start = time.time()
     t0 = time.perf_counter()
     try:
-        for lo in range(0, len(requests), batch_size):
-            results = engine.generate(requests[lo : lo + batch_size])
+        for batch in batches:
+            results = engine.generate(batch)
             _sync()
+            ran += 1
             done += len(results)
             errors += sum(r.error_code is not None for r in results)
-            out_tokens += sum(r.output_tokens or 0 for r in results)
+            tokens["answer"] += sum(r.output_tokens or 0 for r in results)
+            tokens["vision"] += sum(r.vision_tokens for r in batch)
+            tokens["prompt"] += sum(r.text_tokens for r in batch)
             if max_s and time.perf_counter() - t0 >= max_s:
                 break  # the device run is budgeted: time what fits
         secs = time.perf_counter() - t0
     finally:
         if sampler:
             sampler.stop()
-    batches = -(-done // batch_size)
     run = {
         "batch_size": batch_size,
+        "batches": ran,
         "rows": done,
-        "capped": done < len(requests),
+        "capped": ran < len(batches),
         "seconds": round(secs, 3),
         "images_per_s": round(done / secs, 3),
-        "output_tokens_per_s": round(out_tokens / secs, 1),
-        "output_tokens_mean": round(out_tokens / max(1, done - errors), 2),
+        "output_tokens_per_s": round(tokens["answer"] / secs, 1),
+        "output_tokens_mean": round(tokens["answer"] / max(1, done - errors), 2),
         "errors": errors,
-        "floor_fraction": round(done / secs / FLOOR_IMAGES_PER_S, 4),
+        "tokens_per_row": {
+            k: round(tokens[k] / max(1, done), 2) for k in ("vision", "prompt", "answer")
+        },
         # Seconds per batch in each of the engine's stages (hf: inputs, generate, outputs; and
         # inside generate vision, prefill with vision, decode).
         "engine_s_per_batch": {
-            k: round(v / batches, 4) for k, v in engine.stage_times().items() if batches
+            k: round(v / ran, 4) for k, v in engine.stage_times().items() if ran
         },
+        "warmup_s": round(warmup_s, 3) if warm else None,
+        "warmup_stage_s": {k: round(v, 3) for k, v in warmup_stages.items()} if warm else None,
         **torch_peaks(),
     }
     if sampler is not None:

@@ -9,16 +9,14 @@ The warm-up is the actor's (``engine.warmup(B)``), timed; rows are prepared once
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import asdict, replace
 
 from ..config import Config
 from ..engines.bucketing import Bucketer
 from ..rows.images import smart_resize, vision_tokens
-from ..tooling.gpu_sampler import GpuSampler
-from .engine import Variant, _free, _print_run, _sync, loaded_with_requests
-from .stream import bench_inflight, torch_peaks
+from .engine import Variant, _free, _print_run, loaded_with_requests, time_generate
+from .stream import bench_inflight
 
 PROMPT_ROOM = 128  # tokens a row's prompt may take in the budget (chat template included)
 
@@ -57,69 +55,6 @@ def bucketed(requests: list, cfg: Config) -> tuple[list[list], dict]:
     return batches, bucketer.stats.as_dict()
 
 
-def time_workload(engine, batches: list[list], batch_size: int, max_s: float, warm: bool) -> dict:
-    """The actor's warm-up (timed; unless ``warm`` is False), then ``generate`` over
-    ``batches`` (stops after max_s): rows/s, tokens per row, stage seconds per batch, memory."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if cuda:  # memory peaks count the warm-up, as the runner's sampler does
-        torch.cuda.reset_peak_memory_stats()
-    sampler = GpuSampler() if cuda else None
-    sampling = sampler.start() if sampler else False
-    done = ran = errors = 0
-    tokens = Counter()
-    try:
-        engine.reset_stage_times()
-        t0 = time.perf_counter()
-        if warm:
-            engine.warmup(batch_size)
-            _sync()
-        warmup_s = time.perf_counter() - t0
-        warmup_stages = engine.stage_times()  # with a "compile" key where the engine has one
-        engine.reset_stage_times()
-        start = time.time()
-        t0 = time.perf_counter()
-        for batch in batches:
-            results = engine.generate(batch)
-            _sync()
-            ran += 1
-            done += len(results)
-            errors += sum(r.error_code is not None for r in results)
-            tokens["answer"] += sum(r.output_tokens or 0 for r in results)
-            tokens["vision"] += sum(r.vision_tokens for r in batch)
-            tokens["prompt"] += sum(r.text_tokens for r in batch)
-            if max_s and time.perf_counter() - t0 >= max_s:
-                break  # the device run is budgeted: time what fits
-        secs = time.perf_counter() - t0
-    finally:
-        if sampler:
-            sampler.stop()
-    run = {
-        "batch_size": batch_size,
-        "batches": ran,
-        "rows": done,
-        "capped": ran < len(batches),
-        "seconds": round(secs, 3),
-        "images_per_s": round(done / secs, 3),
-        "output_tokens_per_s": round(tokens["answer"] / secs, 1),
-        "output_tokens_mean": round(tokens["answer"] / max(1, done - errors), 2),
-        "errors": errors,
-        "tokens_per_row": {
-            k: round(tokens[k] / max(1, done), 2) for k in ("vision", "prompt", "answer")
-        },
-        "engine_s_per_batch": {
-            k: round(v / ran, 4) for k, v in engine.stage_times().items() if ran
-        },
-        "warmup_s": round(warmup_s, 3) if warm else None,
-        "warmup_stage_s": {k: round(v, 3) for k, v in warmup_stages.items()} if warm else None,
-        **torch_peaks(),
-    }
-    if sampler is not None:
-        run["gpu"] = sampler.summary(start, time.time()) if sampling else {"note": sampler.note}
-    return run
-
-
 def bench_bare_workload(
     cfgs: dict[int, Config], rows: list[dict], max_s: float, variants: tuple[Variant, ...]
 ) -> dict:
@@ -142,7 +77,7 @@ def bench_bare_workload(
                     run = {**asdict(variant), **timed}
                 else:
                     batches, padding = bucketed(requests, cfg)
-                    run = {**asdict(variant), **time_workload(engine, batches, b, max_s, warm)}
+                    run = {**asdict(variant), **time_generate(engine, batches, b, max_s, warm)}
                     run["padding"] = padding
                     run["max_tokens_per_batch"] = cfg.batching.max_tokens_per_batch
                 run["preprocess"] = engine.modes().get("preprocess", "?")
