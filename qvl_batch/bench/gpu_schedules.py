@@ -71,6 +71,7 @@ def add_schedule_ratios(report: dict) -> None:
                 "inflight_steady_rows_per_s": x.get("steady_images_per_s"),
                 "ratio_steady": _ratio(x.get("steady_images_per_s"), twin and twin["images_per_s"]),
                 "occupancy": x.get("occupancy"),
+                "occupancy_steady": x.get("occupancy_steady"),
                 "output_tokens_mean": _both(twin, x, "output_tokens_mean"),
                 "errors": _both(twin, x, "errors"),
                 "torch_max_reserved_mib": _both(twin, x, "torch_max_reserved_mib"),
@@ -117,10 +118,13 @@ def print_schedules(report: dict) -> None:
             if x.get("ratio_steady") is not None:
                 ratio += f" (steady x{_cell(x['ratio_steady'])})"
             errors = x["errors"] if "errors" in x else x["error_rows"]
+            occupancy = _cell(x["occupancy"])
+            if x.get("occupancy_steady") is not None:
+                occupancy += f" (steady {_cell(x['occupancy_steady'])})"
             print(
                 f"{side:<9} B={x['batch_size']:<4} lock-step {_cell(x['lockstep_rows_per_s'])} "
                 f"in flight {_cell(x['inflight_rows_per_s'])} rows/s: {ratio}, occupancy "
-                f"{_cell(x['occupancy'])}, errors {errors}, GPU peak MiB "
+                f"{occupancy}, errors {errors}, GPU peak MiB "
                 f"{x['gpu_memory_peak_mib']}   [{x['variant']}]"
             )
 

@@ -24,8 +24,10 @@ class CountingSink:
     """What the actor would be to the engine, reduced to counting: rows inside, results, error
     codes (with each code's first message), answer tokens; the driver waits on it for room."""
 
-    def __init__(self, stall_s: float):
+    def __init__(self, stall_s: float, clocks=None):
         self.stall_s = stall_s  # no result nor sign of life for this long: the engine hangs
+        self._clocks = clocks  # the engine's stage_times, read at each result (its thread)
+        self.clock_at: list[tuple[float, dict]] = []  # (perf_counter, stage seconds) a result
         self._cond = threading.Condition()
         self.inside = self.results = self.answer_tokens = 0
         self.codes: Counter[str] = Counter()
@@ -42,6 +44,8 @@ class CountingSink:
             self.inside -= 1
             self.results += 1
             self.times.append(time.perf_counter())
+            if self._clocks is not None:
+                self.clock_at.append((self.times[-1], self._clocks()))
             if result.error_code is not None:
                 self.codes[result.error_code] += 1
                 self.messages.setdefault(result.error_code, (result.error_message or "")[:500])
@@ -89,7 +93,7 @@ def time_stream(engine, requests: list, max_s: float, warm: bool, stall_s: float
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
     engine.reset_stage_times()
-    sink = CountingSink(stall_s)
+    sink = CountingSink(stall_s, engine.stage_times)
     engine.start(sink)
     bound, group = engine.max_in_flight, max(1, engine.entry_group)
     sampler = GpuSampler() if cuda else None
@@ -139,6 +143,7 @@ def time_stream(engine, requests: list, max_s: float, warm: bool, stall_s: float
         # mean rows decoding while the engine stepped, and that over its slots
         "occupied_slots_mean": round(stages.get("slot", 0.0) / busy, 3) if busy else None,
         "occupancy": round(stages.get("slot", 0.0) / busy / slots, 4) if busy else None,
+        "occupancy_steady": steady_occupancy(sink.clock_at, slots, last_in),
         "steps": engine.steps,
         "reads": engine.reads,  # waits for the device's chosen tokens (fewer than steps)
         "peak_active": engine.peak_active,
@@ -163,6 +168,19 @@ def steady_rate(times: list[float], slots: int, last_in: float) -> float | None:
     first = sorted(times)[slots - 1]
     n = sum(first < t <= last_in for t in times)
     return round(n / (last_in - first), 3) if n >= slots else None
+
+
+def steady_occupancy(clock_at: list[tuple[float, dict]], slots: int, last_in: float):
+    """Occupancy over :func:`steady_rate`'s window (the ``slots``-th result to the last submit):
+    a long job's, without the fill and the final drain, whose emptying slots a short benchmark
+    weighs far more than a job of thousands of rows. None: no such window."""
+    inside = [stages for t, stages in clock_at if t <= last_in]
+    if len(inside) <= slots:
+        return None
+    first, last = inside[slots - 1], inside[-1]
+    busy = last.get("busy", 0.0) - first.get("busy", 0.0)
+    slot = last.get("slot", 0.0) - first.get("slot", 0.0)
+    return round(slot / busy / slots, 4) if busy > 0 else None
 
 
 def torch_peaks() -> dict[str, int | None]:
@@ -201,7 +219,8 @@ def stream_line(label: str, run: dict) -> str:
         f"{label} slots={run['slots']:<4} {run['images_per_s']:8.2f} images/s "
         f"{run['output_tokens_per_s']:9.1f} output tokens/s ({run['rows']} rows, "
         f"{run['seconds']:.1f}s{', capped' if run['capped'] else ''}); occupancy "
-        f"{_num(run['occupancy'])} ({_num(run['occupied_slots_mean'])} of {run['slots']} slots), "
+        f"{_num(run['occupancy'])} ({_num(run['occupied_slots_mean'])} of {run['slots']} slots; "
+        f"steady {_num(run.get('occupancy_steady'))}), "
         f"{run['steps']} steps ({run['reads']} reads), errors {run['errors']}"
         + (f"; GPU busy {busy:.3f}" if busy is not None else "")
         + (f"; torch reserved {reserved / 1024:.1f} GiB" if reserved is not None else "")

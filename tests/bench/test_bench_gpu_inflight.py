@@ -122,3 +122,19 @@ def test_steady_rate_leaves_out_the_fill_and_the_drain():
     assert steady_rate(times, 4, last_in=20.0) == 2.0
     assert steady_rate(times[:3], 4, last_in=20.0) is None  # fewer results than slots
     assert steady_rate(times, 4, last_in=12.5) is None  # fewer than slots in the window
+
+
+def test_steady_occupancy_leaves_out_the_fill_and_the_drain():
+    from qvl_batch.bench.stream import steady_occupancy
+
+    # 4 slots, one result a second: 2 slots busy while filling (to the 4th result at 4 s), all
+    # 4 busy until the last submit at 10 s, then 1 busy in the drain
+    clock_at, busy, slot = [], 0.0, 0.0
+    for t in range(1, 15):
+        active = 2 if t <= 4 else 4 if t <= 10 else 1
+        busy, slot = busy + 1, slot + active
+        clock_at.append((float(t), {"busy": busy, "slot": slot}))
+    whole = clock_at[-1][1]["slot"] / clock_at[-1][1]["busy"] / 4
+    assert whole < 0.7  # what the whole run says
+    assert steady_occupancy(clock_at, 4, last_in=10.0) == 1.0
+    assert steady_occupancy(clock_at[:4], 4, last_in=10.0) is None  # no window after the fill
