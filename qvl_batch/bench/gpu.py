@@ -174,13 +174,13 @@ def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
 
 
 def static_slots(args: argparse.Namespace) -> bool:
-    """Do the user's overrides set ``engine.hf.inflight_cache=static`` (the last one wins)."""
-    value = "dynamic"
-    for override in args.overrides:
-        key, _, v = override.partition("=")
-        if key.strip() == "engine.hf.inflight_cache":
-            value = v.strip().strip("'\"")
-    return value == "static"
+    """Does the job (its file, then the overrides) put the in-flight engine on static slots
+    (``engine.hf.inflight_cache=static``)?"""
+    from ..config import load_config
+    from ..engines import settings_of
+
+    cfg = load_config(args.job, [*job_io("unused", "unused"), "engine.name=hf", *args.overrides])
+    return settings_of(cfg, "hf").inflight_cache == "static"
 
 
 def _runs(decode: str, schedule: str, static: bool) -> bool:

@@ -1,5 +1,5 @@
 """``bench gpu``'s variants: in flight, the compiled decode runs only on the static slots
-(``engine.hf.inflight_cache=static`` among the overrides), as the engine refuses it on the
+(``engine.hf.inflight_cache=static`` in the job or its overrides), as the engine refuses it on the
 dynamic cache. No model: the arguments alone."""
 
 from __future__ import annotations
@@ -41,3 +41,17 @@ def test_compiled_in_flight_only_on_static_slots():
     argv = ["engine.hf.inflight_cache=static", "--schedules", "inflight"]
     runner = _resolved(["bench", "gpu", *argv, "--runner-variants", "dense/compiled"])
     assert _runs(runner_variants(runner)) == {("compiled", "inflight")}
+
+
+def test_static_slots_from_the_job_file(tmp_path):
+    """A job file that puts the in-flight engine on static slots counts as the overrides do
+    (read from the loaded job, not the override strings)."""
+    job = tmp_path / "job.yaml"
+    job.write_text("engine:\n  hf:\n    inflight_cache: static\n")
+    args = _resolved(
+        ["bench", "gpu", "--job", str(job), "--decode", "compiled", "--schedules", "inflight"]
+    )
+    assert static_slots(args)
+    assert _runs(variants(args)) == {("compiled", "inflight")}
+    back = _resolved(["bench", "gpu", "--job", str(job), "engine.hf.inflight_cache=dynamic"])
+    assert not static_slots(back)
