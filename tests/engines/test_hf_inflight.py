@@ -361,6 +361,40 @@ def test_rows_of_a_decode_step_that_always_fails_are_errors(tiny_model):
     }
 
 
+@pytest.mark.parametrize("cache", CACHES)
+def test_a_row_that_poisons_decode_fails_alone(tiny_model, lockstep_answers, caplog, cache):
+    """A row whose every decode step raises (it prefills fine) among good rows: the rows it
+    ran with are put back as a cohort and run by themselves in halves, so only it ends as an
+    ENGINE_ERROR; every other row gets the lock-step answer."""
+    requests, want = lockstep_answers
+    requests = list(requests[:7])
+    bad = requests[3]
+    engine = make_engine(_config(tiny_model, "inflight", slots=4, hf={"inflight_cache": cache}))
+    step = engine._step
+
+    def poisoned():
+        rows = engine._running.rows
+        if any(row is not None and not row.done and row.req.key == bad.key for row in rows):
+            raise RuntimeError("poison row")
+        return step()
+
+    engine._step = poisoned
+    try:
+        sink = _run_inflight(engine, requests)
+    finally:
+        engine.close()
+    got = {r.key: r for r, _ in sink.results}
+    assert len(sink.results) == len(requests) == len(got)
+    assert (got[bad.key].error_code, got[bad.key].error_message) == (
+        RowError.ENGINE_ERROR,
+        "RuntimeError: poison row",
+    )
+    for req in requests:
+        if req is not bad:
+            assert _fields(got[req.key]) == _fields(want[req.key]), req.key
+    assert "a decode step of" in caplog.text
+
+
 def test_take_back_gives_back_a_unit_still_waiting_for_slots(tiny_model):
     requests = engine_requests(5)
     for req in requests[3:]:

@@ -38,7 +38,7 @@ from .slots import SlotBatch, decode_step, job_slots
 
 log = logging.getLogger(__name__)
 
-TRIES = 2  # a row inside a failing step is run again once before it is an ENGINE_ERROR
+TRIES = 2  # a row failing alone is run again once before it is an ENGINE_ERROR
 # Decode steps between reads of the chosen tokens back to the host (without guided decoding,
 # whose grammars take each token as it comes). Reading waits for the device; ends by length are
 # known on the host without it, only an EOS needs the tokens: a row that says EOS decodes on
@@ -96,6 +96,8 @@ class HFInflightEngine(Engine):
         # the model thread's, between steps (static: the slot batch while a row is in it)
         self._running: RunningBatch | SlotBatch | None = None
         self._started: Counter[str] = Counter()  # rows per unit taken from the queue, not out
+        self._cohorts = 0  # cohorts put back by failed decode steps, so far
+        self._alone = False  # a cohort runs: nothing else joins
         self._closed = False
         self._sink: ResultSink | None = None
         self._loop_thread: threading.Thread | None = None
@@ -205,12 +207,11 @@ class HFInflightEngine(Engine):
                         self._cond.wait()
                     if self._closed:
                         return
-                    live = self._running.live if self._running else 0
-                    take = min(self.slots - live, len(self._waiting))
-                    if take < self.min_group and take < len(self._waiting) and live:
-                        take = 0  # wait for more free slots: a group at a time
-                    group = [self._waiting.popleft() for _ in range(take)]
-                    self._started.update(row.req.key[0] for row in group if not row.tries)
+                    if self._running is None:
+                        self._alone = False
+                    group = [self._waiting.popleft() for _ in range(self._take())]
+                    first = [row for row in group if not (row.tries or row.cohort)]
+                    self._started.update(row.req.key[0] for row in first)
                 t0 = time.perf_counter()
                 if group:
                     sink.entering([row.req.key for row in group])
@@ -230,6 +231,28 @@ class HFInflightEngine(Engine):
             log.exception("hf in-flight scheduler died")
             sink.fail(exc)
 
+    def _take(self) -> int:
+        """How many waiting rows join now (under the lock). A cohort of rows put back by a failed
+        decode step runs by itself, ``cap`` rows at a time, once nothing else runs."""
+        if self._alone and self._running is not None:
+            return 0
+        head = self._waiting[0] if self._waiting else None
+        if head is not None and head.cohort:
+            if self._running is not None:
+                return 0
+            take = 0
+            for row in self._waiting:
+                if row.cohort != head.cohort or take == head.cap:
+                    break
+                take += 1
+            self._alone = True
+            return take
+        live = self._running.live if self._running else 0
+        take = min(self.slots - live, len(self._waiting))
+        if take < self.min_group and take < len(self._waiting) and live:
+            take = 0  # wait for more free slots: a group at a time
+        return take
+
     def _admit_isolating(self, group: list[Row]) -> list[Result]:
         """Prefill a group into the running batch; a group that raises is split in halves to
         isolate the rows that fail (as the batching adapter does)."""
@@ -243,8 +266,10 @@ class HFInflightEngine(Engine):
             return self._retry_or_fail(group, exc)
 
     def _step_isolating(self) -> list[Result]:
-        """One decode step; if it raises, the running rows start again (each at most
-        :data:`TRIES` times, then an ENGINE_ERROR)."""
+        """One decode step. If it raises, its rows start again from their prefill: several as a
+        cohort that runs by itself in halves (a row that poisons decode is cornered without
+        condemning its neighbours); one alone at most :data:`TRIES` times, then an
+        ENGINE_ERROR."""
         try:
             return self.hf._thread.run(self._step)
         except Exception as exc:
@@ -252,7 +277,15 @@ class HFInflightEngine(Engine):
             rows = [row for row in batch.rows if row and not row.done] if batch else []
             self._drop_running()
             log.warning("hf in-flight: a decode step of %d rows failed", len(rows), exc_info=True)
-            return self._retry_or_fail(rows, exc)
+            if len(rows) < 2:
+                return self._retry_or_fail(rows, exc)
+            self._cohorts += 1
+            for row in rows:
+                row.cohort, row.cap = self._cohorts, len(rows) // 2
+                row.tokens, row.chosen = [], 0
+            with self._cond:
+                self._waiting.extendleft(reversed(rows))
+            return []
 
     def _drop_running(self) -> None:
         """No batch runs any more (its rows are put back or done); the slots stay allocated."""

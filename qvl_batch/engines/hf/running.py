@@ -27,7 +27,11 @@ class Row:
     ruled: bool = False  # ``end`` is the drawn benchmark length: ending there is "stop"
     tokens: list[int] = field(default_factory=list)  # read back from the device
     chosen: int = 0  # tokens chosen for it so far: ``tokens`` and those not yet read back
-    tries: int = 0
+    tries: int = 0  # failures while running alone (a failure in company splits the company)
+    # Put back from a decode step of several rows that failed: it runs only with rows of its
+    # cohort, at most ``cap`` of them, so a row that poisons decode is cornered by halves.
+    cohort: int = 0
+    cap: int = 0
     matcher: Any = None  # guided decoding: the row's own grammar state (xgrammar)
     done: bool = False  # ended (its result is out); its slot is dead until the batch compacts
 
