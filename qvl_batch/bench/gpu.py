@@ -192,6 +192,7 @@ def runner_variants(args: argparse.Namespace) -> list[Variant]:
     """Each --runner-variants vision/decode[/attention] at every --answer-lengths and
     --schedules (in flight: eager decode only, unless on static slots)."""
     first = f"{args.vision[0]}/{args.decode[0]}/{args.decode_attention[0]}"
+    static = static_slots(args)
     out = []
     for spec in args.runner_variants or [first]:
         vision, decode, *rest = spec.split("/")
@@ -206,7 +207,7 @@ def runner_variants(args: argparse.Namespace) -> list[Variant]:
             Variant(vision, decode, attention, lengths, schedule)
             for lengths in args.answer_lengths
             for schedule in args.schedules
-            if _runs(decode, schedule, static_slots(args))
+            if _runs(decode, schedule, static)
         ]
     if not out:
         raise SystemExit("--runner-variants: every one is compiled, and --schedules inflight only")

@@ -24,6 +24,7 @@ from qvl_batch.config import (  # noqa: E402
 )
 from qvl_batch.engines.base import Engine, Result  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine, make_engine  # noqa: E402
+from qvl_batch.engines.hf.decode import kv_bytes_per_token  # noqa: E402
 from qvl_batch.engines.hf.inflight import HFInflightEngine  # noqa: E402
 from qvl_batch.engines.hf.settings import HFEngineConfig  # noqa: E402
 from qvl_batch.engines.lengths import answer_length  # noqa: E402
@@ -469,7 +470,7 @@ def test_static_slots_do_not_grow_past_the_caches_cap(tiny_model):
     engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
     cache = engine._slot_batch.cache
     engine.close()
-    gib = 2 * 128 * cache.bytes_per_slot_token / 2**30  # exactly the first slots
+    gib = 2 * 128 * kv_bytes_per_token(cache.text, cache.dtype) / 2**30  # the first slots
     hf["static_cache_gib"] = gib
     engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
     try:

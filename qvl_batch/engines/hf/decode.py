@@ -89,14 +89,23 @@ def static_cache_len(tokens: int, max_positions: int) -> int:
     return min(length, max_positions)
 
 
-def kv_bytes_per_token(text_config: Any, dtype: torch.dtype) -> int:
-    """Bytes one token takes in a KV cache of this text model: keys and values, every layer."""
-    heads = int(text_config.num_key_value_heads)
+def kv_dims(text_config: Any) -> tuple[int, int, int]:
+    """Layers, key/value heads and head size of this text model's KV cache."""
     head_dim = getattr(text_config, "head_dim", None) or (
         text_config.hidden_size // text_config.num_attention_heads
     )
+    return (
+        int(text_config.num_hidden_layers),
+        int(text_config.num_key_value_heads),
+        int(head_dim),
+    )
+
+
+def kv_bytes_per_token(text_config: Any, dtype: torch.dtype) -> int:
+    """Bytes one token takes in a KV cache of this text model: keys and values, every layer."""
+    layers, heads, head_dim = kv_dims(text_config)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * int(text_config.num_hidden_layers) * heads * int(head_dim) * itemsize
+    return 2 * layers * heads * head_dim * itemsize
 
 
 def default_cap(device: torch.device) -> int | None:

@@ -97,7 +97,6 @@ class HFInflightEngine(Engine):
         self._running: RunningBatch | SlotBatch | None = None
         self._started: Counter[str] = Counter()  # rows per unit taken from the queue, not out
         self._cohorts = 0  # cohorts put back by failed decode steps, so far
-        self._alone = False  # a cohort runs: nothing else joins
         self._closed = False
         self._sink: ResultSink | None = None
         self._loop_thread: threading.Thread | None = None
@@ -207,8 +206,6 @@ class HFInflightEngine(Engine):
                         self._cond.wait()
                     if self._closed:
                         return
-                    if self._running is None:
-                        self._alone = False
                     group = [self._waiting.popleft() for _ in range(self._take())]
                     first = [row for row in group if not (row.tries or row.cohort)]
                     self._started.update(row.req.key[0] for row in first)
@@ -234,20 +231,19 @@ class HFInflightEngine(Engine):
     def _take(self) -> int:
         """How many waiting rows join now (under the lock). A cohort of rows put back by a failed
         decode step runs by itself, ``cap`` rows at a time, once nothing else runs."""
-        if self._alone and self._running is not None:
-            return 0
-        head = self._waiting[0] if self._waiting else None
+        running, head = self._running, self._waiting[0] if self._waiting else None
+        if running is not None and any(row and not row.done and row.cohort for row in running.rows):
+            return 0  # a cohort runs: nothing joins it
         if head is not None and head.cohort:
-            if self._running is not None:
+            if running is not None:
                 return 0
             take = 0
             for row in self._waiting:
                 if row.cohort != head.cohort or take == head.cap:
                     break
                 take += 1
-            self._alone = True
             return take
-        live = self._running.live if self._running else 0
+        live = running.live if running else 0
         take = min(self.slots - live, len(self._waiting))
         if take < self.min_group and take < len(self._waiting) and live:
             take = 0  # wait for more free slots: a group at a time

@@ -27,7 +27,7 @@ import torch
 
 from ...config import Config
 from ...rows.images import TILE
-from .decode import CACHE_STEP, kv_bytes_per_token
+from .decode import CACHE_STEP, kv_bytes_per_token, kv_dims
 from .running import Row, RunningBatch
 
 log = logging.getLogger(__name__)
@@ -49,21 +49,14 @@ class SlotCache:
     whole cache (attention over every column, the mask says which count)."""
 
     def __init__(self, text_config: Any, slots: int, length: int, dtype: torch.dtype, device):
-        heads = int(text_config.num_key_value_heads)
-        dim = getattr(text_config, "head_dim", None) or (
-            text_config.hidden_size // text_config.num_attention_heads
-        )
-        shape = (slots, heads, length, int(dim))
-        layers = int(text_config.num_hidden_layers)
+        layers, heads, dim = kv_dims(text_config)
+        self.text, self.dtype = _Shape(layers, heads, dim), dtype  # to size or grow it by
+        shape = (slots, heads, length, dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.mask = torch.zeros(slots, length, dtype=torch.bool, device=device)
         self.write = torch.zeros(slots, dtype=torch.long, device=device)  # the next KV's column
         self.slots, self.length = slots, length
-
-    @property
-    def bytes_per_slot_token(self) -> int:
-        return sum(t[0, :, 0].numel() * t.element_size() for t in self.keys + self.values)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a decode step writes in place (a CUDA graph holds their addresses)."""
@@ -271,16 +264,17 @@ class SlotBatch:
             return self
         need = group.mask.shape[1] + max(row.end for row in group.rows) - 1
         length = slot_length(need)
-        size = self.cache.slots * length * self.cache.bytes_per_slot_token
+        cache = self.cache
+        size = SlotBatch.bytes_of(cache.text, cache.slots, length, cache.dtype)
         if cap_bytes is not None and size > cap_bytes:
             raise RuntimeError(
-                f"static slots: {need} tokens need {self.cache.slots} x {length} "
+                f"static slots: {need} tokens need {cache.slots} x {length} "
                 f"({size / 2**30:.2f} GiB), over the caches' cap (engine.hf.static_cache_gib)"
             )
         log.warning(
             "hf in flight: %d tokens do not fit the static slots (%d); they grow to %d",
             need,
-            self.cache.length,
+            cache.length,
             length,
         )
         return self.grown(length)
@@ -289,11 +283,10 @@ class SlotBatch:
     def grown(self, length: int) -> SlotBatch:
         """This batch in a longer cache (a new shape: a compiled step compiles again)."""
         cache = self.cache
-        _, heads, _, dim = cache.keys[0].shape
-        text = _Shape(len(cache.keys), heads, dim)
-        dtype, device = cache.keys[0].dtype, cache.mask.device
-        penalty = self.seen is not None
-        bigger = SlotBatch.allocate(text, cache.slots, length, dtype, device, penalty, self.static)
+        device, penalty = cache.mask.device, self.seen is not None
+        bigger = SlotBatch.allocate(
+            cache.text, cache.slots, length, cache.dtype, device, penalty, self.static
+        )
         new = bigger.cache
         old = cache.length
         for mine, theirs in zip(new.keys + new.values, cache.keys + cache.values):
