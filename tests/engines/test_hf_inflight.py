@@ -216,6 +216,47 @@ def test_a_short_answer_arrives_before_a_long_one_ends(tiny_model, cache):
     assert arrived.index(short) < arrived.index(long)
 
 
+class GroupSink(Sink):
+    def __init__(self, engine: HFInflightEngine):
+        super().__init__(engine)
+        self.groups: list[list] = []
+
+    def entering(self, keys) -> None:
+        super().entering(keys)
+        self.groups.append(list(keys))
+
+
+@pytest.mark.parametrize("budget", [None, 2], ids=["slots", "token budget"])
+def test_a_group_joins_rows_near_the_oldest_in_length(tiny_model, budget):
+    """Photos of two sizes waiting in alternation: each group is the oldest row and the rows
+    nearest it in length (one size, not the arrival order's mix, whose prefill pads every row
+    to the larger), within batching.max_tokens_per_batch; every row still comes out."""
+    requests = [r for r in engine_requests(12) if r.image.size != (84, 140)]  # 112x84, 56x56
+    for r in requests:
+        r.prompt = "Describe this image."
+    assert [r.vision_tokens for r in requests[:4]] == [12, 4, 12, 4]
+    cfg = _config(tiny_model, "inflight", slots=4)
+    if budget:  # room for two rows of the larger size (prompt, vision tokens, max_tokens)
+        cfg.batching.max_tokens_per_batch = 2 * (12 + 16 + 40)
+    engine = make_engine(cfg)
+    sink = GroupSink(engine)
+    sink.want = len(requests)
+    try:
+        engine.start(sink)
+        engine.submit(requests)  # all waiting at once: the first group chooses among them
+        assert sink.done.wait(60), f"{len(sink.results)} of {len(requests)} results"
+    finally:
+        engine.close()
+    assert sink.error is None
+    size = {r.key: r.image.size for r in requests}
+    first = sink.groups[0]
+    assert first[0] == requests[0].key  # the oldest goes first
+    assert {size[k] for k in first} == {(112, 84)}, first
+    assert len(first) == (2 if budget else 4)
+    assert sorted(k for g in sink.groups for k in g) == sorted(r.key for r in requests)
+    assert all(r.error_code is None for r, _ in sink.results)
+
+
 def test_a_poison_row_fails_alone(tiny_model, lockstep_answers):
     """A row whose inputs raise (an image off the 28-pixel grid) is an ENGINE_ERROR; the rows
     prefilled in its group still get the lock-step answers."""

@@ -74,6 +74,9 @@ class HFInflightEngine(Engine):
         # A group is prefilled once this many slots are free (or everything waiting fits): a
         # join copies the running cache, so rows join a few at a time, not one each step.
         self.min_group = max(1, self.slots // 8)
+        # A join's prefill holds the group at once: the lock-step batches' token budget
+        # (each row's prompt, vision tokens and max_tokens, as the batching adapter counts).
+        self.max_tokens = cfg.batching.max_tokens_per_batch
         # Rows that ended stay in the batch as dead slots (masked, their tokens ignored) until
         # this many are dead or a group joins: leaving copies the cache too.
         self.max_dead = self.slots // 4
@@ -122,7 +125,7 @@ class HFInflightEngine(Engine):
                 msg = f"prompt is {need} tokens; the model takes at most {self.hf.max_positions}"
                 self._sink.put(Result(req.key, error_code=RowError.ENGINE_ERROR, error_message=msg))
             else:
-                rows.append(Row(req))
+                rows.append(Row(req, length=need))
         with self._cond:
             self._waiting.extend(rows)
             self._cond.notify_all()
@@ -206,7 +209,7 @@ class HFInflightEngine(Engine):
                         self._cond.wait()
                     if self._closed:
                         return
-                    group = [self._waiting.popleft() for _ in range(self._take())]
+                    group = self._take()
                     first = [row for row in group if not (row.tries or row.cohort)]
                     self._started.update(row.req.key[0] for row in first)
                 t0 = time.perf_counter()
@@ -228,26 +231,44 @@ class HFInflightEngine(Engine):
             log.exception("hf in-flight scheduler died")
             sink.fail(exc)
 
-    def _take(self) -> int:
-        """How many waiting rows join now (under the lock). A cohort of rows put back by a failed
-        decode step runs by itself, ``cap`` rows at a time, once nothing else runs."""
+    def _take(self) -> list[Row]:
+        """The waiting rows that join now (under the lock), taken out of the queue. A cohort of
+        rows put back by a failed decode step runs by itself, ``cap`` rows at a time, once
+        nothing else runs."""
         running, head = self._running, self._waiting[0] if self._waiting else None
         if running is not None and any(row and not row.done and row.cohort for row in running.rows):
-            return 0  # a cohort runs: nothing joins it
+            return []  # a cohort runs: nothing joins it
         if head is not None and head.cohort:
             if running is not None:
-                return 0
+                return []
             take = 0
             for row in self._waiting:
                 if row.cohort != head.cohort or take == head.cap:
                     break
                 take += 1
-            return take
+            return [self._waiting.popleft() for _ in range(take)]
         live = running.live if running else 0
         take = min(self.slots - live, len(self._waiting))
         if take < self.min_group and take < len(self._waiting) and live:
-            take = 0  # wait for more free slots: a group at a time
-        return take
+            return []  # wait for more free slots: a group at a time
+        return self._nearest(take) if take else []
+
+    def _nearest(self, take: int) -> list[Row]:
+        """The oldest waiting row and up to ``take - 1`` more, nearest to it in length and
+        within the token budget: a group of mixed photo sizes pads its prefill (and the slots'
+        columns) to its longest row; the oldest always goes, so none waits for ever."""
+        waiting = list(self._waiting)
+        head = waiting[0].length
+        order = sorted(range(len(waiting)), key=lambda i: (abs(waiting[i].length - head), i))
+        chosen, budget = set(), 0
+        for i in order:
+            cost = waiting[i].length + self.sampling.max_tokens
+            if len(chosen) == take or (chosen and budget + cost > self.max_tokens):
+                break
+            chosen.add(i)
+            budget += cost
+        self._waiting = deque(row for i, row in enumerate(waiting) if i not in chosen)
+        return [row for i, row in enumerate(waiting) if i in chosen]
 
     def _admit_isolating(self, group: list[Row]) -> list[Result]:
         """Prefill a group into the running batch; a group that raises is split in halves to

@@ -21,6 +21,7 @@ class Row:
     """One request inside the engine, from its prefill to its result."""
 
     req: Request
+    length: int = 0  # prompt and vision tokens, counted at submit: a join groups near lengths
     prompt_tokens: int = 0
     vision_tokens: int = 0
     end: int = 1  # new tokens at most: max_tokens, the model's positions, its drawn length
