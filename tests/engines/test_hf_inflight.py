@@ -257,6 +257,33 @@ def test_a_group_joins_rows_near_the_oldest_in_length(tiny_model, budget):
     assert all(r.error_code is None for r, _ in sink.results)
 
 
+def test_a_groups_host_inputs_are_made_while_the_running_rows_decode(tiny_model, lockstep_answers):
+    """The template, tokens and pixels of a joining group are made off the scheduler thread:
+    rows already running take decode steps meanwhile (before, the GPU waited for the CPU at
+    every join), and the answers still equal lock-step's."""
+    requests, want = lockstep_answers
+    engine = make_engine(_config(tiny_model, "inflight", slots=3))
+    made = engine.hf.inputs.host_side
+    steps: list[int] = []  # decode steps taken while each group's inputs were made
+
+    def slow(batch):
+        before = engine.steps
+        time.sleep(0.3)
+        steps.append(engine.steps - before)
+        return made(batch)
+
+    engine.hf.inputs.host_side = slow
+    try:
+        sink = _run_inflight(engine, requests)
+    finally:
+        engine.close()
+    # (rows entering, rows running then) of each group, in the order its inputs were made
+    joins = [n for (_, running), n in zip(sink.entered, steps, strict=True) if running]
+    assert joins and all(n > 0 for n in joins), (sink.entered, steps)
+    got = {r.key: r for r, _ in sink.results}
+    assert {k: _fields(r) for k, r in got.items()} == {k: _fields(r) for k, r in want.items()}
+
+
 def test_a_poison_row_fails_alone(tiny_model, lockstep_answers):
     """A row whose inputs raise (an image off the 28-pixel grid) is an ENGINE_ERROR; the rows
     prefilled in its group still get the lock-step answers."""

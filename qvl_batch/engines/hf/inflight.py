@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -103,6 +104,9 @@ class HFInflightEngine(Engine):
         self._closed = False
         self._sink: ResultSink | None = None
         self._loop_thread: threading.Thread | None = None
+        # A joining group's host inputs (template, tokens, pixels) are made here while the
+        # running rows decode, as the batching adapter prepares the next batch during this one.
+        self._host = ThreadPoolExecutor(1, thread_name_prefix="hf-inflight-inputs")
         self._times = dict.fromkeys(("inputs", "vision", "prefill", "decode", "busy", "slot"), 0.0)
         self.steps = self.peak_active = self.reads = 0  # reads: waits for the chosen tokens
 
@@ -197,25 +201,34 @@ class HFInflightEngine(Engine):
             self._cond.notify_all()
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=30)
+        self._host.shutdown(wait=False, cancel_futures=True)
 
     # ---- the scheduler thread -----------------------------------------------------------
     def _loop(self) -> None:
         sink = self._sink
         assert sink is not None
+        # the group taken, its host inputs in the making: it joins at the first step they are
+        # ready at (at once if nothing runs); no other group is taken meanwhile
+        joining: tuple[list[Row], Future] | None = None
         try:
             while True:
                 with self._cond:
-                    while not (self._closed or self._waiting or self._running):
+                    while not (self._closed or self._waiting or self._running or joining):
                         self._cond.wait()
                     if self._closed:
                         return
-                    group = self._take()
+                    group = self._take() if joining is None else []
                     first = [row for row in group if not (row.tries or row.cohort)]
                     self._started.update(row.req.key[0] for row in first)
                 t0 = time.perf_counter()
                 if group:
                     sink.entering([row.req.key for row in group])
-                    for result in self._admit_isolating(group):
+                    reqs = [row.req for row in group]
+                    joining = group, self._host.submit(self.hf.inputs.host_side, reqs)
+                if joining is not None and (joining[1].done() or self._running is None):
+                    group, host = joining
+                    joining = None
+                    for result in self._admit_isolating(group, host):
                         self._put(result)
                 if self._running is not None:
                     active = self._running.live
@@ -270,12 +283,13 @@ class HFInflightEngine(Engine):
         self._waiting = deque(row for i, row in enumerate(waiting) if i not in chosen)
         return [row for i, row in enumerate(waiting) if i in chosen]
 
-    def _admit_isolating(self, group: list[Row]) -> list[Result]:
-        """Prefill a group into the running batch; a group that raises is split in halves to
-        isolate the rows that fail (as the batching adapter does)."""
+    def _admit_isolating(self, group: list[Row], host: Future | None = None) -> list[Result]:
+        """Prefill a group (``host``: its host inputs in the making) into the running batch; a
+        group that raises is split in halves to isolate the rows that fail (as the batching
+        adapter does)."""
         try:
-            host = self.hf.inputs.host_side([row.req for row in group])
-            return self.hf._thread.run(self._admit, group, host)
+            made = host.result() if host else self.hf.inputs.host_side([r.req for r in group])
+            return self.hf._thread.run(self._admit, group, made)
         except Exception as exc:
             if len(group) > 1:
                 mid = len(group) // 2
