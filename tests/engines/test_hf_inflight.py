@@ -257,6 +257,16 @@ def test_a_group_joins_rows_near_the_oldest_in_length(tiny_model, budget):
     assert all(r.error_code is None for r, _ in sink.results)
 
 
+class StepSink(Sink):
+    def __init__(self, engine: HFInflightEngine):
+        super().__init__(engine)
+        self.steps_at_entry: list[int] = []
+
+    def entering(self, keys) -> None:
+        super().entering(keys)
+        self.steps_at_entry.append(self.engine.steps)
+
+
 def test_a_groups_host_inputs_are_made_while_the_running_rows_decode(tiny_model, lockstep_answers):
     """The template, tokens and pixels of a joining group are made off the scheduler thread:
     rows already running take decode steps meanwhile (before, the GPU waited for the CPU at
@@ -264,22 +274,28 @@ def test_a_groups_host_inputs_are_made_while_the_running_rows_decode(tiny_model,
     requests, want = lockstep_answers
     engine = make_engine(_config(tiny_model, "inflight", slots=3))
     made = engine.hf.inputs.host_side
-    steps: list[int] = []  # decode steps taken while each group's inputs were made
+    steps_when_made: list[int] = []
 
     def slow(batch):
-        before = engine.steps
         time.sleep(0.3)
-        steps.append(engine.steps - before)
+        steps_when_made.append(engine.steps)
         return made(batch)
 
     engine.hf.inputs.host_side = slow
+    sink = StepSink(engine)
+    sink.want = len(requests)
     try:
-        sink = _run_inflight(engine, requests)
+        engine.start(sink)
+        engine.submit(requests)
+        assert sink.done.wait(60), f"{len(sink.results)} of {len(requests)} results"
     finally:
         engine.close()
-    # (rows entering, rows running then) of each group, in the order its inputs were made
-    joins = [n for (_, running), n in zip(sink.entered, steps, strict=True) if running]
-    assert joins and all(n > 0 for n in joins), (sink.entered, steps)
+    assert sink.error is None
+    # per group: (rows running when it entered, decode steps from then until its inputs were made)
+    joins = zip(sink.entered, sink.steps_at_entry, steps_when_made, strict=True)
+    during = [(running, ready - entry) for (_, running), entry, ready in joins]
+    assert any(running for running, _ in during), during
+    assert all(steps > 0 for running, steps in during if running), during
     got = {r.key: r for r, _ in sink.results}
     assert {k: _fields(r) for k, r in got.items()} == {k: _fields(r) for k, r in want.items()}
 
