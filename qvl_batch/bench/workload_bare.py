@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict, replace
 
 from ..config import Config
-from ..engines.bucketing import Bucketer
+from ..engines.bucketing import Bucketer, budget_tokens
 from ..rows.images import smart_resize, vision_tokens
 from .engine import Variant, _free, _print_run, loaded_with_requests, time_generate
 from .stream import bench_inflight
@@ -47,7 +47,7 @@ def bucketed(requests: list, cfg: Config) -> tuple[list[list], dict]:
     for r in requests:
         seq_len = r.vision_tokens + r.text_tokens
         key = r.image.size if b.bucketing else "arrival"
-        bucketer.add(r, key, seq_len + cfg.sampling.max_tokens, seq_len)
+        bucketer.add(r, key, budget_tokens(seq_len, cfg.sampling.max_tokens), seq_len)
         while batch := bucketer.next_batch(force=bucketer.pending >= window):
             batches.append(batch)
     while batch := bucketer.next_batch(force=True):

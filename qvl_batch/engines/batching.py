@@ -28,7 +28,7 @@ from typing import Any
 from ..config import Config
 from ..errors import RowError
 from .base import BatchEngine, Engine, Request, Result, ResultSink
-from .bucketing import Bucketer
+from .bucketing import Bucketer, budget_tokens
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class BatchingAdapter(Engine):
             for r in requests:
                 seq_len = r.vision_tokens + r.text_tokens
                 key = r.image.size if self._by_size else "arrival"
-                self._bucketer.add(r, key, seq_len + self._max_tokens, seq_len)
+                self._bucketer.add(r, key, budget_tokens(seq_len, self._max_tokens), seq_len)
             self._flush = False
             self._cond.notify_all()
 

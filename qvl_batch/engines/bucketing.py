@@ -23,6 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def budget_tokens(seq_len: int, max_tokens: int) -> int:
+    """What a row counts against ``batching.max_tokens_per_batch``: its prompt and vision
+    tokens and the answer its cache may grow by."""
+    return seq_len + max_tokens
+
+
 @dataclass
 class PaddingStats:
     """Token counts of emitted batches vs. the same rows batched in arrival order."""

@@ -70,6 +70,8 @@ class Sink:
         self.engine = engine
         self.results: list[tuple[Result, int]] = []
         self.entered: list[tuple[int, int]] = []  # (rows entering, rows running then)
+        self.groups: list[list] = []  # the keys of each group entering
+        self.steps_at_entry: list[int] = []  # decode steps taken when each group entered
         self.done = threading.Event()
         self.want = 0
         self.error: BaseException | None = None
@@ -77,6 +79,8 @@ class Sink:
     def entering(self, keys) -> None:
         running = self.engine._running
         self.entered.append((len(keys), running.live if running else 0))
+        self.groups.append(list(keys))
+        self.steps_at_entry.append(self.engine.steps)
 
     def put(self, result: Result) -> None:
         self.results.append((result, self.engine.steps))
@@ -216,16 +220,6 @@ def test_a_short_answer_arrives_before_a_long_one_ends(tiny_model, cache):
     assert arrived.index(short) < arrived.index(long)
 
 
-class GroupSink(Sink):
-    def __init__(self, engine: HFInflightEngine):
-        super().__init__(engine)
-        self.groups: list[list] = []
-
-    def entering(self, keys) -> None:
-        super().entering(keys)
-        self.groups.append(list(keys))
-
-
 @pytest.mark.parametrize("budget", [None, 2], ids=["slots", "token budget"])
 def test_a_group_joins_rows_near_the_oldest_in_length(tiny_model, budget):
     """Photos of two sizes waiting in alternation: each group is the oldest row and the rows
@@ -239,7 +233,7 @@ def test_a_group_joins_rows_near_the_oldest_in_length(tiny_model, budget):
     if budget:  # room for two rows of the larger size (prompt, vision tokens, max_tokens)
         cfg.batching.max_tokens_per_batch = 2 * (12 + 16 + 40)
     engine = make_engine(cfg)
-    sink = GroupSink(engine)
+    sink = Sink(engine)
     sink.want = len(requests)
     try:
         engine.start(sink)
@@ -257,16 +251,6 @@ def test_a_group_joins_rows_near_the_oldest_in_length(tiny_model, budget):
     assert all(r.error_code is None for r, _ in sink.results)
 
 
-class StepSink(Sink):
-    def __init__(self, engine: HFInflightEngine):
-        super().__init__(engine)
-        self.steps_at_entry: list[int] = []
-
-    def entering(self, keys) -> None:
-        super().entering(keys)
-        self.steps_at_entry.append(self.engine.steps)
-
-
 def test_a_groups_host_inputs_are_made_while_the_running_rows_decode(tiny_model, lockstep_answers):
     """The template, tokens and pixels of a joining group are made off the scheduler thread:
     rows already running take decode steps meanwhile (before, the GPU waited for the CPU at
@@ -282,7 +266,7 @@ def test_a_groups_host_inputs_are_made_while_the_running_rows_decode(tiny_model,
         return made(batch)
 
     engine.hf.inputs.host_side = slow
-    sink = StepSink(engine)
+    sink = Sink(engine)
     sink.want = len(requests)
     try:
         engine.start(sink)

@@ -32,6 +32,7 @@ from ...config import Config
 from ...errors import RowError
 from .. import settings_of
 from ..base import Engine, Request, Result, ResultSink
+from ..bucketing import budget_tokens
 from ..lengths import answer_length
 from .engine import HFEngine
 from .running import Row, RunningBatch
@@ -75,8 +76,7 @@ class HFInflightEngine(Engine):
         # A group is prefilled once this many slots are free (or everything waiting fits): a
         # join copies the running cache, so rows join a few at a time, not one each step.
         self.min_group = max(1, self.slots // 8)
-        # A join's prefill holds the group at once: the lock-step batches' token budget
-        # (each row's prompt, vision tokens and max_tokens, as the batching adapter counts).
+        # A join's prefill holds the group at once: the lock-step batches' token budget.
         self.max_tokens = cfg.batching.max_tokens_per_batch
         # Rows that ended stay in the batch as dead slots (masked, their tokens ignored) until
         # this many are dead or a group joins: leaving copies the cache too.
@@ -275,7 +275,7 @@ class HFInflightEngine(Engine):
         order = sorted(range(len(waiting)), key=lambda i: (abs(waiting[i].length - head), i))
         chosen, budget = set(), 0
         for i in order:
-            cost = waiting[i].length + self.sampling.max_tokens
+            cost = budget_tokens(waiting[i].length, self.sampling.max_tokens)
             if len(chosen) == take or (chosen and budget + cost > self.max_tokens):
                 break
             chosen.add(i)
