@@ -23,6 +23,7 @@ from qvl_batch.config import (  # noqa: E402
     StructuredConfig,
 )
 from qvl_batch.engines.base import Engine, Result  # noqa: E402
+from qvl_batch.engines.bucketing import budget_tokens  # noqa: E402
 from qvl_batch.engines.build import make_batch_engine, make_engine  # noqa: E402
 from qvl_batch.engines.hf.decode import kv_bytes_per_token  # noqa: E402
 from qvl_batch.engines.hf.inflight import HFInflightEngine  # noqa: E402
@@ -230,8 +231,14 @@ def test_a_group_joins_rows_near_the_oldest_in_length(tiny_model, budget):
         r.prompt = "Describe this image."
     assert [r.vision_tokens for r in requests[:4]] == [12, 4, 12, 4]
     cfg = _config(tiny_model, "inflight", slots=4)
-    if budget:  # room for two rows of the larger size (prompt, vision tokens, max_tokens)
-        cfg.batching.max_tokens_per_batch = 2 * (12 + 16 + 40)
+    if budget:  # room for two rows of the larger size, not three
+        counter = make_engine(cfg)
+        try:
+            need = counter.count_text_tokens(requests[0].prompt, None) + 12
+        finally:
+            counter.close()
+        cost = budget_tokens(need, cfg.sampling.max_tokens)
+        cfg.batching.max_tokens_per_batch = 2 * cost + cost // 2
     engine = make_engine(cfg)
     sink = Sink(engine)
     sink.want = len(requests)

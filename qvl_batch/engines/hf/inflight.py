@@ -77,7 +77,7 @@ class HFInflightEngine(Engine):
         # join copies the running cache, so rows join a few at a time, not one each step.
         self.min_group = max(1, self.slots // 8)
         # A join's prefill holds the group at once: the lock-step batches' token budget.
-        self.max_tokens = cfg.batching.max_tokens_per_batch
+        self.max_batch_tokens = cfg.batching.max_tokens_per_batch
         # Rows that ended stay in the batch as dead slots (masked, their tokens ignored) until
         # this many are dead or a group joins: leaving copies the cache too.
         self.max_dead = self.slots // 4
@@ -276,7 +276,7 @@ class HFInflightEngine(Engine):
         chosen, budget = set(), 0
         for i in order:
             cost = budget_tokens(waiting[i].length, self.sampling.max_tokens)
-            if len(chosen) == take or (chosen and budget + cost > self.max_tokens):
+            if len(chosen) == take or (chosen and budget + cost > self.max_batch_tokens):
                 break
             chosen.add(i)
             budget += cost
