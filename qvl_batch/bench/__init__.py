@@ -10,6 +10,7 @@ One module per benchmark; this package's ``add_bench_parser`` gathers their pars
 - ``storage``: the input read path from an S3 server vs local disk.
 - ``gpu``: the hf engine alone vs the whole runner, and bucketing on vs off.
 - ``attention``: one decode step's text attention, K/V copied per query head vs grouped.
+- ``step``: one hf decode step, lock-step vs in flight at the same shape, and its kernels.
 - ``feed``: an in-flight engine fed as a stream vs batch by batch vs its capacity.
 - ``submit``: CPU per request in TensorRT-LLM's one submitting thread.
 - ``chaos``: a job under random SIGKILLs of its actors and driver, verified.
@@ -30,6 +31,7 @@ def add_bench_parser(sub) -> None:
     from .gpu import add_gpu_bench
     from .host import add_host_bench
     from .scale import add_scale_bench
+    from .step import add_step_bench
     from .storage import add_storage_bench
     from .submit import add_submit_bench
 
@@ -52,5 +54,6 @@ def add_bench_parser(sub) -> None:
         add_submit_bench,
         add_gpu_bench,
         add_attention_bench,
+        add_step_bench,
     ):
         add(kinds, common)

@@ -109,7 +109,7 @@ def batch_room(batch_size: int, pixels: int, args: argparse.Namespace) -> int:
     return batch_size * (pixels // 28**2 + 128 + args.max_tokens)
 
 
-def _job_overrides(
+def job_overrides(
     args: argparse.Namespace,
     model: str,
     data: Path,
@@ -319,7 +319,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
     square = work / f"gpu-square-{args.rows}-{side}"
 
     def config(out: str, batch_size: int, extra: tuple[str, ...] = (), data: Path = square):
-        overrides = _job_overrides(args, model, data, work / out, batch_size, cuda, extra)
+        overrides = job_overrides(args, model, data, work / out, batch_size, cuda, extra)
         return load_job(args.job, overrides)
 
     def batch_size() -> int:
