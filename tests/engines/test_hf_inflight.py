@@ -594,3 +594,26 @@ def test_static_slots_compiled_step_one_graph_equal_answers(
     got = {r.key: r for r, _ in sink.results}
     for key, ref in want.items():
         assert _fields(got[key]) == _fields(ref), key
+
+
+def test_compiled_step_writes_each_slots_kv_in_place(tiny_model):
+    """Inductor's code for the static slots' step writes each row's new KV at its column in
+    place (``index_put``). A ``scatter_`` there compiled to a scatter into a new buffer and a copy
+    of the whole cache back, every layer, every step: 8.6 of an H100's 18.4 ms a step
+    (docs/INFLIGHT.md)."""
+    from torch._inductor.utils import run_and_get_code
+
+    hf = {"inflight_cache": "static", "compile": True}
+    engine = make_engine(_config(tiny_model, "inflight", slots=3, hf=hf))
+    try:
+        batch = engine._slot_batch
+        torch._dynamo.reset()  # a fresh compile: its code is what comes back
+        with torch.inference_mode():
+            _, code = run_and_get_code(
+                batch.forward, engine.hf.model, engine._cache_kwarg, engine._decode_step
+            )
+    finally:
+        engine.close()
+    source = "\n".join(code)
+    assert "index_put" in source
+    assert "scatter" not in source

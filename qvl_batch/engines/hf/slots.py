@@ -1,14 +1,15 @@
 """The in-flight hf engine's static slot cache (``engine.hf.inflight_cache: static``).
 
 A KV cache of ``slots x length`` per layer, allocated once; each row keeps its slot from its join
-to its end. A joining group is prefilled on its own (a ``DynamicCache``, as the dynamic path
-does) and its left-padded rows are copied into free slots at columns ``0 .. width``: one
-``index_copy_`` per layer and tensor. Each slot has its own write column (the next token's KV
-goes there: a ``scatter_`` per layer, not ``StaticCache``'s one ``cache_position`` for all rows)
-and its own mask row (the columns it attends: its prompt, less the padding, and its tokens so
-far). A row that ends frees its slot (its mask row zeroed): nothing is copied. So a decode step
-takes tensors of fixed shapes, ``(slots, 1)`` tokens over ``(slots, length)`` caches, every
-step: one compile (one CUDA graph) serves the job. Design: docs/INFLIGHT.md "Static slots".
+to its end. A joining group is prefilled on its own (a ``DynamicCache``, as the dynamic path does)
+and its left-padded rows are copied into free slots at columns ``0 .. width``: one ``index_copy_``
+per layer and tensor. Each slot has its own write column (the next token's KV goes there: an
+``index_put_`` per layer at (slot, column) pairs, not ``StaticCache``'s one ``cache_position`` for
+all rows; inductor writes it in place, where a ``scatter_`` became a copy of the whole cache every
+step: docs/INFLIGHT.md) and its own mask row (the columns it attends: its prompt, less the padding,
+and its tokens so far). A row that ends frees its slot (its mask row zeroed): nothing is copied. So
+a decode step takes tensors of fixed shapes, ``(slots, 1)`` tokens over ``(slots, length)`` caches,
+every step: one compile (one CUDA graph) serves the job. Design: docs/INFLIGHT.md "Static slots".
 
 The cache object is what the text model of transformers 4.57.3 and 5.x asks of one: ``update``
 (4.57 passes ``cache_kwargs`` positionally, 5.x ``kwargs=``) and ``get_seq_length`` (read only
@@ -56,20 +57,22 @@ class SlotCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.mask = torch.zeros(slots, length, dtype=torch.bool, device=device)
         self.write = torch.zeros(slots, dtype=torch.long, device=device)  # the next KV's column
+        self.slot_ids = torch.arange(slots, device=device)  # each slot's row, beside its column
         self.slots, self.length = slots, length
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor a decode step writes in place (a CUDA graph holds their addresses)."""
-        return [*self.keys, *self.values, self.mask, self.write]
+        """Every tensor a decode step reads or writes in place (a CUDA graph holds their
+        addresses)."""
+        return [*self.keys, *self.values, self.mask, self.write, self.slot_ids]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_, **__
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step's ``(slots, kv_heads, 1, head_dim)`` keys and values, each row's at
-        its own column."""
-        index = self.write.view(-1, 1, 1, 1).expand_as(key_states)
-        self.keys[layer_idx].scatter_(2, index, key_states)
-        self.values[layer_idx].scatter_(2, index, value_states)
+        its own column (an ``index_put_``: written in place, also when compiled)."""
+        at = (self.slot_ids, slice(None), self.write)
+        self.keys[layer_idx][at] = key_states[:, :, 0]
+        self.values[layer_idx][at] = value_states[:, :, 0]
         return self.keys[layer_idx], self.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -86,7 +89,7 @@ def decode_step(
     (at most the last: a row that ended decodes on until it is read back, its tokens dropped).
     Returns the ``(slots, vocab)`` logits. Fixed shapes: the function ``torch.compile`` gets."""
     n = last.shape[0]
-    cache.mask.scatter_(1, cache.write[:, None], True)
+    cache.mask[cache.slot_ids, cache.write] = True
     out = model(
         input_ids=last[:, None],
         attention_mask={"full_attention": cache.mask[:, None, None, :]},
