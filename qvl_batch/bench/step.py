@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 TOP = 25  # kernels listed per profile
+WARM_STEPS = 4  # in-flight steps run before timing (its graph replayed)
 
 
 def _sync() -> None:
@@ -100,7 +101,9 @@ def kernels(averages) -> dict[str, tuple[int, float]]:
 
 
 def host_ops(averages, top: int = TOP) -> list[dict]:
-    """The host's ops by their own CPU milliseconds (launches, copies, compiled regions)."""
+    """The host's calls by their own CPU milliseconds: the CUDA runtime's from every thread
+    (launches, graph launches, waits), ops only from the profiling thread (the model runs on
+    another)."""
     from torch.autograd import DeviceType
 
     cpu = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CPU]
@@ -202,7 +205,7 @@ def inflight_step(hf, cfg, requests: list, steps: int, profile: bool) -> dict:
             def on_thread(fn):
                 return lambda: run(_per_step, fn, steps)
 
-            run(_per_step, engine._step, 4)  # the step's graph replayed before timing
+            run(_per_step, engine._step, WARM_STEPS)  # the graph replayed before timing
             out = {
                 "slots": len(requests),
                 "length": batch.cache.length,
@@ -248,6 +251,12 @@ def bench_step(args: argparse.Namespace) -> int:
     from .gpu import _ensure_model, job_overrides
     from .workload import dataset
 
+    if WARM_STEPS + 3 * args.steps >= args.max_tokens:
+        raise SystemExit(
+            f"--steps {args.steps}: the in-flight rows would reach --max-tokens "
+            f"{args.max_tokens} and leave while timed; give --max-tokens above "
+            f"{WARM_STEPS + 3 * args.steps}"
+        )
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     model = _ensure_model(args)
