@@ -537,9 +537,10 @@ def test_static_slots_grow_for_a_prompt_past_them(tiny_model, caplog, small):
         assert _fields(result) == _fields(want[result.key]), result.key
 
 
-def test_static_slots_do_not_grow_past_the_caches_cap(tiny_model):
+def test_rows_past_the_caches_cap_run_by_themselves(tiny_model, caplog):
     """Slots that would pass engine.hf.static_cache_gib to hold a row do not grow: the long
-    rows are ENGINE_ERRORs saying why, the short ones running beside them get their answers."""
+    rows decode by themselves on their own cache, the short ones in the slots; every answer is
+    the lock-step engine's, none an error."""
     requests, want = _long_and_short(tiny_model)
     hf = {"inflight_cache": "static", "inflight_tokens": 100}
     engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
@@ -553,13 +554,31 @@ def test_static_slots_do_not_grow_past_the_caches_cap(tiny_model):
         assert engine._slot_batch.cache.length == 128
     finally:
         engine.close()
+    assert "run by themselves" in caplog.text
+    assert any(ref.prompt_tokens > 128 for ref in want.values())
     got = {r.key: r for r, _ in sink.results}
     for key, ref in want.items():
-        if ref.prompt_tokens > 128:
-            assert got[key].error_code == RowError.ENGINE_ERROR
-            assert "over the caches' cap" in got[key].error_message
-        else:
-            assert _fields(got[key]) == _fields(ref), key
+        assert _fields(got[key]) == _fields(ref), key
+
+
+def test_slots_sized_by_the_engine_within_the_caches_cap(tiny_model, caplog):
+    """engine.hf.inflight_tokens 0: the job's longest rows (4096 prompt tokens, 1280 vision,
+    the answer) would pass the cap; the slots take the longest grid length under it instead of
+    refusing the engine."""
+    hf = {"inflight_cache": "static"}
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
+    cache = engine._slot_batch.cache
+    job_length = cache.length
+    engine.close()
+    per_token = kv_bytes_per_token(cache.text, cache.dtype)
+    hf["static_cache_gib"] = 2 * 300 * per_token / 2**30  # room for 256 columns, not 384
+    caplog.set_level("INFO", logger="qvl_batch.engines.hf.slots")
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
+    try:
+        assert engine._slot_batch.cache.length == 256 < job_length
+    finally:
+        engine.close()
+    assert "within the caches' cap" in caplog.text
 
 
 def test_static_slots_within_the_caches_cap(tiny_model):

@@ -36,7 +36,7 @@ from ..bucketing import budget_tokens
 from ..lengths import answer_length
 from .engine import HFEngine
 from .running import Row, RunningBatch
-from .slots import SlotBatch, decode_step, job_slots
+from .slots import SlotBatch, SlotsFull, decode_step, job_slots
 
 log = logging.getLogger(__name__)
 
@@ -430,8 +430,11 @@ class HFInflightEngine(Engine):
             row.chosen = 1
         if seen is not None:
             batch.seen = torch.cat([seen, first[:, None]], dim=1)
-        if self._slot_batch is not None:  # before any row's result is out: this may raise
-            self._fit_slots(batch)
+        if self._slot_batch is not None:  # before any row's result is out
+            try:
+                self._fit_slots(batch)
+            except SlotsFull as exc:
+                return self._alone(batch, exc)
         results = self._read_back(batch)
         batch.compact()
         running = self._running
@@ -523,13 +526,28 @@ class HFInflightEngine(Engine):
         return results
 
     def _fit_slots(self, group: RunningBatch) -> None:
-        """The slots grown for a group wider than them (``SlotBatch.room_for``; raises past the
-        caches' cap: the group's rows fail)."""
+        """The slots grown for a group wider than them (``SlotBatch.room_for``; raises
+        :class:`SlotsFull` past the caches' cap)."""
         slots = self._slot_batch
         assert slots is not None
         self._slot_batch = grown = slots.room_for(group, self.hf.caches.cap_bytes)
         if self._running is slots:
             self._running = grown
+
+    def _alone(self, group: RunningBatch, why: SlotsFull) -> list[Result]:
+        """A group the static slots cannot hold within the caches' cap, decoded by itself on
+        its own cache (the dynamic path, eager) while the slots' rows wait: answered, as it
+        would be in lock-step, not failed."""
+        log.warning("hf in flight: %d rows run by themselves (%s)", len(group.rows), why)
+        results = self._read_back(group)
+        group.compact()
+        waiting, self._running = self._running, group if group.rows else None
+        try:
+            while self._running is not None:
+                results += self._step()
+        finally:
+            self._running = waiting
+        return results
 
     def _join_slots(self, group: RunningBatch) -> None:
         """A prefilled group into free slots (:meth:`_fit_slots` made room)."""

@@ -61,14 +61,14 @@ class HFEngineConfig:
     # (qvl_batch.engines.hf.slots): slots x length allocated once (length from the job's longest
     # prompt and max_tokens, within static_cache_gib), a row keeps its slot for life: every
     # decode step has the same shapes, compiled with ``compile`` (true; null: on one CUDA GPU).
-    # Default dynamic: static needs inflight_tokens near the rows' length (the job-bound length
-    # passes the cap at 128 slots on an H100); dynamic is not yet measured on a GPU.
+    # Default dynamic: static is fastest with inflight_tokens near the rows' length.
     inflight_cache: str = "dynamic"
     # inflight_cache: static: the slots' length in tokens (rounded up to the grid); 0: the job's
-    # longest prompt (prompt.max_prompt_tokens + image.max_pixels' vision tokens) + max_tokens.
-    # Every step attends all of it: a length near what rows use reads less (4096 + 1280 + 300
-    # by default: 6144, slots x 6144 x 56 KiB a step on a 7B). A group that does not fit grows
-    # the slots (warned; a compiled step compiles again): answers are the same either way.
+    # longest prompt (prompt.max_prompt_tokens + image.max_pixels' vision tokens) + max_tokens,
+    # or the longest length within static_cache_gib if less (2048 for 128 slots of a 7B on an
+    # H100). Every step attends all of it: a length near what rows use reads less. A group that
+    # does not fit grows the slots (warned; a compiled step compiles again); past the cap it
+    # decodes by itself while the slots wait. Answers are the same either way.
     inflight_tokens: int = 0
 
     def __post_init__(self) -> None:

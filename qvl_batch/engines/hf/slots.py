@@ -101,25 +101,60 @@ def decode_step(
     return out.logits[:, -1]
 
 
+class SlotsFull(RuntimeError):
+    """A group needs longer slots than the static caches' cap allows."""
+
+
+def fitting_length(text_config: Any, slots: int, want: int, dtype, cap: int | None) -> int:
+    """The grid length for ``want`` tokens, or the longest grid length under ``cap`` if that
+    is less (at least the grid's first: its bytes are checked by the caller)."""
+    length = slot_length(want)
+    while (
+        cap is not None
+        and length > CACHE_STEP
+        and SlotBatch.bytes_of(text_config, slots, length, dtype) > cap
+    ):
+        length = _shorter(length)
+    return length
+
+
+def _shorter(length: int) -> int:
+    """The grid length below ``length`` (128, 192, 256, 384, ...: 3/4 of a power of two, else
+    2/3)."""
+    return length * 3 // 4 if length & (length - 1) == 0 else length * 2 // 3
+
+
 def job_slots(
     hf: Any, cfg: Config, slots: int, tokens: int, penalty: bool, compiled: bool
 ) -> SlotBatch:
-    """The engine's slots (``hf``: the loaded :class:`HFEngine`), ``tokens`` long (0: sized
-    for the longest prompt the job lets through, ``prompt.max_prompt_tokens`` of templated
-    text and ``image.max_pixels`` of vision tokens, and ``sampling.max_tokens``), taken once,
-    within the static caches' cap (``engine.hf.static_cache_gib``: refused past it, saying what
-    to lower). ``penalty``: keep each slot's tokens; ``compiled``: its step is compiled (on
-    CUDA, static addresses)."""
+    """The engine's slots (``hf``: the loaded :class:`HFEngine`), ``tokens`` long, taken once
+    within the static caches' cap (``engine.hf.static_cache_gib``): past it refused, saying
+    what to lower. ``tokens`` 0: sized for the longest prompt the job lets through
+    (``prompt.max_prompt_tokens`` of templated text, ``image.max_pixels`` of vision tokens)
+    and ``sampling.max_tokens``, or the longest length the cap allows if that is less (rows
+    that need more run by themselves: nothing to tune). ``penalty``: keep each slot's tokens;
+    ``compiled``: its step is compiled (on CUDA, static addresses)."""
     text = hf.model.config.get_text_config(decoder=True)
     if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
         raise ValueError(
             "engine.hf.inflight_cache=static: the text model has sliding-window layers (not "
             "supported: the step's mask is full attention); set inflight_cache=dynamic"
         )
-    longest = cfg.prompt.max_prompt_tokens + cfg.image.max_pixels // TILE**2
-    length = slot_length(tokens or longest + cfg.sampling.max_tokens)
-    size = SlotBatch.bytes_of(text, slots, length, hf.dtype)
     cap = hf.caches.cap_bytes
+    longest = cfg.prompt.max_prompt_tokens + cfg.image.max_pixels // TILE**2
+    want = longest + cfg.sampling.max_tokens
+    if tokens:
+        length = slot_length(tokens)
+    else:
+        length = fitting_length(text, slots, want, hf.dtype, cap)
+        if length < slot_length(want):
+            log.info(
+                "hf in flight: the job's longest rows need %d tokens; the static slots take "
+                "%d within the caches' cap (longer rows run by themselves)",
+                want,
+                length,
+            )
+    size = SlotBatch.bytes_of(text, slots, length, hf.dtype)
     if cap is not None and size > cap:
         raise ValueError(
             f"engine.hf.inflight_cache=static: {slots} slots x {length} tokens take "
@@ -262,7 +297,7 @@ class SlotBatch:
         """This batch if the group fits, else this batch grown to the grid length that holds it
         (``engine.hf.inflight_tokens`` short of it, or a prompt past the job's bounds: a row not
         checked by the runner; warned: a compiled step compiles again). Past ``cap_bytes`` it
-        raises: the group's rows fail, the running ones are untouched."""
+        raises :class:`SlotsFull`: the group runs by itself, the running rows untouched."""
         if self.fits(group):
             return self
         need = group.mask.shape[1] + max(row.end for row in group.rows) - 1
@@ -270,7 +305,7 @@ class SlotBatch:
         cache = self.cache
         size = SlotBatch.bytes_of(cache.text, cache.slots, length, cache.dtype)
         if cap_bytes is not None and size > cap_bytes:
-            raise RuntimeError(
+            raise SlotsFull(
                 f"static slots: {need} tokens need {cache.slots} x {length} "
                 f"({size / 2**30:.2f} GiB), over the caches' cap (engine.hf.static_cache_gib)"
             )
