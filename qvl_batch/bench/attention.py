@@ -15,10 +15,10 @@ whole batches).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import types
-from pathlib import Path
+
+from .common import emit_json
 
 
 def _timed(fn, iters: int, cuda: bool) -> float:
@@ -128,11 +128,7 @@ def bench_attention(args: argparse.Namespace) -> int:
                 f"x{case['grouped_speedup']}  (max |diff| {case['max_abs_diff']:.2e})",
                 flush=True,
             )
-    line = json.dumps(report)
-    print(line, flush=True)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(line + "\n")
+    emit_json(report, args.json_out)
     return 0
 
 

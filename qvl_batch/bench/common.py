@@ -3,6 +3,7 @@ job at a dataset, an output and the fake engine."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # The fake engine: the runner's own cost, or a simulated engine with its knobs set after these.
@@ -33,3 +34,12 @@ def tiny_rows(folder: Path, rows: int, shards: int = 0, unit_rows: int | None = 
 def job_io(data: Path | str, out: Path | str) -> list[str]:
     """Read every shard of ``data``, write to ``out`` (replacing an earlier run's output)."""
     return [f"input.paths=[{data}/*.parquet]", f"output.path={out}", "output.mode=overwrite"]
+
+
+def emit_json(report: dict, json_out: str | None) -> None:
+    """The report as one JSON line, printed and, with ``json_out``, written there too."""
+    line = json.dumps(report)
+    print(line, flush=True)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(line + "\n")

@@ -50,7 +50,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..run.validate import load_job
-from .common import job_io
+from .common import emit_json, job_io
 from .engine import (
     VARIANT_CHOICES,
     Variant,
@@ -343,11 +343,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
     print_table(report)
     print_workload(report)
     print_schedules(report)
-    line = json.dumps(report)
-    print(line, flush=True)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(line + "\n")
+    emit_json(report, args.json_out)
     return 1 if failed else 0
 
 

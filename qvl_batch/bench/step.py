@@ -17,9 +17,10 @@ inductor's counters (CUDA graph skips, graph breaks, recompiles). A kernel-level
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+
+from .common import emit_json
 
 TOP = 25  # kernels listed per profile
 WARM_STEPS = 4  # in-flight steps run before timing (its graph replayed)
@@ -311,11 +312,7 @@ def bench_step(args: argparse.Namespace) -> int:
             for k in prof["top"][:12]:
                 print(f"  {k['ms_per_step']:8.4f} ms {k['per_step']:6.1f}x  {k['kernel']}")
     print(f"counters: {report['counters']}", flush=True)
-    line = json.dumps(report)
-    print(line, flush=True)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(line + "\n")
+    emit_json(report, args.json_out)
     return 0
 
 
