@@ -52,7 +52,7 @@ class HFEngineConfig:
     # until its longest answer ends) or "inflight" (qvl_batch.engines.hf.inflight: a stream
     # engine with ``slots`` decode slots; a row leaves as it ends, a waiting row takes its
     # slot; issue #27, docs/INFLIGHT.md: on an H100 with static slots, captions of mixed
-    # photos 2.47x lock-step, of 448x448 images 1.16x, fixed 64-token answers 0.96x).
+    # photos 2.47x lock-step, of 448x448 images 1.54x, fixed 64-token answers 0.96x).
     schedule: str = "lockstep"
     # inflight: rows decoding at once (0: batching.max_batch_size).
     slots: int = 0
