@@ -139,8 +139,8 @@ def test_inflight_answers_equal_lockstep_token_for_token(
 ):
     """Greedy fp32: each row's answer is the lock-step engine's, whether its rows decode all
     together (16 slots) or enter as others leave (3 slots: rows join a running batch); with
-    the grouped decode attention (gqa.py) too. The static slots are taken once: rows join
-    and leave without a copy of the cache."""
+    the grouped decode attention (gqa.py) too. The static slots, once they hold the rows,
+    stay: rows join and leave without a copy of the cache."""
     requests, want = lockstep_answers
     assert len({answer_length(LENGTHS, r.row_id) for r in requests}) > 4
     assert len({r.image.size for r in requests}) == 3
@@ -149,10 +149,10 @@ def test_inflight_answers_equal_lockstep_token_for_token(
     try:
         assert engine.modes()["decode_attention"] == attention
         assert engine.modes()["inflight_cache"] == cache
-        held = _slot_tensors(engine)
         if slots == 3:  # the warm-up leaves nothing behind that changes an answer
-            engine.warmup()
+            engine.warmup()  # (its 448x448 rows grow the slots: sized by the rows)
             assert engine.steps == 0 and engine._running is None
+        held = _slot_tensors(engine)
         sink = _run_inflight(engine, requests, parts=2)
         assert engine.peak_active <= slots
         assert _slot_tensors(engine) == held  # the same memory from start to end
@@ -508,31 +508,47 @@ def _long_and_short(tiny_model):
     return requests, want
 
 
-@pytest.mark.parametrize("small", ["job bounds", "inflight_tokens"])
-def test_static_slots_grow_for_a_prompt_past_them(tiny_model, caplog, small):
-    """Slots of the shortest length (128), from the job's bounds (8 prompt tokens, 4 vision
-    tokens) or engine.hf.inflight_tokens, take rows whose prompts pass them (~250 tokens, not
-    through the runner's checks) while short ones decode: the slots grow, the rows in them are
-    kept, every answer is the lock-step engine's."""
-    from qvl_batch.config import ImageConfig, PromptConfig
-
+@pytest.mark.parametrize("tokens", [0, 100], ids=["sized by the rows", "inflight_tokens=100"])
+def test_static_slots_grow_for_a_prompt_past_them(tiny_model, caplog, tokens):
+    """Slots of the grid's first length (128: engine.hf.inflight_tokens 0, the slots grow to
+    the rows as they come; or 100, set too short) take rows whose prompts pass them (~250
+    tokens) while short ones decode: the slots grow, the rows in them are kept, every answer is
+    the lock-step engine's. Only a length the job set is warned about."""
+    caplog.set_level("INFO", logger="qvl_batch.engines.hf.slots")
     requests, want = _long_and_short(tiny_model)
-    hf, bounds = {"inflight_cache": "static"}, {}
-    if small == "job bounds":
-        bounds = {
-            "prompt": PromptConfig(max_prompt_tokens=8),
-            "image": ImageConfig(max_pixels=3136),
-        }
-    else:
-        hf["inflight_tokens"] = 100
-    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf, **bounds))
+    hf = {"inflight_cache": "static", "inflight_tokens": tokens}
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
     try:
         assert engine._slot_batch.cache.length == 128
         sink = _run_inflight(engine, requests, parts=2)
         assert engine._slot_batch.cache.length > 128
     finally:
         engine.close()
-    assert "do not fit the static slots" in caplog.text
+    growth = [r for r in caplog.records if "do not fit the static slots" in r.getMessage()]
+    assert growth and {r.levelname for r in growth} == {"WARNING" if tokens else "INFO"}
+    for result, _ in sink.results:
+        assert _fields(result) == _fields(want[result.key]), result.key
+
+
+def test_compiled_slots_grow_with_one_graph_a_length(tiny_model, caplog):
+    """Compiled, slots sized by the rows: wider groups grow them mid-decode; the step
+    compiles once for each length (a new shape), and every answer is the lock-step engine's."""
+    from torch._dynamo.utils import counters
+
+    caplog.set_level("INFO", logger="qvl_batch.engines.hf.slots")
+    requests, want = _long_and_short(tiny_model)
+    hf = {"inflight_cache": "static", "compile": True}
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
+    try:
+        counters.clear()
+        sink = _run_inflight(engine, requests, parts=2)
+        lengths = engine._slot_batch.cache.length
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        engine.close()
+    growths = sum("do not fit the static slots" in r.getMessage() for r in caplog.records)
+    assert lengths > 128 and growths >= 1
+    assert graphs == 1 + growths, (lengths, growths, dict(counters["stats"]))
     for result, _ in sink.results:
         assert _fields(result) == _fields(want[result.key]), result.key
 
@@ -561,24 +577,21 @@ def test_rows_past_the_caches_cap_run_by_themselves(tiny_model, caplog):
         assert _fields(got[key]) == _fields(ref), key
 
 
-def test_slots_sized_by_the_engine_within_the_caches_cap(tiny_model, caplog):
-    """engine.hf.inflight_tokens 0: the job's longest rows (4096 prompt tokens, 1280 vision,
-    the answer) would pass the cap; the slots take the longest grid length under it instead of
-    refusing the engine."""
-    hf = {"inflight_cache": "static"}
-    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
-    cache = engine._slot_batch.cache
-    job_length = cache.length
-    engine.close()
-    per_token = kv_bytes_per_token(cache.text, cache.dtype)
-    hf["static_cache_gib"] = 2 * 300 * per_token / 2**30  # room for 256 columns, not 384
-    caplog.set_level("INFO", logger="qvl_batch.engines.hf.slots")
-    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
+def test_slots_sized_by_the_rows_not_the_jobs_bound(tiny_model):
+    """engine.hf.inflight_tokens 0: the slots start at the grid's first length and grow to
+    what the rows need (a short prompt, a small image and 16 tokens: 128), not to the job's
+    bound (4096 prompt tokens, 1280 vision tokens: every step would read ~5,400 columns)."""
+    requests, want = _long_and_short(tiny_model)
+    short = requests[:3]
+    engine = make_engine(_config(tiny_model, "inflight", slots=2, hf={"inflight_cache": "static"}))
     try:
-        assert engine._slot_batch.cache.length == 256 < job_length
+        sink = _run_inflight(engine, short)
+        length = engine._slot_batch.cache.length
     finally:
         engine.close()
-    assert "within the caches' cap" in caplog.text
+    assert length == 128
+    for result, _ in sink.results:
+        assert _fields(result) == _fields(want[result.key]), result.key
 
 
 def test_static_slots_within_the_caches_cap(tiny_model):

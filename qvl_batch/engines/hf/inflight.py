@@ -91,10 +91,11 @@ class HFInflightEngine(Engine):
         if self.static:
             penalty = self.sampling.repetition_penalty != 1.0
             tokens = hfs.inflight_tokens
-            self._slot_batch = job_slots(hf, cfg, self.slots, tokens, penalty, compile_slots)
+            self._slot_batch = job_slots(hf, self.slots, tokens, penalty, compile_slots)
             if compile_slots:
                 mode = "reduce-overhead" if hf.device.type == "cuda" else "default"
                 self._decode_step = torch.compile(decode_step, mode=mode, dynamic=False)
+        self._warn_growth = bool(hfs.inflight_tokens)  # 0: growing to the rows is the plan
         self._cond = threading.Condition()
         self._waiting: deque[Row] = deque()
         # the model thread's, between steps (static: the slot batch while a row is in it)
@@ -530,7 +531,8 @@ class HFInflightEngine(Engine):
         :class:`SlotsFull` past the caches' cap)."""
         slots = self._slot_batch
         assert slots is not None
-        self._slot_batch = grown = slots.room_for(group, self.hf.caches.cap_bytes)
+        cap = self.hf.caches.cap_bytes
+        self._slot_batch = grown = slots.room_for(group, cap, self._warn_growth)
         if self._running is slots:
             self._running = grown
 

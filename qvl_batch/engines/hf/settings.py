@@ -63,12 +63,11 @@ class HFEngineConfig:
     # decode step has the same shapes, compiled with ``compile`` (true; null: on one CUDA GPU).
     # Default dynamic: static is fastest with inflight_tokens near the rows' length.
     inflight_cache: str = "dynamic"
-    # inflight_cache: static: the slots' length in tokens (rounded up to the grid); 0: the job's
-    # longest prompt (prompt.max_prompt_tokens + image.max_pixels' vision tokens) + max_tokens,
-    # or the longest length within static_cache_gib if less (2048 for 128 slots of a 7B on an
-    # H100). Every step attends all of it: a length near what rows use reads less. A group that
-    # does not fit grows the slots (warned; a compiled step compiles again); past the cap it
-    # decodes by itself while the slots wait. Answers are the same either way.
+    # inflight_cache: static: the slots' length in tokens (rounded up to the grid); 0: grown
+    # to the rows' length as they come (prompt + vision + answer tokens; each new length a new
+    # compile of the step). Every step attends all of it: a length near what rows use reads
+    # less. A group that does not fit grows the slots (a set length warns); past
+    # static_cache_gib it decodes by itself while the slots wait. Answers are the same either way.
     inflight_tokens: int = 0
 
     def __post_init__(self) -> None:

@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from ...config import Config
-from ...rows.images import TILE
 from .decode import CACHE_STEP, kv_bytes_per_token, kv_dims
 from .running import Row, RunningBatch
 
@@ -105,34 +103,13 @@ class SlotsFull(RuntimeError):
     """A group needs longer slots than the static caches' cap allows."""
 
 
-def fitting_length(text_config: Any, slots: int, want: int, dtype, cap: int | None) -> int:
-    """The grid length for ``want`` tokens, or the longest grid length under ``cap`` if that
-    is less (at least the grid's first: its bytes are checked by the caller)."""
-    length = slot_length(want)
-    while (
-        cap is not None
-        and length > CACHE_STEP
-        and SlotBatch.bytes_of(text_config, slots, length, dtype) > cap
-    ):
-        length = _shorter(length)
-    return length
-
-
-def _shorter(length: int) -> int:
-    """The grid length below ``length`` (128, 192, 256, 384, ...: 3/4 of a power of two, else
-    2/3)."""
-    return length * 3 // 4 if length & (length - 1) == 0 else length * 2 // 3
-
-
-def job_slots(
-    hf: Any, cfg: Config, slots: int, tokens: int, penalty: bool, compiled: bool
-) -> SlotBatch:
-    """The engine's slots (``hf``: the loaded :class:`HFEngine`), ``tokens`` long, taken once
-    within the static caches' cap (``engine.hf.static_cache_gib``): past it refused, saying
-    what to lower. ``tokens`` 0: sized for the longest prompt the job lets through
-    (``prompt.max_prompt_tokens`` of templated text, ``image.max_pixels`` of vision tokens)
-    and ``sampling.max_tokens``, or the longest length the cap allows if that is less (rows
-    that need more run by themselves: nothing to tune). ``penalty``: keep each slot's tokens;
+def job_slots(hf: Any, slots: int, tokens: int, penalty: bool, compiled: bool) -> SlotBatch:
+    """The engine's slots (``hf``: the loaded :class:`HFEngine`), ``tokens`` long, taken within
+    the static caches' cap (``engine.hf.static_cache_gib``): past it refused, saying what to
+    lower. ``tokens`` 0: the grid's first length, grown to what the rows that come need (a row
+    of a 448x448 image and a caption takes ~590 columns where the job's bound, 4096 prompt
+    tokens, 1280 vision tokens and the answer, is ~5700: every step reads all of them), within
+    the cap (rows that need more run by themselves). ``penalty``: keep each slot's tokens;
     ``compiled``: its step is compiled (on CUDA, static addresses)."""
     text = hf.model.config.get_text_config(decoder=True)
     if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
@@ -141,29 +118,22 @@ def job_slots(
             "supported: the step's mask is full attention); set inflight_cache=dynamic"
         )
     cap = hf.caches.cap_bytes
-    longest = cfg.prompt.max_prompt_tokens + cfg.image.max_pixels // TILE**2
-    want = longest + cfg.sampling.max_tokens
-    if tokens:
-        length = slot_length(tokens)
-    else:
-        length = fitting_length(text, slots, want, hf.dtype, cap)
-        if length < slot_length(want):
-            log.info(
-                "hf in flight: the job's longest rows need %d tokens; the static slots take "
-                "%d within the caches' cap (longer rows run by themselves)",
-                want,
-                length,
-            )
+    length = slot_length(tokens)  # 0: CACHE_STEP
     size = SlotBatch.bytes_of(text, slots, length, hf.dtype)
     if cap is not None and size > cap:
         raise ValueError(
             f"engine.hf.inflight_cache=static: {slots} slots x {length} tokens take "
             f"{size / 2**30:.2f} GiB, over the static caches' cap ({cap / 2**30:.2f} GiB, "
             "engine.hf.static_cache_gib); lower engine.hf.slots or engine.hf.inflight_tokens "
-            "(0: prompt.max_prompt_tokens, image.max_pixels and sampling.max_tokens decide), "
-            "or raise engine.hf.static_cache_gib"
+            "(0: the slots grow to the rows' length), or raise engine.hf.static_cache_gib"
         )
-    log.info("hf in flight: static slots, %d x %d tokens, %.2f GiB", slots, length, size / 2**30)
+    log.info(
+        "hf in flight: static slots, %d x %d tokens, %.2f GiB%s",
+        slots,
+        length,
+        size / 2**30,
+        "" if tokens else " (grown to the rows' length as they come)",
+    )
     static = compiled and hf.device.type == "cuda"  # CUDA graphs hold its addresses
     return SlotBatch.allocate(text, slots, length, hf.dtype, hf.device, penalty, static)
 
@@ -293,11 +263,11 @@ class SlotBatch:
         for i, r in zip(free, group.rows):
             self.rows[i] = r
 
-    def room_for(self, group: RunningBatch, cap_bytes: int | None) -> SlotBatch:
+    def room_for(self, group: RunningBatch, cap_bytes: int | None, warn: bool) -> SlotBatch:
         """This batch if the group fits, else this batch grown to the grid length that holds it
-        (``engine.hf.inflight_tokens`` short of it, or a prompt past the job's bounds: a row not
-        checked by the runner; warned: a compiled step compiles again). Past ``cap_bytes`` it
-        raises :class:`SlotsFull`: the group runs by itself, the running rows untouched."""
+        (a compiled step compiles again; ``warn``: a length the job set is short of it). Past
+        ``cap_bytes`` it raises :class:`SlotsFull`: the group runs by itself, the running rows
+        untouched."""
         if self.fits(group):
             return self
         need = group.mask.shape[1] + max(row.end for row in group.rows) - 1
@@ -309,7 +279,8 @@ class SlotBatch:
                 f"static slots: {need} tokens need {cache.slots} x {length} "
                 f"({size / 2**30:.2f} GiB), over the caches' cap (engine.hf.static_cache_gib)"
             )
-        log.warning(
+        log.log(
+            logging.WARNING if warn else logging.INFO,
             "hf in flight: %d tokens do not fit the static slots (%d); they grow to %d",
             need,
             cache.length,
