@@ -79,14 +79,19 @@ def batch_rungs(max_batch_size: int) -> list[int]:
     return sorted({-(-max_batch_size // 2**k) for k in range(COMPILE_RUNGS)})
 
 
-def static_cache_len(tokens: int, max_positions: int) -> int:
-    """The static cache length for a batch needing ``tokens`` (prompt width + longest answer):
-    the smallest grid length that holds it (:data:`CACHE_STEP` or 1.5 x it, times a power of
-    two), at most the model's positions."""
+def grid_length(tokens: int) -> int:
+    """The smallest cache length on the grid that holds ``tokens``: :data:`CACHE_STEP` or 1.5 x
+    it, times a power of two (the lock-step static caches and the in-flight slots alike)."""
     length = CACHE_STEP
     while length < tokens:
         length = length * 3 // 2 if length & (length - 1) == 0 else length * 4 // 3
-    return min(length, max_positions)
+    return length
+
+
+def static_cache_len(tokens: int, max_positions: int) -> int:
+    """The static cache length for a batch needing ``tokens`` (prompt width + longest answer):
+    its :func:`grid_length`, at most the model's positions."""
+    return min(grid_length(tokens), max_positions)
 
 
 def kv_dims(text_config: Any) -> tuple[int, int, int]:

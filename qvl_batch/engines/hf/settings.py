@@ -58,9 +58,9 @@ class HFEngineConfig:
     slots: int = 0
     # inflight: the running batch's KV cache. "dynamic": one transformers DynamicCache, rows
     # concatenated as they join and compacted as they leave (eager decode). "static"
-    # (qvl_batch.engines.hf.slots): slots x length allocated once (length from the job's longest
-    # prompt and max_tokens, within static_cache_gib), a row keeps its slot for life: every
-    # decode step has the same shapes, compiled with ``compile`` (true; null: on one CUDA GPU).
+    # (qvl_batch.engines.hf.slots): slots x length allocated once a length (inflight_tokens,
+    # within static_cache_gib), a row keeps its slot for life: every decode step of a length
+    # has the same shapes, compiled with ``compile`` (true; null: on one CUDA GPU).
     # Default dynamic: static is fastest with inflight_tokens near the rows' length.
     inflight_cache: str = "dynamic"
     # inflight_cache: static: the slots' length in tokens (rounded up to the grid); 0: grown

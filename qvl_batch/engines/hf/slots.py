@@ -1,15 +1,16 @@
 """The in-flight hf engine's static slot cache (``engine.hf.inflight_cache: static``).
 
-A KV cache of ``slots x length`` per layer, allocated once; each row keeps its slot from its join
-to its end. A joining group is prefilled on its own (a ``DynamicCache``, as the dynamic path does)
-and its left-padded rows are copied into free slots at columns ``0 .. width``: one ``index_copy_``
-per layer and tensor. Each slot has its own write column (the next token's KV goes there: an
-``index_put_`` per layer at (slot, column) pairs, not ``StaticCache``'s one ``cache_position`` for
-all rows; inductor writes it in place, where a ``scatter_`` became a copy of the whole cache every
-step: docs/INFLIGHT.md) and its own mask row (the columns it attends: its prompt, less the padding,
-and its tokens so far). A row that ends frees its slot (its mask row zeroed): nothing is copied. So
-a decode step takes tensors of fixed shapes, ``(slots, 1)`` tokens over ``(slots, length)`` caches,
-every step: one compile (one CUDA graph) serves the job. Design: docs/INFLIGHT.md "Static slots".
+A KV cache of ``slots x length`` per layer, allocated once a length; each row keeps its slot from
+its join to its end. A joining group is prefilled on its own (a ``DynamicCache``, as the dynamic
+path does) and its left-padded rows are copied into free slots at columns ``0 .. width``: one
+``index_copy_`` per layer and tensor. Each slot has its own write column (the next token's KV goes
+there: an ``index_put_`` per layer at (slot, column) pairs, not ``StaticCache``'s one
+``cache_position`` for all rows; inductor writes it in place, where a ``scatter_`` became a copy of
+the whole cache every step: docs/INFLIGHT.md) and its own mask row (the columns it attends: its
+prompt, less the padding, and its tokens so far). A row that ends frees its slot (its mask row
+zeroed): nothing is copied. So a decode step takes tensors of fixed shapes, ``(slots, 1)`` tokens
+over ``(slots, length)`` caches, every step: one compile (one CUDA graph) serves the job. Design:
+docs/INFLIGHT.md "Static slots".
 
 The cache object is what the text model of transformers 4.57.3 and 5.x asks of one: ``update``
 (4.57 passes ``cache_kwargs`` positionally, 5.x ``kwargs=``) and ``get_seq_length`` (read only
@@ -26,20 +27,10 @@ from typing import Any
 
 import torch
 
-from .decode import CACHE_STEP, kv_bytes_per_token, kv_dims
+from .decode import grid_length, kv_bytes_per_token, kv_dims
 from .running import Row, RunningBatch
 
 log = logging.getLogger(__name__)
-
-
-def slot_length(tokens: int) -> int:
-    """The cache length for ``tokens`` columns: decode.py's grid (128 and 192 x powers of two),
-    not capped by the model's positions (a column is not a position: a left-padded row's last
-    column can pass its last position)."""
-    length = CACHE_STEP
-    while length < tokens:
-        length = length * 3 // 2 if length & (length - 1) == 0 else length * 4 // 3
-    return length
 
 
 class SlotCache:
@@ -118,7 +109,9 @@ def job_slots(hf: Any, slots: int, tokens: int, penalty: bool, compiled: bool) -
             "supported: the step's mask is full attention); set inflight_cache=dynamic"
         )
     cap = hf.caches.cap_bytes
-    length = slot_length(tokens)  # 0: CACHE_STEP
+    # a column is not a position (a left-padded row's last column can pass its last position):
+    # the grid's length, not capped by the model's positions; 0: the grid's first
+    length = grid_length(tokens)
     size = SlotBatch.bytes_of(text, slots, length, hf.dtype)
     if cap is not None and size > cap:
         raise ValueError(
@@ -271,7 +264,7 @@ class SlotBatch:
         if self.fits(group):
             return self
         need = group.mask.shape[1] + max(row.end for row in group.rows) - 1
-        length = slot_length(need)
+        length = grid_length(need)
         cache = self.cache
         size = SlotBatch.bytes_of(cache.text, cache.slots, length, cache.dtype)
         if cap_bytes is not None and size > cap_bytes:
