@@ -159,8 +159,8 @@ def _device() -> tuple[str, bool]:
 def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
     """Every --vision x --decode x --decode-attention x --answer-lengths x --schedules, in
     that order (each schedule right after the other on the same variant), but in flight with
-    the compiled decode unless the overrides put it on static slots
-    (``engine.hf.inflight_cache=static``, whose step compiles)."""
+    the compiled decode where the overrides put it on the dynamic cache
+    (``engine.hf.inflight_cache=dynamic``, whose decode is eager)."""
     static = static_slots(args)
     return tuple(
         Variant(vision, decode, attention, lengths, schedule)
@@ -174,13 +174,13 @@ def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
 
 
 def static_slots(args: argparse.Namespace) -> bool:
-    """Does the job (its file, then the overrides) put the in-flight engine on static slots
-    (``engine.hf.inflight_cache=static``)?"""
+    """Does the job (its file, then the overrides) let the in-flight engine's compiled decode
+    take static slots (``engine.hf.inflight_cache``: static or auto)?"""
     from ..config import load_config
     from ..engines import settings_of
 
     cfg = load_config(args.job, [*job_io("unused", "unused"), "engine.name=hf", *args.overrides])
-    return settings_of(cfg, "hf").inflight_cache == "static"
+    return settings_of(cfg, "hf").inflight_cache != "dynamic"
 
 
 def _runs(decode: str, schedule: str, static: bool) -> bool:
@@ -278,12 +278,12 @@ def bench_gpu(args: argparse.Namespace) -> int:
     if not variants(args):
         raise SystemExit(
             "--schedules inflight runs the eager decode on the dynamic cache: add --decode "
-            "eager, or engine.hf.inflight_cache=static"
+            "eager, or leave engine.hf.inflight_cache auto (or static)"
         )
     if "inflight" in args.schedules and "compiled" in args.decode and not static_slots(args):
         print(
-            "in flight: the compiled decode needs engine.hf.inflight_cache=static; in-flight "
-            "runs are eager only"
+            "in flight: the compiled decode needs static slots (engine.hf.inflight_cache=dynamic "
+            "was set); in-flight runs are eager only"
         )
     work = Path(args.workdir)
     device, cuda = _device()
@@ -506,9 +506,10 @@ def add_gpu_bench(kinds, common) -> None:
         choices=VARIANT_CHOICES["schedule"],
         default=["lockstep"],
         help="engine.hf.schedule of every variant, bare and runner: lockstep (batches), "
-        "inflight (a stream engine with B slots, on the bare section's loaded model; eager "
-        "decode only, unless engine.hf.inflight_cache=static is among the overrides: its "
-        "slots' step compiles); with both, in flight / lock-step is printed and in the JSON",
+        "inflight (a stream engine with B slots, on the bare section's loaded model: the "
+        "compiled variant on static slots, whose step compiles, the eager one on the dynamic "
+        "cache under engine.hf.inflight_cache=auto); with both, in flight / lock-step is "
+        "printed and in the JSON",
     )
     p.add_argument(
         "--runner-variants",

@@ -33,11 +33,11 @@ class BorrowedInflight(HFInflightEngine):
 
 def inflight_on(hf, cfg: Config, slots: int) -> BorrowedInflight:
     """The in-flight schedule with ``slots`` decode slots on ``hf``'s loaded model (its current
-    modes: vision, decode attention, answer lengths, and with the static slots
-    ``engine.hf.inflight_cache=static`` its decode: the compiled variant compiles their step)."""
+    modes: vision, decode attention, answer lengths, and its decode: the compiled variant
+    compiles the static slots' step, unless ``engine.hf.inflight_cache=dynamic``)."""
     cfg = copy.deepcopy(cfg)
     settings = settings_of(cfg, "hf")
     settings.schedule, settings.slots = "inflight", slots
     # the dynamic cache's decode is eager (a lock-step variant may compile)
-    settings.compile = hf.compiled if settings.inflight_cache == "static" else False
+    settings.compile = hf.compiled if settings.inflight_cache != "dynamic" else False
     return BorrowedInflight(hf, cfg)

@@ -1,6 +1,7 @@
 """``bench gpu``'s variants: in flight, the compiled decode runs only on the static slots
-(``engine.hf.inflight_cache=static`` in the job or its overrides), as the engine refuses it on the
-dynamic cache. No model: the arguments alone."""
+(``engine.hf.inflight_cache`` auto, the default, or static), as the engine refuses it on the
+dynamic cache (``inflight_cache=dynamic`` in the job or its overrides). No model: the arguments
+alone."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ def _runs(variants_) -> set[tuple[str, str]]:
 
 def test_compiled_in_flight_only_on_static_slots():
     every = {(d, s) for d in ("eager", "compiled") for s in ("lockstep", "inflight")}
-    dynamic = _args("cluster.address=null")
+    auto = _args("cluster.address=null")
+    assert static_slots(auto)
+    assert _runs(variants(auto)) == every
+    dynamic = _args("engine.hf.inflight_cache=dynamic")
     assert not static_slots(dynamic)
     assert _runs(variants(dynamic)) == every - {("compiled", "inflight")}
     static = _args("engine.hf.inflight_cache=static")

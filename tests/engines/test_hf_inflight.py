@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -28,6 +29,7 @@ from qvl_batch.engines.build import make_batch_engine, make_engine  # noqa: E402
 from qvl_batch.engines.hf.decode import kv_bytes_per_token  # noqa: E402
 from qvl_batch.engines.hf.inflight import HFInflightEngine  # noqa: E402
 from qvl_batch.engines.hf.settings import HFEngineConfig  # noqa: E402
+from qvl_batch.engines.hf.slots import job_slots, slots_fit  # noqa: E402
 from qvl_batch.engines.lengths import answer_length  # noqa: E402
 from qvl_batch.errors import ConfigError, RowError  # noqa: E402
 
@@ -325,9 +327,36 @@ def test_schedule_setting_is_checked():
         HFEngineConfig(inflight_tokens=-1)
 
 
-def test_inflight_refuses_the_compiled_decode(tiny_model):
+def test_inflight_refuses_the_compiled_decode_on_the_dynamic_cache(tiny_model):
+    hf = {"compile": True, "inflight_cache": "dynamic"}
     with pytest.raises(ValueError, match=r"engine\.hf\.compile=true"):
-        make_engine(_config(tiny_model, "inflight", hf={"compile": True}))
+        make_engine(_config(tiny_model, "inflight", hf=hf))
+
+
+def test_inflight_cache_auto_is_static_where_the_step_compiles(tiny_model):
+    """The default (auto): static slots with the compiled step where the decode compiles (on
+    CPU, compile: true), the dynamic cache where it is eager (CPU, compile: null)."""
+    assert HFEngineConfig().inflight_cache == "auto"
+    for hf, cache, decode in (({}, "dynamic", "eager"), ({"compile": True}, "static", "compiled")):
+        engine = make_engine(_config(tiny_model, "inflight", slots=2, hf=hf))
+        try:
+            assert (engine.modes()["inflight_cache"], engine.modes()["decode"]) == (cache, decode)
+        finally:
+            engine.close()
+
+
+def test_static_slots_need_full_attention_in_every_layer(tiny_model):
+    """A text model with sliding-window layers cannot take static slots (their step's mask is
+    full attention): auto keeps it on the dynamic cache, static is refused."""
+    config = transformers.AutoConfig.from_pretrained(tiny_model)
+    hf = SimpleNamespace(model=SimpleNamespace(config=config))
+    text = config.get_text_config(decoder=True)
+    text.layer_types = ["full_attention"] * text.num_hidden_layers
+    assert slots_fit(hf)
+    text.layer_types[-1] = "sliding_attention"
+    assert not slots_fit(hf)
+    with pytest.raises(ValueError, match="sliding-window"):
+        job_slots(hf, slots=2, tokens=0, penalty=False, compiled=False)
 
 
 @pytest.mark.parametrize("cache", CACHES)

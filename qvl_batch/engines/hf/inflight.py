@@ -36,7 +36,7 @@ from ..bucketing import budget_tokens
 from ..lengths import answer_length
 from .engine import HFEngine
 from .running import Row, RunningBatch
-from .slots import SlotBatch, SlotsFull, decode_step, job_slots
+from .slots import SlotBatch, SlotsFull, decode_step, job_slots, slots_fit
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +56,20 @@ class HFInflightEngine(Engine):
         self.hf = hf
         self.name, self.version, self.guided = hf.name, hf.version, hf.guided
         hfs = settings_of(cfg, "hf")
-        self.static = hfs.inflight_cache == "static"
-        if hfs.compile and not self.static:
-            raise ValueError(
-                "engine.hf.schedule=inflight: engine.hf.compile=true needs "
-                "engine.hf.inflight_cache=static (the dynamic cache's decode is eager; "
-                "docs/INFLIGHT.md); set engine.hf.compile=null or inflight_cache=static"
-            )
         # compile: true, or null where it chose the compiled decode for this device (one CUDA
         # GPU): in flight, the static slots' step is compiled; generate's is never used (false,
         # as the bench sets for an eager run, holds even if the wrapped engine compiles)
-        compile_slots = self.static and hfs.compile is not False and hf.compiled
+        compiles = hfs.compile is not False and hf.compiled
+        self.static = hfs.inflight_cache == "static" or (
+            hfs.inflight_cache == "auto" and compiles and slots_fit(hf)
+        )
+        if hfs.compile and not self.static:
+            raise ValueError(
+                "engine.hf.schedule=inflight: engine.hf.compile=true needs static slots "
+                "(the dynamic cache's decode is eager; docs/INFLIGHT.md); set "
+                "engine.hf.compile=null or engine.hf.inflight_cache=static (or auto)"
+            )
+        compile_slots = self.static and compiles
         if hf.compiled:
             hf.set_modes(compile=False)
         self.sampling = cfg.sampling

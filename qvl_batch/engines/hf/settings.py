@@ -60,9 +60,10 @@ class HFEngineConfig:
     # concatenated as they join and compacted as they leave (eager decode). "static"
     # (qvl_batch.engines.hf.slots): slots x length allocated once a length (inflight_tokens,
     # within static_cache_gib), a row keeps its slot for life: every decode step of a length
-    # has the same shapes, compiled with ``compile`` (true; null: on one CUDA GPU).
-    # Default dynamic: static is fastest with inflight_tokens near the rows' length.
-    inflight_cache: str = "dynamic"
+    # has the same shapes, compiled with ``compile`` (true; null: on one CUDA GPU). "auto":
+    # static where the decode compiles (every in-flight figure in docs/INFLIGHT.md), else
+    # dynamic (CPU, compile: false, a text model with sliding-window layers).
+    inflight_cache: str = "auto"
     # inflight_cache: static: the slots' length in tokens (rounded up to the grid); 0: grown
     # to the rows' length as they come (prompt + vision + answer tokens; each new length a new
     # compile of the step). Every step attends all of it: a length near what rows use reads
@@ -84,9 +85,9 @@ class HFEngineConfig:
         schedules = ("lockstep", "inflight")
         check(self.schedule in schedules, "engine.hf.schedule", f"must be one of {schedules}")
         check(self.slots >= 0, "engine.hf.slots", "must be >= 0 (0: batching.max_batch_size)")
-        caches = ("dynamic", "static")
+        caches = ("auto", "dynamic", "static")
         check(self.inflight_cache in caches, "engine.hf.inflight_cache", f"must be one of {caches}")
-        check(self.inflight_tokens >= 0, "engine.hf.inflight_tokens", "must be >= 0 (0: the job's)")
+        check(self.inflight_tokens >= 0, "engine.hf.inflight_tokens", "must be >= 0 (0: the rows')")
         check(self.compile_shapes >= 1, "engine.hf.compile_shapes", "must be >= 1")
         check(self.compile_after >= 1, "engine.hf.compile_after", "must be >= 1")
         check(

@@ -94,6 +94,13 @@ class SlotsFull(RuntimeError):
     """A group needs longer slots than the static caches' cap allows."""
 
 
+def slots_fit(hf: Any) -> bool:
+    """Whether static slots can hold ``hf``'s text model: full attention in every layer (the
+    step's mask is full attention)."""
+    text = hf.model.config.get_text_config(decoder=True)
+    return all(t == "full_attention" for t in getattr(text, "layer_types", None) or ())
+
+
 def job_slots(hf: Any, slots: int, tokens: int, penalty: bool, compiled: bool) -> SlotBatch:
     """The engine's slots (``hf``: the loaded :class:`HFEngine`), ``tokens`` long, taken within
     the static caches' cap (``engine.hf.static_cache_gib``): past it refused, saying what to
@@ -103,7 +110,7 @@ def job_slots(hf: Any, slots: int, tokens: int, penalty: bool, compiled: bool) -
     the cap (rows that need more run by themselves). ``penalty``: keep each slot's tokens;
     ``compiled``: its step is compiled (on CUDA, static addresses)."""
     text = hf.model.config.get_text_config(decoder=True)
-    if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
+    if not slots_fit(hf):
         raise ValueError(
             "engine.hf.inflight_cache=static: the text model has sliding-window layers (not "
             "supported: the step's mask is full attention); set inflight_cache=dynamic"
