@@ -144,6 +144,15 @@ class Lease:
         lease._thread.start()
         return lease
 
+    def name_job(self, job_id: str) -> None:
+        """The run's id, known once the ledger is read: written at once, not at the next beat
+        (``status`` and a refused driver name the job from the lease)."""
+        self.record["job_id"] = self.job_id = job_id
+        try:
+            self._write()
+        except (OSError, StorageError) as exc:  # a transient outage: the next beat says it
+            log.warning("lease not written: %s", exc)
+
     def _write(self) -> None:
         self.record["heartbeat_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
         self.state.write_json(LEASE_FILE, self.record)

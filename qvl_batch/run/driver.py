@@ -209,7 +209,7 @@ class Driver:
         self.lease = Lease.acquire(self.state, "starting")
         job = None if overwrite else self.state.check_resume(fp, fields)
         job_id = job["job_id"] if job else new_job_id(self.cfg)
-        self.lease.record["job_id"] = self.lease.job_id = job_id  # the next heartbeat says it
+        self.lease.name_job(job_id)
         if overwrite:
             self.state.wipe()
         if job is None:

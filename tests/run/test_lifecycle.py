@@ -43,6 +43,8 @@ def test_second_driver_refused_sigterm_clean_then_resume(tmp_path, dataset, ray_
         _wait_for_commit(out, first, log)
         lease = json.loads((out / LEASE_FILE).read_text())
         assert lease["pid"] == first.pid
+        # named at once, not at the next heartbeat (10 s): a refusal reads this file too
+        assert lease["job_id"] == json.loads((out / "_job.json").read_text())["job_id"]
         report = job_status(str(out))
         assert report.state == "running" and f":{first.pid}, heartbeat" in report.driver
 
