@@ -158,8 +158,8 @@ def _device() -> tuple[str, bool]:
 
 def variants(args: argparse.Namespace) -> tuple[Variant, ...]:
     """Every --vision x --decode x --decode-attention x --answer-lengths x --schedules, in
-    that order (each schedule right after the other on the same variant), but in flight with
-    the compiled decode where the overrides put it on the dynamic cache
+    that order (each schedule right after the other on the same variant), less in flight with
+    the compiled decode where the job puts it on the dynamic cache
     (``engine.hf.inflight_cache=dynamic``, whose decode is eager)."""
     static = static_slots(args)
     return tuple(
