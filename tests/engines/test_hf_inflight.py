@@ -347,7 +347,8 @@ def test_inflight_cache_auto_is_static_where_the_step_compiles(tiny_model):
 
 def test_static_slots_need_full_attention_in_every_layer(tiny_model):
     """A text model with sliding-window layers cannot take static slots (their step's mask is
-    full attention): auto keeps it on the dynamic cache, static is refused."""
+    full attention): ``slots_fit`` says so (auto reads it for the dynamic cache), static is
+    refused with a message."""
     config = transformers.AutoConfig.from_pretrained(tiny_model)
     hf = SimpleNamespace(model=SimpleNamespace(config=config))
     text = config.get_text_config(decoder=True)
