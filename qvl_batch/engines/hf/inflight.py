@@ -64,10 +64,15 @@ class HFInflightEngine(Engine):
             hfs.inflight_cache == "auto" and compiles and slots_fit(hf)
         )
         if hfs.compile and not self.static:
+            fix = (
+                "engine.hf.inflight_cache=auto or static"
+                if slots_fit(hf)
+                else "engine.hf.compile=null (this text model's sliding-window layers cannot "
+                "take static slots)"
+            )
             raise ValueError(
                 "engine.hf.schedule=inflight: engine.hf.compile=true needs static slots "
-                "(the dynamic cache's decode is eager; docs/INFLIGHT.md); set "
-                "engine.hf.compile=null or engine.hf.inflight_cache=static (or auto)"
+                f"(the dynamic cache's decode is eager; docs/INFLIGHT.md); set {fix}"
             )
         compile_slots = self.static and compiles
         if hf.compiled:

@@ -9,8 +9,8 @@ there: an ``index_put_`` per layer at (slot, column) pairs, not ``StaticCache``'
 the whole cache every step: docs/INFLIGHT.md) and its own mask row (the columns it attends: its
 prompt, less the padding, and its tokens so far). A row that ends frees its slot (its mask row
 zeroed): nothing is copied. So a decode step takes tensors of fixed shapes, ``(slots, 1)`` tokens
-over ``(slots, length)`` caches, every step: one compile (one CUDA graph) serves the job. Design:
-docs/INFLIGHT.md "Static slots".
+over ``(slots, length)`` caches, every step of a length: one compile (one CUDA graph) a length.
+Design: docs/INFLIGHT.md "Static slots".
 
 The cache object is what the text model of transformers 4.57.3 and 5.x asks of one: ``update``
 (4.57 passes ``cache_kwargs`` positionally, 5.x ``kwargs=``) and ``get_seq_length`` (read only
